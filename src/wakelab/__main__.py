@@ -1,0 +1,5 @@
+"""``python -m wakelab``: the CLI, also the form ``torchrun -m wakelab run ...`` launches."""
+
+from .cli import main
+
+main()

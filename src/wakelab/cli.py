@@ -1,0 +1,203 @@
+"""The ``wakelab`` command line. Every user error is one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import WakelabError
+
+
+class WakelabGroup(click.Group):
+    """Turns WakelabError into one clear line and exit code 2; Ctrl-C into exit 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except WakelabError as exc:
+            click.echo(f"wakelab: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("wakelab: interrupted; the MLflow run is marked KILLED", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=WakelabGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="wakelab")
+def main() -> None:
+    """wakelab: add new tokens to a language model, train only their rows, and watch them learn.
+
+    \b
+    Example:
+      wakelab run                      # the embedded demo, tracked in ./mlflow.db
+      mlflow ui                        # then open the printed URL
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _config_options(fn):
+    fn = click.option("--preset", default=None, help="Packaged preset to start from (default: demo).")(fn)
+    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file layered on the preset.")(fn)
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one key, e.g. train.lr=1e-3 (repeatable).")(fn)
+    fn = click.option("--plugin", "plugins", multiple=True, metavar="NAME|PATH", help="Activate a plugin by name or .py path (repeatable).")(fn)
+    fn = click.option("--max-steps", type=int, default=None, help="Shortcut for --set train.max_steps=N.")(fn)
+    fn = click.option("--output-dir", default=None, help="Shortcut for --set output_dir=DIR.")(fn)
+    fn = click.option("--experiment", default=None, help="Shortcut for --set tracking.experiment=NAME.")(fn)
+    fn = click.option("--run-name", default=None, help="Shortcut for --set tracking.run_name=NAME.")(fn)
+    return fn
+
+
+def resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name):
+    from .config import build_config
+
+    pairs = list(overrides)
+    if max_steps is not None:
+        pairs.append(f"train.max_steps={max_steps}")
+    if output_dir is not None:
+        pairs.append(f"output_dir={output_dir}")
+    if experiment is not None:
+        pairs.append(f"tracking.experiment={experiment}")
+    if run_name is not None:
+        pairs.append(f"tracking.run_name={run_name}")
+    if not preset and not config_file:
+        preset = "demo"
+    config = build_config(preset, config_file, pairs)
+    if plugins:
+        config = config.model_copy(update={"plugins": tuple(dict.fromkeys((*config.plugins, *plugins)))})
+    return config
+
+
+@main.command()
+@_config_options
+@click.option("--overwrite", is_flag=True, help="Reuse an output directory that holds another run's checkpoints.")
+@click.option("--resume", "resume", is_flag=True, help="Continue from the output directory's latest checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+def run(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name, overwrite, resume, no_progress):
+    """Run an experiment: expand the vocabulary, train the new rows, track it all in MLflow.
+
+    \b
+    Examples:
+      wakelab run                                   # the embedded demo
+      wakelab run --plugin spherical --plugin mask --set train.trainable=mask
+      wakelab run --config my.yaml --set train.lr=1e-3 --max-steps 200
+      wakelab run --plugin recorder                 # record every step's rows
+    """
+    from . import engine
+
+    config = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
+    resume_from = None
+    if resume:
+        from .checkpoints import latest_checkpoint
+
+        resume_from = str(latest_checkpoint(config.resolved_output_dir))
+    result = engine.run(config, overwrite=overwrite, resume_from=resume_from, progress=not no_progress)
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    click.echo(f"run {result.run_id} {result.status} (experiment {result.experiment_id})")
+    for key, value in result.metrics.items():
+        click.echo(f"  {key}: {value:.4g}")
+    click.echo(f"  output: {result.output_dir}")
+    uri = result.tracking_uri
+    click.echo("look at it in the MLflow UI:")
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        click.echo(f"  mlflow ui --backend-store-uri {uri}    # or: wakelab ui")
+        click.echo(f"  then open http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.run_id}")
+    else:
+        click.echo(f"  {uri.rstrip('/')}/#/experiments/{result.experiment_id}/runs/{result.run_id}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json):
+    """List every plugin found, where it comes from, and the hooks it implements.
+
+    \b
+    Example:
+      wakelab plugins
+      wakelab plugins --json | jq '.[].name'
+    """
+    from .registry import describe
+
+    rows = describe()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max((len(r["name"]) for r in rows), default=4)
+    for row in rows:
+        hooks = ", ".join(row["hooks"]) if not row["error"] else f"ERROR: {row['error']}"
+        click.echo(f"{row['name']:<{width}}  {row['source']:<22}  {hooks}")
+        if row.get("doc"):
+            click.echo(f"{'':<{width}}  {row['doc']}")
+
+
+@main.command("config-keys")
+@click.option("--markdown", is_flag=True, help="The full reference as Markdown (docs/configuration.md).")
+def config_keys(markdown):
+    """List every config key with its default.
+
+    \b
+    Example:
+      wakelab config-keys
+      wakelab config-keys --markdown > docs/configuration.md
+    """
+    from .config import reference_markdown
+
+    if markdown:
+        click.echo(reference_markdown(), nl=False)
+        return
+    from .config import build_config
+
+    for key, value in build_config("demo").flat().items():
+        click.echo(f"{key} = {value}")
+
+
+@main.command("show-config")
+@_config_options
+def show_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name):
+    """Print the resolved config (preset + file + overrides) as YAML, without running.
+
+    \b
+    Example:
+      wakelab show-config --preset demo --set train.lr=1e-3
+    """
+    import yaml
+
+    config = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
+    click.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+@main.command()
+def presets():
+    """List the packaged presets.
+
+    \b
+    Example:
+      wakelab presets
+    """
+    from .config import preset_names
+
+    for name in preset_names():
+        click.echo(name)
+
+
+def _register_command_modules() -> None:
+    """Commands that live in their own modules (one concern each) join the group here."""
+    from importlib import import_module
+
+    for module_name, attr in COMMAND_MODULES:
+        main.add_command(getattr(import_module(f"wakelab.{module_name}"), attr))
+
+
+#: (module, click command attribute) pairs; each module owns one command or group.
+COMMAND_MODULES: list[tuple[str, str]] = [("recording_cli", "recording")]
+
+_register_command_modules()
+
+if __name__ == "__main__":  # python -m wakelab.cli
+    main()

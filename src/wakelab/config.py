@@ -1,0 +1,460 @@
+"""The one home of every run setting: defaults, units and validation sit next to each value.
+
+A run's config is resolved in layers — packaged preset, then ``--config FILE``, then ``--set key=value`` — and the
+result is a frozen ``RunConfig`` that everything downstream reads. Every error names the key and the form it expects.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    """The pretrained base model."""
+
+    name_or_path: str = Field(
+        "demo",
+        description="Hub id or local folder for `from_pretrained`; `demo` is the embedded SmolLM2-135M-Instruct.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when loading by id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the model's parameters when loaded."
+    )
+    load_in_4bit: bool = Field(False, description="Quantize the base to 4-bit nf4 through bitsandbytes (CPU or CUDA).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Compute dtype of the 4-bit layers (and dtype of the unquantized ones)."
+    )
+    from_config: bool = Field(
+        False,
+        description="Build the architecture from the folder's config.json with random weights (no weights needed).",
+    )
+
+
+class VocabConfig(_Section):
+    """The lexicon whose words become new tokens."""
+
+    lexicon: str | None = Field(
+        None, description="UTF-8 file, one word per line; blank lines and `#` comments skipped. None: add no tokens."
+    )
+    add_as: Literal["word", "plain"] = Field(
+        "word",
+        description=(
+            "`word`: AddedToken(lstrip=True, single_word=True), so ' riverrun' is one token with no stray space "
+            "token; `plain`: the bare string, as `add_tokens(list_of_str)` does."
+        ),
+    )
+
+
+class DataConfig(_Section):
+    """The corpus and how it is cut into training blocks."""
+
+    corpus: str | None = Field(None, description="UTF-8 training text; `demo` uses the embedded demo corpus.")
+    heldout: str | None = Field(None, description="UTF-8 held-out text for perplexity; None: split off the corpus.")
+    heldout_fraction: float = Field(
+        0.05, ge=0.0, lt=0.5, description="Share of the corpus's blocks held out when no `heldout` file is given."
+    )
+    seq_len: int = Field(128, ge=2, le=131072, description="Tokens per training block.")
+    stride: int | None = Field(None, ge=1, description="Tokens between block starts; None: = seq_len (no overlap).")
+    shift: Literal["model", "explicit"] = Field(
+        "model",
+        description=(
+            "`model`: labels = input ids, the model shifts them; `explicit`: blocks of seq_len + 1 with input = "
+            "block[:-1], labels = block[1:] (the Wordybird notebook's TokenDataset)."
+        ),
+    )
+    cache_dir: str | None = Field(None, description="Where tokenized corpora are cached by content hash.")
+
+    @property
+    def effective_stride(self) -> int:
+        return self.stride or self.seq_len
+
+
+class InitConfig(_Section):
+    """How the new rows start."""
+
+    method: str = Field("spherical", description="Name of the `init_embeddings` plugin that fills the new rows.")
+    radius_scale: float = Field(
+        1.5, gt=0, description="spherical: radius of the new rows as a multiple of the mean base-row L2 norm."
+    )
+    scale: float = Field(1.0, gt=0, description="mean: scale of the covariance of the sampled rows.")
+    seed: int = Field(0, description="Seed of the init's random draws.")
+    from_embeddings: str | None = Field(
+        None, description="Embedding matrix (safetensors, or .pt read weights-only) that replaces all rows after init."
+    )
+
+
+class TrainConfig(_Section):
+    """The optimisation, handed to transformers.Trainer."""
+
+    trainable: Literal["tokens", "mask", "full"] = Field(
+        "tokens",
+        description=(
+            "`tokens`: only the new rows are a trainable tensor; `mask`: the whole embedding matrix trains and "
+            "base-row gradients are zeroed; `full`: every parameter trains."
+        ),
+    )
+    rows_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the trainable new rows (`tokens`); auto = the base embedding's dtype."
+    )
+    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    lr: float = Field(5e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (never applied to base rows).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    batch_size: int = Field(4, ge=1, description="Blocks per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; None: max(20, max_steps // 20).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0: no clipping).")
+    logging_steps: int = Field(10, ge=1, description="Steps between logged metrics.")
+    save_steps: int = Field(0, ge=0, description="Steps between checkpoints (0: no checkpoints).")
+    save_total_limit: int | None = Field(None, ge=1, description="Checkpoints kept (None: all).")
+    seed: int = Field(42, description="Seed of data order and dropout.")
+    bf16_autocast: bool = Field(False, description="Run forward/backward under bf16 autocast (mixed precision).")
+    eval_perplexity: bool = Field(True, description="Measure held-out perplexity before and after training.")
+    eval_max_blocks: int = Field(32, ge=1, description="Held-out blocks used for perplexity.")
+
+    @property
+    def effective_warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(max(20, self.max_steps // 20), self.max_steps)
+
+
+RECORDABLE_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq", "logits", "loss", "lr")
+
+
+class RecorderConfig(_Section):
+    """The `recorder` plugin: which rows and fields to record, how often, and how they are stored."""
+
+    fields: tuple[str, ...] = Field(
+        RECORDABLE_FIELDS, description=f"Fields to record, any of: {', '.join(RECORDABLE_FIELDS)}."
+    )
+    rows: str | list[int] = Field(
+        "new",
+        description="Rows to track: `new`, `all`, `base`, `sample:K` (seeded random K), a path to a file of ids, or a list.",
+    )
+    sample_seed: int = Field(0, description="Seed of `sample:K`.")
+    every: int = Field(1, ge=1, description="Record every N optimizer steps (and the starting state).")
+    dtype: Literal["bfloat16", "float32", "float16", "param"] = Field(
+        "bfloat16", description="Storage dtype; `param` keeps the parameters' own dtype for exact values."
+    )
+    logits: str = Field(
+        "last", description="Logits kept per step: `last` (last position of the first sequence) or `none`."
+    )
+    steps_per_shard: int = Field(10, ge=1, description="Recorded steps per safetensors shard.")
+    path: str | None = Field(None, description="Recording directory; None: <output_dir>/recording.")
+    log_shards: Literal["auto", "always", "never"] = Field(
+        "auto", description="Log the shards as MLflow artifacts: auto = when the recording is under log_shards_max_mb."
+    )
+    log_shards_max_mb: float = Field(256.0, ge=0, description="Size limit (MiB) for `log_shards: auto`.")
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _known_fields(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        unknown = [v for v in value if v not in RECORDABLE_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; choose from {', '.join(RECORDABLE_FIELDS)}")
+        return tuple(value)
+
+
+class TrackingConfig(_Section):
+    """Where and how the run is tracked in MLflow."""
+
+    experiment: str = Field("wakelab", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name; None: `<preset>-<time>`.")
+    log_tokenizer: bool = Field(True, description="Log the expanded tokenizer as an artifact.")
+
+
+class RunConfig(_Section):
+    """A whole run. Sections: model, vocab, data, init, train, recorder, tracking; plus plugins and output_dir."""
+
+    preset: str | None = Field(None, description="The preset this config started from.")
+    output_dir: str = Field("runs/{preset}", description="The run's directory; `{preset}` is replaced.")
+    plugins: tuple[str, ...] = Field((), description="Plugins to activate (names or paths to .py files).")
+    model: ModelConfig = ModelConfig()
+    vocab: VocabConfig = VocabConfig()
+    data: DataConfig = DataConfig()
+    init: InitConfig = InitConfig()
+    train: TrainConfig = TrainConfig()
+    recorder: RecorderConfig = RecorderConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _plugins_as_tuple(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        if self.train.trainable == "mask" and self.train.rows_dtype != "auto":
+            raise ValueError(
+                "train.rows_dtype: with train.trainable=mask the rows share the embedding matrix's dtype; "
+                "use rows_dtype=auto or trainable=tokens"
+            )
+        if self.train.trainable != "full" and self.vocab.lexicon is None:
+            raise ValueError(
+                f"vocab.lexicon: train.trainable={self.train.trainable} trains new rows, so a lexicon is needed "
+                "(or set train.trainable=full)"
+            )
+        if self.model.load_in_4bit and self.train.trainable == "full":
+            raise ValueError("train.trainable: a 4-bit base cannot be trained in full; use tokens or mask")
+        return self
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.replace("{preset}", self.preset or "run"))
+
+    @property
+    def active_plugins(self) -> tuple[str, ...]:
+        """The plugins the run needs: the listed ones, the init method's, and base-row masking for `mask`."""
+        needed = list(self.plugins)
+        if self.vocab.lexicon is not None:
+            needed.append(self.init.method)
+        if self.train.trainable == "mask":
+            needed.append("mask")
+        return tuple(dict.fromkeys(needed))
+
+    def flat(self) -> dict[str, Any]:
+        """The config as `section.key: value` pairs, the form MLflow params and `--set` use."""
+        return flatten(self.model_dump(mode="json"))
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "vocab": VocabConfig,
+    "data": DataConfig,
+    "init": InitConfig,
+    "train": TrainConfig,
+    "recorder": RecorderConfig,
+    "tracking": TrackingConfig,
+}
+
+#: Short names accepted by `--set` and `--over`, for the keys people type most.
+ALIASES = {
+    "init": "init.method",
+    "lr": "train.lr",
+    "max_steps": "train.max_steps",
+    "trainable": "train.trainable",
+    "model": "model.name_or_path",
+    "lexicon": "vocab.lexicon",
+    "corpus": "data.corpus",
+    "seq_len": "data.seq_len",
+    "seed": "train.seed",
+}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def all_keys() -> list[str]:
+    """Every settable key, `section.key` form."""
+    keys = [name for name in RunConfig.model_fields if name not in SECTIONS]
+    for section, model in SECTIONS.items():
+        keys.extend(f"{section}.{name}" for name in model.model_fields)
+    return keys
+
+
+def resolve_key(key: str) -> str:
+    """The canonical `section.key` for a key or alias, or a ConfigError that lists near matches."""
+    key = key.strip()
+    if key in ALIASES:
+        return ALIASES[key]
+    known = all_keys()
+    if key in known:
+        return key
+    leaf_matches = [k for k in known if k.rsplit(".", 1)[-1] == key]
+    if len(leaf_matches) == 1:
+        return leaf_matches[0]
+    import difflib
+
+    near = difflib.get_close_matches(key, known + list(ALIASES), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else "; `wakelab config-keys` lists them"
+    raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: YAML scalars and lists (`1e-3`, `true`, `null`, `[a, b]`), else the string itself."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML reads 1e-3 as a string; numbers in scientific notation are what researchers type.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def set_in(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is a value, not a section")
+    node[leaf] = value
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("wakelab") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(preset_names())}")
+    text = (resources.files("wakelab") / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
+    return data
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(
+    preset: str | None = "demo",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | tuple[str, ...] = (),
+) -> RunConfig:
+    """Resolve preset -> file -> overrides into a validated RunConfig.
+
+    ``overrides`` is either ``["key=value", ...]`` as typed on the command line or a ``{key: value}`` dict.
+    """
+    tree: dict[str, Any] = load_preset(preset) if preset else {}
+    if config_file:
+        tree = merge(tree, load_config_file(config_file))
+    if preset:
+        tree["preset"] = preset
+    if isinstance(overrides, dict):
+        pairs = list(overrides.items())
+    else:
+        pairs = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set '{item}' must be key=value, e.g. --set train.lr=1e-3")
+            key, text = item.split("=", 1)
+            pairs.append((key, parse_value(text)))
+    for key, value in pairs:
+        set_in(tree, resolve_key(key), value)
+    return validate(tree)
+
+
+def validate(tree: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: the dotted key, what was given, and what is expected."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        given = err.get("input")
+        if err["type"] == "extra_forbidden":
+            near = resolve_hint(key)
+            lines.append(f"unknown config key '{key}'{near}")
+            continue
+        expected = err["msg"].removeprefix("Value error, ")
+        if key:
+            shown = json.dumps(given, default=str) if not isinstance(given, dict) else "a mapping"
+            lines.append(f"config key '{key}': got {shown}; {expected}")
+        else:
+            lines.append(expected)
+    return "; ".join(lines)
+
+
+def resolve_hint(key: str) -> str:
+    try:
+        resolve_key(key.rsplit(".", 1)[-1])
+    except ConfigError as exc:
+        message = str(exc)
+        return message[message.index(";") :] if ";" in message else ""
+    return f"; did you mean '{resolve_key(key.rsplit('.', 1)[-1])}'?"
+
+
+def reference_markdown() -> str:
+    """The configuration reference, generated from the field definitions above (docs/configuration.md)."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `wakelab.config` by `wakelab config-keys --markdown`; do not edit by hand.",
+        "Set any key with `--set section.key=value`, in a `--config` YAML file, or in a preset.",
+        "",
+    ]
+    top = {k: v for k, v in RunConfig.model_fields.items() if k not in SECTIONS}
+    out += ["## (top level)", "", "| key | default | description |", "| --- | --- | --- |"]
+    out += [f"| `{k}` | `{_default(v)}` | {v.description} |" for k, v in top.items()]
+    for section, model in SECTIONS.items():
+        out += ["", f"## {section}", "", (model.__doc__ or "").strip(), ""]
+        out += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+        for name, field in model.model_fields.items():
+            kind = _type_name(field.annotation)
+            out.append(f"| `{section}.{name}` | {kind} | `{_default(field)}` | {field.description} |")
+    out += ["", "## Short names", "", "| short | key |", "| --- | --- |"]
+    out += [f"| `{a}` | `{k}` |" for a, k in ALIASES.items()]
+    return "\n".join(out) + "\n"
+
+
+def _default(field: Any) -> str:
+    value = field.default
+    return "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    if text.startswith("<class '"):
+        text = text[8:-2]
+    return text.replace("|", "or")

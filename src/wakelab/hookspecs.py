@@ -1,0 +1,79 @@
+"""The hooks a wakelab plugin may implement.
+
+Every hook takes one small context object (see ``wakelab.context``) so a hook's signature never has to change when
+the engine learns to pass more. A plugin implements a hook with ``@wakelab.hookimpl`` on a function of the same name.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("wakelab")
+
+
+@hookspec(firstresult=True)
+def init_embeddings(ctx):
+    """Fill the new tokens' embedding rows, once, after the vocabulary is expanded and before training.
+
+    ``ctx`` is an ``InitContext``: ``ctx.method`` is the initialiser the config asks for (``init.method``);
+    ``ctx.weight`` is the full ``[vocab, d]`` embedding matrix (writable, no grad); ``ctx.new_ids`` the ids of the
+    added tokens, ``ctx.new_words`` their words, ``ctx.num_base`` the base vocabulary size, ``ctx.tokenizer`` the
+    expanded tokenizer, ``ctx.options`` the ``init`` config section and ``ctx.generator`` a seeded generator.
+
+    Answer only when ``ctx.method`` is your name: write the rows ``ctx.weight[ctx.new_ids]`` in place and return a
+    dict of what you did (radius, scale, fall-backs...), which is logged as run params. Return ``None`` to let
+    another plugin answer. The first answer wins; base rows must not be touched.
+    """
+
+
+@hookspec
+def mask_grads(ctx):
+    """Change gradients after backward and before gradient clipping and the optimizer step.
+
+    ``ctx`` is a ``GradContext``: ``ctx.step`` (the optimizer step about to happen), ``ctx.rows`` (a ``RowAccess``:
+    ``ctx.rows.strategy``, ``ctx.rows.num_base``, ``ctx.rows.grad_matrix()``) and ``ctx.model``. Edit gradients
+    in place; the clipping, the logged grad norm and the optimizer then see the edited gradients.
+    """
+
+
+@hookspec
+def on_step_end(state):
+    """Observe the run after each optimizer step (and the learning-rate scheduler) has happened.
+
+    ``state`` is a ``StepState``: ``step`` (optimizer steps done), ``loss`` (this step's mean training loss),
+    ``lr`` (the rate this step used), ``logits`` (last position of the first sequence of the step's last
+    micro-batch, detached), ``model``, ``optimizer`` and ``rows`` (``RowAccess``: values, gradients and Adam state
+    of any rows, whatever holds them; ``rows.grads()`` gives the gradients this step's optimizer update used, after
+    masking and clipping, although Trainer has already zeroed the parameters' ``.grad``). Read only: do not modify
+    the model or the optimizer here.
+    """
+
+
+@hookspec
+def on_save(ctx):
+    """React to a checkpoint that is complete on disk.
+
+    ``ctx`` is a ``SaveContext``: ``checkpoint_dir`` (a complete checkpoint: its manifest is written),
+    ``step``, ``output_dir`` (the run's directory) and ``run_id`` (the MLflow run). Copy or read it; never
+    modify it. A failure here is reported and training goes on.
+    """
+
+
+@hookspec
+def on_run_start(run):
+    """Prepare for a run, after the model, vocabulary and trainable rows are set up, before the first step.
+
+    ``run`` is a ``RunContext``: ``config`` (the resolved ``RunConfig``), ``output_dir``, ``run_id``, ``model``,
+    ``tokenizer``, ``rows`` (``RowAccess``), ``optimizer`` (``None`` until Trainer creates it) and
+    ``start_step`` (0, or the checkpoint's step when resuming), plus ``log_artifact(path, artifact_path)`` and
+    ``log_params(dict)`` for what the plugin wants in MLflow.
+    """
+
+
+@hookspec
+def on_run_end(run, status):
+    """Finish up after training ended, normally (``status == "FINISHED"``) or not (``"FAILED"``/``"KILLED"``).
+
+    Called with the same ``RunContext`` as ``on_run_start`` before the MLflow run is closed: flush files and log
+    the artifacts you own. Runs for failed runs too, so keep it safe to call after a partial run.
+    """

@@ -1,0 +1,140 @@
+"""Loading the base model and tokenizer, optionally in 4-bit nf4, from a hub id or a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError, ModelError
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("WAKELAB_CACHE", Path.home() / ".cache" / "wakelab"))
+
+
+def resolve_source(cfg: ModelConfig) -> str:
+    """A local folder or hub id; `demo` is the embedded base, converted once from the GGUF file a package ships."""
+    if cfg.name_or_path == "demo":
+        from .demo import ensure_demo_model
+
+        return str(ensure_demo_model())
+    return cfg.name_or_path
+
+
+def _torch_dtype(name: str) -> Any:
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_tokenizer(source: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, source, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_source(cfg: ModelConfig) -> str:
+    """Where the weights load from: the config's folder or id, or a random-weights folder for ``from_config``."""
+    source = resolve_source(cfg)
+    return str(materialize_from_config(source)) if cfg.from_config else source
+
+
+def load_model(cfg: ModelConfig, source: str):
+    """The base causal LM, as the config asks (dtype, or 4-bit nf4 with a compute dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"revision": cfg.revision}
+    if cfg.load_in_4bit:
+        kwargs.update(quantization_kwargs(cfg))
+    else:
+        kwargs["dtype"] = _torch_dtype(cfg.dtype)
+    return _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+
+
+def load_model_config(source: str, revision: str | None = None):
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, source, revision=revision)
+
+
+def quantization_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "model.load_in_4bit needs bitsandbytes: pip install -c constraints.txt 'bitsandbytes>=0.50'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    compute = getattr(torch, cfg.compute_dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        ),
+        "dtype": compute,
+        "device_map": {"": device},
+    }
+
+
+def _from_pretrained(cls, source: str, **kwargs):
+    local = Path(source).expanduser()
+    looks_local = local.exists() or source.startswith((".", "/", "~"))
+    if looks_local and not local.is_dir():
+        raise ModelError(f"model folder not found: {source} (set model.name_or_path to a folder or a hub id)")
+    try:
+        return cls.from_pretrained(str(local) if looks_local else source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if looks_local:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load {cls.__name__.removeprefix('Auto')} from {source}: {first}") from None
+        raise ModelError(
+            f"cannot load '{source}' from the Hugging Face hub (offline or not found): download it where there is "
+            f"network (`hf download {source} --local-dir DIR`) and set model.name_or_path=DIR"
+        ) from None
+
+
+def materialize_from_config(source: str) -> Path:
+    """Random weights for the architecture in ``source``'s config.json, saved once so every loader path applies."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = _from_pretrained(AutoConfig, source)
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = cache_root() / "from-config" / digest
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        tmp = folder.with_name(folder.name + ".tmp")
+        model.save_pretrained(tmp)
+        load_tokenizer(source).save_pretrained(tmp)
+        tmp.rename(folder)
+    return folder
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_seq_len(model_config, seq_len: int) -> None:
+    limit = max_positions(model_config)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is beyond the model's maximum of {limit} positions; set data.seq_len<={limit}"
+        )
+
+
+def expand_embeddings(model, new_size: int) -> None:
+    """Resize without transformers' mean-resizing (slow at 44k x 2048 and makes every new row the same)."""
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    model.config.vocab_size = new_size

@@ -1,0 +1,198 @@
+"""transformers.Trainer, plus the few seams wakelab needs, and the callback that bridges its events to the hooks.
+
+The loop, accumulation, mixed precision, schedules, checkpoint/resume and DDP are Trainer's. The subclass adds:
+base-row masking *before* clipping (Trainer's ``on_pre_optimizer_step`` comes after it, so the clip and the logged
+grad norm would otherwise see gradients that are then thrown away); the step's loss and last-position logits for
+``on_step_end``; AdamW decay that spares base rows under ``mask``; and checkpoints that hold the trained rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .context import GradContext, SaveContext, StepState
+from .rows import RowAccess
+
+ROWS_FILE = "trained_rows.safetensors"
+
+
+class WakelabTrainer(Trainer):
+    """Trainer with the hooks' seams; everything else is Trainer's own."""
+
+    def __init__(self, *args, rows: RowAccess, pm, **kwargs):
+        self.rows = rows
+        self.pm = pm
+        self.step_loss = torch.zeros(())
+        self.step_logits: torch.Tensor | None = None
+        self.step_lr: float = 0.0
+        self._masked_this_step = False
+        model = kwargs.get("model") or args[0]
+        with _row_adapter_accepted(model):
+            super().__init__(*args, **kwargs)
+
+    # -- per-step observations -----------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Trainer returns each micro-batch's share of the step loss: their sum is the step's mean loss.
+        self.step_loss = self.step_loss + loss.detach().float().cpu()
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        if model.training:
+            self.step_logits = logits[0, -1].detach().float().clone()
+        return (loss, outputs) if return_outputs else loss
+
+    # -- masking before clipping ---------------------------------------------------------------------------------
+    def _mask_once(self) -> None:
+        if self._masked_this_step:
+            return
+        self._masked_this_step = True
+        self.pm.hook.mask_grads(ctx=GradContext(step=self.state.global_step + 1, rows=self.rows, model=self.model))
+
+    def _clip_grad_norm(self, model):
+        self._mask_once()
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self._mask_once()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # -- optimizer: base rows never decay ------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        if self.rows.strategy != "mask":
+            return names
+        # The embedding matrix sits in a no-decay group; decay_new_rows applies AdamW's decay to new rows only.
+        held = {id(p) for p in self.rows.parameters()}
+        return [n for n, p in model.named_parameters() if n in names and id(p) not in held]
+
+    # -- checkpoints hold the trained rows -----------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.rows.strategy == "full":
+            return super()._save(output_dir, state_dict)
+        from safetensors.torch import save_file
+
+        out = Path(output_dir or self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(self.rows.trained_rows(), str(out / ROWS_FILE), metadata={"strategy": self.rows.strategy})
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(out)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        path = Path(resume_from_checkpoint) / ROWS_FILE
+        if self.rows.strategy == "full" or not path.exists():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path))
+        self.rows.load_rows(saved["token_ids"], saved["rows"])
+
+
+@contextlib.contextmanager
+def _row_adapter_accepted(model):
+    """Let Trainer accept a 4-bit base: the trainable rows are wakelab's adapter, though not a PEFT one.
+
+    Trainer refuses to fine-tune a quantized model unless it sees a PEFT adapter; its only test is this flag,
+    checked once in ``__init__``. The flag is removed right after, so nothing else takes the model for PEFT.
+    """
+    quantized = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False)
+    if quantized:
+        model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if quantized:
+            del model._hf_peft_config_loaded
+
+
+class HookBridge(TrainerCallback):
+    """Trainer events -> wakelab hooks and MLflow metrics. The only place the two meet."""
+
+    def __init__(
+        self,
+        trainer_ref: Callable[[], WakelabTrainer],
+        on_start: Callable[[Any], None],
+        log_metrics: Callable[[dict[str, float], int], None],
+        extra_metrics: Callable[[], dict[str, float]],
+        output_dir: Path,
+        run_id: str | None,
+        progress=None,
+    ):
+        self._trainer = trainer_ref
+        self._on_start = on_start
+        self._log_metrics = log_metrics
+        self._extra_metrics = extra_metrics
+        self._output_dir = output_dir
+        self._run_id = run_id
+        self._progress = progress
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        self._on_start(trainer.optimizer)
+        if self._progress is not None:
+            self._progress.reset(total=state.max_steps)
+            self._progress.update(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        trainer._mask_once()  # no-op when clipping already did it
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        trainer.step_lr = lr
+        trainer.rows.decay_new_rows(lr, args.weight_decay)
+        trainer.rows.hold_grads()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        step_state = StepState(
+            step=state.global_step,
+            loss=float(trainer.step_loss),
+            lr=trainer.step_lr,
+            logits=trainer.step_logits,
+            model=trainer.model,
+            optimizer=trainer.optimizer,
+            rows=trainer.rows,
+        )
+        trainer.pm.hook.on_step_end(state=step_state)
+        if self._progress is not None:
+            self._progress.update(1)
+            loss = step_state.loss
+            self._progress.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else loss, refresh=False)
+        trainer.step_loss = torch.zeros(())
+        trainer._masked_this_step = False
+        trainer.rows.release_grads()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or state.global_step == 0:
+            return
+        metrics = {}
+        renames = {"learning_rate": "lr", "loss": "loss", "grad_norm": "grad_norm"}
+        for key, value in logs.items():
+            if key in renames and isinstance(value, (int, float)):
+                metrics[renames[key]] = float(value)
+            elif key.startswith("eval_") and isinstance(value, (int, float)):
+                metrics[key] = float(value)
+        if "loss" in metrics:
+            metrics.update(self._extra_metrics())
+        if metrics:
+            self._log_metrics(metrics, state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        checkpoint = self._output_dir / f"checkpoint-{state.global_step}"
+        ctx = SaveContext(checkpoint_dir=checkpoint, step=state.global_step, output_dir=self._output_dir, run_id=self._run_id)
+        try:
+            trainer.pm.hook.on_save(ctx=ctx)
+        except Exception as exc:  # noqa: BLE001 - a plugin's failure to copy must not stop training
+            print(f"wakelab: warning: an on_save plugin failed at step {state.global_step}: {exc}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._progress is not None:
+            self._progress.close()

@@ -1,0 +1,145 @@
+"""Bad input: one clear line naming the problem and the fix, a non-zero exit, nothing created or written over."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from conftest import tiny_overrides
+from wakelab.cli import main
+
+
+def invoke(tiny_model, texts, *extra_args, **overrides):
+    values = tiny_overrides(tiny_model, texts, **overrides)
+    args = ["run", "--no-progress", "--preset", "demo"]
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    return CliRunner().invoke(main, args + list(extra_args))
+
+
+def assert_refused(result, message, tmp_path):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("wakelab: error: ")
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists(), "a refused run must create nothing"
+    assert mlflow.search_runs(search_all_experiments=True).empty, "a refused run must leave no MLflow run"
+
+
+def test_missing_corpus(tiny_model, texts, tmp_path):
+    result = invoke(tiny_model, texts, **{"data.corpus": str(tmp_path / "nope.txt")})
+    assert_refused(result, "corpus not found", tmp_path)
+
+
+def test_empty_corpus(tiny_model, texts, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert_refused(invoke(tiny_model, texts, **{"data.corpus": str(empty)}), "is empty", tmp_path)
+
+
+def test_non_utf8_corpus(tiny_model, texts, tmp_path):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\u00e9 au lait ".encode("latin-1") * 50)
+    assert_refused(invoke(tiny_model, texts, **{"data.corpus": str(latin)}), "is not UTF-8", tmp_path)
+
+
+def test_corpus_shorter_than_one_block(tiny_model, texts, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("The river ran.")
+    assert_refused(invoke(tiny_model, texts, **{"data.corpus": str(short)}), "shorter than one block", tmp_path)
+
+
+def test_empty_lexicon(tiny_model, texts, tmp_path):
+    lexicon = tmp_path / "lex.txt"
+    lexicon.write_text("# nothing here\n\n")
+    assert_refused(invoke(tiny_model, texts, **{"vocab.lexicon": str(lexicon)}), "holds no words", tmp_path)
+
+
+def test_missing_lexicon(tiny_model, texts, tmp_path):
+    result = invoke(tiny_model, texts, **{"vocab.lexicon": str(tmp_path / "none.txt")})
+    assert_refused(result, "lexicon not found", tmp_path)
+
+
+def test_non_utf8_lexicon(tiny_model, texts, tmp_path):
+    lexicon = tmp_path / "lex.txt"
+    lexicon.write_bytes(b"riverrun\n\xff\xfebad\n")
+    assert_refused(invoke(tiny_model, texts, **{"vocab.lexicon": str(lexicon)}), "is not UTF-8", tmp_path)
+
+
+def test_lexicon_all_in_vocabulary(tiny_model, texts, tmp_path):
+    lexicon = tmp_path / "lex.txt"
+    lexicon.write_text("the\nriver\nhill\n")
+    result = invoke(tiny_model, texts, **{"vocab.lexicon": str(lexicon)})
+    assert_refused(result, "already single tokens", tmp_path)
+
+
+def test_unknown_preset(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--preset", "nope"])
+    assert_refused(result, "unknown preset 'nope'; available: ", tmp_path)
+
+
+def test_unknown_plugin(tiny_model, texts, tmp_path):
+    result = invoke(tiny_model, texts, "--plugin", "nope")
+    assert_refused(result, "unknown plugin 'nope'; available: mask, ", tmp_path)
+    assert "spherical" in result.stderr
+
+
+def test_unknown_config_key(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--set", "train.speed=3"])
+    assert_refused(result, "unknown config key 'train.speed'", tmp_path)
+
+
+def test_set_value_of_wrong_type(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--set", "train.batch_size=big"])
+    assert_refused(result, "config key 'train.batch_size': got \"big\"", tmp_path)
+
+
+def test_missing_config_file(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "nope.yaml")])
+    assert_refused(result, "config file not found", tmp_path)
+
+
+def test_seq_len_beyond_max_positions(tiny_model, texts, tmp_path):
+    result = invoke(tiny_model, texts, **{"data.seq_len": 4096})
+    assert_refused(result, "beyond the model's maximum of 128 positions", tmp_path)
+
+
+def test_missing_model_folder(tiny_model, texts, tmp_path):
+    result = invoke(tiny_model, texts, **{"model.name_or_path": str(tmp_path / "no-model")})
+    assert_refused(result, "model folder not found", tmp_path)
+
+
+def test_hub_id_offline_says_how_to_point_at_a_folder(tiny_model, texts, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke(tiny_model, texts, **{"model.name_or_path": "meta-llama/Llama-3.2-1B"})
+    assert_refused(result, "set model.name_or_path=DIR", tmp_path)
+
+
+def test_output_dir_with_another_runs_checkpoints_is_refused(tiny_model, texts, tmp_path):
+    checkpoint = tmp_path / "out" / "checkpoint-200"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trained_rows.safetensors").write_bytes(b"precious")
+    result = invoke(tiny_model, texts)
+    assert result.exit_code == 2
+    assert "already holds 1 checkpoint(s)" in result.stderr and "--overwrite" in result.stderr
+    assert (checkpoint / "trained_rows.safetensors").read_bytes() == b"precious"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-200"]
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_lexicon_with_duplicates_works_and_is_reported(tiny_model, texts, tmp_path):
+    words = texts["lexicon"].read_text().split()
+    words = [w for w in words if not w.startswith("#")]
+    lexicon = tmp_path / "dups.txt"
+    lexicon.write_text("\n".join(words + words[:1]) + "\n")  # 1 of 9 lines repeats: over 10%
+    result = invoke(tiny_model, texts, **{"vocab.lexicon": str(lexicon)})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "vocab_report.json").read_text())
+    assert report["duplicates"] == [words[0]]
+    assert report["added"] == len(words)
+    assert "1 duplicates" in result.stderr

@@ -1,0 +1,98 @@
+"""The config: presets, files and overrides resolve into one validated RunConfig; errors name key and form."""
+
+from __future__ import annotations
+
+import pytest
+
+from wakelab.config import all_keys, build_config, preset_names, reference_markdown, resolve_key
+from wakelab.errors import ConfigError
+
+
+def test_demo_preset_resolves_with_defaults():
+    config = build_config("demo")
+    assert config.preset == "demo"
+    assert config.model.name_or_path == "demo"
+    assert config.train.trainable == "tokens"
+    assert config.init.radius_scale == 1.5
+    assert config.resolved_output_dir.as_posix() == "runs/demo"
+
+
+def test_layers_apply_in_order(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("train:\n  lr: 0.5\n  max_steps: 7\n")
+    config = build_config("demo", file, ["train.lr=1e-3", "seq_len=64"])
+    assert config.train.lr == 1e-3  # --set beats the file
+    assert config.train.max_steps == 7  # the file beats the preset
+    assert config.data.seq_len == 64  # alias
+
+
+def test_warmup_default_is_max_20_or_a_twentieth():
+    assert build_config("demo", overrides={"train.max_steps": 6000}).train.effective_warmup == 300
+    assert build_config("demo", overrides={"train.max_steps": 100}).train.effective_warmup == 20
+    assert build_config("demo", overrides={"train.max_steps": 10}).train.effective_warmup == 10
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*train.lr"):
+        build_config("demo", overrides=["train.lrr=1"])
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
+        build_config("demo", file)
+
+
+def test_wrong_type_names_key_and_expected_form():
+    with pytest.raises(ConfigError, match=r"config key 'train.max_steps': got \"many\"; Input should be a valid integer"):
+        build_config("demo", overrides=["train.max_steps=many"])
+
+
+def test_bad_choice_lists_choices():
+    with pytest.raises(ConfigError, match=r"train.trainable.*'tokens', 'mask' or 'full'"):
+        build_config("demo", overrides=["train.trainable=rows"])
+
+
+def test_out_of_range_value():
+    with pytest.raises(ConfigError, match=r"train.lr.*greater than 0"):
+        build_config("demo", overrides=["train.lr=0"])
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available: .*demo"):
+        build_config("nope")
+
+
+def test_set_without_equals():
+    with pytest.raises(ConfigError, match="must be key=value"):
+        build_config("demo", overrides=["train.lr"])
+
+
+def test_mask_with_rows_dtype_is_refused():
+    with pytest.raises(ConfigError, match="rows_dtype"):
+        build_config("demo", overrides=["trainable=mask", "train.rows_dtype=float32"])
+
+
+def test_active_plugins_follow_the_config():
+    assert build_config("demo").active_plugins == ("spherical",)
+    masked = build_config("demo", overrides=["trainable=mask", "plugins=[extra]"])
+    assert masked.active_plugins == ("extra", "spherical", "mask")
+
+
+def test_config_is_frozen():
+    config = build_config("demo")
+    with pytest.raises(Exception):
+        config.train.lr = 1.0
+
+
+def test_reference_lists_every_key():
+    text = reference_markdown()
+    for key in all_keys():
+        assert f"`{key}`" in text
+    assert "demo" in preset_names()
+
+
+def test_resolve_key_by_unique_leaf():
+    assert resolve_key("radius_scale") == "init.radius_scale"
+    assert resolve_key("init") == "init.method"

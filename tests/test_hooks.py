@@ -1,0 +1,209 @@
+"""Every hook is tested through the public mechanism: a throw-away plugin file activated by path.
+
+``test_every_hook_has_a_test`` fails when a hook is added to hookspecs.py without a ``test_hook_<name>`` here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import tiny_overrides
+from wakelab import engine, registry
+from wakelab.cli import main
+from wakelab.config import build_config
+from wakelab.errors import PluginError
+
+
+def plugin_file(tmp_path, name, body):
+    path = tmp_path / f"{name}.py"
+    path.write_text("import wakelab\nimport torch\nSEEN = []\n" + textwrap.dedent(body))
+    return path
+
+
+def run_with(tmp_path, tiny_model, texts, plugin, **extra):
+    overrides = tiny_overrides(tiny_model, texts, **extra)
+    overrides["plugins"] = [str(plugin)]
+    result = engine.run(build_config(None, None, overrides), progress=False)
+    module = next(m for n, m in sys.modules.items() if n.startswith(f"wakelab_local_plugins.{plugin.stem}_"))
+    return result, module
+
+
+def test_every_hook_has_a_test():
+    missing = [name for name in registry.hook_names() if f"test_hook_{name}" not in globals()]
+    assert not missing, f"hooks without a test: {missing}"
+
+
+def test_hook_init_embeddings(tiny_model, texts, tmp_path):
+    plugin = plugin_file(tmp_path, "ones_init", """
+        @wakelab.hookimpl
+        def init_embeddings(ctx):
+            if ctx.method != "ones":
+                return None
+            ctx.weight[ctx.new_ids] = 1.0
+            SEEN.append((ctx.num_base, list(ctx.new_words)))
+            return {"value": 1.0}
+        @wakelab.hookimpl
+        def on_run_start(run):
+            SEEN.append(run.rows.values(run.rows.new_ids).clone())
+    """)
+    result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"init.method": "ones"})
+    num_base, words = module.SEEN[0]
+    assert words == texts["lexicon"].read_text().split()[3:]  # the lexicon minus its comment line
+    assert torch.equal(module.SEEN[1], torch.ones_like(module.SEEN[1]))
+    params = mlflow.get_run(result.run_id).data.params
+    assert params["init.result.value"] == "1.0"
+
+
+def test_init_method_nobody_answers_is_an_error(tiny_model, texts):
+    overrides = tiny_overrides(tiny_model, texts, **{"init.method": "nobody"})
+    with pytest.raises(PluginError, match="no plugin answered init.method=nobody"):
+        engine.run(build_config(None, None, overrides), progress=False)
+
+
+def test_hook_mask_grads(tiny_model, texts, tmp_path):
+    """mask_grads runs once per optimizer step, before clipping: zeroing everything freezes the rows."""
+    plugin = plugin_file(tmp_path, "freeze_all", """
+        @wakelab.hookimpl
+        def mask_grads(ctx):
+            SEEN.append(ctx.step)
+            for p in ctx.rows.parameters():
+                p.grad.zero_()
+    """)
+    result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"train.max_steps": 4, "train.logging_steps": 1})
+    assert module.SEEN == [1, 2, 3, 4]
+    assert result.metrics["new_row_displacement"] == 0.0
+    norms = mlflow.MlflowClient().get_metric_history(result.run_id, "grad_norm")
+    assert [m.value for m in norms] == [0.0] * 4  # the clip and the logged norm saw the masked gradients
+
+
+def test_hook_on_step_end(tiny_model, texts, tmp_path):
+    plugin = plugin_file(tmp_path, "watch_steps", """
+        @wakelab.hookimpl
+        def on_step_end(state):
+            grads = state.rows.grads(state.rows.new_ids)
+            SEEN.append((state.step, state.loss, state.lr, tuple(state.logits.shape), float(grads.abs().sum()),
+                         state.rows.optimizer_step_count(state.optimizer)))
+    """)
+    result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"train.max_steps": 5})
+    steps = [s[0] for s in module.SEEN]
+    assert steps == [1, 2, 3, 4, 5]
+    vocab = len(texts["lexicon"].read_text().split()) - 3 + 367
+    for step, loss, lr, logits_shape, grad_sum, adam_step in module.SEEN:
+        assert 0 < loss < 20 and lr > 0
+        assert logits_shape == (vocab,)
+        assert grad_sum > 0, "on_step_end must see the gradients the optimizer used"
+        assert adam_step == step
+    # The loss passed to the hook is the step's loss that Trainer logs.
+    logged = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(result.run_id, "loss")}
+    assert logged[2] == pytest.approx((module.SEEN[0][1] + module.SEEN[1][1]) / 2, rel=1e-4)
+
+
+def test_hook_on_save(tiny_model, texts, tmp_path):
+    plugin = plugin_file(tmp_path, "watch_saves", """
+        import os
+        @wakelab.hookimpl
+        def on_save(ctx):
+            SEEN.append((ctx.step, ctx.checkpoint_dir.name, sorted(os.listdir(ctx.checkpoint_dir)), ctx.run_id))
+    """)
+    result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"train.save_steps": 2, "train.max_steps": 4})
+    assert [s[:2] for s in module.SEEN] == [(2, "checkpoint-2"), (4, "checkpoint-4")]
+    for _, _, files, run_id in module.SEEN:
+        assert "trained_rows.safetensors" in files and "trainer_state.json" in files
+        assert run_id == result.run_id
+
+
+def test_hook_on_run_start(tiny_model, texts, tmp_path):
+    plugin = plugin_file(tmp_path, "watch_start", """
+        @wakelab.hookimpl
+        def on_run_start(run):
+            SEEN.append((run.start_step, run.optimizer is not None, run.rows.strategy, run.run_id))
+            run.log_params({"watch_start.seen": "yes"})
+    """)
+    result, module = run_with(tmp_path, tiny_model, texts, plugin)
+    assert module.SEEN == [(0, True, "tokens", result.run_id)]
+    assert mlflow.get_run(result.run_id).data.params["watch_start.seen"] == "yes"
+
+
+def test_hook_on_run_end(tiny_model, texts, tmp_path):
+    plugin = plugin_file(tmp_path, "watch_end", """
+        @wakelab.hookimpl
+        def on_run_end(run, status):
+            SEEN.append(status)
+            path = run.output_dir / "plugin-note.txt"
+            path.write_text("done")
+            run.log_artifact(path, "notes")
+    """)
+    result, module = run_with(tmp_path, tiny_model, texts, plugin)
+    assert module.SEEN == ["FINISHED"]
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "notes")]
+    assert artifacts == ["notes/plugin-note.txt"]
+
+
+def test_on_run_end_sees_failure(tiny_model, texts, tmp_path):
+    plugin = plugin_file(tmp_path, "boom", """
+        @wakelab.hookimpl
+        def on_step_end(state):
+            if state.step == 2:
+                raise RuntimeError("boom at step 2")
+        @wakelab.hookimpl
+        def on_run_end(run, status):
+            SEEN.append(status)
+    """)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_with(tmp_path, tiny_model, texts, plugin)
+    module = next(m for n, m in sys.modules.items() if n.startswith("wakelab_local_plugins.boom_"))
+    assert module.SEEN == ["FAILED"]
+
+
+def test_misspelt_hook_is_an_error(tmp_path):
+    plugin = plugin_file(tmp_path, "typo", """
+        @wakelab.hookimpl
+        def on_step_ends(state):
+            pass
+    """)
+    with pytest.raises(PluginError, match="on_step_ends"):
+        registry.build_manager([str(plugin)])
+
+
+def test_hook_with_wrong_arguments_is_an_error(tmp_path):
+    plugin = plugin_file(tmp_path, "badargs", """
+        @wakelab.hookimpl
+        def on_step_end(step, loss):
+            pass
+    """)
+    with pytest.raises(PluginError, match="badargs"):
+        registry.build_manager([str(plugin)])
+
+
+def test_plugins_command_lists_sources_and_hooks(tmp_path):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "local_one.py").write_text(
+        '"""A local plugin."""\nimport wakelab\n@wakelab.hookimpl\ndef on_save(ctx):\n    pass\n'
+    )
+    result = CliRunner().invoke(main, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["spherical"]["source"] == "built-in" and rows["spherical"]["hooks"] == ["init_embeddings"]
+    assert rows["mask"]["hooks"] == ["mask_grads"]
+    assert rows["local_one"]["source"] == "local file" and rows["local_one"]["hooks"] == ["on_save"]
+    text = CliRunner().invoke(main, ["plugins"]).stdout
+    assert "local_one" in text and "local file" in text
+
+
+def test_local_plugin_activates_by_name(tiny_model, texts, tmp_path):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "counter.py").write_text(
+        "import wakelab\nCOUNT = []\n@wakelab.hookimpl\ndef on_step_end(state):\n    COUNT.append(state.step)\n"
+    )
+    overrides = tiny_overrides(tiny_model, texts, **{"train.max_steps": 3})
+    overrides["plugins"] = ["counter"]
+    engine.run(build_config(None, None, overrides), progress=False)
+    module = next(m for n, m in sys.modules.items() if n.startswith("wakelab_local_plugins.counter_"))
+    assert module.COUNT == [1, 2, 3]

@@ -1,0 +1,106 @@
+"""Only new rows learn: base rows stay bit-identical, the tied head equals the embeddings, in fp32 and 4-bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from wakelab import engine
+from wakelab.config import build_config
+from wakelab.rows import NewRowsEmbedding, NewRowsHead, setup_trainable_rows
+
+
+def base_rows_before(tiny_model) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model).get_input_embeddings().weight.detach().clone()
+
+
+class KeepModel:
+    """A throw-away plugin that keeps the trained model for inspection (public hook mechanism only)."""
+
+
+def run_and_keep_model(tiny_model, texts, tmp_path, **extra):
+    plugin = tmp_path / "keep_model.py"
+    plugin.write_text(
+        "import wakelab\nKEPT = {}\n"
+        "@wakelab.hookimpl\n"
+        "def on_run_end(run, status):\n"
+        "    KEPT['model'] = run.model\n    KEPT['rows'] = run.rows\n"
+    )
+    overrides = tiny_overrides(tiny_model, texts, **extra)
+    overrides["plugins"] = [str(plugin)]
+    result = engine.run(build_config(None, None, overrides), progress=False)
+    import sys
+
+    module = next(m for name, m in sys.modules.items() if name.startswith("wakelab_local_plugins.keep_model"))
+    return result, module.KEPT
+
+
+@pytest.mark.parametrize("strategy", ["tokens", "mask"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
+def test_base_rows_bit_identical_after_20_steps_with_weight_decay(tiny_model, texts, tmp_path, strategy, quantized):
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+    extra = {"train.trainable": strategy, "train.weight_decay": 0.1, "train.max_steps": 20, "train.lr": 5e-2}
+    if quantized:
+        extra["model.load_in_4bit"] = True
+    result, kept = run_and_keep_model(tiny_model, texts, tmp_path, **extra)
+    rows, model = kept["rows"], kept["model"]
+    before = base_rows_before(tiny_model).to(rows.dtype)
+    after = rows.values(torch.arange(rows.num_base))
+    assert torch.equal(after.view(torch.uint8), before.view(torch.uint8)), "base rows moved"
+    # The new rows did learn.
+    saved = load_file(result.output_dir / "final" / "new_rows.safetensors")
+    assert result.metrics["new_row_displacement"] > 0
+    assert saved["rows"].shape[0] == rows.num_total - rows.num_base
+    # The head is tied: it is the embedding matrix, new rows included.
+    head = model.get_output_embeddings().weight
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(head, emb)
+    if quantized:
+        assert getattr(model, "is_quantized", False)
+
+
+def test_tokens_strategy_matches_a_plain_embedding():
+    torch.manual_seed(0)
+    base = torch.randn(10, 4)
+    new = torch.randn(3, 4)
+    split = NewRowsEmbedding(base.clone(), new.clone())
+    full = torch.nn.Embedding.from_pretrained(torch.cat([base, new]))
+    ids = torch.tensor([[0, 10, 3, 12, 11, 9]])
+    assert torch.equal(split(ids), full(ids))
+    head = NewRowsHead(split.base_weight, split.new_weight)
+    hidden = torch.randn(1, 2, 4)
+    assert torch.allclose(head(hidden), hidden @ torch.cat([base, new]).T, atol=1e-6)
+    # Gradients only reach the new rows.
+    split(ids).sum().backward()
+    assert split.base_weight.grad is None
+    assert split.new_weight.grad.abs().sum() > 0
+
+
+def test_tokens_strategy_keeps_rows_dtype_without_upcasting(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    num_base = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(num_base + 5, mean_resizing=False)
+    rows = setup_trainable_rows(model, num_base, "tokens", "bfloat16")
+    assert rows.dtype == torch.bfloat16
+    assert [p.dtype for p in model.parameters() if p.requires_grad] == [torch.bfloat16]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5 * rows.dim
+
+
+def test_mask_strategy_zeroes_base_grads_before_clipping(tiny_model, texts, tmp_path):
+    """The logged grad norm is the same under mask and tokens: clipping never saw base-row gradients."""
+    import mlflow
+
+    norms = {}
+    for strategy in ("tokens", "mask"):
+        overrides = tiny_overrides(tiny_model, texts, **{"train.trainable": strategy, "output_dir": f"out-{strategy}"})
+        result = engine.run(build_config(None, None, overrides), progress=False)
+        history = mlflow.MlflowClient().get_metric_history(result.run_id, "grad_norm")
+        norms[strategy] = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert norms["tokens"] and norms["tokens"] == pytest.approx(norms["mask"], rel=1e-4)
