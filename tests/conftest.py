@@ -117,3 +117,12 @@ def tiny_overrides(tiny_model: Path, texts: dict[str, Path], **extra) -> dict:
     }
     values.update(extra)
     return values
+
+
+def loaded_plugin(path: Path):
+    """The module wakelab imported for a plugin file (to read what a throw-away plugin saw)."""
+    import sys
+
+    from wakelab.registry import module_name_for
+
+    return sys.modules[module_name_for(path)]

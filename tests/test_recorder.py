@@ -187,6 +187,27 @@ def test_base_rows_identical_and_grads_are_masked_and_clipped(tiny_model, texts,
         assert torch.count_nonzero(rec["exp_avg_sq"][-1][num_base:]) > 0
 
 
+def test_every_n_steps_and_a_resume_records_beside_with_its_optimizer_state(tiny_model, texts, tmp_path):
+    from wakelab.checkpoints import latest_checkpoint
+
+    extra = {"train.max_steps": 4, "train.save_steps": 2, "recorder.every": 3, "recorder.dtype": "param"}
+    first, rec = recorded_run(tiny_model, texts, **extra)
+    with rec:
+        assert rec.steps.tolist() == [0, 3, 4], "the start, every 3rd step and the last"
+        assert rec.flags[MISSING_FLAG] == [0]
+        last = rec["embeddings"][-1]
+    overrides = tiny_overrides(tiny_model, texts, **{**FAST, **extra, "train.max_steps": 6})
+    overrides["plugins"] = ["recorder"]
+    config = build_config(None, None, overrides)
+    engine.run(config, progress=False, resume_from=str(latest_checkpoint(first.output_dir)))
+    assert recording.open(first.output_dir / "recording").steps.tolist() == [0, 3, 4], "left as it was"
+    with recording.open(first.output_dir / "recording-from-step-4") as resumed:
+        assert resumed.steps.tolist() == [4, 6]
+        assert resumed.flags[MISSING_FLAG] == [], "a resumed run starts with the checkpoint's optimizer state"
+        assert torch.count_nonzero(resumed["exp_avg_sq"][0]) > 0
+        assert torch.equal(resumed["embeddings"][0], last), "the resume starts where the first run ended"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Rows
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import loaded_plugin, tiny_overrides
 from wakelab import engine
 from wakelab.config import build_config
 from wakelab.rows import NewRowsEmbedding, NewRowsHead, setup_trainable_rows
@@ -16,10 +16,6 @@ def base_rows_before(tiny_model) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model).get_input_embeddings().weight.detach().clone()
-
-
-class KeepModel:
-    """A throw-away plugin that keeps the trained model for inspection (public hook mechanism only)."""
 
 
 def run_and_keep_model(tiny_model, texts, tmp_path, **extra):
@@ -33,10 +29,7 @@ def run_and_keep_model(tiny_model, texts, tmp_path, **extra):
     overrides = tiny_overrides(tiny_model, texts, **extra)
     overrides["plugins"] = [str(plugin)]
     result = engine.run(build_config(None, None, overrides), progress=False)
-    import sys
-
-    module = next(m for name, m in sys.modules.items() if name.startswith("wakelab_local_plugins.keep_model"))
-    return result, module.KEPT
+    return result, loaded_plugin(plugin).KEPT
 
 
 @pytest.mark.parametrize("strategy", ["tokens", "mask"])

@@ -20,7 +20,7 @@ def test_finished_run_has_params_metrics_artifacts(tiny_model, texts):
     assert params["train.lr"] == "0.01" and params["train.trainable"] == "tokens"
     assert params["base_vocab_size"] == "367" and params["added_tokens"] == "8"
     assert "version.torch" in params and "version.transformers" in params
-    assert params["plugins"] == "spherical"
+    assert params["plugins.active"] == "spherical"
     for key in ("loss", "lr", "grad_norm", "new_row_norm", "new_row_displacement", "heldout_perplexity_before",
                 "heldout_perplexity_after"):
         assert key in run.data.metrics, key

@@ -149,7 +149,7 @@ def run(
 ) -> RunResult:
     """Build the run the config describes and train it inside one MLflow run."""
     started = time.monotonic()
-    pm = registry.build_manager(config.active_plugins, cwd)
+    pm = registry.build_manager(config.active_plugins, cwd, optional=[config.init.method])
     lexicon_path, corpus_path, heldout_path = resolve_data_paths(config)
 
     # Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched.
@@ -185,7 +185,7 @@ def run(
     try:
         tracked.log_params(config.flat())
         tracked.log_params({f"version.{k}": v for k, v in tracking.library_versions().items()})
-        tracked.log_params({"plugins": ",".join(name for name, _ in pm.list_name_plugin())})
+        tracked.log_params({"plugins.active": ",".join(name for name, _ in pm.list_name_plugin())})
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         tracked.log_artifact(output_dir / "config.yaml")
 
@@ -307,10 +307,10 @@ def _init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer) 
     with torch.no_grad():
         summary = pm.hook.init_embeddings(ctx=ctx)
     if summary is None:
-        answering = [name for name, plugin in pm.list_name_plugin() if hasattr(plugin, "init_embeddings")]
+        known = [row["name"] for row in registry.describe() if "init_embeddings" in row["hooks"]]
         raise PluginError(
-            f"no plugin answered init.method={config.init.method}; active init plugins: "
-            f"{', '.join(answering) or 'none'} (activate one with --plugin NAME)"
+            f"no plugin answered init.method={config.init.method}; init plugins found: "
+            f"{', '.join(known) or 'none'} (or activate your own with --plugin NAME|PATH)"
         )
     return dict(summary)
 

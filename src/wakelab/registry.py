@@ -8,6 +8,7 @@ plugins its config names.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -48,7 +49,7 @@ def load_file(path: Path) -> ModuleType:
     path = path.resolve()
     if not path.is_file() or path.suffix != ".py":
         raise PluginError(f"plugin file not found: {path} (give a path to a .py file or a plugin name)")
-    module_name = f"wakelab_local_plugins.{path.stem}_{abs(hash(str(path))) % 10**8}"
+    module_name = module_name_for(path)
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -60,6 +61,13 @@ def load_file(path: Path) -> ModuleType:
         del sys.modules[module_name]
         raise PluginError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from None
     return module
+
+
+def module_name_for(path: Path) -> str:
+    """The private module name a plugin file is imported under (stable for one path)."""
+    path = Path(path).resolve()
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    return f"wakelab_local_plugins.{path.stem}_{digest}"
 
 
 def discover(cwd: Path | None = None) -> dict[str, PluginSource]:
@@ -96,11 +104,20 @@ def make_manager() -> pluggy.PluginManager:
     return pm
 
 
-def build_manager(specs: Iterable[str], cwd: Path | None = None) -> pluggy.PluginManager:
-    """A PluginManager with exactly the named plugins registered and checked."""
+def build_manager(
+    specs: Iterable[str], cwd: Path | None = None, optional: Iterable[str] = ()
+) -> pluggy.PluginManager:
+    """A PluginManager with exactly the named plugins registered and checked.
+
+    ``optional`` names are activated when a plugin of that name exists (``init.method: spherical`` activates the
+    ``spherical`` plugin) and skipped otherwise (another active plugin may answer that method).
+    """
     pm = make_manager()
     available = discover(cwd)
+    optional = set(optional)
     for spec in dict.fromkeys(specs):
+        if spec in optional and spec not in available:
+            continue
         source = resolve(spec, available)
         register(pm, source.load(), source.name)
     return pm
@@ -110,7 +127,10 @@ def register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
     """Register and check at once: a misspelt hook implementation is an error, not silence."""
     if pm.get_plugin(name) is not None:
         return
-    pm.register(plugin, name=name)
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin '{name}': {exc}") from None
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:

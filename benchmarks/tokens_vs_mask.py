@@ -1,0 +1,305 @@
+"""`tokens` vs `mask` trainable-rows strategies at P1's proportions: optimizer state, peak RSS and steps/s.
+
+P1 adds 44,195 new rows to a 128,256-row vocabulary. Here a tiny Llama (2 layers, hidden 256, tied embeddings) is
+built straight from a ``LlamaConfig`` with ``vocab_size = 128,256 + 44,195``; random token ids (10% of them new
+ids) are the inputs and labels. Rows come from ``setup_trainable_rows(model, num_base=128256, strategy=...)`` and
+training is ``WakelabTrainer`` + ``HookBridge`` as the engine wires them (the ``mask`` plugin active for ``mask``).
+
+Each strategy runs in its own subprocess, so its memory figures are its own:
+
+- optimizer state: bytes of every Adam ``exp_avg`` + ``exp_avg_sq`` tensor after training;
+- RSS before training (after model, rows, Trainer and data are built), the peak RSS during training (the kernel's
+  high-water mark, reset right before ``trainer.train()`` through ``/proc/self/clear_refs``) and the process's
+  lifetime peak (``ru_maxrss``), which is the one judged;
+- steps/s over the steps after a few warm-up steps (a callback stamps every ``on_step_end``).
+
+Repeats alternate the order (tokens first, then mask first, ...) and the speed ratio is the median of the paired
+ratios. Sanity checks: under ``mask`` the base rows must stay bit-identical, under both the new rows must move.
+
+Run:  python benchmarks/tokens_vs_mask.py [--pairs 3] [--steps 8] [--warmup 3]
+Targets: tokens optimizer state <= 0.3x mask's; tokens peak RSS <= mask's; tokens steps/s >= 0.97x mask's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+NUM_BASE = 128_256
+NUM_NEW = 44_195
+TARGET_STATE = 0.3
+TARGET_RSS = 1.0
+TARGET_SPEED = 0.97
+MiB = 1024 * 1024
+
+
+def proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) of this process; False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# worker: one strategy, one process
+# ---------------------------------------------------------------------------------------------------------------
+def worker(strategy: str, args) -> dict:
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from wakelab.data import BlockDataset, collate
+    from wakelab.registry import build_manager
+    from wakelab.rows import setup_trainable_rows
+    from wakelab.trainer import HookBridge, WakelabTrainer
+
+    rss_start = proc_status_kib("VmRSS")
+    config = LlamaConfig(
+        vocab_size=NUM_BASE + NUM_NEW,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max(256, args.seq_len),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    rss_model = proc_status_kib("VmRSS")
+    rows = setup_trainable_rows(model, num_base=NUM_BASE, strategy=strategy)
+    pm = build_manager(["mask"] if strategy == "mask" else [])
+
+    steps = args.warmup + args.steps
+    gen = torch.Generator().manual_seed(1)
+    n_blocks = steps * args.batch
+    ids = torch.randint(0, NUM_BASE, (n_blocks, args.seq_len), generator=gen)
+    is_new = torch.rand((n_blocks, args.seq_len), generator=gen) < args.new_share
+    ids[is_new] = torch.randint(NUM_BASE, NUM_BASE + NUM_NEW, (int(is_new.sum()),), generator=gen)
+    dataset = BlockDataset(ids.numpy().astype(np.int64))
+
+    # Sanity probes (small): base rows that the data uses must not move under mask; new rows must move.
+    used = ids.unique()
+    base_probe = used[used < NUM_BASE][:2000]
+    new_probe = used[used >= NUM_BASE][:2000]
+    base_before = rows.values(base_probe).clone()
+    new_before = rows.values(new_probe).clone()
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_train_begin(self, a, state, control, **kw):
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, a, state, control, **kw):
+            self.stamps.append(time.perf_counter())
+
+    out_dir = tempfile.mkdtemp(prefix=f"wakelab-{strategy}-")
+    targs = TrainingArguments(
+        output_dir=out_dir,
+        report_to="none",
+        use_cpu=True,
+        max_steps=steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=5e-3,
+        optim="adamw_torch",
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=42,
+    )
+    timer = StepTimer()
+    trainer: WakelabTrainer
+    bridge = HookBridge(
+        trainer_ref=lambda: trainer,
+        on_start=lambda optimizer: None,
+        log_metrics=lambda metrics, step: None,
+        extra_metrics=lambda: {},
+        output_dir=out_dir,
+        run_id=None,
+    )
+    trainer = WakelabTrainer(
+        model=model,
+        args=targs,
+        train_dataset=dataset,
+        data_collator=collate,
+        callbacks=[bridge, timer],
+        rows=rows,
+        pm=pm,
+    )
+    trainer.remove_callback(PrinterCallback)
+
+    gc.collect()
+    rss_before = proc_status_kib("VmRSS")
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm_reset = reset_peak_rss()
+    trainer.train()
+    hwm_train = proc_status_kib("VmHWM")
+    maxrss_end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    rss_after = proc_status_kib("VmRSS")
+
+    optimizer = trainer.optimizer
+    while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the torch one
+        optimizer = optimizer.optimizer
+    state_bytes = 0
+    state_params = 0
+    for state in optimizer.state.values():
+        counted = False
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state_bytes += state[key].numel() * state[key].element_size()
+                counted = True
+        state_params += counted
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    stamps = timer.stamps[args.warmup:]
+    steps_per_s = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    step_ms = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
+    return {
+        "strategy": strategy,
+        "trainable_params": trainable,
+        "state_tensors": state_params,
+        "opt_state_bytes": state_bytes,
+        "rss_start_kib": rss_start,
+        "rss_model_kib": rss_model,
+        "rss_before_train_kib": rss_before,
+        "maxrss_before_train_kib": maxrss_before,
+        "peak_train_kib": hwm_train if hwm_reset else None,
+        "maxrss_kib": maxrss_end,
+        "rss_after_kib": rss_after,
+        "steps_per_s": steps_per_s,
+        "median_step_ms": statistics.median(step_ms),
+        "steps": trainer.state.global_step,
+        "base_rows_unchanged": bool(torch.equal(rows.values(base_probe), base_before)),
+        "new_rows_moved": bool(not torch.equal(rows.values(new_probe), new_before)),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver: alternate strategies, one subprocess each
+# ---------------------------------------------------------------------------------------------------------------
+def run_worker(strategy: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", strategy, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+    raise SystemExit(f"worker {strategy} failed (exit {proc.returncode})")
+
+
+def mib(kib: float | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:8.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3, help="tokens/mask pairs, order alternating (>= 3)")
+    parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before them")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-share", type=float, default=0.10, help="share of input positions holding new ids")
+    parser.add_argument("--worker", choices=("tokens", "mask"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        os.environ.setdefault("WAKELAB_CACHE", tempfile.mkdtemp(prefix="wakelab-cache-"))
+        result = worker(args.worker, args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    import torch
+    import transformers
+
+    argv = [
+        f"--steps={args.steps}", f"--warmup={args.warmup}", f"--hidden={args.hidden}", f"--layers={args.layers}",
+        f"--seq-len={args.seq_len}", f"--batch={args.batch}", f"--new-share={args.new_share}",
+    ]
+    print(f"tokens_vs_mask: torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    print(f"vocab {NUM_BASE:,} base + {NUM_NEW:,} new = {NUM_BASE + NUM_NEW:,} rows, d={args.hidden}, "
+          f"{args.layers} layers, tied; seq_len={args.seq_len} batch={args.batch}, {args.new_share:.0%} new ids; "
+          f"{args.warmup} warm-up + {args.steps} measured steps; {args.pairs} pairs")
+    results: dict[str, list[dict]] = {"tokens": [], "mask": []}
+    ratios = []
+    for pair in range(1, args.pairs + 1):
+        order = ("tokens", "mask") if pair % 2 else ("mask", "tokens")
+        got = {s: run_worker(s, argv) for s in order}
+        for s in order:
+            results[s].append(got[s])
+        ratio = got["tokens"]["steps_per_s"] / got["mask"]["steps_per_s"]
+        ratios.append(ratio)
+        print(f"pair {pair}: {order[0]:>6s} first  tokens {got['tokens']['steps_per_s']:.3f} steps/s "
+              f"({got['tokens']['median_step_ms']:.0f} ms median) | mask {got['mask']['steps_per_s']:.3f} steps/s "
+              f"({got['mask']['median_step_ms']:.0f} ms median) | ratio {ratio:.3f}", flush=True)
+
+    def med(strategy: str, key: str):
+        values = [r[key] for r in results[strategy] if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    print()
+    header = (f"{'strategy':8s} {'trainable':>11s} {'Adam state MiB':>14s} {'RSS@model MiB':>13s} "
+              f"{'RSS@train MiB':>13s} {'train peak MiB':>14s} {'+during train':>13s} {'peak RSS MiB':>12s} "
+              f"{'steps/s':>8s} {'step ms':>8s}")
+    print(header)
+    print("-" * len(header))
+    for s in ("tokens", "mask"):
+        before, peak_train = med(s, "rss_before_train_kib"), med(s, "peak_train_kib")
+        rise = None if peak_train is None else peak_train - before
+        print(f"{s:8s} {results[s][0]['trainable_params']:>11,d} {med(s, 'opt_state_bytes') / MiB:14.1f} "
+              f"{mib(med(s, 'rss_model_kib')):>13s} {mib(before):>13s} {mib(peak_train):>14s} {mib(rise):>13s} "
+              f"{mib(med(s, 'maxrss_kib')):>12s} {med(s, 'steps_per_s'):8.3f} {med(s, 'median_step_ms'):8.0f}")
+    print("(medians over the runs; RSS@train: right before trainer.train(); train peak: high-water mark during "
+          "training; peak RSS: the process's ru_maxrss)")
+    checks = []
+    for s in ("tokens", "mask"):
+        moved = all(r["new_rows_moved"] for r in results[s])
+        kept = all(r["base_rows_unchanged"] for r in results[s])
+        checks.append(f"{s}: new rows moved={moved}, base rows bit-identical={kept}")
+    print("sanity: " + "; ".join(checks))
+
+    state_ratio = med("tokens", "opt_state_bytes") / med("mask", "opt_state_bytes")
+    rss_ratio = med("tokens", "maxrss_kib") / med("mask", "maxrss_kib")
+    speed_ratio = statistics.median(ratios)
+    train_peak_t, train_peak_m = med("tokens", "peak_train_kib"), med("mask", "peak_train_kib")
+    print()
+    print(f"optimizer state tokens/mask = {state_ratio:.3f} (target <= {TARGET_STATE}) "
+          f"{'PASS' if state_ratio <= TARGET_STATE else 'FAIL'}")
+    print(f"peak RSS        tokens/mask = {rss_ratio:.3f} (target <= {TARGET_RSS}) "
+          f"{'PASS' if rss_ratio <= TARGET_RSS else 'FAIL'}"
+          + (f"  [training-window peak ratio {train_peak_t / train_peak_m:.3f}]" if train_peak_t and train_peak_m else ""))
+    print(f"steps/s         tokens/mask = {speed_ratio:.3f} (target >= {TARGET_SPEED}) "
+          f"{'PASS' if speed_ratio >= TARGET_SPEED else 'FAIL'}  [paired ratios: "
+          f"{', '.join(f'{r:.3f}' for r in ratios)}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
