@@ -454,7 +454,11 @@ def _default(field: Any) -> str:
 
 
 def _type_name(annotation: Any) -> str:
+    import typing
+
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in typing.get_args(annotation))
     text = str(annotation).replace("typing.", "")
     if text.startswith("<class '"):
         text = text[8:-2]
-    return text.replace("|", "or")
+    return text.replace(" | ", " or ")

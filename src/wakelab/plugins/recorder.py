@@ -335,8 +335,8 @@ def on_run_start(run):
     )
     _active = rec
     started = time.perf_counter()
-    first = rows.values(ids[:1]) if len(ids) else None
-    row_dtype = storage or (first.dtype if first is not None else rows.dtype)
+    # `param`: the dtype the rows are gathered in (the holding tensor's; fp32 when fp32 base rows are mixed in).
+    row_dtype = storage or (rows.values(ids).dtype if len(ids) and rec.row_fields() else rows.dtype)
     rec.writer = RecordingWriter(
         path,
         rec.specs(row_dtype),
