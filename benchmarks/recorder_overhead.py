@@ -153,6 +153,8 @@ def train_once(workdir: Path, *, steps: int, batch: int, record: bool, samples_a
     trainer.train()
     active = recorder_plugin.active() if record else None
     stats = dict(active.stats) if active is not None else {}
+    if active is not None:
+        stats["writer"] = dict(active.writer.stats)
     close_started = time.perf_counter()
     pm.hook.on_run_end(run=run_ctx, status="FINISHED")
     closed = time.perf_counter()
@@ -201,10 +203,13 @@ def speed_pairs(workdir: Path, pairs: int, timed_steps: int, batch: int) -> dict
     return {"ratios": ratios, "shares": shares, "hook_ms": hook_ms, "close_s": close_s, "step_s": step_s}
 
 
-def rss_run(workdir: Path, steps: int, batch: int) -> dict:
-    out = train_once(workdir, steps=steps, batch=batch, record=True, samples_at=(10, steps))
+def rss_run(workdir: Path, steps: int, batch: int, record: bool = True) -> dict:
+    out = train_once(workdir, steps=steps, batch=batch, record=record, samples_at=range(10, steps + 1, 10))
     s = out["stats"]
+    if not record:
+        return {"memory": out["memory"], "steps": steps}
     return {
+        "writer": s.get("writer", {}),
         "memory": out["memory"],
         "hook_ms": 1000 * (s["hook_seconds"] - s.get("start_seconds", 0.0)) / max(s["hook_calls"], 1),
         "max_hook_ms": 1000 * s["max_hook_seconds"],
@@ -262,6 +267,7 @@ def main() -> None:
     parser.add_argument("--rss-batch", type=int, default=1, help="Batch of the RSS run (recorder memory is batch-free).")
     parser.add_argument("--throughput-steps", type=int, default=20)
     parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-without-recorder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -271,7 +277,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
 
     if args.rss_only:
-        print(json.dumps(rss_run(workdir, args.rss_steps, args.rss_batch)))
+        print(json.dumps(rss_run(workdir, args.rss_steps, args.rss_batch, record=not args.rss_without_recorder)))
         return
 
     started = time.monotonic()

@@ -87,7 +87,6 @@ def test_word_mode_avoids_stray_space_tokens(tiny_model, add_as, stray_expected)
     if stray_expected == 0:
         assert stats["stray_space_before_new"] == 0
         assert tokens[:2] == ["The", " riverrun"]  # the space is absorbed: no "Ġ" between them
-        assert tokenizer.decode(ids) == "The riverrun rose"
     else:
         assert stats["stray_space_before_new"] == 1  # byte-level BPE leaves "Ġ" before the bare added string
 
