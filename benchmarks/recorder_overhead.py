@@ -12,11 +12,12 @@ Figures (targets in brackets):
    The speed runs write one step per shard, so the background thread writes (and fsyncs) during the timed steps,
    as in a long run; the final flush at run end is reported apart.
 3. peak RSS after 100 recorded steps / after 10, in a fresh process                        [<= 1.05]
-   The recorder's memory does not depend on the batch, so this run uses --rss-batch (default 1) to fit the time.
+   The recorder's memory does not depend on the batch, so this run uses --rss-batch (default 1) to fit the time;
+   the same run without the recorder, and the peak every 10 steps, show what is the recorder's and whether it grows.
 4. the writer's throughput (Wordybird-sized steps appended back to back, until closed) against
    `dd if=/dev/zero bs=1M count=512 oflag=direct` on the same disk, and what training actually needs.
 
-    .venv/bin/python benchmarks/recorder_overhead.py                 # ~7 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/recorder_overhead.py                 # ~9 minutes on 2 CPU cores
     .venv/bin/python benchmarks/recorder_overhead.py --pairs 5 --timed-steps 5
 """
 
@@ -284,18 +285,22 @@ def main() -> None:
     print(f"recorder overhead on the Wordybird shape: vocab {VOCAB}, d {N_EMBD}, {LAYERS} layers, bf16, full, "
           f"all rows, all fields; torch threads {torch.get_num_threads()}; recordings in {workdir}", flush=True)  # fmt: skip
 
-    print(f"\n[1/3] peak RSS, fresh process, {args.rss_steps} recorded steps at batch {args.rss_batch} x {SEQ}",
-          flush=True)  # fmt: skip
-    child = subprocess.run(
-        [sys.executable, __file__, "--rss-only", "--dir", str(workdir), "--rss-steps", str(args.rss_steps),
-         "--rss-batch", str(args.rss_batch)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if child.returncode != 0:
-        print(child.stderr[-3000:])
-        raise SystemExit("the RSS run failed")
-    rss = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"\n[1/3] peak RSS, fresh processes with and without the recorder, {args.rss_steps} steps at batch "
+          f"{args.rss_batch} x {SEQ}", flush=True)  # fmt: skip
+    series = {}
+    for record in (True, False):
+        child = subprocess.run(
+            [sys.executable, __file__, "--rss-only", "--dir", str(workdir), "--rss-steps", str(args.rss_steps),
+             "--rss-batch", str(args.rss_batch), *([] if record else ["--rss-without-recorder"])],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if child.returncode != 0:
+            print(child.stderr[-3000:])
+            raise SystemExit("the RSS run failed")
+        series[record] = json.loads(child.stdout.strip().splitlines()[-1])
+    rss = series[True]
     mem = {int(k): v for k, v in rss["memory"].items()}
+    base = {int(k): v for k, v in series[False]["memory"].items()}
 
     print(f"\n[2/3] {args.pairs} paired runs at batch {args.batch} x {SEQ}: 1 warm-up + {args.timed_steps} timed steps",
           flush=True)  # fmt: skip
@@ -319,12 +324,21 @@ def main() -> None:
           f"{', '.join(f'{r:.3f}' for r in speed['ratios'])})  [target >= 0.95]")  # fmt: skip
     print(f"  s/step with: {', '.join(f'{s:.2f}' for s in speed['step_s']['with'])}; "
           f"without: {', '.join(f'{s:.2f}' for s in speed['step_s']['without'])}")  # fmt: skip
-    m10, mlast = mem.get(10, {}), mem.get(rss["steps"], {})
-    if m10 and mlast:
-        print(f"peak RSS after {rss['steps']} recorded steps / after 10: "
-              f"{mlast['peak_rss_mib'] / m10['peak_rss_mib']:.3f}  ({m10['peak_rss_mib']:.0f} -> "
-              f"{mlast['peak_rss_mib']:.0f} MiB; current RSS {m10['rss_mib']:.0f} -> {mlast['rss_mib']:.0f} MiB; "
-              f"recording {rss['bytes'] / 2**20:.0f} MiB)  [target <= 1.05]")  # fmt: skip
+    last = rss["steps"]
+    if 10 in mem and last in mem:
+        peak = {k: v["peak_rss_mib"] for k, v in sorted(mem.items())}
+        print(f"peak RSS after {last} recorded steps / after 10: {peak[last] / peak[10]:.3f}  "
+              f"({peak[10]:.0f} -> {peak[last]:.0f} MiB)  [target <= 1.05]")  # fmt: skip
+        if 20 in peak:
+            print(f"  after {last} / after 20 (once the first shard has cycled): {peak[last] / peak[20]:.3f}")
+        print("  peak RSS every 10 steps: " + ", ".join(f"{v:.0f}" for v in peak.values()) + " MiB")
+        if 10 in base and last in base:
+            print(f"  without the recorder: {base[last]['peak_rss_mib'] / base[10]['peak_rss_mib']:.3f} "
+                  f"({base[10]['peak_rss_mib']:.0f} -> {base[last]['peak_rss_mib']:.0f} MiB); the recorder adds "
+                  f"{peak[last] - base[last]['peak_rss_mib']:.0f} MiB at step {last}")  # fmt: skip
+        w = rss.get("writer", {})
+        print(f"  writer held at most {w.get('max_held_steps')} steps (steps_per_shard 10 + 1 being copied; "
+              f"queue peak {w.get('max_queued')}); recording {rss['bytes'] / 2**20:.0f} MiB on disk")  # fmt: skip
     need = writer["per_step_mib"] / step_with
     print(f"writer throughput: {writer['mib_s']:.0f} MiB/s ({writer['steps']} steps of {writer['per_step_mib']:.1f} MiB, "
           f"fsynced); dd oflag=direct {dd['oflag=direct']:.0f} MiB/s, dd conv=fdatasync {dd['conv=fdatasync']:.0f} MiB/s "

@@ -1,29 +1,157 @@
-"""Finding checkpoints in a run directory."""
+"""Checkpoints that are complete or absent, verified before anyone resumes from them.
+
+Trainer writes a checkpoint into a staging folder; wakelab adds the resolved config and a manifest of every file's
+SHA-256 (written last), then renames the folder into place. A crash at any moment leaves either the previous
+checkpoints or the new one, never a half-written ``checkpoint-N``. Resuming, and mirroring (the ``sentry`` plugin),
+verify the manifest first, so flipped bytes are caught before they reach training.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
 from pathlib import Path
+from typing import Any
 
-from .errors import ConfigError
+from .errors import WakelabError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+STAGING = ".staging"
+
+
+class CheckpointError(WakelabError):
+    """A checkpoint that is missing, incomplete, corrupted or from another model."""
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, info: dict[str, Any]) -> None:
+    """Checksum every file under ``folder`` and write the manifest last (tmp + fsync + rename)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        files[path.relative_to(folder).as_posix()] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    manifest = {"format": "wakelab-checkpoint", "version": 1, **info, "files": files}
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete (no {MANIFEST}); resume from another checkpoint")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {folder}: {MANIFEST} is corrupted; resume from another checkpoint") from None
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """The manifest, after checking every file's size and SHA-256 against it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint not found: {folder}")
+    manifest = read_manifest(folder)
+    for name, expected in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder} is missing {name}; resume from another checkpoint")
+        if path.stat().st_size != expected["bytes"] or sha256(path) != expected["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {folder} is corrupted: {name} does not match its checksum; resume from another "
+                "checkpoint (--checkpoint PATH) or a Sentry mirror"
+            )
+    return manifest
+
+
+def finalize(staged: Path, destination: Path, info: dict[str, Any]) -> Path:
+    """Manifest the staged checkpoint and move it into place in one rename."""
+    write_manifest(staged, info)
+    if destination.exists():
+        shutil.rmtree(destination)
+    os.replace(staged, destination)
+    _fsync_dir(destination.parent)
+    return destination
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (Trainer writes ``trainer_state.json`` last)."""
+    """Complete checkpoints (with a manifest), oldest first."""
     found = []
     for child in Path(output_dir).glob("checkpoint-*"):
-        match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").exists():
-            found.append((int(match.group(1)), child))
+        step = checkpoint_step(child)
+        if step is not None and child.is_dir() and (child / MANIFEST).exists():
+            found.append((step, child))
     return [path for _, path in sorted(found)]
+
+
+def rotate(output_dir: Path, keep: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond ``keep``; incomplete leftovers of a crash go too."""
+    removed = []
+    for child in Path(output_dir).glob("checkpoint-*"):
+        if child.is_dir() and not (child / MANIFEST).exists():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    if keep:
+        for path in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def latest_checkpoint(output_dir: Path) -> Path:
     checkpoints = list_checkpoints(output_dir)
     if not checkpoints:
-        raise ConfigError(
-            f"no complete checkpoint in {output_dir}; set train.save_steps to write checkpoints, or run without --resume"
+        raise CheckpointError(
+            f"no complete checkpoint in {output_dir}; set train.save_steps to write checkpoints, or run without resume"
         )
     return checkpoints[-1]
+
+
+def check_compatible(manifest: dict[str, Any], folder: Path, *, base_model: str, num_base: int, vocab_size: int,
+                     hidden_size: int, strategy: str) -> None:
+    """A checkpoint from another base model or vocabulary is refused, naming the mismatch."""
+    checks = [
+        ("base vocabulary", manifest.get("num_base"), num_base),
+        ("vocabulary size", manifest.get("vocab_size"), vocab_size),
+        ("hidden size", manifest.get("hidden_size"), hidden_size),
+        ("trainable strategy", manifest.get("strategy"), strategy),
+    ]
+    for what, theirs, ours in checks:
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"checkpoint {folder} does not fit this run: its {what} is {theirs}, this run's is {ours} "
+                f"(it was trained from {manifest.get('base_model', '?')}; this run loads {base_model})"
+            )

@@ -98,6 +98,40 @@ def run(preset, config_file, overrides, plugins, max_steps, output_dir, experime
     _print_result(result)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--checkpoint", default=None, type=click.Path(file_okay=False),
+              help="Resume from this checkpoint (or a Sentry mirror of one) instead of the latest in RUN_DIR.")
+@click.option("--max-steps", type=int, default=None, help="Train on to this many steps in all (e.g. 100 more).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of the run's config.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+def resume(run_dir, checkpoint, max_steps, overrides, no_progress):
+    """Continue a run from its latest complete checkpoint, in the same MLflow run, with its optimizer state.
+
+    \b
+    Examples:
+      wakelab resume runs/demo
+      wakelab resume runs/wordybird --max-steps 200        # 100 more steps, Adam state carried on
+      wakelab resume runs/p1 --checkpoint /mnt/sentry/checkpoint-600
+    """
+    from . import engine
+    from .checkpoints import latest_checkpoint
+    from .config import build_config
+
+    run_path = Path(run_dir)
+    config_file = run_path / "config.yaml"
+    if not config_file.is_file():
+        raise WakelabError(f"{run_dir} is not a wakelab run directory (no config.yaml); give the run's output_dir")
+    pairs = [*overrides, f"output_dir={run_path}"]
+    if max_steps is not None:
+        pairs.append(f"train.max_steps={max_steps}")
+    config = build_config(None, config_file, pairs)
+    source = Path(checkpoint) if checkpoint else latest_checkpoint(run_path)
+    click.echo(f"resuming from {source}", err=True)
+    result = engine.run(config, resume_from=str(source), progress=not no_progress)
+    _print_result(result)
+
+
 def _print_result(result) -> None:
     click.echo(f"run {result.run_id} {result.status} (experiment {result.experiment_id})")
     for key, value in result.metrics.items():

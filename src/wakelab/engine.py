@@ -21,7 +21,7 @@ import yaml
 
 from . import data as data_mod
 from . import model as model_mod
-from . import registry, tracking
+from . import checkpoints, registry, tracking
 from .config import RunConfig
 from .context import InitContext, RunContext
 from .errors import ConfigError, PluginError, WakelabError
@@ -57,8 +57,8 @@ def prepare_output_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path
             "or choose another --output-dir"
         )
     if overwrite and out.is_dir():
-        for child in previous:
-            shutil.rmtree(child)
+        for child in [*previous, out / checkpoints.STAGING]:
+            shutil.rmtree(child, ignore_errors=True)
         for name in (RUN_FILE, "final", "vocab_report.json", "config.yaml"):
             target = out / name
             if target.is_dir():
@@ -116,15 +116,15 @@ def new_row_metrics(rows: RowAccess, initial: torch.Tensor | None) -> dict[str, 
     return metrics
 
 
-def restore_embeddings(path: str, weight: torch.Tensor, tokenizer, num_base: int) -> dict[str, Any]:
-    """Replace the whole matrix with one saved by an earlier phase, after checking it fits this vocabulary."""
+def load_phase_matrix(path: str, shape: tuple[int, int], tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:
+    """An earlier phase's embedding matrix, checked against this run's expanded vocabulary before anything starts."""
     from .phase import load_embedding_matrix
 
     matrix, token_ids, source_meta = load_embedding_matrix(path)
-    if matrix.shape != weight.shape:
+    if tuple(matrix.shape) != tuple(shape):
         raise ConfigError(
             f"init.from_embeddings {path}: matrix shape {tuple(matrix.shape)} does not fit the expanded vocabulary "
-            f"{tuple(weight.shape)}; it comes from another model or lexicon"
+            f"{tuple(shape)}; it comes from another model or lexicon"
         )
     if token_ids is not None:
         vocab = tokenizer.get_vocab()
@@ -134,9 +134,7 @@ def restore_embeddings(path: str, weight: torch.Tensor, tokenizer, num_base: int
                     f"init.from_embeddings {path}: token '{token}' has id {index} there but "
                     f"{vocab.get(token)} in this tokenizer; it was saved for another lexicon order"
                 )
-    with torch.no_grad():
-        weight.copy_(matrix.to(weight.dtype))
-    return {"restored_from": str(path), **source_meta}
+    return matrix, {"restored_from": str(path), **source_meta}
 
 
 def run(
@@ -163,6 +161,19 @@ def run(
         report, new_words = expand_vocabulary(tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path)
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else model_mod.cache_root() / "tokens"
     corpus = data_mod.build_datasets(config.data, corpus_path, heldout_path, tokenizer, cache_dir)
+    checkpoint_info = {
+        "base_model": config.model.name_or_path,
+        "num_base": num_base,
+        "vocab_size": len(tokenizer),
+        "hidden_size": getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None),
+        "strategy": config.train.trainable,
+    }
+    phase = None
+    if config.init.from_embeddings:
+        phase = load_phase_matrix(config.init.from_embeddings, (len(tokenizer), checkpoint_info["hidden_size"]), tokenizer)
+    if resume_from is not None:
+        manifest = checkpoints.verify(Path(resume_from))
+        checkpoints.check_compatible(manifest, Path(resume_from), **checkpoint_info)
     output_dir = prepare_output_dir(config, overwrite, resume=resume_from is not None)
     tracking.check_reachable()
 
@@ -205,8 +216,10 @@ def run(
         if new_words:
             init_summary = _init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer)
             tracked.log_params({f"init.result.{k}": v for k, v in init_summary.items()})
-        if config.init.from_embeddings:
-            restored = restore_embeddings(config.init.from_embeddings, weight, tokenizer, num_base)
+        if phase is not None:
+            matrix, restored = phase
+            with torch.no_grad():
+                weight.copy_(matrix.to(weight.dtype))
             tracked.log_params({"init.restored_from": restored["restored_from"]})
             tracked.set_tags({"wakelab.restored_from": restored["restored_from"]}
                              | ({"wakelab.source_run": restored["run_id"]} if restored.get("run_id") else {}))
@@ -243,7 +256,9 @@ def run(
             log_metrics=tracked.log_metrics,
             set_tags=tracked.set_tags,
         )
-        trainer = _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new, progress)
+        checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
+        trainer = _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new,
+                                 progress, checkpoint_info)
         trainer.train(resume_from_checkpoint=resume_from)
         model = trainer.model
 
@@ -315,7 +330,8 @@ def _init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer) 
     return dict(summary)
 
 
-def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new, progress):
+def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new, progress,
+                   checkpoint_info):
     from transformers import TrainingArguments
 
     from .trainer import HookBridge, WakelabTrainer
@@ -382,6 +398,8 @@ def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, track
         callbacks=[bridge],
         rows=rows,
         pm=pm,
+        checkpoint_info=checkpoint_info,
+        config_yaml=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
     )
     # Our progress bar and MLflow carry the logs; Trainer's printer would repeat them as raw dicts.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

@@ -25,9 +25,13 @@ ROWS_FILE = "trained_rows.safetensors"
 class WakelabTrainer(Trainer):
     """Trainer with the hooks' seams; everything else is Trainer's own."""
 
-    def __init__(self, *args, rows: RowAccess, pm, **kwargs):
+    def __init__(self, *args, rows: RowAccess, pm, checkpoint_info: dict[str, Any] | None = None,
+                 config_yaml: str = "", **kwargs):
         self.rows = rows
         self.pm = pm
+        self.checkpoint_info = checkpoint_info or {}
+        self.config_yaml = config_yaml
+        self._staging_root: Path | None = None
         self.step_loss = torch.zeros(())
         self.step_logits: torch.Tensor | None = None
         self.step_lr: float = 0.0
@@ -74,7 +78,32 @@ class WakelabTrainer(Trainer):
         held = {id(p) for p in self.rows.parameters()}
         return [n for n, p in model.named_parameters() if n in names and id(p) not in held]
 
-    # -- checkpoints hold the trained rows -----------------------------------------------------------------------
+    # -- checkpoints: complete or absent ---------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging_root) if self._staging_root is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer writes into a staging folder; the manifest goes in last and one rename publishes it."""
+        import shutil
+
+        from .checkpoints import STAGING, finalize, rotate
+
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging_root = run_dir / STAGING
+        if self.args.should_save:
+            shutil.rmtree(self._staging_root / name, ignore_errors=True)  # a crash's leftovers
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        if not self.args.should_save:
+            return
+        staged = run_dir / STAGING / name
+        (staged / "wakelab_config.yaml").write_text(self.config_yaml, encoding="utf-8")
+        finalize(staged, run_dir / name, {"step": self.state.global_step, **self.checkpoint_info})
+        rotate(run_dir, self.args.save_total_limit)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.rows.strategy == "full":
             return super()._save(output_dir, state_dict)

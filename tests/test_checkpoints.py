@@ -1,0 +1,192 @@
+"""Checkpoints that always reload: complete or absent, exact continuation, same MLflow run, phase restore."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_overrides
+from wakelab import engine
+from wakelab.checkpoints import CheckpointError, list_checkpoints, verify
+from wakelab.cli import main
+from wakelab.config import build_config
+from wakelab.errors import ConfigError
+
+
+def run(tiny_model, texts, resume_from=None, **extra):
+    values = {"train.save_steps": 2, "train.logging_steps": 1, "train.max_steps": 8, "train.weight_decay": 0.1}
+    values.update(extra)
+    config = build_config(None, None, tiny_overrides(tiny_model, texts, **values))
+    return engine.run(config, progress=False, resume_from=resume_from)
+
+
+def losses(run_id):
+    history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+    return {m.step: m.value for m in history}
+
+
+def optimizer_state(checkpoint):
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    return {k: {n: t for n, t in v.items()} for k, v in state.items()}
+
+
+def crash_plugin(tmp_path, step):
+    plugin = tmp_path / f"crash_at_{step}.py"
+    plugin.write_text(
+        "import wakelab\n@wakelab.hookimpl\ndef on_step_end(state):\n"
+        f"    if state.step == {step}:\n        raise RuntimeError('power cut')\n"
+    )
+    return plugin
+
+
+def test_checkpoint_holds_what_a_restart_needs(tiny_model, texts, tmp_path):
+    result = run(tiny_model, texts, **{"train.max_steps": 4, "train.save_total_limit": 1})
+    checkpoints = list_checkpoints(result.output_dir)
+    assert [c.name for c in checkpoints] == ["checkpoint-4"]  # save_total_limit kept the latest only
+    files = {p.name for p in checkpoints[0].iterdir()}
+    assert {"trained_rows.safetensors", "tokenizer.json", "wakelab_config.yaml", "optimizer.pt", "scheduler.pt",
+            "rng_state.pth", "trainer_state.json", "manifest.json"} <= files
+    manifest = verify(checkpoints[0])
+    assert manifest["step"] == 4 and manifest["run_id"] == result.run_id
+    assert set(manifest["files"]) == files - {"manifest.json"}
+    rows = load_file(checkpoints[0] / "trained_rows.safetensors")
+    assert rows["token_ids"].tolist() == list(range(367, 375))
+    assert not list((result.output_dir / ".staging").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
+def test_resume_continues_exactly(tiny_model, texts, tmp_path, quantized):
+    extra = {"model.load_in_4bit": True} if quantized else {}
+    straight = run(tiny_model, texts, **extra, output_dir="straight")
+    straight_losses = losses(straight.run_id)
+
+    # The same 8-step run, stopped after its step-4 checkpoint, then resumed from it.
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(tiny_model, texts, **extra, output_dir="split", plugins=[str(crash_plugin(tmp_path, step=5))])
+    resumed = run(tiny_model, texts, **extra, output_dir="split", resume_from="split/checkpoint-4")
+    a = load_file(straight.output_dir / "checkpoint-8" / "trained_rows.safetensors")["rows"]
+    b = load_file(resumed.output_dir / "checkpoint-8" / "trained_rows.safetensors")["rows"]
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), "trained rows differ after resume"
+    sa = optimizer_state(straight.output_dir / "checkpoint-8")
+    sb = optimizer_state(resumed.output_dir / "checkpoint-8")
+    for key in sa:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[key][name], sb[key][name]), name
+    assert losses(resumed.run_id) == straight_losses
+
+
+def test_wordybird3_flow_carries_adam_state_on(tiny_model, texts):
+    """Load a step-4 state and run 4 more steps: Adam's step count and exp_avg carry on, not restart."""
+    first = run(tiny_model, texts, **{"train.max_steps": 4, "train.scheduler": "constant", "train.warmup_steps": 0})
+    before = optimizer_state(first.output_dir / "checkpoint-4")
+    result = CliRunner().invoke(main, ["resume", str(first.output_dir), "--max-steps", "8", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    after = optimizer_state(first.output_dir / "checkpoint-8")
+    (key,) = after
+    assert int(after[key]["step"]) == 8
+    assert int(before[key]["step"]) == 4
+    # exp_avg carried on: a restart from zero would give (1 - 0.9**4) scale moments; the carried-on state has
+    # history from all 8 steps, so it differs from a fresh optimizer run for 4 steps from the same rows.
+    assert not torch.equal(after[key]["exp_avg"], before[key]["exp_avg"])
+    assert f"run {first.run_id} FINISHED" in result.stdout  # the same MLflow run
+    run_info = mlflow.get_run(first.run_id)
+    assert run_info.info.status == "FINISHED"
+    assert max(losses(first.run_id)) == 8
+
+
+def test_resume_after_crash_reopens_the_same_run(tiny_model, texts, tmp_path):
+    with pytest.raises(RuntimeError):
+        run(tiny_model, texts, plugins=[str(crash_plugin(tmp_path, step=5))])
+    (crashed,) = mlflow.search_runs(search_all_experiments=True)["run_id"]
+    assert mlflow.get_run(crashed).info.status == "FAILED"
+    # The user drops the plugin that crashed, and resumes.
+    result = CliRunner().invoke(main, ["resume", "out", "--no-progress", "--set", "plugins=[]"])
+    assert result.exit_code == 0, result.output
+    assert "checkpoint-4" in result.stderr
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["run_id"]) == [crashed] and list(runs["status"]) == ["FINISHED"]
+    steps = sorted(losses(crashed))
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_corrupted_checkpoint_is_caught(tiny_model, texts):
+    first = run(tiny_model, texts, **{"train.max_steps": 2})
+    target = first.output_dir / "checkpoint-2" / "trained_rows.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted: trained_rows.safetensors does not match its checksum"):
+        run(tiny_model, texts, resume_from=str(first.output_dir / "checkpoint-2"))
+    result = CliRunner().invoke(main, ["resume", str(first.output_dir)])
+    assert result.exit_code == 2 and "corrupted" in result.stderr and "Traceback" not in result.output
+
+
+def test_checkpoint_from_another_vocabulary_is_refused(tiny_model, texts, tmp_path):
+    first = run(tiny_model, texts, **{"train.max_steps": 2})
+    lexicon = tmp_path / "fewer.txt"
+    lexicon.write_text("riverrun\nsmirtle\n")
+    with pytest.raises(CheckpointError, match="its vocabulary size is 375, this run's is 369"):
+        run(tiny_model, texts, resume_from=str(first.output_dir / "checkpoint-2"), **{"vocab.lexicon": str(lexicon)})
+
+
+def test_incomplete_checkpoint_is_not_listed_or_resumed(tiny_model, texts):
+    first = run(tiny_model, texts, **{"train.max_steps": 2})
+    half = first.output_dir / "checkpoint-3"
+    half.mkdir()
+    (half / "optimizer.pt").write_bytes(b"partial")
+    assert [c.name for c in list_checkpoints(first.output_dir)] == ["checkpoint-2"]
+    with pytest.raises(CheckpointError, match="incomplete"):
+        verify(half)
+
+
+# -- phase restore (P1's step-700 reload) ----------------------------------------------------------------------------
+
+def _saved_matrix(tiny_model, texts, tmp_path):
+    first = run(tiny_model, texts, **{"train.max_steps": 2, "train.save_steps": 0, "output_dir": "phase1"})
+    rows = load_file(first.output_dir / "final" / "new_rows.safetensors")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).get_input_embeddings().weight.detach()
+    return first, torch.cat([base, rows["rows"]])
+
+
+def test_phase_restore_from_safetensors_and_pt(tiny_model, texts, tmp_path):
+    first, matrix = _saved_matrix(tiny_model, texts, tmp_path)
+    save_file({"embeddings": matrix}, str(tmp_path / "emb.safetensors"), metadata={"run_id": first.run_id})
+    torch.save(matrix, tmp_path / "embeddings.pt")
+    for path in (tmp_path / "emb.safetensors", tmp_path / "embeddings.pt"):
+        plugin = tmp_path / "seen.py"
+        plugin.write_text(
+            "import wakelab\nSEEN = []\n@wakelab.hookimpl\ndef on_run_start(run):\n"
+            "    SEEN.append(run.rows.values(run.rows.new_ids).clone())\n"
+        )
+        result = run(tiny_model, texts, output_dir=f"phase2-{path.suffix[1:]}", plugins=[str(plugin)],
+                     **{"init.from_embeddings": str(path), "train.max_steps": 2})
+        from conftest import loaded_plugin
+
+        assert torch.equal(loaded_plugin(plugin).SEEN[-1], matrix[367:])
+        recorded = mlflow.get_run(result.run_id)
+        assert recorded.data.params["init.restored_from"] == str(path)
+        assert recorded.data.tags["wakelab.restored_from"] == str(path)
+        if path.suffix == ".safetensors":
+            assert recorded.data.tags["wakelab.source_run"] == first.run_id
+
+
+def test_phase_restore_refuses_wrong_shape_and_pickles(tiny_model, texts, tmp_path):
+    save_file({"embeddings": torch.zeros(10, 32)}, str(tmp_path / "small.safetensors"))
+    with pytest.raises(ConfigError, match=r"matrix shape \(10, 32\) does not fit the expanded vocabulary \(375, 32\)"):
+        run(tiny_model, texts, **{"init.from_embeddings": str(tmp_path / "small.safetensors")})
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"embeddings": torch.zeros(375, 32), "extra": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ConfigError, match="never unpickles arbitrary objects"):
+        run(tiny_model, texts, **{"init.from_embeddings": str(tmp_path / "evil.pt")})
+    with pytest.raises(ConfigError, match="file not found"):
+        run(tiny_model, texts, **{"init.from_embeddings": str(tmp_path / "none.pt")})
+    assert mlflow.search_runs(search_all_experiments=True).empty
