@@ -190,3 +190,20 @@ def test_phase_restore_refuses_wrong_shape_and_pickles(tiny_model, texts, tmp_pa
     with pytest.raises(ConfigError, match="file not found"):
         run(tiny_model, texts, **{"init.from_embeddings": str(tmp_path / "none.pt")})
     assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_load_trained_gives_back_the_final_rows(tiny_model, texts):
+    from wakelab.state import load_trained
+
+    result = run(tiny_model, texts, **{"train.max_steps": 4})
+    final = load_file(result.output_dir / "final" / "new_rows.safetensors")
+    for target in (str(result.output_dir), result.run_id):
+        state = load_trained(target)
+        assert torch.equal(state.rows.values(state.rows.new_ids), final["rows"])
+        assert state.run_id == result.run_id
+    checkpoint = load_trained(str(result.output_dir / "checkpoint-2"))
+    assert checkpoint.step == 2
+    saved = load_file(result.output_dir / "checkpoint-2" / "trained_rows.safetensors")
+    assert torch.equal(checkpoint.rows.values(checkpoint.rows.new_ids), saved["rows"])
+    initial = load_trained(str(result.output_dir), initial=True)
+    assert not torch.equal(initial.rows.values(initial.rows.new_ids), final["rows"])

@@ -69,21 +69,29 @@ def prepare_output_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path
     return out
 
 
+def resolve_lexicon(config: RunConfig) -> str | None:
+    """The lexicon path; `demo` names the embedded demo lexicon."""
+    if config.vocab.lexicon == "demo":
+        from .demo import ensure_demo_texts
+
+        return str(ensure_demo_texts().lexicon)
+    return config.vocab.lexicon
+
+
 def resolve_data_paths(config: RunConfig) -> tuple[str | None, str | None, str | None]:
     """Lexicon, corpus and held-out paths; `demo` names the embedded demo texts."""
-    lexicon, corpus, heldout = config.vocab.lexicon, config.data.corpus, config.data.heldout
-    if "demo" in (lexicon, corpus, heldout):
+    corpus, heldout = config.data.corpus, config.data.heldout
+    if "demo" in (corpus, heldout):
         from .demo import ensure_demo_texts
 
         texts = ensure_demo_texts()
-        lexicon = str(texts.lexicon) if lexicon == "demo" else lexicon
         if corpus == "demo":
             corpus = str(texts.corpus)
             heldout = str(texts.heldout) if heldout in (None, "demo") else heldout
         heldout = str(texts.heldout) if heldout == "demo" else heldout
     if corpus is None:
         raise ConfigError("data.corpus: no corpus given; set data.corpus to a UTF-8 text file (or `demo`)")
-    return lexicon, corpus, heldout
+    return resolve_lexicon(config), corpus, heldout
 
 
 def perplexity(model, dataset, batch_size: int, max_blocks: int) -> float:
@@ -190,6 +198,7 @@ def run(
         config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id")
     )
     _write_run_file(output_dir, tracked, config)
+    tracked.set_tags({"wakelab.output_dir": str(output_dir.resolve())})
     error: BaseException | None = None
     run_ctx: RunContext | None = None
     result_metrics: dict[str, float] = {}
@@ -295,6 +304,22 @@ def run(
         if isinstance(error, WakelabError):
             _note_failure(tracked, error)
     return RunResult(tracked.run_id, tracked.experiment_id, output_dir, "FINISHED", result_metrics, tracking.tracking_uri())
+
+
+def expand_for_config(config: RunConfig):
+    """The base model with the run's vocabulary expansion and init applied: the state a run starts from."""
+    lexicon_path = resolve_lexicon(config)
+    source = model_mod.model_source(config.model)
+    tokenizer = model_mod.load_tokenizer(source, config.model.revision)
+    num_base = len(tokenizer)
+    model = model_mod.load_model(config.model, source)
+    if lexicon_path is not None:
+        _, new_words = expand_vocabulary(tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path)
+        model_mod.expand_embeddings(model, len(tokenizer))
+        pm = registry.build_manager(config.active_plugins, optional=[config.init.method])
+        weight = model.get_input_embeddings().weight
+        _init_new_rows(pm, config, weight, num_base, torch.arange(num_base, weight.shape[0]), new_words, tokenizer)
+    return model, tokenizer, num_base
 
 
 def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:

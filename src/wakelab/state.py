@@ -1,0 +1,98 @@
+"""Loading a trained state back: a run's final rows or a checkpoint's, on top of the base model they came from.
+
+The analyses and anything else that looks at a finished run use this, so a run directory, a checkpoint and an
+MLflow run id all lead to the same (model, tokenizer, rows, config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoints import CheckpointError, latest_checkpoint, verify
+from .config import RunConfig, validate
+from .errors import WakelabError
+from .rows import RowAccess, setup_trainable_rows
+
+ROWS_FILES = ("trained_rows.safetensors", "new_rows.safetensors")
+
+
+@dataclass
+class TrainedState:
+    config: RunConfig
+    model: torch.nn.Module
+    tokenizer: object
+    rows: RowAccess
+    source: Path
+    step: int | None
+    run_id: str | None
+
+
+def resolve_run(target: str) -> tuple[Path, str | None]:
+    """A run's output directory (and run id) from a directory, a checkpoint, or an MLflow run id."""
+    path = Path(target)
+    if path.exists():
+        run_dir = path.parent if (path / "manifest.json").exists() or path.name == "final" else path
+        info = run_dir / "wakelab_run.json"
+        run_id = None
+        if info.exists():
+            import json
+
+            run_id = json.loads(info.read_text()).get("run_id")
+        return run_dir, run_id
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(target)
+    except MlflowException:
+        raise WakelabError(f"'{target}' is neither a folder nor an MLflow run id in the tracking store") from None
+    output_dir = run.data.tags.get("wakelab.output_dir")
+    if not output_dir or not Path(output_dir).exists():
+        raise WakelabError(f"run {target} has no local output directory (tag wakelab.output_dir) to read its rows from")
+    return Path(output_dir), target
+
+
+def rows_file(target: Path) -> tuple[Path, int | None]:
+    """Where the trained rows of ``target`` are: a checkpoint's, a run's final ones, or its latest checkpoint's."""
+    if (target / "manifest.json").exists():
+        manifest = verify(target)
+        return target / "trained_rows.safetensors", manifest.get("step")
+    for candidate in (target / "final" / "new_rows.safetensors", target / "new_rows.safetensors"):
+        if candidate.exists():
+            return candidate, None
+    try:
+        checkpoint = latest_checkpoint(target)
+    except CheckpointError:
+        raise WakelabError(f"{target} holds no trained rows (no final/new_rows.safetensors and no checkpoint)") from None
+    return checkpoint / "trained_rows.safetensors", verify(checkpoint).get("step")
+
+
+def load_trained(target: str | Path, *, initial: bool = False) -> TrainedState:
+    """The model with the trained rows in place (or, ``initial=True``, as the run started: after init)."""
+    from safetensors.torch import load_file
+
+    from . import model as model_mod
+    from .engine import expand_for_config
+
+    run_dir, run_id = resolve_run(str(target))
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        raise WakelabError(f"{run_dir} is not a wakelab run directory (no config.yaml)")
+    config = validate(yaml.safe_load(config_path.read_text()))
+    source_path = Path(target) if Path(target).exists() else run_dir
+    model, tokenizer, num_base = expand_for_config(config)
+    rows = setup_trainable_rows(model, num_base, config.train.trainable, config.train.rows_dtype)
+    step = 0
+    if not initial:
+        path, step = rows_file(source_path)
+        saved = load_file(str(path))
+        rows.load_rows(saved["token_ids"], saved["rows"])
+        if config.train.trainable == "full" and path.name == "trained_rows.safetensors":
+            raise WakelabError("full-model checkpoints are read with transformers' from_pretrained on the folder")
+    model.eval()
+    del model_mod
+    return TrainedState(config, model, tokenizer, rows, source_path, step, run_id)
