@@ -1,17 +1,26 @@
 """Training-loop overhead of a wakelab run (all plugins idle) against a plain ``transformers.Trainer``.
 
-Both sides run through ``wakelab.engine.run`` on the same tiny Llama, tokenizer, corpus, new tokens and
-``TrainingArguments``; the only difference is the Trainer that ``engine._build_trainer`` hands back:
+Both sides train the same tiny Llama (hidden 128, 4 layers, tied), the same expanded tokenizer, corpus blocks and
+``TrainingArguments``, in one process; the difference is the Trainer:
 
-- **wakelab**: the engine's own ``WakelabTrainer`` + ``HookBridge`` (hooks, MLflow metrics, progress bar), with the
-  plugins a default run activates (``spherical`` for the init; it has no training-time hooks, so it is idle).
-- **plain**: a stock ``transformers.Trainer`` built from the very same model, args, dataset and collator, with no
-  callbacks of ours (Trainer's ``PrinterCallback`` removed too, as the engine removes it from its own).
+- **wakelab**: a real ``wakelab.engine.run(config)`` (MLflow run in a temporary SQLite store, ``train.trainable=
+  tokens``, progress bar on), whose ``WakelabTrainer`` + ``HookBridge`` come from the engine's own
+  ``_build_trainer``. The only plugin active is the one a default run activates, ``spherical`` for the init; it
+  has no training-time hook, so every training hook call finds no plugin (all plugins idle).
+- **plain**: a stock ``transformers.Trainer`` built, right after the engine built its own, from a deep copy of the
+  engine's model (rows already split by ``setup_trainable_rows``, so the very same tensors train), a copy of the
+  engine's ``TrainingArguments``, its dataset and collator; no callbacks of ours (Trainer's ``PrinterCallback``
+  removed, as the engine removes it from its own).
 
-Both models went through ``setup_trainable_rows(..., "tokens")``, so the same tensors train. Only the loop is timed:
-a ``TrainerCallback`` records the time of every ``on_step_end``; steps/s is taken over the steps after a warm-up,
-so set-up (model load, MLflow run, optimizer creation, first-step allocations) is not counted. Runs alternate
-(wakelab, plain, plain, wakelab, ...) and the figure reported is the median of the per-pair ratios.
+Only the training loop is timed, never set-up. This machine's load swings by 5x within seconds (other jobs share
+its 2 cores), so whole runs timed one after the other (A, B, A, B) gave paired ratios from 0.4 to 1.6. The two
+trainers therefore run in lock step: each trains in its own thread and a baton lets exactly one of them do one
+optimizer step at a time (wakelab step 1, plain step 1, wakelab step 2, ...), so each pair of steps sees the
+same load. A step is timed from the moment its trainer gets the baton to its ``on_step_end`` (our callback runs
+last), which includes the data loader, forward, backward, clipping, optimizer, scheduler, every callback, and the
+previous step's logging (MLflow metrics for wakelab). The first ``--warmup`` steps are left out. Each repeat
+("pair") is a fresh engine run; the side that steps first alternates between repeats; the figure judged is the
+median over repeats of (wakelab steps/s) / (plain steps/s).
 
 Run:  python benchmarks/engine_overhead.py [--pairs 7] [--steps 60] [--warmup 10]
 Target: wakelab steps/s / plain steps/s >= 0.97.
@@ -21,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import platform
 import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -82,39 +93,67 @@ def build_model(folder: Path, hidden: int, layers: int, max_positions: int) -> P
     return folder
 
 
-def make_step_timer():
+class Baton:
+    """Lets two trainers take turns, one optimizer step each, so their steps see the same machine load."""
+
+    def __init__(self, first: str, second: str):
+        self._cond = threading.Condition()
+        self._other = {first: second, second: first}
+        self._turn = first
+        self._finished: set[str] = set()
+        self._ready = threading.Barrier(2)
+
+    def start(self, me: str) -> None:
+        self._ready.wait()  # both trainers built their optimizer and data loader before anyone steps
+        self.take(me)
+
+    def take(self, me: str) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == me or self._other[me] in self._finished)
+
+    def give(self, me: str) -> None:
+        with self._cond:
+            self._turn = self._other[me]
+            self._cond.notify_all()
+
+    def finish(self, me: str) -> None:
+        with self._cond:
+            self._finished.add(me)
+            self._turn = self._other[me]
+            self._cond.notify_all()
+
+
+def make_step_timer(name: str, baton: Baton):
     from transformers import TrainerCallback
 
-    class StepTimer(TrainerCallback):
-        """Wall-clock time at every step end; consecutive differences are whole loop iterations (logging included)."""
+    class LockStepTimer(TrainerCallback):
+        """Times each optimizer step from the moment this trainer gets its turn to its ``on_step_end``.
+
+        Added last, so every other callback's ``on_step_end`` is inside the step; the previous step's logging
+        (``_maybe_log_save_evaluate`` runs after ``on_step_end``) falls into the next step, so it is counted too.
+        """
 
         def __init__(self):
-            self.stamps: list[float] = []
-            self.train_seconds = 0.0
+            self.durations: list[float] = []
+            self._start = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.stamps = [time.perf_counter()]
-            self._begin = self.stamps[0]
+            baton.start(name)
+            self._start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
+            self.durations.append(time.perf_counter() - self._start)
+            baton.give(name)
+            baton.take(name)
+            if state.global_step >= state.max_steps:
+                baton.finish(name)  # both go on to their (untimed) end of training together
+            self._start = time.perf_counter()
 
-        def on_train_end(self, args, state, control, **kwargs):
-            self.train_seconds = time.perf_counter() - self._begin
-
-        def steps_per_second(self, warmup: int) -> float:
-            measured = self.stamps[warmup:]
-            return (len(measured) - 1) / (measured[-1] - measured[0])
-
-        def step_ms(self, warmup: int) -> list[float]:
-            s = self.stamps[warmup:]
-            return [(b - a) * 1000 for a, b in zip(s, s[1:])]
-
-    return StepTimer()
+    return LockStepTimer()
 
 
-def one_run(kind: str, base_overrides: dict, run_index: int, warmup: int, progress: bool) -> dict:
-    """One engine run whose Trainer is wakelab's (kind='wakelab') or a plain one (kind='plain'); loop timings."""
+def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool) -> dict:
+    """One engine run (wakelab's Trainer) and a plain Trainer on a deep copy of the same model, in lock step."""
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -122,27 +161,40 @@ def one_run(kind: str, base_overrides: dict, run_index: int, warmup: int, progre
     from wakelab import data as data_mod
     from wakelab import engine
 
-    timer = make_step_timer()
+    baton = Baton(first, "plain" if first == "wakelab" else "wakelab")
+    timers = {"wakelab": make_step_timer("wakelab", baton), "plain": make_step_timer("plain", baton)}
     original = engine._build_trainer
-    built = {}
+    side: dict = {}
 
     def build(*args, **kwargs):
         trainer = original(*args, **kwargs)
-        if kind == "plain":
-            trainer = Trainer(
-                model=trainer.model,
-                args=trainer.args,
-                train_dataset=trainer.train_dataset,
-                data_collator=data_mod.collate,
-                processing_class=trainer.processing_class,
-            )
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(timer)
-        built["trainer"] = trainer
+        trainer.add_callback(timers["wakelab"])
+        # The plain side: same model (a deep copy, tied rows kept tied), args, dataset and collator; no hooks.
+        plain = Trainer(
+            model=copy.deepcopy(trainer.model),
+            args=copy.deepcopy(trainer.args),
+            train_dataset=trainer.train_dataset,
+            data_collator=data_mod.collate,
+            processing_class=trainer.processing_class,
+        )
+        plain.remove_callback(PrinterCallback)
+        plain.remove_callback(ProgressCallback)
+        plain.add_callback(timers["plain"])
+
+        def train_plain():
+            try:
+                plain.train()
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                side["error"] = exc
+                baton.finish("plain")
+
+        side["trainer"] = trainer
+        side["plain"] = plain
+        side["thread"] = threading.Thread(target=train_plain, name="plain-trainer", daemon=True)
+        side["thread"].start()
         return trainer
 
-    overrides = dict(base_overrides, output_dir=f"out-{kind}-{run_index}", **{"tracking.run_name": f"{kind}-{run_index}"})
+    overrides = dict(base_overrides, output_dir=f"out-{run_index}", **{"tracking.run_name": f"pair-{run_index}"})
     config = config_mod.build_config(preset=None, overrides=overrides)
     engine._build_trainer = build
     try:
@@ -150,15 +202,17 @@ def one_run(kind: str, base_overrides: dict, run_index: int, warmup: int, progre
             engine.run(config, overwrite=True, progress=progress)
     finally:
         engine._build_trainer = original
-    trainer = built["trainer"]
+    side["thread"].join()
+    if "error" in side:
+        raise side["error"]
     return {
-        "kind": kind,
-        "class": type(trainer).__name__,
-        "callbacks": [type(cb).__name__ for cb in trainer.callback_handler.callbacks],
-        "steps": trainer.state.global_step,
-        "steps_per_s": timer.steps_per_second(warmup),
-        "median_step_ms": statistics.median(timer.step_ms(warmup)),
-        "train_s": timer.train_seconds,
+        "callbacks": {
+            kind: [type(cb).__name__ for cb in side[key].callback_handler.callbacks]
+            for kind, key in (("wakelab", "trainer"), ("plain", "plain"))
+        },
+        "classes": {"wakelab": type(side["trainer"]).__name__, "plain": type(side["plain"]).__name__},
+        "steps": {"wakelab": side["trainer"].state.global_step, "plain": side["plain"].state.global_step},
+        "durations": {kind: timer.durations for kind, timer in timers.items()},
     }
 
 
@@ -213,35 +267,36 @@ def main() -> int:
           f"batch={args.batch}; {args.steps} steps per run, first {args.warmup} untimed; "
           f"logging every {args.logging_steps}; progress bar {'off' if args.no_progress else 'on'} (to /dev/null)")
 
-    # One untimed run of each warms caches (tokenized corpus, imports, MLflow tables).
-    for kind in ("wakelab", "plain"):
-        first = one_run(kind, overrides, 0, args.warmup, not args.no_progress)
-        print(f"warm-up run {kind:7s}: {first['class']} callbacks={first['callbacks']}")
-
     rows = []
     for pair in range(1, args.pairs + 1):
-        order = ("wakelab", "plain") if pair % 2 else ("plain", "wakelab")
-        result = {}
-        for kind in order:
-            result[kind] = one_run(kind, overrides, pair, args.warmup, not args.no_progress)
-        ratio = result["wakelab"]["steps_per_s"] / result["plain"]["steps_per_s"]
-        rows.append((order, result, ratio))
-        print(f"pair {pair}: order {order[0]:>7s}->{order[1]:<7s} "
-              f"wakelab {result['wakelab']['steps_per_s']:6.2f} steps/s ({result['wakelab']['median_step_ms']:6.1f} ms median) | "
-              f"plain {result['plain']['steps_per_s']:6.2f} steps/s ({result['plain']['median_step_ms']:6.1f} ms median) | "
-              f"ratio {ratio:.3f}", flush=True)
+        first = "wakelab" if pair % 2 else "plain"
+        got = one_pair(first, overrides, pair, not args.no_progress)
+        if pair == 1:
+            for kind in ("wakelab", "plain"):
+                print(f"{kind:7s} side: {got['classes'][kind]}, callbacks {got['callbacks'][kind]}")
+        assert got["steps"]["wakelab"] == got["steps"]["plain"] == args.steps, got["steps"]
+        timed = {kind: got["durations"][kind][args.warmup:] for kind in ("wakelab", "plain")}
+        sps = {kind: len(d) / sum(d) for kind, d in timed.items()}
+        med_ms = {kind: statistics.median(d) * 1000 for kind, d in timed.items()}
+        ratio = sps["wakelab"] / sps["plain"]
+        step_ratio = statistics.median(p / w for w, p in zip(timed["wakelab"], timed["plain"]))
+        rows.append((sps, ratio, step_ratio))
+        print(f"pair {pair}: {first:>7s} first | wakelab {sps['wakelab']:6.2f} steps/s ({med_ms['wakelab']:6.1f} ms "
+              f"median) | plain {sps['plain']:6.2f} steps/s ({med_ms['plain']:6.1f} ms median) | ratio {ratio:.3f} "
+              f"(median step-pair ratio {step_ratio:.3f})", flush=True)
 
-    ratios = [r for _, _, r in rows]
-    wl = [res["wakelab"]["steps_per_s"] for _, res, _ in rows]
-    pl = [res["plain"]["steps_per_s"] for _, res, _ in rows]
+    ratios = [r for _, r, _ in rows]
+    wl = [s["wakelab"] for s, _, _ in rows]
+    pl = [s["plain"] for s, _, _ in rows]
     median_ratio = statistics.median(ratios)
     print()
-    print(f"wakelab steps/s: median {statistics.median(wl):.2f} (min {min(wl):.2f}, max {max(wl):.2f})")
-    print(f"plain   steps/s: median {statistics.median(pl):.2f} (min {min(pl):.2f}, max {max(pl):.2f})")
-    print(f"paired ratios  : {', '.join(f'{r:.3f}' for r in ratios)}")
-    print(f"ratio of medians: {statistics.median(wl) / statistics.median(pl):.3f}")
+    print(f"wakelab steps/s : median {statistics.median(wl):.2f} (min {min(wl):.2f}, max {max(wl):.2f})")
+    print(f"plain   steps/s : median {statistics.median(pl):.2f} (min {min(pl):.2f}, max {max(pl):.2f})")
+    print(f"paired ratios   : {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"median of per-step paired ratios: {statistics.median(r for _, _, r in rows):.3f}")
     verdict = "PASS" if median_ratio >= TARGET else "FAIL"
-    print(f"engine overhead: median paired ratio wakelab/plain = {median_ratio:.3f} (target >= {TARGET}) {verdict}")
+    print(f"engine overhead: median paired ratio wakelab/plain steps/s = {median_ratio:.3f} "
+          f"(target >= {TARGET}) {verdict}")
     return 0
 
 

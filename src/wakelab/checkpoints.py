@@ -97,14 +97,27 @@ def verify(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def finalize(staged: Path, destination: Path, info: dict[str, Any]) -> Path:
-    """Manifest the staged checkpoint and move it into place in one rename."""
-    write_manifest(staged, info)
+def publish_dir(ready: Path, destination: Path) -> Path:
+    """Put a complete folder at ``destination`` by renames only: a kill at any moment leaves it whole or absent.
+
+    An existing ``destination`` is first renamed aside (never deleted in place, which a kill could interrupt
+    half-way), the new folder renamed in, and only then the old one deleted.
+    """
+    aside = None
     if destination.exists():
-        shutil.rmtree(destination)
-    os.replace(staged, destination)
+        aside = destination.with_name(f".partial-old-{destination.name}-{os.getpid()}")
+        os.replace(destination, aside)
+    os.replace(ready, destination)
     _fsync_dir(destination.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return destination
+
+
+def finalize(staged: Path, destination: Path, info: dict[str, Any]) -> Path:
+    """Manifest the staged checkpoint and move it into place."""
+    write_manifest(staged, info)
+    return publish_dir(staged, destination)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -120,6 +133,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 def rotate(output_dir: Path, keep: int | None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond ``keep``; incomplete leftovers of a crash go too."""
     removed = []
+    for stale in Path(output_dir).glob(".partial-old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     for child in Path(output_dir).glob("checkpoint-*"):
         if child.is_dir() and not (child / MANIFEST).exists():
             shutil.rmtree(child, ignore_errors=True)

@@ -177,6 +177,15 @@ class RecorderConfig(_Section):
         return tuple(value)
 
 
+class SentryConfig(_Section):
+    """The `sentry` plugin: after each checkpoint, mirror the latest complete one to a backup location."""
+
+    target: str | None = Field(
+        None, description="A directory (local or mounted), or `mlflow` for the run's artifact store (under sentry/)."
+    )
+    keep: int = Field(2, ge=1, description="Mirrors kept at the target; older ones are deleted.")
+
+
 class TrackingConfig(_Section):
     """Where and how the run is tracked in MLflow."""
 
@@ -186,7 +195,7 @@ class TrackingConfig(_Section):
 
 
 class RunConfig(_Section):
-    """A whole run. Sections: model, vocab, data, init, train, recorder, tracking; plus plugins and output_dir."""
+    """A whole run. Sections: model, vocab, data, init, train, recorder, sentry, tracking; plus plugins and output_dir."""
 
     preset: str | None = Field(None, description="The preset this config started from.")
     output_dir: str = Field("runs/{preset}", description="The run's directory; `{preset}` is replaced.")
@@ -197,6 +206,7 @@ class RunConfig(_Section):
     init: InitConfig = InitConfig()
     train: TrainConfig = TrainConfig()
     recorder: RecorderConfig = RecorderConfig()
+    sentry: SentryConfig = SentryConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("plugins", mode="before")
@@ -218,6 +228,10 @@ class RunConfig(_Section):
                 f"vocab.lexicon: train.trainable={self.train.trainable} trains new rows, so a lexicon is needed "
                 "(or set train.trainable=full)"
             )
+        if "sentry" in self.plugins and not self.sentry.target:
+            raise ValueError("sentry.target: the sentry plugin needs a backup location (a directory, or `mlflow`)")
+        if "sentry" in self.plugins and not self.train.save_steps:
+            raise ValueError("train.save_steps: the sentry plugin mirrors checkpoints, so set train.save_steps > 0")
         if self.model.load_in_4bit and self.train.trainable == "full":
             raise ValueError("train.trainable: a 4-bit base cannot be trained in full; use tokens or mask")
         return self
@@ -248,6 +262,7 @@ SECTIONS = {
     "init": InitConfig,
     "train": TrainConfig,
     "recorder": RecorderConfig,
+    "sentry": SentryConfig,
     "tracking": TrackingConfig,
 }
 

@@ -169,7 +169,7 @@ class Recorder:
     fields: tuple[str, ...]
     every: int
     last_step: int
-    storage: torch.dtype
+    storage: torch.dtype | None  # None: `param`, the parameters' own dtype
     logits_width: int | None
     writer: RecordingWriter | None = None
     stats: dict[str, float] = field(

@@ -1,0 +1,107 @@
+"""Built-in ``sentry`` plugin: mirror the latest complete checkpoint to a backup location after each save.
+
+The P1 notebook kept a hand-made copy of its latest checkpoint on another disk ("Sentry"). This does it after every
+save, atomically: copy under a temporary name, verify every checksum of the copy against the checkpoint's manifest,
+then one rename. The target never holds a partial checkpoint, and ``wakelab resume --checkpoint MIRROR`` accepts a
+mirror. A failed mirror (target missing, full, read-only) warns loudly and is tried again at the next save; it never
+stops or corrupts training.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import wakelab
+from wakelab.checkpoints import MANIFEST, checkpoint_step, list_checkpoints, publish_dir, verify
+
+_settings: dict = {}
+
+
+@wakelab.hookimpl
+def on_run_start(run):
+    _settings.clear()
+    _settings.update(target=run.config.sentry.target, keep=run.config.sentry.keep, run_id=run.run_id,
+                     set_tags=run.set_tags)
+
+
+@wakelab.hookimpl
+def on_save(ctx):
+    target = _settings.get("target")
+    if not target:
+        return
+    try:
+        if target == "mlflow":
+            where = mirror_to_mlflow(ctx.checkpoint_dir, ctx.run_id, _settings["keep"])
+        else:
+            where = mirror_to_directory(ctx.checkpoint_dir, Path(target) / (ctx.run_id or "run"), _settings["keep"])
+    except Exception as exc:  # noqa: BLE001 - a backup's failure must never stop training
+        message = f"sentry: mirror of {ctx.checkpoint_dir.name} to {target} FAILED ({type(exc).__name__}: {exc}); " \
+                  "training goes on, the next checkpoint will be tried again"
+        print(f"wakelab: WARNING: {message}", file=sys.stderr, flush=True)
+        _tag({"wakelab.sentry.last_error": message[:5000]})
+        return
+    _tag({"wakelab.sentry.latest": str(where), "wakelab.sentry.last_error": ""})
+
+
+def _tag(tags: dict) -> None:
+    set_tags = _settings.get("set_tags")
+    if set_tags is not None:
+        try:
+            set_tags(tags)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def mirror_to_directory(checkpoint: Path, destination_root: Path, keep: int) -> Path:
+    """Copy ``checkpoint`` into ``destination_root`` as one atomic step; keep the newest ``keep`` mirrors."""
+    verify(checkpoint)
+    destination_root.mkdir(parents=True, exist_ok=True)
+    for stale in destination_root.glob(".partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # leftovers of a mirror that was killed
+    partial = Path(tempfile.mkdtemp(prefix=f".partial-{checkpoint.name}-", dir=destination_root))
+    try:
+        files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST)
+        for path in [*files, checkpoint / MANIFEST]:  # the manifest last: a copy is complete when it has one
+            target = partial / path.relative_to(checkpoint)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            with open(target, "rb") as handle:
+                os.fsync(handle.fileno())
+        verify(partial)
+        final = publish_dir(partial, destination_root / checkpoint.name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    for old in list_checkpoints(destination_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def mirror_to_mlflow(checkpoint: Path, run_id: str | None, keep: int) -> str:
+    """Log the checkpoint under ``sentry/checkpoint-N`` of the run, manifest last; prune old mirrors where possible."""
+    from mlflow import MlflowClient
+
+    verify(checkpoint)
+    client = MlflowClient()
+    base = f"sentry/{checkpoint.name}"
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST)
+    for path in files:
+        parent = path.relative_to(checkpoint).parent.as_posix()
+        client.log_artifact(run_id, str(path), base if parent == "." else f"{base}/{parent}")
+    client.log_artifact(run_id, str(checkpoint / MANIFEST), base)
+    mirrors = sorted(
+        (a.path for a in client.list_artifacts(run_id, "sentry") if a.is_dir),
+        key=lambda p: checkpoint_step(Path(p)) or -1,
+    )
+    for old in mirrors[:-keep]:
+        try:
+            from mlflow.artifacts import get_artifact_repository
+
+            get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts(old)
+        except Exception:  # noqa: BLE001 - not every artifact store can delete; then all mirrors stay
+            break
+    return f"runs:/{run_id}/{base}"

@@ -1,0 +1,132 @@
+"""Sentry mirroring: atomic copies of the latest checkpoint that resume works from; failures never stop training."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_overrides
+from wakelab import engine
+from wakelab.checkpoints import list_checkpoints, verify, write_manifest
+from wakelab.config import build_config
+from wakelab.errors import ConfigError
+
+
+def sentry_run(tiny_model, texts, target, resume_from=None, **extra):
+    values = {"train.save_steps": 2, "train.max_steps": 6, "sentry.target": str(target), "sentry.keep": 2}
+    values.update(extra)
+    overrides = tiny_overrides(tiny_model, texts, **values)
+    overrides["plugins"] = ["sentry", *overrides.get("plugins", [])]
+    return engine.run(build_config(None, None, overrides), progress=False, resume_from=resume_from)
+
+
+def test_p1_flow_restore_train_checkpoint_mirror_and_resume_from_mirror(tiny_model, texts, tmp_path):
+    """Phase restore, then train with checkpoints mirrored; the mirror resumes like the original."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).get_input_embeddings().weight.detach()
+    phase1 = torch.cat([base, torch.randn(8, base.shape[1], generator=torch.Generator().manual_seed(7)) * 0.1])
+    torch.save(phase1, tmp_path / "embeddings.pt")
+    sentry = tmp_path / "sentry"
+    result = sentry_run(tiny_model, texts, sentry, **{"init.from_embeddings": str(tmp_path / "embeddings.pt")})
+    mirrors = list_checkpoints(sentry / result.run_id)
+    assert [m.name for m in mirrors] == ["checkpoint-4", "checkpoint-6"]  # keep = 2
+    for mirror in mirrors:
+        verify(mirror)
+        original = result.output_dir / mirror.name
+        assert load_file(mirror / "trained_rows.safetensors")["rows"].equal(
+            load_file(original / "trained_rows.safetensors")["rows"])
+    assert mlflow.get_run(result.run_id).data.tags["wakelab.sentry.latest"].endswith("checkpoint-6")
+    assert not list((sentry / result.run_id).glob(".partial-*"))
+    # Losing the run's own checkpoints: resume from the mirror of step 4 and reach step 6 again, identically.
+    final_rows = load_file(result.output_dir / "checkpoint-6" / "trained_rows.safetensors")["rows"]
+    for checkpoint in list_checkpoints(result.output_dir):
+        import shutil
+
+        shutil.rmtree(checkpoint)
+    resumed = sentry_run(tiny_model, texts, sentry, resume_from=str(mirrors[0]),
+                         **{"init.from_embeddings": str(tmp_path / "embeddings.pt")})
+    assert resumed.run_id == result.run_id
+    again = load_file(result.output_dir / "checkpoint-6" / "trained_rows.safetensors")["rows"]
+    assert torch.equal(again, final_rows)
+
+
+def test_mirror_to_mlflow_artifacts(tiny_model, texts):
+    result = sentry_run(tiny_model, texts, "mlflow", **{"train.max_steps": 4, "sentry.keep": 1})
+    client = mlflow.MlflowClient()
+    mirrors = sorted(a.path for a in client.list_artifacts(result.run_id, "sentry"))
+    assert mirrors == ["sentry/checkpoint-4"]  # keep=1: the local artifact store deleted checkpoint-2
+    files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(result.run_id, "sentry/checkpoint-4")}
+    assert {"manifest.json", "trained_rows.safetensors", "optimizer.pt"} <= files
+
+
+def test_failed_mirror_warns_and_retries_at_next_save(tiny_model, texts, tmp_path, capfd):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the backup disk should be")
+    fixer = tmp_path / "fix_target.py"
+    fixer.write_text(textwrap.dedent(f"""
+        import os, wakelab
+        @wakelab.hookimpl
+        def on_step_end(state):
+            if state.step == 3:
+                os.remove({str(blocker)!r})
+                os.makedirs({str(blocker)!r})
+    """))
+    result = sentry_run(tiny_model, texts, blocker / "mirror", plugins=[str(fixer)])
+    err = capfd.readouterr().err
+    assert "WARNING: sentry: mirror of checkpoint-2" in err and "FAILED" in err
+    assert mlflow.get_run(result.run_id).info.status == "FINISHED"
+    mirrors = list_checkpoints(blocker / "mirror" / result.run_id)
+    assert [m.name for m in mirrors] == ["checkpoint-4", "checkpoint-6"]
+    assert mlflow.get_run(result.run_id).data.tags["wakelab.sentry.last_error"] == ""
+
+
+def test_sentry_needs_a_target_and_checkpoints(tiny_model, texts):
+    overrides = tiny_overrides(tiny_model, texts, **{"train.save_steps": 2})
+    overrides["plugins"] = ["sentry"]
+    with pytest.raises(ConfigError, match="sentry.target"):
+        build_config(None, None, overrides)
+    overrides = tiny_overrides(tiny_model, texts, **{"sentry.target": "x"})
+    overrides["plugins"] = ["sentry"]
+    with pytest.raises(ConfigError, match="train.save_steps"):
+        build_config(None, None, overrides)
+
+
+MIRROR_LOOP = """
+import sys
+from pathlib import Path
+from wakelab.plugins.sentry import mirror_to_directory
+source, target = Path(sys.argv[1]), Path(sys.argv[2])
+print("ready", flush=True)
+while True:
+    mirror_to_directory(source, target, keep=2)
+"""
+
+
+def test_sigkill_during_a_mirror_never_leaves_a_partial_checkpoint(tmp_path):
+    source = tmp_path / "checkpoint-10"
+    source.mkdir()
+    for i in range(4):
+        save_file({"t": torch.randn(256, 1024)}, str(source / f"part{i}.safetensors"))  # ~4 MB of copying a mirror
+    write_manifest(source, {"step": 10})
+    target = tmp_path / "mirror"
+    rng = random.Random(0)
+    for trial in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", MIRROR_LOOP, str(source), str(target)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for child in target.glob("checkpoint-*"):
+            verify(child)  # every checkpoint-N at the target is whole
+    assert [c.name for c in list_checkpoints(target)] == ["checkpoint-10"]
