@@ -7,10 +7,12 @@ Both sides train the same tiny Llama (hidden 128, 4 layers, tied), the same expa
   tokens``, progress bar on), whose ``WakelabTrainer`` + ``HookBridge`` come from the engine's own
   ``_build_trainer``. The only plugin active is the one a default run activates, ``spherical`` for the init; it
   has no training-time hook, so every training hook call finds no plugin (all plugins idle).
-- **plain**: a stock ``transformers.Trainer`` built, right after the engine built its own, from a deep copy of the
-  engine's model (rows already split by ``setup_trainable_rows``, so the very same tensors train), a copy of the
-  engine's ``TrainingArguments``, its dataset and collator; no callbacks of ours (Trainer's ``PrinterCallback``
-  removed, as the engine removes it from its own).
+- **plain**: a stock ``transformers.Trainer`` built right after the engine built its own: the same model folder
+  loaded, expanded and split by ``setup_trainable_rows`` exactly as the engine does (so the very same tensors
+  train; the new rows are copied from the engine's model), a copy of the engine's ``TrainingArguments``, its
+  dataset and collator; no callbacks of ours (Trainer's ``PrinterCallback`` removed, as the engine removes it).
+  Not a deep copy of the engine's model: ``from_pretrained`` leaves weights in the memory-mapped safetensors file
+  (8-byte aligned), and a deep copy's private, aligned memory alone made a plain Trainer ~3% faster here.
 
 Only the training loop is timed, never set-up. This machine's load swings by 5x within seconds (other jobs share
 its 2 cores), so whole runs timed one after the other (A, B, A, B) gave paired ratios from 0.4 to 1.6. The two
@@ -20,7 +22,8 @@ same load. A step is timed from the moment its trainer gets the baton to its ``o
 last), which includes the data loader, forward, backward, clipping, optimizer, scheduler, every callback, and the
 previous step's logging (MLflow metrics for wakelab). The first ``--warmup`` steps are left out. Each repeat
 ("pair") is a fresh engine run; the side that steps first alternates between repeats; the figure judged is the
-median over repeats of (wakelab steps/s) / (plain steps/s).
+median over repeats of (wakelab steps/s) / (plain steps/s). ``--control`` replaces the engine's Trainer by a
+plain one as well (an A/A run): its ratio shows the harness's own bias, which should be ~1.0.
 
 Run:  python benchmarks/engine_overhead.py [--pairs 7] [--steps 60] [--warmup 10]
 Target: wakelab steps/s / plain steps/s >= 0.97.
@@ -152,33 +155,53 @@ def make_step_timer(name: str, baton: Baton):
     return LockStepTimer()
 
 
-def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool) -> dict:
-    """One engine run (wakelab's Trainer) and a plain Trainer on a deep copy of the same model, in lock step."""
+def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, control: bool = False) -> dict:
+    """One engine run (wakelab's Trainer) and a plain Trainer on the same model, loaded alike, in lock step."""
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from wakelab import config as config_mod
     from wakelab import data as data_mod
     from wakelab import engine
+    from wakelab import model as model_mod
+    from wakelab.rows import setup_trainable_rows
 
     baton = Baton(first, "plain" if first == "wakelab" else "wakelab")
     timers = {"wakelab": make_step_timer("wakelab", baton), "plain": make_step_timer("plain", baton)}
     original = engine._build_trainer
     side: dict = {}
 
-    def build(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.add_callback(timers["wakelab"])
-        # The plain side: same model (a deep copy, tied rows kept tied), args, dataset and collator; no hooks.
+    def plain_trainer(model, args, dataset, tokenizer):
         plain = Trainer(
-            model=copy.deepcopy(trainer.model),
-            args=copy.deepcopy(trainer.args),
-            train_dataset=trainer.train_dataset,
-            data_collator=data_mod.collate,
-            processing_class=trainer.processing_class,
+            model=model, args=args, train_dataset=dataset, data_collator=data_mod.collate, processing_class=tokenizer
         )
         plain.remove_callback(PrinterCallback)
         plain.remove_callback(ProgressCallback)
+        return plain
+
+    def load_like_engine(config, tokenizer, engine_rows):
+        """The plain side's model, loaded and set up as the engine does (not a deep copy: from_pretrained leaves the
+        weights in the memory-mapped safetensors file, 8-byte aligned, and a copy's aligned private memory alone
+        made a plain Trainer ~3% faster here), with the engine model's new-row values."""
+        model = model_mod.load_model(config.model, model_mod.model_source(config.model))
+        model_mod.expand_embeddings(model, len(tokenizer))
+        plain_rows = setup_trainable_rows(model, engine_rows.num_base, engine_rows.strategy)
+        plain_rows.load_rows(engine_rows.new_ids, engine_rows.values(engine_rows.new_ids))
+        return model
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        side["rows"] = trainer.rows
+        if control:  # A/A check of the harness: the engine's side trains with a plain Trainer too
+            trainer = plain_trainer(trainer.model, trainer.args, trainer.train_dataset, trainer.processing_class)
+        trainer.add_callback(timers["wakelab"])
+        # The plain side: the same model (loaded and split alike), args, dataset and collator; no hooks.
+        plain = plain_trainer(
+            load_like_engine(config, trainer.processing_class, side["rows"]),
+            copy.deepcopy(trainer.args),
+            trainer.train_dataset,
+            trainer.processing_class,
+        )
         plain.add_callback(timers["plain"])
 
         def train_plain():
@@ -227,6 +250,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--no-progress", action="store_true", help="run wakelab without its progress bar")
+    parser.add_argument("--control", action="store_true",
+                        help="A/A check of the harness: the engine's side trains with a plain Trainer as well")
     args = parser.parse_args()
     if args.steps <= args.warmup + 1:
         parser.error("--steps must exceed --warmup + 1")
@@ -266,11 +291,13 @@ def main() -> int:
     print(f"model: tiny Llama hidden={args.hidden} layers={args.layers} tied; seq_len={args.seq_len} "
           f"batch={args.batch}; {args.steps} steps per run, first {args.warmup} untimed; "
           f"logging every {args.logging_steps}; progress bar {'off' if args.no_progress else 'on'} (to /dev/null)")
+    if args.control:
+        print("CONTROL RUN (A/A): the 'wakelab' side below is a plain Trainer in the engine's run; expect ratio ~1.0")
 
     rows = []
     for pair in range(1, args.pairs + 1):
         first = "wakelab" if pair % 2 else "plain"
-        got = one_pair(first, overrides, pair, not args.no_progress)
+        got = one_pair(first, overrides, pair, not args.no_progress, args.control)
         if pair == 1:
             for kind in ("wakelab", "plain"):
                 print(f"{kind:7s} side: {got['classes'][kind]}, callbacks {got['callbacks'][kind]}")

@@ -11,10 +11,14 @@ Each strategy runs in its own subprocess, so its memory figures are its own:
 - RSS before training (after model, rows, Trainer and data are built), the peak RSS during training (the kernel's
   high-water mark, reset right before ``trainer.train()`` through ``/proc/self/clear_refs``) and the process's
   lifetime peak (``ru_maxrss``), which is the one judged;
-- steps/s over the steps after a few warm-up steps (a callback stamps every ``on_step_end``).
+- steps/s over the steps after a few warm-up steps.
 
-Repeats alternate the order (tokens first, then mask first, ...) and the speed ratio is the median of the paired
-ratios. Sanity checks: under ``mask`` the base rows must stay bit-identical, under both the new rows must move.
+Speed on this shared 2-core machine swings by several times within seconds, so the two processes of a repeat
+live side by side and step in lock step: the driver lets one of them do one optimizer step, then the other
+(tokens step 1, mask step 1, tokens step 2, ...), while the idle one blocks on a pipe. A step is timed inside its
+process from the driver's go to its ``on_step_end``. Repeats alternate which strategy steps first, and the speed
+figure judged is the median over repeats of (tokens steps/s) / (mask steps/s). Sanity checks: under ``mask`` the
+base rows must stay bit-identical, under both the new rows must move.
 
 Run:  python benchmarks/tokens_vs_mask.py [--pairs 3] [--steps 8] [--warmup 3]
 Targets: tokens optimizer state <= 0.3x mask's; tokens peak RSS <= mask's; tokens steps/s >= 0.97x mask's.
@@ -106,14 +110,28 @@ def worker(strategy: str, args) -> dict:
     new_before = rows.values(new_probe).clone()
 
     class StepTimer(TrainerCallback):
+        """Times each optimizer step; in lock step it waits for the driver's go before each step.
+
+        A step is timed from the go (or the previous step's end) to this step's ``on_step_end``.
+        """
+
         def __init__(self):
-            self.stamps: list[float] = []
+            self.durations: list[float] = []
+            self._start = 0.0
+
+        def _wait_for_go(self):
+            if args.lockstep:
+                print("@@WAIT", flush=True)
+                if sys.stdin.readline().strip() != "GO":
+                    raise SystemExit("driver went away")
+            self._start = time.perf_counter()
 
         def on_train_begin(self, a, state, control, **kw):
-            self.stamps = [time.perf_counter()]
+            self._wait_for_go()
 
         def on_step_end(self, a, state, control, **kw):
-            self.stamps.append(time.perf_counter())
+            self.durations.append(time.perf_counter() - self._start)
+            self._wait_for_go()
 
     out_dir = tempfile.mkdtemp(prefix=f"wakelab-{strategy}-")
     targs = TrainingArguments(
@@ -175,9 +193,9 @@ def worker(strategy: str, args) -> dict:
         state_params += counted
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    stamps = timer.stamps[args.warmup:]
-    steps_per_s = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    step_ms = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
+    timed = timer.durations[args.warmup:]
+    steps_per_s = len(timed) / sum(timed)
+    step_ms = [d * 1000 for d in timed]
     return {
         "strategy": strategy,
         "trainable_params": trainable,
@@ -192,6 +210,7 @@ def worker(strategy: str, args) -> dict:
         "rss_after_kib": rss_after,
         "steps_per_s": steps_per_s,
         "median_step_ms": statistics.median(step_ms),
+        "step_ms": step_ms,
         "steps": trainer.state.global_step,
         "base_rows_unchanged": bool(torch.equal(rows.values(base_probe), base_before)),
         "new_rows_moved": bool(not torch.equal(rows.values(new_probe), new_before)),
@@ -202,14 +221,51 @@ def worker(strategy: str, args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # driver: alternate strategies, one subprocess each
 # ---------------------------------------------------------------------------------------------------------------
-def run_worker(strategy: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", strategy, *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-    raise SystemExit(f"worker {strategy} failed (exit {proc.returncode})")
+def run_pair(order: tuple[str, str], argv: list[str]) -> dict[str, dict]:
+    """Both strategies, each in its own process, stepping in lock step: order[0]'s step 1, order[1]'s step 1, ..."""
+    procs = {}
+    logs = {}
+    for strategy in order:
+        logs[strategy] = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", strategy, "--lockstep", *argv]
+        procs[strategy] = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs[strategy], text=True, bufsize=1
+        )
+    results: dict[str, dict] = {}
+
+    def fail(strategy: str, what: str):
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        logs[strategy].seek(0)
+        sys.stderr.write(logs[strategy].read()[-4000:])
+        raise SystemExit(f"worker {strategy}: {what}")
+
+    def next_message(strategy: str) -> str:
+        """Read the worker's stdout up to its next protocol line: @@WAIT, or RESULT at the end."""
+        proc = procs[strategy]
+        while True:
+            line = proc.stdout.readline()
+            if not line:
+                fail(strategy, f"exited (code {proc.wait()})")
+            if line.startswith("RESULT "):
+                results[strategy] = json.loads(line[len("RESULT "):])
+                return "RESULT"
+            if line.startswith("@@WAIT"):
+                return "WAIT"
+
+    waiting = {s: next_message(s) == "WAIT" for s in order}  # both built and at on_train_begin
+    while any(waiting.values()):
+        for strategy in order:
+            if waiting[strategy]:
+                procs[strategy].stdin.write("GO\n")
+                procs[strategy].stdin.flush()
+                waiting[strategy] = next_message(strategy) == "WAIT"
+    for strategy in order:
+        if procs[strategy].wait() != 0 or strategy not in results:
+            fail(strategy, f"exited (code {procs[strategy].returncode}) without a result")
+        logs[strategy].close()
+    return results
 
 
 def mib(kib: float | None) -> str:
@@ -227,6 +283,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-share", type=float, default=0.10, help="share of input positions holding new ids")
     parser.add_argument("--worker", choices=("tokens", "mask"), help=argparse.SUPPRESS)
+    parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -251,14 +308,16 @@ def main() -> int:
     ratios = []
     for pair in range(1, args.pairs + 1):
         order = ("tokens", "mask") if pair % 2 else ("mask", "tokens")
-        got = {s: run_worker(s, argv) for s in order}
+        got = run_pair(order, argv)
         for s in order:
             results[s].append(got[s])
         ratio = got["tokens"]["steps_per_s"] / got["mask"]["steps_per_s"]
         ratios.append(ratio)
+        step_ratio = statistics.median(m / t for t, m in zip(got["tokens"]["step_ms"], got["mask"]["step_ms"]))
         print(f"pair {pair}: {order[0]:>6s} first  tokens {got['tokens']['steps_per_s']:.3f} steps/s "
               f"({got['tokens']['median_step_ms']:.0f} ms median) | mask {got['mask']['steps_per_s']:.3f} steps/s "
-              f"({got['mask']['median_step_ms']:.0f} ms median) | ratio {ratio:.3f}", flush=True)
+              f"({got['mask']['median_step_ms']:.0f} ms median) | ratio {ratio:.3f} (median step-pair ratio "
+              f"{step_ratio:.3f})", flush=True)
 
     def med(strategy: str, key: str):
         values = [r[key] for r in results[strategy] if r[key] is not None]

@@ -206,3 +206,15 @@ def test_local_plugin_activates_by_name(tiny_model, texts, tmp_path):
     engine.run(build_config(None, None, overrides), progress=False)
     module = loaded_plugin(tmp_path / "plugins" / "counter.py")
     assert module.COUNT == [1, 2, 3]
+
+
+def test_failing_on_run_end_fails_the_run(tiny_model, texts, tmp_path):
+    plugin = plugin_file(tmp_path, "bad_flush", """
+        @wakelab.hookimpl
+        def on_run_end(run, status):
+            raise OSError("disk full while flushing")
+    """)
+    with pytest.raises(OSError, match="disk full"):
+        run_with(tmp_path, tiny_model, texts, plugin)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["status"]) == ["FAILED"]

@@ -156,7 +156,7 @@ class RecorderConfig(_Section):
     dtype: Literal["bfloat16", "float32", "float16", "param"] = Field(
         "bfloat16", description="Storage dtype; `param` keeps the parameters' own dtype for exact values."
     )
-    logits: str = Field(
+    logits: Literal["last", "none"] = Field(
         "last", description="Logits kept per step: `last` (last position of the first sequence) or `none`."
     )
     steps_per_shard: int = Field(10, ge=1, description="Recorded steps per safetensors shard.")

@@ -292,17 +292,20 @@ def run(
         raise
     finally:
         status = tracking.status_for(error)
+        end_error: BaseException | None = None
         if run_ctx is not None:
             try:
                 pm.hook.on_run_end(run=run_ctx, status=status)
-            except Exception as hook_error:  # noqa: BLE001
-                log(f"warning: an on_run_end plugin failed: {hook_error}")
+            except Exception as hook_error:  # noqa: BLE001 - a failed flush fails the run, after closing it
+                log(f"an on_run_end plugin failed: {hook_error}")
                 if error is None:
-                    error, status = hook_error, "FAILED"
-        report_error = error if not isinstance(error, (WakelabError, KeyboardInterrupt)) else None
-        tracked.end(status, report_error)
-        if isinstance(error, WakelabError):
-            _note_failure(tracked, error)
+                    end_error, status = hook_error, "FAILED"
+        failure = error or end_error
+        tracked.end(status, failure if not isinstance(failure, (WakelabError, KeyboardInterrupt)) else None)
+        if isinstance(failure, WakelabError):
+            _note_failure(tracked, failure)
+        if end_error is not None:
+            raise end_error
     return RunResult(tracked.run_id, tracked.experiment_id, output_dir, "FINISHED", result_metrics, tracking.tracking_uri())
 
 

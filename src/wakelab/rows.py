@@ -141,7 +141,7 @@ class RowAccess:
         if len(self._segments) == 1 and self._segments[0].start == 0:
             seg = self._segments[0]
             source = pick(seg.param)
-            return source[ids.to(source.device) + seg.offset].detach()
+            return source.index_select(0, ids.to(source.device) + seg.offset).detach()
         parts = []
         out = None
         for seg in self._segments:
@@ -149,7 +149,7 @@ class RowAccess:
             if not inside.any():
                 continue
             source = pick(seg.param)
-            picked = source[(ids[inside] - seg.start + seg.offset).to(source.device)].detach()
+            picked = source.index_select(0, (ids[inside] - seg.start + seg.offset).to(source.device)).detach()
             parts.append((inside, picked))
         for inside, picked in parts:
             if out is None:
