@@ -5,7 +5,7 @@ fields embeddings, grads, exp_avg, exp_avg_sq, logits [50257], loss, lr (~2.6 GB
 ``masks.safetensors`` (the first 30,000 rows trained). The values follow AdamW (float32 master weights stored as
 bf16, cosine lr from 1e-3), so rows freeze, hop the bf16 lattice and have updates rounded away as in a real run.
 
-Then, each in a fresh subprocess, wall time and peak RSS (``ru_maxrss``) of
+Then, each in a fresh subprocess, wall time and peak RSS (``VmHWM``) of
 
   (a) ``wakelab.analysis.recording_dynamics.analyse_recording`` (displacement first->last, freeze verdict, freeze
       onset, bf16 lattice hops, centroid track; one streaming pass), then writing its tables and plots locally
@@ -88,6 +88,17 @@ def build(path: Path, steps: int, rows: int, dim: int, steps_per_shard: int) -> 
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM) in MiB.
+
+    Not ``ru_maxrss``: Linux carries the parent's high-water mark over fork + exec into it, so a child started after
+    the (large) build step would report the builder's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

@@ -189,11 +189,34 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
         plain_rows.load_rows(engine_rows.new_ids, engine_rows.values(engine_rows.new_ids))
         return model
 
+    spent = {"seconds": 0.0}
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent["seconds"] += time.perf_counter() - t0
+
+        return wrapper
+
+    def instrument(trainer):
+        """Count the time spent in wakelab's per-step code: HookBridge's step events (MLflow logging included) and
+        the base-row masking seam. (The two one-line additions to training_step/compute_loss are not counted.)"""
+        for cb in trainer.callback_handler.callbacks:
+            if type(cb).__name__ == "HookBridge":
+                for event in ("on_pre_optimizer_step", "on_step_end", "on_log"):
+                    setattr(cb, event, timed(getattr(cb, event)))
+        trainer._mask_once = timed(trainer._mask_once)
+
     def build(*args, **kwargs):
         trainer = original(*args, **kwargs)
         side["rows"] = trainer.rows
         if control:  # A/A check of the harness: the engine's side trains with a plain Trainer too
             trainer = plain_trainer(trainer.model, trainer.args, trainer.train_dataset, trainer.processing_class)
+        else:
+            instrument(trainer)
         trainer.add_callback(timers["wakelab"])
         # The plain side: the same model (loaded and split alike), args, dataset and collator; no hooks.
         plain = plain_trainer(
@@ -236,6 +259,7 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
         "classes": {"wakelab": type(side["trainer"]).__name__, "plain": type(side["plain"]).__name__},
         "steps": {"wakelab": side["trainer"].state.global_step, "plain": side["plain"].state.global_step},
         "durations": {kind: timer.durations for kind, timer in timers.items()},
+        "wakelab_code_s_per_step": spent["seconds"] / max(1, side["trainer"].state.global_step),
     }
 
 
@@ -295,6 +319,7 @@ def main() -> int:
         print("CONTROL RUN (A/A): the 'wakelab' side below is a plain Trainer in the engine's run; expect ratio ~1.0")
 
     rows = []
+    own_share = []
     for pair in range(1, args.pairs + 1):
         first = "wakelab" if pair % 2 else "plain"
         got = one_pair(first, overrides, pair, not args.no_progress, args.control)
@@ -308,9 +333,12 @@ def main() -> int:
         ratio = sps["wakelab"] / sps["plain"]
         step_ratio = statistics.median(p / w for w, p in zip(timed["wakelab"], timed["plain"]))
         rows.append((sps, ratio, step_ratio))
+        own_ms = got["wakelab_code_s_per_step"] * 1000
+        own_share.append(own_ms / med_ms["wakelab"])
         print(f"pair {pair}: {first:>7s} first | wakelab {sps['wakelab']:6.2f} steps/s ({med_ms['wakelab']:6.1f} ms "
               f"median) | plain {sps['plain']:6.2f} steps/s ({med_ms['plain']:6.1f} ms median) | ratio {ratio:.3f} "
-              f"(median step-pair ratio {step_ratio:.3f})", flush=True)
+              f"(median step-pair ratio {step_ratio:.3f})"
+              + ("" if args.control else f" | in wakelab code {own_ms:.2f} ms/step"), flush=True)
 
     ratios = [r for _, r, _ in rows]
     wl = [s["wakelab"] for s, _, _ in rows]
@@ -321,6 +349,9 @@ def main() -> int:
     print(f"plain   steps/s : median {statistics.median(pl):.2f} (min {min(pl):.2f}, max {max(pl):.2f})")
     print(f"paired ratios   : {', '.join(f'{r:.3f}' for r in ratios)}")
     print(f"median of per-step paired ratios: {statistics.median(r for _, _, r in rows):.3f}")
+    if not args.control:
+        print(f"time in wakelab's per-step code (HookBridge events incl. MLflow logging, masking seam): median "
+              f"{statistics.median(own_share):.2%} of a median step")
     verdict = "PASS" if median_ratio >= TARGET else "FAIL"
     print(f"engine overhead: median paired ratio wakelab/plain steps/s = {median_ratio:.3f} "
           f"(target >= {TARGET}) {verdict}")

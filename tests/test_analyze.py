@@ -165,13 +165,29 @@ def test_checkpoint_and_initial_states_go_to_their_own_folders(store):
     assert bad.exit_code == 2 and "no complete checkpoint" in bad.stderr and "checkpoint-2" in bad.stderr
 
 
+def test_run_unknown_to_mlflow_gets_a_new_run_and_the_loss_from_trainer_state(runs, tmp_path):
+    """No `store` fixture: this test's MLflow store is empty, and the copy's run id is in no store at all."""
+    copy = tmp_path / "copied-run"
+    shutil.copytree(runs["P"].output_dir, copy, ignore=shutil.ignore_patterns("analysis"))
+    (copy / "wakelab_run.json").write_text(json.dumps({"run_id": "0" * 32}))
+    result = invoke(copy, "--no-static")
+    assert result.exit_code == 0, result.output
+    assert "not in the MLflow tracking store" in result.stderr
+    assert "trainer_state.json" in result.stdout
+    loss = json.loads((copy / "analysis" / "loss" / "loss_curve.json").read_text())
+    assert [r["step"] for r in loss] == list(range(1, STEPS + 1))
+    (new,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert new.data.tags["wakelab.analysis.kind"] == "analysis" and new.info.status == "FINISHED"
+    assert {"loss_curve.png", "loss_curve.csv"} <= names_in(artifacts(new.info.run_id), "analysis/loss")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Dynamics of a recording
 
 
 def test_recording_dynamics_are_logged(store):
     run = store["R1"]
-    result = invoke(run.output_dir, "--no-static", "--recording")
+    result = invoke(run.run_id, "--no-static", "--recording")  # by MLflow run id: the recording from its tag
     assert result.exit_code == 0, result.output
     logged = artifacts(run.run_id)
     assert DYNAMICS_FILES <= names_in(logged, "analysis/dynamics")

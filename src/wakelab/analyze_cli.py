@@ -61,6 +61,15 @@ def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, to
     to <first run_dir>/analysis/comparison/. Run analyze on each run for its own analysis.
 
     \b
+    Files (MLflow artifacts under analysis/, and in <run_dir>/analysis/):
+      summary.txt                      the printed summary
+      loss/loss_curve.{png,json,csv}
+      <state>/                         final, initial or checkpoint-N: norms, norm_histogram, isotropy,
+                                       neighbours, perplexity
+      dynamics/                        displacement, displacement_per_token, displacement_histogram,
+                                       freeze_verdict, freeze_onset, lattice_hops, centroid
+
+    \b
     Example:
       wakelab analyze runs/demo
       wakelab analyze runs/demo --probe riverrun --probe moonbrook --top-k 5
@@ -78,6 +87,14 @@ def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, to
         raise WakelabError("give a run to analyse: an MLflow run id, a run's output directory or a checkpoint")
     if initial and checkpoint:
         raise WakelabError("--initial and --checkpoint choose different states; give one of them")
+    if recording is None and (from_step is not None or to_step is not None):
+        raise WakelabError("--from-step/--to-step choose steps of a recording; add --recording")
+    if len(runs) > 1:
+        ignored = [name for name, given in (("--checkpoint", checkpoint), ("--initial", initial), ("--probe", probes),
+                                            ("--from-step", from_step), ("--to-step", to_step), ("--nested", nested))
+                   if given not in (None, False, ())]  # fmt: skip
+        if ignored:
+            _warn(f"{', '.join(ignored)} apply to one run's analysis and are ignored when comparing runs")
     opts = AnalyzeOptions(
         checkpoint=checkpoint, initial=initial, sample_size=sample_size, seed=seed, probes=tuple(probes),
         num_probes=num_probes, top_k=top_k, evaluate=not no_eval, eval_max_blocks=eval_max_blocks,

@@ -42,6 +42,25 @@ class ModelConfig(_Section):
         False,
         description="Build the architecture from the folder's config.json with random weights (no weights needed).",
     )
+    architecture: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Build a model from scratch with these transformers config values (`model_type` first, e.g. gpt2 with "
+            "n_embd, n_layer, ...); random weights seeded by train.seed; name_or_path is then unused."
+        ),
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer folder or hub id (None: the model's); `offline-bpe` builds a byte-level BPE offline.",
+    )
+    tokenizer_vocab_size: int = Field(50257, ge=260, description="Size of the `offline-bpe` tokenizer.")
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture_has_type(cls, value: Any) -> Any:
+        if value is not None and "model_type" not in value:
+            raise ValueError("model.architecture needs a `model_type` (e.g. gpt2, llama)")
+        return value
 
 
 class VocabConfig(_Section):
@@ -126,7 +145,14 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, ge=1, description="Steps between logged metrics.")
     save_steps: int = Field(0, ge=0, description="Steps between checkpoints (0: no checkpoints).")
     save_total_limit: int | None = Field(None, ge=1, description="Checkpoints kept (None: all).")
-    seed: int = Field(42, description="Seed of data order and dropout.")
+    seed: int = Field(42, description="Seed of data order, dropout and from-scratch weights.")
+    resume_from: str | None = Field(
+        None,
+        description=(
+            "Start from this checkpoint of another run (weights, optimizer, scheduler, step) into a new run: "
+            "Wordybird 3's continuation. `wakelab resume` continues the same run instead."
+        ),
+    )
     bf16_autocast: bool = Field(False, description="Run forward/backward under bf16 autocast (mixed precision).")
     eval_perplexity: bool = Field(True, description="Measure held-out perplexity before and after training.")
     eval_max_blocks: int = Field(32, ge=1, description="Held-out blocks used for perplexity.")
@@ -223,6 +249,8 @@ class RunConfig(_Section):
                 "train.rows_dtype: with train.trainable=mask the rows share the embedding matrix's dtype; "
                 "use rows_dtype=auto or trainable=tokens"
             )
+        if self.model.architecture is not None and self.model.load_in_4bit:
+            raise ValueError("model.load_in_4bit: a model built from model.architecture has no weights to quantize")
         if self.train.trainable != "full" and self.vocab.lexicon is None:
             raise ValueError(
                 f"vocab.lexicon: train.trainable={self.train.trainable} trains new rows, so a lexicon is needed "

@@ -72,6 +72,7 @@ class RunContext:
     rows: RowAccess
     start_step: int = 0
     optimizer: torch.optim.Optimizer | None = None
+    corpus_ids: Any = None  # the training corpus as token ids (numpy), e.g. to tell trained from untrained tokens
     log_artifact: Callable[[str | Path, str | None], None] = lambda path, artifact_path=None: None
     log_params: Callable[[dict[str, Any]], None] = lambda params: None
     log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None

@@ -85,9 +85,7 @@ def resolve_data_paths(config: RunConfig) -> tuple[str | None, str | None, str |
         from .demo import ensure_demo_texts
 
         texts = ensure_demo_texts()
-        if corpus == "demo":
-            corpus = str(texts.corpus)
-            heldout = str(texts.heldout) if heldout in (None, "demo") else heldout
+        corpus = str(texts.corpus) if corpus == "demo" else corpus
         heldout = str(texts.heldout) if heldout == "demo" else heldout
     if corpus is None:
         raise ConfigError("data.corpus: no corpus given; set data.corpus to a UTF-8 text file (or `demo`)")
@@ -159,10 +157,11 @@ def run(
     lexicon_path, corpus_path, heldout_path = resolve_data_paths(config)
 
     # Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched.
-    source = model_mod.model_source(config.model)
+    source = model_mod.model_source(config.model, config.train.seed)
     model_config = model_mod.load_model_config(source, config.model.revision)
     model_mod.check_seq_len(model_config, config.data.seq_len)
-    tokenizer = model_mod.load_tokenizer(source, config.model.revision)
+    tokenizer = model_mod.load_tokenizer(model_mod.tokenizer_source(config.model) or source, config.model.revision)
+    resume_from = resume_from or config.train.resume_from
     num_base = len(tokenizer)
     report, new_words = None, []
     if lexicon_path is not None:
@@ -209,7 +208,9 @@ def run(
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         tracked.log_artifact(output_dir / "config.yaml")
 
-        log(f"loading base model {config.model.name_or_path}" + (" in 4-bit nf4" if config.model.load_in_4bit else ""))
+        what = f"a {config.model.architecture['model_type']} built from model.architecture" if config.model.architecture \
+            else f"base model {config.model.name_or_path}"
+        log(f"loading {what}" + (" in 4-bit nf4" if config.model.load_in_4bit else ""))
         model = model_mod.load_model(config.model, source)
         embedding_rows = model.get_input_embeddings().weight.shape[0]
         tracked.log_params({"base_vocab_size": num_base, "hidden_size": model.get_input_embeddings().weight.shape[1]})
@@ -264,6 +265,7 @@ def run(
             log_params=tracked.log_params,
             log_metrics=tracked.log_metrics,
             set_tags=tracked.set_tags,
+            corpus_ids=corpus.train_ids,
         )
         checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
         trainer = _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new,
@@ -312,8 +314,8 @@ def run(
 def expand_for_config(config: RunConfig):
     """The base model with the run's vocabulary expansion and init applied: the state a run starts from."""
     lexicon_path = resolve_lexicon(config)
-    source = model_mod.model_source(config.model)
-    tokenizer = model_mod.load_tokenizer(source, config.model.revision)
+    source = model_mod.model_source(config.model, config.train.seed)
+    tokenizer = model_mod.load_tokenizer(model_mod.tokenizer_source(config.model) or source, config.model.revision)
     num_base = len(tokenizer)
     model = model_mod.load_model(config.model, source)
     if lexicon_path is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,56 @@ def load_tokenizer(source: str, revision: str | None = None):
     return tokenizer
 
 
-def model_source(cfg: ModelConfig) -> str:
-    """Where the weights load from: the config's folder or id, or a random-weights folder for ``from_config``."""
+def tokenizer_source(cfg: ModelConfig) -> str | None:
+    """Where the tokenizer loads from when it is not the model's own."""
+    if cfg.tokenizer == "offline-bpe":
+        from .bpe import build_offline_bpe
+
+        return str(build_offline_bpe(cfg.tokenizer_vocab_size))
+    return cfg.tokenizer
+
+
+def model_source(cfg: ModelConfig, seed: int = 0) -> str:
+    """Where the weights load from: the config's folder or id, or a saved random-weights folder.
+
+    Random weights (``from_config`` or ``architecture``) are saved once to a folder keyed by their config, so every
+    loading path — dtype, 4-bit, checkpoints — is the same as for pretrained weights.
+    """
+    if cfg.architecture is not None:
+        return str(materialize_architecture(cfg.architecture, tokenizer_source(cfg), seed))
     source = resolve_source(cfg)
     return str(materialize_from_config(source)) if cfg.from_config else source
+
+
+def materialize_architecture(architecture: dict[str, Any], tokenizer_path: str | None, seed: int) -> Path:
+    """A model folder with random weights for ``architecture`` (transformers config values) and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(architecture)
+    model_type = values.pop("model_type")
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    if tokenizer is not None:
+        values.setdefault("vocab_size", len(tokenizer))
+        values.setdefault("eos_token_id", tokenizer.eos_token_id)
+        values.setdefault("bos_token_id", tokenizer.bos_token_id)
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.architecture: {str(exc).splitlines()[0]}") from None
+    blob = json.dumps({"config": config.to_dict(), "tokenizer": tokenizer_path, "seed": seed}, sort_keys=True, default=str)
+    folder = cache_root() / "architectures" / hashlib.sha256(blob.encode()).hexdigest()[:16]
+    if not (folder / "config.json").exists():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if folder.exists():  # another process made it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    return folder
 
 
 def load_model(cfg: ModelConfig, source: str):

@@ -264,9 +264,11 @@ def _recording_path(run) -> tuple[Path, bool]:
     if cfg.path:
         return Path(cfg.path).expanduser(), False
     # The engine already agreed to reuse the output directory (fresh run or --overwrite); a resume records next to
-    # the earlier recording, never over it.
-    name = "recording" if run.start_step == 0 else f"recording-from-step-{run.start_step}"
-    return Path(run.output_dir) / name, True
+    # the earlier recording, never over it (a continuation into a new directory, like Wordybird 3, records plainly).
+    first = Path(run.output_dir) / "recording"
+    if run.start_step == 0 or not first.exists():
+        return first, True
+    return Path(run.output_dir) / f"recording-from-step-{run.start_step}", True
 
 
 def _logits_width(run) -> int:
@@ -300,6 +302,30 @@ def _meta(run, rec: Recorder) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Hooks
+
+
+MASKS_FILE = "masks.safetensors"
+
+
+def write_token_masks(path: Path, corpus_ids, vocab_size: int) -> None:
+    """Which tokens occur in the training corpus (trained) and which never do (untrained), with the notebook's keys."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    seen = np.zeros(vocab_size, dtype=bool)
+    ids = np.asarray(corpus_ids)
+    seen[ids[(ids >= 0) & (ids < vocab_size)]] = True
+    trained = torch.from_numpy(seen)
+    save_file(
+        {
+            "trained_mask": trained,
+            "untrained_mask": ~trained,
+            "trained_indices": torch.nonzero(trained).flatten(),
+            "untrained_indices": torch.nonzero(~trained).flatten(),
+        },
+        str(path),
+        metadata={"vocab_size": str(vocab_size), "untrained_share": f"{float((~trained).float().mean()):.6f}"},
+    )
 
 
 @wakelab.hookimpl
@@ -354,6 +380,8 @@ def on_run_start(run):
         logits=None,
         initial=True,
     )
+    if run.corpus_ids is not None:
+        write_token_masks(path / MASKS_FILE, run.corpus_ids, rows.num_total)
     where = f"{len(ids)} rows ({cfg.rows if isinstance(cfg.rows, str) else 'list'})" if rec.row_fields() else "no rows"
     _log(f"recording {', '.join(fields)} of {where} every {cfg.every} step(s) as {cfg.dtype} into {path}")
     spent = time.perf_counter() - started

@@ -1,0 +1,71 @@
+"""An offline byte-level BPE tokenizer of GPT-2's size, for Wordybird when GPT-2's own cannot be downloaded.
+
+It is trained on a text that is larger than, and not the same as, the training corpus — Python's standard library
+source plus a differently seeded demo text — so that, as in the notebook, many tokens never occur in training and
+their rows only ever see the gradients that the softmax gives every row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from .model import cache_root
+
+GPT2_VOCAB_SIZE = 50257
+EOS = "<|endoftext|>"
+
+
+def training_files(limit_bytes: int = 24_000_000) -> list[Path]:
+    """Standard-library sources, in a fixed order, up to ``limit_bytes``: diverse, offline, the same on every machine
+    with the same Python."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for path in sorted(stdlib.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
+            continue
+        size = path.stat().st_size
+        if total + size > limit_bytes:
+            break
+        files.append(path)
+        total += size
+    return files
+
+
+def _texts(files: list[Path], extra: str) -> Iterator[str]:
+    yield extra
+    for path in files:
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def build_offline_bpe(vocab_size: int = GPT2_VOCAB_SIZE) -> Path:
+    """A saved PreTrainedTokenizerFast folder with exactly ``vocab_size`` tokens (cached)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .demo_text import write_demo_texts
+
+    files = training_files()
+    key = hashlib.sha256(f"{vocab_size}|{[(f.name, f.stat().st_size) for f in files]}".encode()).hexdigest()[:16]
+    folder = cache_root() / "tokenizers" / f"offline-bpe-{vocab_size}-{key}"
+    if (folder / "tokenizer.json").exists():
+        return folder
+    side_text = write_demo_texts(folder.with_name(folder.name + ".text"), seed=1).corpus.read_text(encoding="utf-8")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_texts(files, side_text), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    tmp = folder.with_name(folder.name + ".tmp")
+    fast.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder

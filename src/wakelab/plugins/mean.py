@@ -1,0 +1,104 @@
+"""Built-in ``mean`` init: new rows drawn from a Gaussian with the base rows' mean and (scaled) covariance.
+
+Hewitt's note "Initializing new word embeddings for pretrained language models" (2021): a new row near the mean of
+the base rows gets a logit near the average logit, so adding tokens barely changes what the model predicts, while
+drawing around the mean with the base rows' covariance keeps the new rows apart from one another. ``init.scale``
+multiplies the covariance: 1 spreads the new rows like the base rows, 0.01 at a tenth of their spread.
+transformers' own mean resizing uses 1e-9, which makes every new row practically the same vector (the new tokens
+then start indistinguishable); that is never the default here.
+
+The covariance is a ``d x d`` matrix from one chunked pass over the base rows (float32 products summed in
+float64), so d=2048 with 128k base rows needs about 1 GiB less than the naive way and a few seconds of matmul.
+Samples are ``mean + z @ L.T`` with ``L`` the Cholesky factor of ``scale * cov`` (plus a little jitter); a
+covariance that is not positive definite (fewer base rows than dimensions) falls back to an eigendecomposition.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import wakelab
+
+#: Rows per chunk of the covariance pass: 8192 x 2048 float32 is 64 MiB.
+CHUNK_ROWS = 8192
+#: Jitter added to the covariance's diagonal before Cholesky, relative to its mean variance.
+JITTER = 1e-6
+
+
+def base_moments(weight: torch.Tensor, num_base: int, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[d]`` and population covariance ``[d, d]`` of ``weight[:num_base]``, in float64 on the CPU.
+
+    Two chunked passes (mean, then centred products), so no float64 copy of the whole matrix is ever made.
+    """
+    if num_base < 1:
+        raise ValueError("the mean init needs at least one base row")
+    device = weight.device
+    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=device)
+    for start in range(0, num_base, chunk_rows):
+        total += weight[start : min(num_base, start + chunk_rows)].detach().to(torch.float64).sum(dim=0)
+    mean = total / num_base
+    mean32 = mean.to(torch.float32)
+    cov = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=device)
+    for start in range(0, num_base, chunk_rows):
+        centred = weight[start : min(num_base, start + chunk_rows)].detach().to(torch.float32) - mean32
+        cov += (centred.T @ centred).to(torch.float64)
+    cov /= num_base
+    return mean.cpu(), cov.cpu()
+
+
+def sampling_factor(cov: torch.Tensor, scale: float) -> tuple[torch.Tensor, str]:
+    """``L`` with ``L @ L.T ~= scale * cov``: Cholesky with a little jitter, or eigh when that fails."""
+    scaled = cov.to(torch.float64) * scale
+    dim = scaled.shape[0]
+    jitter = JITTER * float(scaled.diagonal().mean().clamp_min(1e-30))
+    factor, info = torch.linalg.cholesky_ex(scaled + jitter * torch.eye(dim, dtype=torch.float64))
+    if int(info) == 0:
+        return factor, "cholesky"
+    values, vectors = torch.linalg.eigh(scaled)
+    return vectors * values.clamp_min(0).sqrt(), "eigh"
+
+
+def gaussian_rows(count: int, mean: torch.Tensor, factor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``count`` draws of ``mean + L z``, z standard normal from ``generator`` (float32)."""
+    z = torch.randn(count, mean.shape[0], generator=generator, dtype=torch.float64)
+    return (mean + z @ factor.T).to(torch.float32)
+
+
+def mean_rows(weight: torch.Tensor, num_base: int, count: int, scale: float, generator: torch.Generator
+              ) -> tuple[torch.Tensor, dict]:
+    """``count`` rows from N(mean, scale * cov) of the base rows, and a summary of what was done."""
+    started = time.monotonic()
+    mean, cov = base_moments(weight, num_base)
+    factor, method = sampling_factor(cov, scale)
+    rows = gaussian_rows(count, mean, factor, generator)
+    base_norm = weight[:num_base].detach().float().norm(dim=1).mean().item()
+    summary = {
+        "scale": scale,
+        "factorization": method,
+        "base_mean_norm": base_norm,
+        "mean_vector_norm": float(mean.norm()),
+        "base_rms_spread": float(cov.diagonal().sum().sqrt()),
+        "new_mean_norm": float(rows.norm(dim=1).mean()) if count else 0.0,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    return rows, summary
+
+
+@wakelab.hookimpl
+def init_embeddings(ctx):
+    if ctx.method != "mean":
+        return None
+    scale = float(ctx.options.get("scale", 1.0))
+    rows, summary = mean_rows(ctx.weight, ctx.num_base, len(ctx.new_ids), scale, ctx.generator)
+    ctx.weight[ctx.new_ids] = rows.to(ctx.weight.device, ctx.weight.dtype)
+    ctx.log(
+        f"mean init: {len(ctx.new_ids)} rows drawn from N(mean, {scale:g} x cov) of {ctx.num_base:,} base rows "
+        f"({summary['factorization']}, {summary['seconds']:.1f} s); mean new-row norm {summary['new_mean_norm']:.4f} "
+        f"vs base {summary['base_mean_norm']:.4f}, |mean| {summary['mean_vector_norm']:.4f}"
+    )
+    if scale < 1e-4:
+        ctx.log(f"mean init: warning: init.scale={scale:g} spreads the new rows at {scale ** 0.5:.1e} x the base "
+                "rows' spread, so they start nearly identical")
+    return {"method": "mean", **summary}
