@@ -190,14 +190,17 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
         return model
 
     spent = {"seconds": 0.0}
+    by_event: dict[str, float] = {}
 
-    def timed(fn):
+    def timed(fn, name):
         def wrapper(*a, **kw):
             t0 = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                spent["seconds"] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                spent["seconds"] += dt
+                by_event[name] = by_event.get(name, 0.0) + dt
 
         return wrapper
 
@@ -207,8 +210,8 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
         for cb in trainer.callback_handler.callbacks:
             if type(cb).__name__ == "HookBridge":
                 for event in ("on_pre_optimizer_step", "on_step_end", "on_log"):
-                    setattr(cb, event, timed(getattr(cb, event)))
-        trainer._mask_once = timed(trainer._mask_once)
+                    setattr(cb, event, timed(getattr(cb, event), event))
+        trainer._mask_once = timed(trainer._mask_once, "_mask_once")
 
     def build(*args, **kwargs):
         trainer = original(*args, **kwargs)
@@ -260,6 +263,7 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
         "steps": {"wakelab": side["trainer"].state.global_step, "plain": side["plain"].state.global_step},
         "durations": {kind: timer.durations for kind, timer in timers.items()},
         "wakelab_code_s_per_step": spent["seconds"] / max(1, side["trainer"].state.global_step),
+        "wakelab_code_ms_by_event": {k: v * 1000 / max(1, side["trainer"].state.global_step) for k, v in by_event.items()},
     }
 
 
@@ -320,6 +324,7 @@ def main() -> int:
 
     rows = []
     own_share = []
+    own_events: dict[str, list[float]] = {}
     for pair in range(1, args.pairs + 1):
         first = "wakelab" if pair % 2 else "plain"
         got = one_pair(first, overrides, pair, not args.no_progress, args.control)
@@ -335,6 +340,8 @@ def main() -> int:
         rows.append((sps, ratio, step_ratio))
         own_ms = got["wakelab_code_s_per_step"] * 1000
         own_share.append(own_ms / med_ms["wakelab"])
+        for event, ms in got["wakelab_code_ms_by_event"].items():
+            own_events.setdefault(event, []).append(ms)
         print(f"pair {pair}: {first:>7s} first | wakelab {sps['wakelab']:6.2f} steps/s ({med_ms['wakelab']:6.1f} ms "
               f"median) | plain {sps['plain']:6.2f} steps/s ({med_ms['plain']:6.1f} ms median) | ratio {ratio:.3f} "
               f"(median step-pair ratio {step_ratio:.3f})"
@@ -351,7 +358,8 @@ def main() -> int:
     print(f"median of per-step paired ratios: {statistics.median(r for _, _, r in rows):.3f}")
     if not args.control:
         print(f"time in wakelab's per-step code (HookBridge events incl. MLflow logging, masking seam): median "
-              f"{statistics.median(own_share):.2%} of a median step")
+              f"{statistics.median(own_share):.2%} of a median step; ms/step by event: "
+              + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in own_events.items()))
     verdict = "PASS" if median_ratio >= TARGET else "FAIL"
     print(f"engine overhead: median paired ratio wakelab/plain steps/s = {median_ratio:.3f} "
           f"(target >= {TARGET}) {verdict}")

@@ -70,6 +70,9 @@ def store(runs, monkeypatch):
 
 def invoke(*args):
     result = CliRunner().invoke(main, ["analyze", *map(str, args)])
+    if result.exit_code not in (0, 2):
+        import traceback
+        traceback.print_exception(*result.exc_info)
     return result
 
 

@@ -105,15 +105,44 @@ class DataConfig(_Section):
 class InitConfig(_Section):
     """How the new rows start."""
 
-    method: str = Field("spherical", description="Name of the `init_embeddings` plugin that fills the new rows.")
+    method: str = Field(
+        "spherical",
+        description=(
+            "Name of the `init_embeddings` plugin that fills the new rows: `spherical` (random directions at "
+            "radius_scale x the base norm), `mean` (drawn from the base rows' mean and covariance), `subword` (mean "
+            "of the word's base sub-tokens), or a plugin's."
+        ),
+    )
     radius_scale: float = Field(
         1.5, gt=0, description="spherical: radius of the new rows as a multiple of the mean base-row L2 norm."
     )
-    scale: float = Field(1.0, gt=0, description="mean: scale of the covariance of the sampled rows.")
+    scale: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "mean (and subword's fall-back): the sampled rows' covariance is scale x the base rows' covariance "
+            "(1: spread like the base rows; transformers' 1e-9 makes all new rows the same)."
+        ),
+    )
     seed: int = Field(0, description="Seed of the init's random draws.")
     from_embeddings: str | None = Field(
         None, description="Embedding matrix (safetensors, or .pt read weights-only) that replaces all rows after init."
     )
+    constituents: str | None = Field(
+        None,
+        description=(
+            "File of `word<TAB>meaning_word<TAB>part1 part2` lines naming the base words each new word should end up "
+            "near (`wakelab sweep` reports the nearest-neighbour hit rate); `demo`: the demo's; None: the demo's "
+            "when vocab.lexicon is `demo`, else none."
+        ),
+    )
+
+    @field_validator("constituents")
+    @classmethod
+    def _constituents_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("give a path to a constituents file, `demo`, or null")
+        return value.strip() if value is not None else None
 
 
 class TrainConfig(_Section):
@@ -224,7 +253,10 @@ class RunConfig(_Section):
     """A whole run. Sections: model, vocab, data, init, train, recorder, sentry, tracking; plus plugins and output_dir."""
 
     preset: str | None = Field(None, description="The preset this config started from.")
-    output_dir: str = Field("runs/{preset}", description="The run's directory; `{preset}` is replaced.")
+    output_dir: str = Field(
+        "runs/{preset}",
+        description="The run's directory; `{preset}` is replaced, and `{run_id}` by MLFLOW_RUN_ID under `mlflow run`.",
+    )
     plugins: tuple[str, ...] = Field((), description="Plugins to activate (names or paths to .py files).")
     model: ModelConfig = ModelConfig()
     vocab: VocabConfig = VocabConfig()
@@ -266,7 +298,10 @@ class RunConfig(_Section):
 
     @property
     def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir.replace("{preset}", self.preset or "run"))
+        import os
+
+        run_id = os.environ.get("MLFLOW_RUN_ID") or "local"
+        return Path(self.output_dir.replace("{preset}", self.preset or "run").replace("{run_id}", run_id))
 
     @property
     def active_plugins(self) -> tuple[str, ...]:

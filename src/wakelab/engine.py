@@ -161,7 +161,11 @@ def run(
     model_config = model_mod.load_model_config(source, config.model.revision)
     model_mod.check_seq_len(model_config, config.data.seq_len)
     tokenizer = model_mod.load_tokenizer(model_mod.tokenizer_source(config.model) or source, config.model.revision)
-    resume_from = resume_from or config.train.resume_from
+    if resume_from is None and config.train.resume_from:
+        from .state import resolve_checkpoint
+
+        resume_from = str(resolve_checkpoint(config.train.resume_from))
+        log(f"continuing from {resume_from}")
     num_base = len(tokenizer)
     report, new_words = None, []
     if lexicon_path is not None:

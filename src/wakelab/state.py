@@ -56,6 +56,29 @@ def resolve_run(target: str) -> tuple[Path, str | None]:
     return Path(output_dir), target
 
 
+def resolve_checkpoint(spec: str) -> Path:
+    """A checkpoint from a checkpoint folder, a run directory (its latest), an MLflow run id, or ``latest:PRESET``
+    (the latest checkpoint of the newest finished run of that preset in the tracking store)."""
+    path = Path(spec)
+    if path.exists():
+        return path if (path / "manifest.json").exists() else latest_checkpoint(path)
+    if spec.startswith("latest:"):
+        from mlflow import MlflowClient
+
+        preset = spec.split(":", 1)[1]
+        experiments = [e.experiment_id for e in MlflowClient().search_experiments()]
+        runs = MlflowClient().search_runs(
+            experiments, f"tags.`wakelab.preset` = '{preset}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        if not runs:
+            raise WakelabError(f"no finished '{preset}' run in the tracking store to continue from; run it first "
+                               f"(wakelab run --preset {preset}) or give a checkpoint path")
+        spec = runs[0].info.run_id
+    run_dir, _ = resolve_run(spec)
+    return latest_checkpoint(run_dir)
+
+
 def rows_file(target: Path) -> tuple[Path, int | None]:
     """Where the trained rows of ``target`` are: a checkpoint's, a run's final ones, or its latest checkpoint's."""
     if (target / "manifest.json").exists():

@@ -120,7 +120,9 @@ def ui(host: str, port: int, workers: int, backend_store_uri: str | None) -> Non
         click.echo(f"wakelab: warning: listening on {host}: anyone who can reach this machine on port {port} can "
                    "read and change these runs", err=True)
     click.echo(f"starting the MLflow UI for {uri} (one moment) ...", err=True)
-    proc = subprocess.Popen(command)
+    # Its own process group, so stopping it stops uvicorn's worker with it; no GenAI job runner (a dozen processes).
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
     local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the server too, as Ctrl-C does
     try:
@@ -155,11 +157,21 @@ def _quiet_latest(uri: str) -> str | None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """Stop the server's whole process group: politely, then for good."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; its workers may still be shutting down.
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)

@@ -13,6 +13,7 @@ Step sources: an item may be a tensor (its position in the stream is then its st
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -75,11 +76,16 @@ def _numbered(steps: Iterable[StepItem]) -> Iterator[tuple[int, Tensor]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _per_row(x: Tensor) -> Tensor:
+    """``x`` as ``[rows, values per row]``; ``reshape(rows, -1)`` cannot infer the width of zero rows."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def displacement(a: Tensor, b: Tensor) -> Tensor:
     """L2 distance per row between two states of the same rows, in float32 (bf16 differences would round)."""
     if a.shape != b.shape:
         raise ValueError(f"states differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return (b.detach().to(torch.float32) - a.detach().to(torch.float32)).reshape(a.shape[0], -1).norm(dim=1)
+    return _per_row(b.detach().to(torch.float32) - a.detach().to(torch.float32)).norm(dim=1)
 
 
 def _basic_summary(values: Tensor) -> dict:
@@ -148,7 +154,7 @@ def _unchanged_rows(prev: Tensor, cur: Tensor) -> Tensor:
             f"steps differ: {prev.dtype} {tuple(prev.shape)} vs {cur.dtype} {tuple(cur.shape)}"
         )
     same = _bits(prev.detach().contiguous()) == _bits(cur.detach().contiguous())
-    return same.reshape(prev.shape[0], -1).all(dim=1)
+    return _per_row(same).all(dim=1)
 
 
 def freeze_onset(steps_iter: Iterable[StepItem]) -> list[dict]:
@@ -261,7 +267,7 @@ def _hop_record(
     nonzero_count = int(nonzero.sum())
     return {
         "step": step,
-        "rows_moved": int(moved.reshape(moved.shape[0], -1).any(dim=1).sum()),
+        "rows_moved": int(_per_row(moved).any(dim=1).sum()),
         "coords_moved": int(moved.sum()),
         "rounded_away": int(rounded_away.sum()),
         "nonzero_updates": nonzero_count,

@@ -1,0 +1,720 @@
+"""``wakelab sweep``: one experiment under several values of one config key, compared side by side in MLflow.
+
+Top to bottom: :func:`plan_sweep` resolves and checks everything up front (the key, every child's config, the init
+plugins, the output folders, the constituents file), so bad input stops the sweep before any child starts. Then
+:func:`run_sweep` opens the parent MLflow run (or attaches to ``MLFLOW_RUN_ID``, as under ``mlflow run``), and for
+each value creates a child run tagged ``mlflow.parentRunId`` and runs ``engine.run`` inside it (``MLFLOW_RUN_ID``
+points at the child for the duration), one child after another in this process. A child that fails is marked
+FAILED and the others go on. Last, :func:`compare` reads each finished child back (the rows right after init and
+at the end, its logged loss and norms) and logs the comparison to the parent under ``comparison/``:
+
+    comparison.{csv,json,md,html}   one row per child: held-out perplexity before/after, final loss, mean new-row
+                                    norm at step 0 and at the end, nearest-neighbour hit rates at step 0 and at the end
+    neighbours.json                 each evaluated word's top-k base-token neighbours at step 0 and at the end
+    loss_curves.png  perplexity.png  new_row_norm.png  hit_rates.png
+
+Hit rate: for each word of the constituents file that is a new token, its top-k base-token neighbours by cosine;
+a hit is the meaning word (``hit_meaning``), or the meaning word or one of the words it blends (``hit_any``), among
+them. The step-0 rates show what the init alone gives (``subword`` starts each word at its pieces, so its step-0
+neighbours partly reflect the init itself); the final rates what training added.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import html
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import registry, tracking
+from .config import RunConfig, parse_value, resolve_key, set_in, validate
+from .errors import ConfigError, DataError, WakelabError
+
+#: Keys a sweep cannot vary, and why.
+FIXED_KEYS = {
+    "preset": "a preset is a whole config; sweep over a key, or run one sweep per preset",
+    "output_dir": "each child gets <output_dir>/<key>=<value>; set the sweep's folder with --output-dir",
+    "tracking.experiment": "the children live in the parent's experiment; set it with --experiment",
+    "tracking.run_name": "the children are named <key>=<value>; name the parent with --run-name",
+}
+COMPARISON_DIR = "comparison"
+SWEEP_TAG = "wakelab.sweep"
+
+Log = Callable[[str], None]
+
+
+def _log(message: str) -> None:
+    print(f"wakelab: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The plan: everything checked before any child starts
+
+
+@dataclass
+class Child:
+    """One value of the swept key and what became of its run."""
+
+    label: str
+    text: str
+    config: RunConfig
+    run_id: str | None = None
+    status: str = "PENDING"
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.config.resolved_output_dir
+
+
+@dataclass
+class SweepPlan:
+    key: str
+    canonical: str
+    base: RunConfig
+    root: Path
+    children: list[Child]
+    constituents_path: Path | None = None
+    constituents: dict[str, list[str]] = field(default_factory=dict)
+    not_in_lexicon: list[str] = field(default_factory=list)
+    top_k: int = 10
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[c,d]`` -> ``["a", "b", "[c,d]"]``: commas inside brackets or quotes do not split."""
+    values, depth, quote, current = [], 0, None, []
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    values.append("".join(current).strip())
+    return values
+
+
+def parse_over(spec: str) -> tuple[str, list[str]]:
+    """``key=v1,v2,...`` -> ``(key, [v1, v2, ...])``, with one-line errors for what cannot be a sweep."""
+    if "=" not in spec:
+        raise ConfigError(f"--over '{spec}' must be key=value1,value2,..., e.g. --over init=spherical,mean,subword")
+    key, text = (part.strip() for part in spec.split("=", 1))
+    values = split_values(text)
+    if not key or not text or any(not v for v in values):
+        raise ConfigError(f"--over '{spec}': give a key and comma-separated values, e.g. --over lr=1e-3,5e-3")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"--over '{spec}': {', '.join(repeated)} given more than once")
+    return key, values
+
+
+def _dir_name(label: str) -> str:
+    return "".join("_" if ch in "/\\" or ch.isspace() or ch in ":*?\"<>|" else ch for ch in label)
+
+
+def child_configs(base: RunConfig, key: str, canonical: str, texts: list[str], root: Path) -> list[Child]:
+    """Every child's validated config: the base with ``canonical`` set, in its own ``<root>/<key>=<value>``."""
+    children, seen = [], {}
+    for text in texts:
+        label = f"{key}={text}"
+        tree = base.model_dump(mode="json")
+        value = parse_value(text)
+        set_in(tree, canonical, value)
+        tree["output_dir"] = str(root / _dir_name(label))
+        tree.setdefault("tracking", {})["run_name"] = label
+        try:
+            config = validate(tree)
+        except ConfigError as exc:
+            raise ConfigError(f"--over {label}: {exc}") from None
+        resolved = json.dumps(config.flat().get(canonical), default=str)
+        if resolved in seen:
+            raise ConfigError(f"--over {key}: {seen[resolved]} and {text} are the same value ({resolved})")
+        seen[resolved] = text
+        children.append(Child(label, text, config))
+    names = [c.output_dir for c in children]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--over {key}: two values map to the same output folder name; use distinct values")
+    return children
+
+
+def check_init_methods(children: list[Child], cwd: Path | None) -> None:
+    """Each child's init.method is answered by a plugin that exists (a typo stops the sweep, not one child)."""
+    available = registry.discover(cwd)
+    for child in children:
+        config = child.config
+        if config.vocab.lexicon is None:
+            continue
+        method = config.init.method
+        pm = registry.build_manager(config.active_plugins, cwd, optional=[method])
+        answering = {impl.plugin_name for impl in pm.hook.init_embeddings.get_hookimpls()}
+        if method in answering or (method not in available and answering):
+            continue
+        known = sorted(name for name, source in available.items() if _implements_init(source))
+        why = f"plugin '{method}' has no init_embeddings hook" if method in available else f"no plugin named '{method}'"
+        raise ConfigError(
+            f"--over {child.label}: init.method={method}: {why}; init plugins found: {', '.join(known) or 'none'} "
+            "(or activate your own with --plugin NAME|PATH)"
+        )
+
+
+def _implements_init(source) -> bool:
+    try:
+        module = source.load()
+    except WakelabError:
+        return False
+    return callable(getattr(module, "init_embeddings", None))
+
+
+def check_output_dirs(children: list[Child], overwrite: bool) -> None:
+    from .engine import RUN_FILE
+
+    taken = [c for c in children if (c.output_dir / RUN_FILE).exists() or any(c.output_dir.glob("checkpoint-*"))]
+    if taken and not overwrite:
+        raise ConfigError(
+            f"{taken[0].output_dir} already holds a run ({len(taken)} of the sweep's {len(children)} folders do); "
+            "pass --overwrite to replace them, or choose another --output-dir"
+        )
+
+
+def resolve_constituents(base: RunConfig, given: str | None) -> Path | None:
+    """The constituents file: --constituents, else init.constituents, else the demo's when the lexicon is the demo's."""
+    name = given or base.init.constituents
+    if name is None and base.vocab.lexicon == "demo":
+        name = "demo"
+    if name is None:
+        return None
+    if name == "demo":
+        from .demo import ensure_demo_texts
+
+        return ensure_demo_texts().constituents
+    path = Path(name)
+    if not path.is_file():
+        raise DataError(f"constituents file not found: {path} (--constituents / init.constituents)")
+    return path
+
+
+def load_constituents(path: Path, children: list[Child], log: Log) -> tuple[dict[str, list[str]], list[str]]:
+    """The constituents of lexicon words, and the words of the file that no child's lexicon holds (reported)."""
+    from .demo_text import read_constituents
+    from .engine import resolve_lexicon
+    from .vocab import read_lexicon
+
+    table = read_constituents(path)
+    lexicon: set[str] = set()
+    for path_ in {resolve_lexicon(c.config) for c in children if c.config.vocab.lexicon is not None}:
+        lexicon.update(read_lexicon(path_))
+    missing = [word for word in table if word not in lexicon]
+    kept = {word: parts for word, parts in table.items() if word in lexicon}
+    if not kept:
+        raise DataError(
+            f"constituents file {path}: none of its {len(table)} words is in the lexicon; give the file that goes "
+            "with this lexicon (--constituents)"
+        )
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        log(f"warning: constituents file {path}: {len(missing)} of {len(table)} words are not in the lexicon and "
+            f"are left out of the hit rates: {shown}")
+    return kept, missing
+
+
+def plan_sweep(base: RunConfig, over: str, *, constituents: str | None = None, top_k: int = 10,
+               overwrite: bool = False, cwd: Path | None = None, log: Log = _log) -> SweepPlan:
+    """Resolve and check the whole sweep; raises a one-line ``WakelabError`` before anything runs."""
+    key, texts = parse_over(over)
+    canonical = resolve_key(key)
+    if canonical in FIXED_KEYS:
+        raise ConfigError(f"--over {key}: {FIXED_KEYS[canonical]}")
+    if top_k < 1:
+        raise ConfigError(f"--top-k {top_k}: give at least 1")
+    root = base.resolved_output_dir
+    children = child_configs(base, key, canonical, texts, root)
+    check_init_methods(children, cwd)
+    check_output_dirs(children, overwrite)
+    plan = SweepPlan(key, canonical, base, root, children, top_k=top_k)
+    plan.constituents_path = resolve_constituents(base, constituents)
+    if plan.constituents_path is not None:
+        plan.constituents, plan.not_in_lexicon = load_constituents(plan.constituents_path, children, log)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running: a parent run, and one child run after another
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    experiment_id: str
+    children: list[Child]
+    comparison_dir: Path
+    table: str
+    tracking_uri: str
+
+    @property
+    def failed(self) -> list[Child]:
+        return [c for c in self.children if c.status != "FINISHED"]
+
+
+def _experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    experiment = client.get_experiment(experiment_id)
+    if experiment.tags.get(tracking.EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(experiment_id, tracking.EXPERIMENT_KIND_TAG, tracking.MODEL_TRAINING_KIND)
+    return experiment_id
+
+
+def _open_parent(client, plan: SweepPlan, cwd: Path | None) -> tuple[str, str, bool]:
+    """The parent run: the one ``MLFLOW_RUN_ID`` names (``mlflow run``), else a new one. (run id, experiment, attached)"""
+    tags = {
+        SWEEP_TAG: "parent",
+        "wakelab.sweep.key": plan.canonical,
+        "wakelab.sweep.values": ",".join(c.text for c in plan.children),
+        "wakelab.preset": plan.base.preset or "",
+        "wakelab.version": tracking.library_versions().get("wakelab", ""),
+        "wakelab.output_dir": str(plan.root.resolve()),
+    }
+    commit = tracking.git_commit(cwd)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    attach = os.environ.get("MLFLOW_RUN_ID")
+    if attach:
+        run = client.get_run(attach)
+        for key, value in tags.items():
+            client.set_tag(attach, key, value)
+        return attach, run.info.experiment_id, True
+    experiment_id = _experiment_id(client, plan.base.tracking.experiment)
+    name = plan.base.tracking.run_name or f"sweep-{plan.key}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    return run.info.run_id, experiment_id, False
+
+
+def _log_parent_params(client, run_id: str, plan: SweepPlan) -> None:
+    params = {
+        "sweep.key": plan.canonical,
+        "sweep.values": ",".join(c.text for c in plan.children),
+        "sweep.children": len(plan.children),
+        "sweep.top_k": plan.top_k,
+        "sweep.constituents": str(plan.constituents_path) if plan.constituents_path else "None",
+        **{k: v for k, v in plan.base.flat().items() if k != plan.canonical},
+    }
+    existing = client.get_run(run_id).data.params
+    items = [(k, str(v)[: tracking.MAX_PARAM_LENGTH]) for k, v in params.items() if k not in existing]
+    from mlflow.entities import Param
+
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def run_child(client, child: Child, parent_id: str, experiment_id: str, *, overwrite: bool, progress: bool,
+              cwd: Path | None) -> None:
+    """Run one child inside its own MLflow run, nested under the parent; a failure is recorded, not raised."""
+    from . import engine
+
+    run = client.create_run(
+        experiment_id,
+        run_name=child.label,
+        tags={"mlflow.parentRunId": parent_id, SWEEP_TAG: "child", "wakelab.sweep.parent": parent_id,
+              "wakelab.sweep.key": child.label.split("=", 1)[0], "wakelab.sweep.value": child.text},
+    )
+    child.run_id = run.info.run_id
+    saved = os.environ.get("MLFLOW_RUN_ID")
+    os.environ["MLFLOW_RUN_ID"] = child.run_id
+    try:
+        result = engine.run(child.config, overwrite=overwrite, progress=progress, cwd=cwd)
+        child.status, child.metrics = "FINISHED", dict(result.metrics)
+    except KeyboardInterrupt:
+        child.status, child.error = "KILLED", "interrupted"
+        _close_child(client, child)
+        raise
+    except Exception as exc:  # noqa: BLE001 - one child's failure must not stop the others
+        child.status, child.error = "FAILED", _one_line(exc)
+        _log(f"sweep: {child.label} failed: {child.error}")
+        _close_child(client, child)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+        else:
+            os.environ["MLFLOW_RUN_ID"] = saved
+        gc.collect()
+
+
+def _close_child(client, child: Child) -> None:
+    """Mark a child that did not finish; the engine closed it already unless it failed before opening it."""
+    try:
+        client.set_tag(child.run_id, "wakelab.sweep.status", child.status.lower())
+        if child.error:
+            client.set_tag(child.run_id, "wakelab.error", child.error[:5000])
+        if client.get_run(child.run_id).info.status == "RUNNING":
+            client.set_terminated(child.run_id, child.status)
+    except Exception as exc:  # noqa: BLE001 - the tracking store blipped; say so and go on
+        _log(f"warning: could not mark child run {child.run_id} {child.status}: {exc}")
+
+
+def run_sweep(plan: SweepPlan, *, overwrite: bool = False, progress: bool = True, cwd: Path | None = None,
+              log: Log = _log) -> SweepResult:
+    """Run every child of ``plan`` under one parent run and log the comparison to the parent."""
+    from mlflow import MlflowClient
+
+    tracking.check_reachable()
+    client = MlflowClient()
+    started = time.monotonic()
+    parent_id, experiment_id, attached = _open_parent(client, plan, cwd)
+    status, failure = "FINISHED", None
+    try:
+        _log_parent_params(client, parent_id, plan)
+        for number, child in enumerate(plan.children, start=1):
+            log(f"sweep: child {number}/{len(plan.children)}: {child.label} -> {child.output_dir}")
+            run_child(client, child, parent_id, experiment_id, overwrite=overwrite, progress=progress, cwd=cwd)
+        comparison_dir, table = compare(client, plan, parent_id, log)
+        failed = [c.label for c in plan.children if c.status != "FINISHED"]
+        client.set_tag(parent_id, "wakelab.sweep.failed_children", ",".join(failed))
+        client.log_metric(parent_id, "sweep_children_finished", len(plan.children) - len(failed))
+        client.log_metric(parent_id, "sweep_children_failed", len(failed))
+        client.log_metric(parent_id, "sweep_seconds", time.monotonic() - started)
+        if len(failed) == len(plan.children):
+            status = "FAILED"
+    except BaseException as exc:  # noqa: BLE001 - the parent must end FAILED or KILLED, never RUNNING
+        status, failure = tracking.status_for(exc), exc
+        raise
+    finally:
+        _end_parent(client, parent_id, status, failure, attached)
+    return SweepResult(parent_id, experiment_id, plan.children, comparison_dir, table, tracking.tracking_uri())
+
+
+def _end_parent(client, run_id: str, status: str, failure: BaseException | None, attached: bool) -> None:
+    try:
+        if failure is not None and not isinstance(failure, KeyboardInterrupt):
+            client.set_tag(run_id, "wakelab.error", _one_line(failure)[:5000])
+        # Under `mlflow run` the run belongs to it: it marks the run when this process exits.
+        if not attached or status != "FINISHED":
+            client.set_terminated(run_id, status)
+    except Exception as exc:  # noqa: BLE001
+        _log(f"warning: could not close the sweep's parent run {run_id}: {exc}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The comparison
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token as the word it spells: decoded, stripped, lower case."""
+    return [tokenizer.decode([int(i)]).strip().lower() for i in ids]
+
+
+def hit_rates(weight: torch.Tensor, tokenizer, num_base: int, constituents: dict[str, list[str]], k: int) -> dict:
+    """Share of the constituents' new words whose top-k base neighbours hold the meaning word (or a part)."""
+    from .analysis.embeddings import nearest_neighbours
+
+    vocab = tokenizer.get_vocab()
+    words = [w for w in constituents if vocab.get(w, -1) >= num_base]
+    if not words:
+        return {"words": 0, "skipped": len(constituents), "hit_meaning": None, "hit_any": None, "details": []}
+    ids = [vocab[w] for w in words]
+    neighbours = nearest_neighbours(weight, ids, range(num_base), k=k)
+    details, meaning_hits, any_hits = [], 0, 0
+    for word, found in zip(words, neighbours, strict=True):
+        texts = token_texts(tokenizer, [i for i, _ in found])
+        meaning, *parts = (w.lower() for w in constituents[word])
+        hit_meaning = meaning in texts
+        hit_any = hit_meaning or any(p in texts for p in parts)
+        meaning_hits += hit_meaning
+        any_hits += hit_any
+        details.append({"word": word, "meaning": meaning, "parts": parts, "neighbours": texts,
+                        "hit_meaning": hit_meaning, "hit_any": hit_any})
+    return {
+        "words": len(words),
+        "skipped": len(constituents) - len(words),
+        "hit_meaning": meaning_hits / len(words),
+        "hit_any": any_hits / len(words),
+        "details": details,
+    }
+
+
+def child_states(child: Child) -> tuple[torch.Tensor, torch.Tensor, Any, int]:
+    """The child's embedding matrix right after init and at the end (float32), its tokenizer and base size."""
+    from safetensors.torch import load_file
+
+    from .state import load_trained, rows_file
+
+    state = load_trained(child.output_dir, initial=True)
+    rows = state.rows
+    initial = rows.values().float().clone()
+    path, _ = rows_file(child.output_dir)
+    saved = load_file(str(path))
+    rows.load_rows(saved["token_ids"], saved["rows"])
+    final = rows.values().float().clone()
+    num_base = rows.num_base
+    tokenizer = state.tokenizer
+    del state, rows
+    gc.collect()
+    return initial, final, tokenizer, num_base
+
+
+def summarise_child(client, child: Child, plan: SweepPlan, log: Log) -> dict[str, Any]:
+    """Everything the comparison shows of one finished child; hit rates also go to the child run as metrics."""
+    from .analysis.report import loss_history
+
+    summary: dict[str, Any] = {"loss": None, "norm_curve": None, "neighbours": None}
+    history = loss_history(child.run_id, child.output_dir, client)
+    if history is not None:
+        summary["loss"] = (history[0], history[1])
+    norms = sorted(client.get_metric_history(child.run_id, "new_row_norm"), key=lambda m: (m.step, m.timestamp))
+    steps = {m.step: m.value for m in norms}
+    initial, final, tokenizer, num_base = child_states(child)
+    last_step = max([child.config.train.max_steps, *steps])
+    init_norm = float(initial[num_base:].norm(dim=1).mean()) if initial.shape[0] > num_base else math.nan
+    steps[0] = init_norm
+    summary["norm_curve"] = (sorted(steps), [steps[s] for s in sorted(steps)])
+    summary["base_mean_norm"] = float(initial[:num_base].norm(dim=1).mean())
+    summary["new_row_norm_init"] = init_norm
+    summary["new_row_norm_final"] = child.metrics.get("new_row_norm", float(final[num_base:].norm(dim=1).mean()))
+    if child.config.init.from_embeddings:
+        log(f"warning: {child.label}: init.from_embeddings is set; step-0 values are those of the init before the "
+            "restore")
+    if plan.constituents:
+        at_init = hit_rates(initial, tokenizer, num_base, plan.constituents, plan.top_k)
+        at_end = hit_rates(final, tokenizer, num_base, plan.constituents, plan.top_k)
+        summary["hits"] = {"step0": at_init, "final": at_end}
+        if at_init["words"]:
+            client.log_batch(child.run_id, metrics=_hit_metrics(at_init, 0) + _hit_metrics(at_end, last_step))
+        if at_init["skipped"]:
+            log(f"warning: {child.label}: {at_init['skipped']} constituents words are not new tokens of this run "
+                "(already single tokens) and are left out of its hit rates")
+    return summary
+
+
+def _hit_metrics(rates: dict, step: int) -> list:
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    return [Metric(f"neighbour_hit_{kind}", float(rates[f"hit_{kind}"]), stamp, step) for kind in ("meaning", "any")]
+
+
+COLUMNS = (
+    ("child", "child"),
+    ("status", "status"),
+    ("heldout_perplexity_before", "ppl before"),
+    ("heldout_perplexity_after", "ppl after"),
+    ("final_loss", "final loss"),
+    ("new_row_norm_init", "new-row norm step 0"),
+    ("new_row_norm_final", "new-row norm end"),
+    ("base_mean_norm", "base-row norm"),
+    ("new_row_displacement", "displacement"),
+    ("hit_meaning_step0", "meaning@k step 0"),
+    ("hit_meaning_final", "meaning@k end"),
+    ("hit_any_step0", "meaning|part@k step 0"),
+    ("hit_any_final", "meaning|part@k end"),
+    ("hit_words", "words scored"),
+    ("train_seconds", "seconds"),
+    ("run_id", "run id"),
+    ("error", "error"),
+)
+
+
+def comparison_row(child: Child) -> dict[str, Any]:
+    row: dict[str, Any] = {key: None for key, _ in COLUMNS}
+    row.update(child=child.label, status=child.status, run_id=child.run_id, error=child.error, value=child.text)
+    for key in ("heldout_perplexity_before", "heldout_perplexity_after", "new_row_displacement", "train_seconds"):
+        row[key] = child.metrics.get(key)
+    summary = child.summary
+    if summary.get("loss"):
+        row["final_loss"] = summary["loss"][1][-1]
+    for key in ("new_row_norm_init", "new_row_norm_final", "base_mean_norm"):
+        row[key] = summary.get(key)
+    hits = summary.get("hits")
+    if hits:
+        for when in ("step0", "final"):
+            for kind in ("meaning", "any"):
+                row[f"hit_{kind}_{when}"] = hits[when][f"hit_{kind}"]
+        row["hit_words"] = hits["final"]["words"]
+    return row
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if key.startswith("hit_") and key != "hit_words":
+        return f"{value:.0%}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table_markdown(rows: list[dict], plan: SweepPlan, shown: tuple[str, ...]) -> str:
+    header = [label.replace("@k", f"@{plan.top_k}") for key, label in COLUMNS if key in shown]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for row in rows:
+        cells = [_fmt(key, row.get(key)).replace("|", "\\|") for key, _ in COLUMNS if key in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_html(rows: list[dict], plan: SweepPlan, shown: tuple[str, ...], notes: list[str]) -> str:
+    header = "".join(f"<th>{html.escape(label.replace('@k', f'@{plan.top_k}'))}</th>"
+                     for key, label in COLUMNS if key in shown)
+    body = []
+    for row in rows:
+        style = "" if row["status"] == "FINISHED" else ' style="color:#b00"'
+        cells = "".join(f"<td>{html.escape(_fmt(key, row.get(key)))}</td>" for key, _ in COLUMNS if key in shown)
+        body.append(f"<tr{style}>{cells}</tr>")
+    note_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>wakelab sweep</title><style>"
+        "body{font-family:sans-serif;font-size:14px} table{border-collapse:collapse}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f4f4f4}"
+        "td:first-child,th:first-child{text-align:left}</style></head><body>"
+        f"<h3>Sweep over {html.escape(plan.canonical)}</h3><table><tr>{header}</tr>{''.join(body)}</table>"
+        f"{note_html}</body></html>\n"
+    )
+
+
+def notes_for(plan: SweepPlan) -> list[str]:
+    notes = []
+    missing = [c for c in plan.children if c.status != "FINISHED"]
+    if missing:
+        notes.append("missing (no results): " + "; ".join(f"{c.label} {c.status}: {c.error}" for c in missing))
+    if plan.constituents:
+        notes.append(
+            f"hit rates: share of the {len(plan.constituents)} constituents words whose top-{plan.top_k} base-token "
+            "neighbours (cosine) hold the meaning word (meaning@k), or the meaning word or a word it blends "
+            "(meaning|part@k); step 0 = right after init (subword init starts a word at its own pieces, so its "
+            "step-0 neighbours partly reflect the init), end = after training."
+        )
+        if plan.not_in_lexicon:
+            notes.append(f"left out of the hit rates (not in the lexicon): {', '.join(plan.not_in_lexicon)}")
+    else:
+        notes.append("no constituents file (--constituents / init.constituents): no hit rates")
+    return notes
+
+
+def compare(client, plan: SweepPlan, parent_id: str, log: Log) -> tuple[Path, str]:
+    """Summarise every finished child, write the comparison files and plots, and log them to the parent."""
+    out = plan.root / COMPARISON_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for child in plan.children:
+        if child.status != "FINISHED":
+            continue
+        try:
+            child.summary = summarise_child(client, child, plan, log)
+        except Exception as exc:  # noqa: BLE001 - a child's analysis failing leaves a gap, not a lost sweep
+            log(f"warning: could not read back {child.label} for the comparison: {_one_line(exc)}")
+            child.summary = {}
+    rows = [comparison_row(c) for c in plan.children]
+    shown = tuple(key for key, _ in COLUMNS if key != "run_id" and (key in ("child", "status") or any(
+        r.get(key) is not None for r in rows)))
+    notes = notes_for(plan)
+    markdown = table_markdown(rows, plan, shown)
+    meta = {
+        "key": plan.canonical,
+        "values": [c.text for c in plan.children],
+        "parent_run_id": parent_id,
+        "top_k": plan.top_k,
+        "constituents": str(plan.constituents_path) if plan.constituents_path else None,
+        "constituents_not_in_lexicon": plan.not_in_lexicon,
+        "missing": [c.label for c in plan.children if c.status != "FINISHED"],
+        "notes": notes,
+        "children": rows,
+    }
+    (out / "comparison.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    with (out / "comparison.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[key for key, _ in COLUMNS] + ["value"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "comparison.md").write_text(f"# Sweep over `{plan.canonical}`\n\n{markdown}\n"
+                                       + "".join(f"- {n}\n" for n in notes))
+    (out / "comparison.html").write_text(table_html(rows, plan, shown, notes))
+    neighbours = {c.label: {when: c.summary["hits"][when]["details"] for when in ("step0", "final")}
+                  for c in plan.children if c.summary.get("hits")}
+    (out / "neighbours.json").write_text(json.dumps(neighbours, indent=1, ensure_ascii=False) + "\n")
+    write_plots(plan, out)
+    client.log_artifacts(parent_id, str(out), COMPARISON_DIR)
+    return out, markdown
+
+
+def write_plots(plan: SweepPlan, out: Path) -> None:
+    from .analysis import plots
+
+    done = [c for c in plan.children if c.status == "FINISHED" and c.summary]
+    missing = [c.label for c in plan.children if c not in done]
+    suffix = f"\n(missing: {', '.join(missing)})" if missing else ""
+
+    fig = plots.curves({c.label: c.summary["loss"] for c in done if c.summary.get("loss")},
+                       f"Training loss per child ({plan.canonical}){suffix}")
+    plots.save_figure(fig, out / "loss_curves.png")
+
+    fig = plots.curves({c.label: c.summary["norm_curve"] for c in done if c.summary.get("norm_curve")},
+                       f"Mean new-row norm (step 0 = right after init){suffix}", ylabel="mean L2 norm of the new rows")
+    base = [c.summary["base_mean_norm"] for c in done if c.summary.get("base_mean_norm") is not None]
+    if base:
+        ax = fig.axes[0]
+        ax.axhline(base[0], color="gray", linestyle="--", label="mean base-row norm")
+        ax.legend(loc="best")
+    plots.save_figure(fig, out / "new_row_norm.png")
+
+    labels = [c.label for c in done]
+    before = [c.metrics.get("heldout_perplexity_before", math.nan) for c in done]
+    after = [c.metrics.get("heldout_perplexity_after", math.nan) for c in done]
+    fig = _bars(labels, {"before training": before, "after training": after},
+                f"Held-out perplexity{suffix}", "perplexity (log scale)", log_scale=True)
+    plots.save_figure(fig, out / "perplexity.png")
+
+    if plan.constituents:
+        series: dict[str, list[float]] = {}
+        for kind, name in (("meaning", "meaning word"), ("any", "meaning word or a part")):
+            for when, when_name in (("step0", "step 0"), ("final", "end")):
+                series[f"{name}, {when_name}"] = [
+                    (c.summary.get("hits") or {}).get(when, {}).get(f"hit_{kind}") or 0.0 for c in done
+                ]
+        fig = _bars(labels, series, f"Nearest-neighbour hit rate (top {plan.top_k} base tokens){suffix}",
+                    "share of words with a hit", ylim=(0, 1.05), percent=True)
+        plots.save_figure(fig, out / "hit_rates.png")
+
+
+def _bars(labels: list[str], series: dict[str, list[float]], title: str, ylabel: str, *, log_scale: bool = False,
+          ylim: tuple[float, float] | None = None, percent: bool = False):
+    import numpy as np
+
+    from .analysis.plots import new_figure
+
+    fig, (ax,) = new_figure(width=max(7.0, 1.6 * max(len(labels), 1) * max(len(series), 1) / 2))
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(series), 1)
+    for index, (name, values) in enumerate(series.items()):
+        bars = ax.bar(x + (index - (len(series) - 1) / 2) * width, values, width, label=name)
+        ax.bar_label(bars, labels=[("—" if math.isnan(v) else f"{v:.0%}" if percent else f"{v:.3g}") for v in values],
+                     fontsize=8, padding=2)
+    ax.set_xticks(x, labels)
+    ax.set_title(title)
+    ax.set_xlabel("child run")
+    ax.set_ylabel(ylabel)
+    if log_scale and any(v > 0 for vs in series.values() for v in vs if not math.isnan(v)):
+        ax.set_yscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    if len(series) > 1:
+        ax.legend(loc="best", fontsize=8)
+    return fig
