@@ -37,6 +37,7 @@ import copy
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -138,19 +139,22 @@ def make_step_timer(name: str, baton: Baton):
 
         def __init__(self):
             self.durations: list[float] = []
+            self.cpu: list[float] = []  # process CPU seconds (all threads) spent during each step
             self._start = 0.0
+            self._cpu_start = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
             baton.start(name)
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.durations.append(time.perf_counter() - self._start)
+            self.cpu.append(time.process_time() - self._cpu_start)
             baton.give(name)
             baton.take(name)
             if state.global_step >= state.max_steps:
                 baton.finish(name)  # both go on to their (untimed) end of training together
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     return LockStepTimer()
 
@@ -262,6 +266,7 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
         "classes": {"wakelab": type(side["trainer"]).__name__, "plain": type(side["plain"]).__name__},
         "steps": {"wakelab": side["trainer"].state.global_step, "plain": side["plain"].state.global_step},
         "durations": {kind: timer.durations for kind, timer in timers.items()},
+        "cpu": {kind: timer.cpu for kind, timer in timers.items()},
         "wakelab_code_s_per_step": spent["seconds"] / max(1, side["trainer"].state.global_step),
         "wakelab_code_ms_by_event": {k: v * 1000 / max(1, side["trainer"].state.global_step) for k, v in by_event.items()},
     }
@@ -292,6 +297,14 @@ def main() -> int:
         os.environ.pop(key, None)
     os.chdir(tmp)
 
+    try:
+        return measure(args, tmp)
+    finally:
+        os.chdir(Path(__file__).resolve().parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args, tmp: Path) -> int:
     import torch
     import transformers
 
@@ -324,6 +337,7 @@ def main() -> int:
 
     rows = []
     own_share = []
+    cpu_ratios = []
     own_events: dict[str, list[float]] = {}
     for pair in range(1, args.pairs + 1):
         first = "wakelab" if pair % 2 else "plain"
@@ -337,6 +351,8 @@ def main() -> int:
         med_ms = {kind: statistics.median(d) * 1000 for kind, d in timed.items()}
         ratio = sps["wakelab"] / sps["plain"]
         step_ratio = statistics.median(p / w for w, p in zip(timed["wakelab"], timed["plain"]))
+        cpu = {kind: sum(got["cpu"][kind][args.warmup:]) for kind in ("wakelab", "plain")}
+        cpu_ratios.append(cpu["plain"] / cpu["wakelab"])
         rows.append((sps, ratio, step_ratio))
         own_ms = got["wakelab_code_s_per_step"] * 1000
         own_share.append(own_ms / med_ms["wakelab"])
@@ -344,7 +360,7 @@ def main() -> int:
             own_events.setdefault(event, []).append(ms)
         print(f"pair {pair}: {first:>7s} first | wakelab {sps['wakelab']:6.2f} steps/s ({med_ms['wakelab']:6.1f} ms "
               f"median) | plain {sps['plain']:6.2f} steps/s ({med_ms['plain']:6.1f} ms median) | ratio {ratio:.3f} "
-              f"(median step-pair ratio {step_ratio:.3f})"
+              f"(median step-pair ratio {step_ratio:.3f}, CPU-time ratio {cpu_ratios[-1]:.3f})"
               + ("" if args.control else f" | in wakelab code {own_ms:.2f} ms/step"), flush=True)
 
     ratios = [r for _, r, _ in rows]
@@ -356,6 +372,8 @@ def main() -> int:
     print(f"plain   steps/s : median {statistics.median(pl):.2f} (min {min(pl):.2f}, max {max(pl):.2f})")
     print(f"paired ratios   : {', '.join(f'{r:.3f}' for r in ratios)}")
     print(f"median of per-step paired ratios: {statistics.median(r for _, _, r in rows):.3f}")
+    print(f"median CPU-time ratio (plain CPU s / wakelab CPU s over the timed steps): "
+          f"{statistics.median(cpu_ratios):.3f}")
     if not args.control:
         print(f"time in wakelab's per-step code (HookBridge events incl. MLflow logging, masking seam): median "
               f"{statistics.median(own_share):.2%} of a median step; ms/step by event: "

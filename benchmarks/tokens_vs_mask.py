@@ -31,6 +31,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def reset_peak_rss() -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # worker: one strategy, one process
 # ---------------------------------------------------------------------------------------------------------------
-def worker(strategy: str, args) -> dict:
+def worker(strategy: str, args, scratch: str) -> dict:
     import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
@@ -133,7 +134,7 @@ def worker(strategy: str, args) -> dict:
             self.durations.append(time.perf_counter() - self._start)
             self._wait_for_go()
 
-    out_dir = tempfile.mkdtemp(prefix=f"wakelab-{strategy}-")
+    out_dir = os.path.join(scratch, "out")
     targs = TrainingArguments(
         output_dir=out_dir,
         report_to="none",
@@ -287,8 +288,12 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.worker:
-        os.environ.setdefault("WAKELAB_CACHE", tempfile.mkdtemp(prefix="wakelab-cache-"))
-        result = worker(args.worker, args)
+        scratch = tempfile.mkdtemp(prefix=f"wakelab-{args.worker}-")
+        os.environ.setdefault("WAKELAB_CACHE", scratch)
+        try:
+            result = worker(args.worker, args, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 

@@ -210,6 +210,8 @@ def test_recording_dynamics_are_logged(store):
     assert sorted(steps) == list(range(1, STEPS + 1))
     assert client.get_run(run.run_id).data.tags["wakelab.analysis.recording_cut_short"] == "false"
     assert "freeze verdict (all tracked rows, n=8): not frozen" in result.stdout
+    # The recorder's masks (tokens seen in the corpus) say every new token trained: the verdict falls back to all rows.
+    assert "none of the tracked rows is untrained" in result.stdout
 
     again = invoke(run.output_dir, "--no-static", "--no-mlflow", "--recording", "--from-step", "2", "--to-step", "9")
     assert again.exit_code == 2 and "--to-step 9 is not a recorded step" in again.stderr
@@ -261,6 +263,16 @@ def test_masks_split_trained_from_untrained_rows(store, tmp_path):
     assert "untrained_unchanged_share" in result.freeze_onset[0]
     # Over a large threshold, the untrained rows count as frozen.
     assert analyse_recording(copy, freeze_threshold=1e3).freeze["frozen"] is True
+
+
+def test_dynamics_functions_accept_zero_rows():
+    """A mask that selects no rows (e.g. no untrained token among the tracked ones) is not an error."""
+    from wakelab.analysis.dynamics import displacement, freeze_onset, lattice_hops
+
+    empty = torch.zeros(0, 4, dtype=torch.bfloat16)
+    assert displacement(empty, empty).shape == (0,)
+    assert freeze_onset([empty, empty])[0]["rows"] == 0
+    assert lattice_hops([empty, empty], [empty] * 2, [empty] * 2, 1e-3, [1, 2])[0]["rows_moved"] == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

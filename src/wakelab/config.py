@@ -270,6 +270,8 @@ class RunConfig(_Section):
     @field_validator("plugins", mode="before")
     @classmethod
     def _plugins_as_tuple(cls, value: Any) -> Any:
+        if value is None:
+            return ()
         if isinstance(value, str):
             return tuple(p.strip() for p in value.split(",") if p.strip())
         return value

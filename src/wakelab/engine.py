@@ -328,6 +328,11 @@ def expand_for_config(config: RunConfig):
         pm = registry.build_manager(config.active_plugins, optional=[config.init.method])
         weight = model.get_input_embeddings().weight
         _init_new_rows(pm, config, weight, num_base, torch.arange(num_base, weight.shape[0]), new_words, tokenizer)
+    if config.init.from_embeddings:
+        weight = model.get_input_embeddings().weight
+        matrix, _ = load_phase_matrix(config.init.from_embeddings, tuple(weight.shape), tokenizer)
+        with torch.no_grad():
+            weight.copy_(matrix.to(weight.dtype))
     return model, tokenizer, num_base
 
 

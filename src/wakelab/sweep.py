@@ -526,8 +526,8 @@ COLUMNS = (
     ("new_row_displacement", "displacement"),
     ("hit_meaning_step0", "meaning@k step 0"),
     ("hit_meaning_final", "meaning@k end"),
-    ("hit_any_step0", "meaning|part@k step 0"),
-    ("hit_any_final", "meaning|part@k end"),
+    ("hit_any_step0", "meaning/part@k step 0"),
+    ("hit_any_final", "meaning/part@k end"),
     ("hit_words", "words scored"),
     ("train_seconds", "seconds"),
     ("run_id", "run id"),
@@ -601,7 +601,7 @@ def notes_for(plan: SweepPlan) -> list[str]:
         notes.append(
             f"hit rates: share of the {len(plan.constituents)} constituents words whose top-{plan.top_k} base-token "
             "neighbours (cosine) hold the meaning word (meaning@k), or the meaning word or a word it blends "
-            "(meaning|part@k); step 0 = right after init (subword init starts a word at its own pieces, so its "
+            "(meaning/part@k); step 0 = right after init (subword init starts a word at its own pieces, so its "
             "step-0 neighbours partly reflect the init), end = after training."
         )
         if plan.not_in_lexicon:
@@ -710,9 +710,15 @@ def _bars(labels: list[str], series: dict[str, list[float]], title: str, ylabel:
     ax.set_xticks(x, labels)
     ax.set_title(title)
     ax.set_xlabel("child run")
-    ax.set_ylabel(ylabel)
-    if log_scale and any(v > 0 for vs in series.values() for v in vs if not math.isnan(v)):
+    finite = [v for vs in series.values() for v in vs if not math.isnan(v) and v > 0]
+    if log_scale and finite and max(finite) / min(finite) > 5:  # e.g. 766 -> 30; a narrow range reads better linear
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+    elif log_scale:
+        ylabel = ylabel.replace(" (log scale)", "")
+    ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
     if len(series) > 1:

@@ -44,7 +44,7 @@ from .dynamics import (
     lattice_hops,
 )
 
-__all__ = ["DynamicsResult", "Masks", "analyse_recording", "read_masks", "MASKS_FILE", "HOP_FIELDS"]
+__all__ = ["HOP_FIELDS", "MASKS_FILE", "DynamicsResult", "Masks", "analyse_recording", "describe", "iter_step_fields", "read_masks"]
 
 MASKS_FILE = "masks.safetensors"
 #: Fields the lattice-hop analysis needs.
@@ -145,19 +145,8 @@ def read_masks(rec: Recording, num_rows: int) -> Masks | None:
 
 
 def _release_handles(rec: Recording) -> None:
-    """Drop the reader's open shard handles so their memory-mapped pages leave the resident set.
-
-    The reader keeps up to 16 shards open (each a memory map); every page read stays resident while its map is open,
-    so reading a 2.6 GB recording through it would leave most of the file in RSS. ``Recording.release()`` is used
-    when the reader has it.
-    """
-    release = getattr(rec, "release", None)
-    if callable(release):
-        release()
-        return
-    handles = getattr(rec, "_handles", None)
-    if handles is not None:
-        handles.clear()
+    """Unmap the reader's shards so their pages leave the resident set (see ``Recording.release``)."""
+    rec.release()
 
 
 def iter_step_fields(rec: Recording, names: list[str], positions: range | None = None) -> Iterator[tuple[int, dict]]:
@@ -250,8 +239,12 @@ def _analyse(rec: Recording, from_step, to_step, freeze_threshold, masks) -> Dyn
         )
     group = "untrained" if masks is not None else "all tracked rows"
     tracked = masks.untrained if masks is not None else torch.ones(num_rows, dtype=torch.bool)
+    if masks is not None and not tracked.any():
+        notes.append("none of the tracked rows is untrained: the freeze verdict and centroid use all tracked rows")
+        group, tracked = "all tracked rows", torch.ones(num_rows, dtype=torch.bool)
     tracked_rows = torch.nonzero(tracked).reshape(-1)
     trained_rows = torch.nonzero(masks.trained).reshape(-1) if masks is not None else None
+    untrained_rows = torch.nonzero(masks.untrained).reshape(-1) if masks is not None else None
 
     missing = [f for f in HOP_FIELDS if f not in rec.fields]
     do_hops = not missing
@@ -286,10 +279,10 @@ def _analyse(rec: Recording, from_step, to_step, freeze_threshold, masks) -> Dyn
             record = freeze_onset([(prev_step, prev), (step, cur)])[0]
             record["previous_step"] = prev_step
             if masks is not None:
-                for name, rows in (("trained", trained_rows), ("untrained", tracked_rows)):
-                    sub = _subset_onset(prev, cur, rows, step, prev_step)
-                    record[f"{name}_unchanged_share"] = sub["unchanged_share"] if rows.numel() else None
-                    record[f"{name}_mean_displacement"] = sub["mean_displacement"] if rows.numel() else None
+                for name, rows in (("trained", trained_rows), ("untrained", untrained_rows)):
+                    sub = _subset_onset(prev, cur, rows, step, prev_step) if rows.numel() else {}
+                    record[f"{name}_unchanged_share"] = sub.get("unchanged_share")
+                    record[f"{name}_mean_displacement"] = sub.get("mean_displacement")
             onset.append(record)
             if do_hops:
                 if step == prev_step + 1 and not math.isnan(lrs[position]):

@@ -543,7 +543,6 @@ def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, rec
     history = loss_history(run.run_id, run.run_dir, run.client)
     final_step = history[0][-1] if history else None
 
-
     state_lines: list[str] = []
     label = None
     if opts.static:

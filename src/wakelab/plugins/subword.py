@@ -51,11 +51,9 @@ def surface_form(tokenizer, token_id: int, word: str) -> str:
     return " " + word if getattr(added, "lstrip", False) else word
 
 
-def usable_ids(ids: list[int], num_base: int, unk_id: int | None, token_text: Callable[[int], str]) -> list[int]:
-    """Base ids that say something about the word: no unknown token, no added token, no lone space when more remain."""
-    ids = [i for i in ids if 0 <= i < num_base and i != unk_id]
-    pieces = [i for i in ids if token_text(i).strip(" \u0120\u2581")]
-    return pieces or ids
+def usable_ids(ids: list[int], num_base: int, unk_id: int | None) -> list[int]:
+    """The base sub-token ids that say something about the word: all but unknown tokens (and any non-base id)."""
+    return [i for i in ids if 0 <= i < num_base and i != unk_id]
 
 
 @wakelab.hookimpl
@@ -78,7 +76,7 @@ def init_embeddings(ctx):
     for position, (token_id, word) in enumerate(zip(ctx.new_ids.tolist(), ctx.new_words, strict=True)):
         form = surface_form(ctx.tokenizer, token_id, word)
         forms.add("' word'" if form.startswith(" ") else "'word'")
-        ids = usable_ids(encode(form), ctx.num_base, unk_id, token_text)
+        ids = usable_ids(encode(form), ctx.num_base, unk_id)
         if not ids:
             fallback.append(position)
             continue

