@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import platform
 import random
@@ -283,12 +284,15 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--no-progress", action="store_true", help="run wakelab without its progress bar")
+    parser.add_argument("--dump", type=Path, help="write every step's wall and CPU times to this JSON file")
     parser.add_argument("--control", action="store_true",
                         help="A/A check of the harness: the engine's side trains with a plain Trainer as well")
     args = parser.parse_args()
     if args.steps <= args.warmup + 1:
         parser.error("--steps must exceed --warmup + 1")
 
+    if args.dump:
+        args.dump = args.dump.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="wakelab-bench-"))
     # Before mlflow or wakelab is imported: a private tracking store and cache, and a working directory of our own.
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -335,6 +339,7 @@ def measure(args, tmp: Path) -> int:
     if args.control:
         print("CONTROL RUN (A/A): the 'wakelab' side below is a plain Trainer in the engine's run; expect ratio ~1.0")
 
+    dump = []
     rows = []
     own_share = []
     cpu_ratios = []
@@ -346,6 +351,7 @@ def measure(args, tmp: Path) -> int:
             for kind in ("wakelab", "plain"):
                 print(f"{kind:7s} side: {got['classes'][kind]}, callbacks {got['callbacks'][kind]}")
         assert got["steps"]["wakelab"] == got["steps"]["plain"] == args.steps, got["steps"]
+        dump.append({"pair": pair, "first": first, "wall_s": got["durations"], "cpu_s": got["cpu"]})
         timed = {kind: got["durations"][kind][args.warmup:] for kind in ("wakelab", "plain")}
         sps = {kind: len(d) / sum(d) for kind, d in timed.items()}
         med_ms = {kind: statistics.median(d) * 1000 for kind, d in timed.items()}
@@ -363,6 +369,8 @@ def measure(args, tmp: Path) -> int:
               f"(median step-pair ratio {step_ratio:.3f}, CPU-time ratio {cpu_ratios[-1]:.3f})"
               + ("" if args.control else f" | in wakelab code {own_ms:.2f} ms/step"), flush=True)
 
+    if args.dump:
+        args.dump.write_text(json.dumps(dump))
     ratios = [r for _, r, _ in rows]
     wl = [s["wakelab"] for s, _, _ in rows]
     pl = [s["plain"] for s, _, _ in rows]

@@ -212,7 +212,7 @@ def test_subword_falls_back_to_the_mean_init_for_unusable_words(tiny_model):
     assert summary["fell_back"] == 2 and summary["fallback"] == "mean"
     assert summary["fallback_words"] == f"{words[0]},{words[1]}"
     assert summary["from_subwords"] == len(words) - 2
-    assert any(f"2 word(s) had no usable sub-tokens and fell back to the mean init" in line for line in lines)
+    assert any("2 word(s) had no usable sub-tokens and fell back to the mean init" in line for line in lines)
     fell = weight[num_base : num_base + 2]
     assert torch.isfinite(fell).all() and not torch.equal(fell[0], fell[1])
     ids = base.encode(" " + words[2])

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .durable import fsync_dir
 from .errors import WakelabError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -40,17 +41,6 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_manifest(folder: Path, info: dict[str, Any]) -> None:
@@ -108,7 +98,7 @@ def publish_dir(ready: Path, destination: Path) -> Path:
         aside = destination.with_name(f".partial-old-{destination.name}-{os.getpid()}")
         os.replace(destination, aside)
     os.replace(ready, destination)
-    _fsync_dir(destination.parent)
+    fsync_dir(destination.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return destination

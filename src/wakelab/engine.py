@@ -42,6 +42,8 @@ class RunResult:
 
 
 def log(message: str) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return  # several processes (torchrun): rank 0 speaks for all of them
     print(f"wakelab: {message}", file=sys.stderr, flush=True)
 
 
@@ -153,6 +155,11 @@ def run(
 ) -> RunResult:
     """Build the run the config describes and train it inside one MLflow run."""
     started = time.monotonic()
+    # Several processes (torchrun / accelerate launch, WORLD_SIZE > 1): rank 0 does the pre-flight work first (demo
+    # conversion, token caches, the output directory) while the others wait here, then they reuse what it made.
+    rank = _join_process_group()
+    if rank != 0:
+        _barrier()
     pm = registry.build_manager(config.active_plugins, cwd, optional=[config.init.method])
     lexicon_path, corpus_path, heldout_path = resolve_data_paths(config)
 
@@ -185,8 +192,12 @@ def run(
     if resume_from is not None:
         manifest = checkpoints.verify(Path(resume_from))
         checkpoints.check_compatible(manifest, Path(resume_from), **checkpoint_info)
-    output_dir = prepare_output_dir(config, overwrite, resume=resume_from is not None)
-    tracking.check_reachable()
+    if rank == 0:
+        output_dir = prepare_output_dir(config, overwrite, resume=resume_from is not None)
+        tracking.check_reachable()
+        _barrier()  # pre-flight done: the other ranks go on (a no-op for a single process)
+    else:
+        output_dir = config.resolved_output_dir  # made by rank 0, which alone writes the run's own files
 
     previous_run = _read_run_file(output_dir) if resume_from else None
     tags = {
@@ -197,20 +208,26 @@ def run(
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run_name = config.tracking.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tracked = tracking.TrackedRun(
-        config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id")
-    )
-    _write_run_file(output_dir, tracked, config)
-    tracked.set_tags({"wakelab.output_dir": str(output_dir.resolve())})
+    if rank == 0:
+        tracked = tracking.TrackedRun(
+            config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id")
+        )
+        _write_run_file(output_dir, tracked, config)
+        tracked.set_tags({"wakelab.output_dir": str(output_dir.resolve())})
+        _from_rank_zero((tracked.run_id, tracked.experiment_id))
+    else:
+        tracked = tracking.RankRun(*_from_rank_zero(None))  # one MLflow run: only rank 0 logs
     error: BaseException | None = None
+    incomplete: tracking.TrackingIncomplete | None = None
     run_ctx: RunContext | None = None
     result_metrics: dict[str, float] = {}
     try:
         tracked.log_params(config.flat())
         tracked.log_params({f"version.{k}": v for k, v in tracking.library_versions().items()})
         tracked.log_params({"plugins.active": ",".join(name for name, _ in pm.list_name_plugin())})
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        tracked.log_artifact(output_dir / "config.yaml")
+        if rank == 0:
+            (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            tracked.log_artifact(output_dir / "config.yaml")
 
         what = f"a {config.model.architecture['model_type']} built from model.architecture" if config.model.architecture \
             else f"base model {config.model.name_or_path}"
@@ -245,13 +262,14 @@ def run(
 
         log(f"corpus: {len(corpus.train_ids):,} tokens -> {len(corpus.train)} training blocks of {config.data.seq_len}"
             + (f", {len(corpus.heldout)} held-out" if corpus.heldout is not None else ""))
-        if report is not None:
+        if report is not None and rank == 0:
             report.corpus = corpus_stats(corpus.train_ids, num_base, tokenizer)
             report.write(output_dir / "vocab_report.json")
             tracked.log_artifact(output_dir / "vocab_report.json")
             tracked.log_metrics({"corpus_new_token_share": report.corpus["new_token_share"]}, 0)
 
-        eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and resume_from is None
+        # Held-out perplexity: rank 0 alone (the ranks hold the same model; the others would repeat the work).
+        eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and resume_from is None and rank == 0
         if eval_ppl:
             before = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks)
             result_metrics["heldout_perplexity_before"] = before
@@ -273,16 +291,17 @@ def run(
         )
         checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
         trainer = _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new,
-                                 progress, checkpoint_info)
+                                 progress and rank == 0, checkpoint_info)
         trainer.train(resume_from_checkpoint=resume_from)
         model = trainer.model
 
         final = output_dir / "final"
-        final.mkdir(exist_ok=True)
-        if new_words or rows.strategy == "full":
+        if rank == 0:
+            final.mkdir(exist_ok=True)
+        if (new_words or rows.strategy == "full") and rank == 0:
             _save_final_rows(rows, final, tracked.run_id)
             tracked.log_artifact(final / "new_rows.safetensors", "final")
-        if config.tracking.log_tokenizer:
+        if config.tracking.log_tokenizer and rank == 0:
             tokenizer.save_pretrained(final / "tokenizer")
             tracked.log_artifact(final / "tokenizer", "final/tokenizer")
         if eval_ppl:
@@ -308,11 +327,24 @@ def run(
                     end_error, status = hook_error, "FAILED"
         failure = error or end_error
         tracked.end(status, failure if not isinstance(failure, (WakelabError, KeyboardInterrupt)) else None)
-        if isinstance(failure, WakelabError):
+        if isinstance(failure, WakelabError) and rank == 0:
             _note_failure(tracked, failure)
+        if tracked.has_unlogged:
+            # The tracking server went away: training went on; say what it did not get and keep that on disk.
+            saved = tracked.save_unlogged(output_dir / tracking.UNLOGGED_FILE)
+            message = tracked.unlogged_message(output_dir, saved)
+            if failure is None:
+                incomplete = tracking.TrackingIncomplete(message)
+            else:
+                log(f"warning: {message}")
         if end_error is not None:
             raise end_error
-    return RunResult(tracked.run_id, tracked.experiment_id, output_dir, "FINISHED", result_metrics, tracking.tracking_uri())
+    result = RunResult(tracked.run_id, tracked.experiment_id, output_dir, "FINISHED", result_metrics,
+                       tracking.tracking_uri())
+    if incomplete is not None:
+        incomplete.result = result
+        raise incomplete  # exit status 3: finished locally, tracking incomplete
+    return result
 
 
 def expand_for_config(config: RunConfig):
@@ -339,8 +371,11 @@ def expand_for_config(config: RunConfig):
 def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:
     from mlflow import MlflowClient
 
+    if tracked.offline:
+        return
     try:
-        MlflowClient().set_tag(tracked.run_id, "wakelab.error", str(error)[:5000])
+        with tracking._quiet_retries():  # one try: the run is already closed, this note must not wait on a dead server
+            MlflowClient().set_tag(tracked.run_id, "wakelab.error", str(error)[:5000])
     except Exception:  # noqa: BLE001
         pass
 
@@ -473,3 +508,38 @@ def _write_run_file(output_dir: Path, tracked: tracking.TrackedRun, config: RunC
 def _read_run_file(output_dir: Path) -> dict[str, Any] | None:
     path = output_dir / RUN_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+# -- several processes: torchrun / accelerate launch ----------------------------------------------------------------
+# Trainer runs DDP by itself; wakelab only makes its own file and MLflow work happen once, on rank 0. These helpers
+# are no-ops in a single process.
+
+
+def _join_process_group() -> int:
+    """This process's global rank. Under a launcher (WORLD_SIZE > 1) join the process group now, so the pre-flight
+    work can wait on a barrier; Trainer (through accelerate) then reuses the group. gloo on CPU, nccl on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("cuda:nccl,cpu:gloo")
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank()
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (every rank must call this); the value itself in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

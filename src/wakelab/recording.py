@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from wakelab.durable import fsync_dir
 from wakelab.errors import WakelabError
 
 __all__ = [
@@ -210,20 +211,6 @@ def _can_store(src: torch.dtype, dst: torch.dtype) -> bool:
 # Small durable-file helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (best effort: not every OS/file system lets a directory be fsynced)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _remove_quietly(path: Path) -> None:
     try:
         os.unlink(path)
@@ -263,7 +250,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         _remove_quietly(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -730,7 +717,7 @@ class RecordingWriter:
         except BaseException:
             _remove_quietly(tmp)
             raise
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
         self._shards.append({"file": name, "first_step": steps[0], "last_step": steps[-1], "count": k})
         for it in items:

@@ -283,7 +283,9 @@ def _experiment_id(client, name: str) -> str:
 
 
 def _open_parent(client, plan: SweepPlan, cwd: Path | None) -> tuple[str, str, bool]:
-    """The parent run: the one ``MLFLOW_RUN_ID`` names (``mlflow run``), else a new one. (run id, experiment, attached)"""
+    """The parent run: the one ``MLFLOW_RUN_ID`` names (``mlflow run``), else a new one.
+
+    Returns (run id, experiment id, attached)."""
     tags = {
         SWEEP_TAG: "parent",
         "wakelab.sweep.key": plan.canonical,

@@ -12,7 +12,6 @@ import contextlib
 import os
 import platform
 import subprocess
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -24,6 +23,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 #: Opens the experiment in the MLflow UI's model-training (runs) view rather than its GenAI view.
 MODEL_TRAINING_KIND = "custom_model_development"
 MAX_PARAM_LENGTH = 6000
+#: What a run could not log because the tracking store went away, saved in its output directory (JSON).
+UNLOGGED_FILE = "mlflow_unlogged.json"
 
 
 class TrackingError(WakelabError):
@@ -90,46 +91,149 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+class TrackingIncomplete(TrackingError):
+    """Training finished and its files are on disk, but the tracking store went away and some of it was not logged.
+
+    ``result`` is the run's ``RunResult``; the exit status (3) tells scripts apart from input errors (2).
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, result: Any = None):
+        super().__init__(message)
+        self.result = result
+
+
+#: While a run is open, MLflow's HTTP calls retry briefly (MLflow's own default waits minutes on a dead server, and
+#: training would wait with it); once the server has failed, each call tries once, so training never stalls on it.
+#: Variables the user set are left alone.
+RUN_HTTP_POLICY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+OFFLINE_HTTP_POLICY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+#: At the end, what is still buffered gets this many more tries, this many seconds apart.
+FINAL_TRIES, FINAL_WAIT_S = 3, 2.0
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str], override: bool = True) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if override or key not in os.environ:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    """A request the store understood and refused (bad value, unknown run): a bug to report, not an outage."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status != 429
+
+
 class TrackedRun:
-    """One MLflow run: opened (or attached) at start, closed with FINISHED, FAILED or KILLED."""
+    """One MLflow run: opened (or attached) at start, closed with FINISHED, FAILED or KILLED.
+
+    When the tracking server goes away mid-run, training goes on: metrics, params, tags and artifacts are kept and
+    retried at each flush; what is still unsent at ``end`` is listed by :meth:`unlogged_message` and saved by
+    :meth:`save_unlogged`. ``end`` never hangs on a dead server.
+    """
 
     def __init__(self, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None):
         import mlflow
 
         self._mlflow = mlflow
-        attach_to = run_id or os.environ.get("MLFLOW_RUN_ID")
-        if attach_to:
-            self.run = mlflow.start_run(run_id=attach_to)
-            self.attached = True
-        else:
-            exp = mlflow.set_experiment(experiment)
-            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
-                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
-            self.run = mlflow.start_run(run_name=run_name)
-            self.attached = False
+        self._policy = _environ(RUN_HTTP_POLICY, override=False)
+        self._policy.__enter__()
+        try:
+            attach_to = run_id or os.environ.get("MLFLOW_RUN_ID")
+            if attach_to:
+                self.run = mlflow.start_run(run_id=attach_to)
+                self.attached = True
+            else:
+                exp = mlflow.set_experiment(experiment)
+                if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+                    mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
+                                                             MODEL_TRAINING_KIND)
+                self.run = mlflow.start_run(run_name=run_name)
+                self.attached = False
+            mlflow.set_tags(tags)
+        except BaseException:
+            self._policy.__exit__(None, None, None)
+            raise
         self.run_id = self.run.info.run_id
         self.experiment_id = self.run.info.experiment_id
-        mlflow.set_tags(tags)
         self._pending: list[Any] = []
+        self._pending_params: dict[str, str] = {}
+        self._pending_tags: dict[str, str] = {}
+        self._pending_artifacts: list[tuple[str, str | None]] = []
         self._last_flush = time.monotonic()
         self._closed = False
+        #: The first failure while the store was unreachable, as (when, message); None while all is well.
+        self.offline_since: tuple[str, str] | None = None
+        self.status_unlogged: str | None = None
+
+    @property
+    def offline(self) -> bool:
+        return self.offline_since is not None
+
+    # -- one call to the store ------------------------------------------------------------------------------------
+    def _send(self, what: str, call) -> bool:
+        """Run ``call``; on an outage note it (one warning) and return False. A client error (4xx) is raised."""
+        try:
+            with _environ(OFFLINE_HTTP_POLICY) if self.offline else contextlib.nullcontext():
+                call()
+        except Exception as exc:  # noqa: BLE001 - an outage must never stop training
+            if _is_client_error(exc):
+                raise
+            if not self.offline:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                self.offline_since = (time.strftime("%H:%M:%S"), first)
+                _warn(f"cannot reach the MLflow tracking store at {tracking_uri()} while logging {what} ({first}); "
+                      "training goes on, and what is not logged is kept and retried")
+            return False
+        if self.offline:
+            self.offline_since = None
+            _warn(f"the MLflow tracking store at {tracking_uri()} answers again; sending what was kept")
+        return True
 
     # -- params, tags, metrics ---------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
         """Params, skipping keys already logged with the same value (a resumed run logs its config again)."""
-        existing = self._mlflow.MlflowClient().get_run(self.run_id).data.params
-        fresh = {}
-        for key, value in params.items():
-            text = "None" if value is None else str(value)
-            text = text[:MAX_PARAM_LENGTH]
-            if key in existing:
-                continue
-            fresh[key] = text
-        for chunk in _chunks(list(fresh.items()), 100):
-            self._mlflow.log_params(dict(chunk))
+        fresh = {key: ("None" if value is None else str(value))[:MAX_PARAM_LENGTH] for key, value in params.items()}
+        self._pending_params.update(fresh)
+        self._send_params()
+
+    def _send_params(self) -> None:
+        if not self._pending_params:
+            return
+        existing: dict[str, str] = {}
+
+        def send():
+            existing.update(self._mlflow.MlflowClient().get_run(self.run_id).data.params)
+            todo = [(k, v) for k, v in self._pending_params.items() if k not in existing]
+            for chunk in _chunks(todo, 100):
+                self._mlflow.log_params(dict(chunk))
+                for key, _ in chunk:
+                    existing[key] = ""
+
+        self._send("params", send)
+        self._pending_params = {k: v for k, v in self._pending_params.items() if k not in existing}
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._mlflow.set_tags(tags)
+        self._pending_tags.update(tags)
+        tags = dict(self._pending_tags)
+        if self._send("tags", lambda: self._mlflow.set_tags(tags)):
+            self._pending_tags.clear()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metrics; they go out in batches so tracking never slows training."""
@@ -141,48 +245,167 @@ class TrackedRun:
             self.flush()
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        client = self._mlflow.MlflowClient()
-        pending, self._pending = self._pending, []
-        for chunk in _chunks(pending, 1000):
-            try:
-                client.log_batch(self.run_id, metrics=chunk)
-            except Exception as exc:  # noqa: BLE001 - training must go on when the server blips
-                self._pending[:0] = chunk
-                print(f"wakelab: warning: could not log {len(chunk)} metrics to MLflow ({exc}); will retry")
-                break
+        """Send what is buffered: params, tags and artifacts kept during an outage, then metrics in batches."""
         self._last_flush = time.monotonic()
+        self._send_params()
+        if self._pending_tags:
+            self.set_tags({})
+        while self._pending_artifacts:
+            path, artifact_path = self._pending_artifacts[0]
+            if not self._send(f"artifact {path}", lambda: self._upload(Path(path), artifact_path)):
+                break
+            self._pending_artifacts.pop(0)
+        client = self._mlflow.MlflowClient()
+        while self._pending:
+            chunk = self._pending[:1000]
+            try:
+                ok = self._send(f"{len(chunk)} metric values", lambda: client.log_batch(self.run_id, metrics=chunk))
+            except Exception as exc:  # noqa: BLE001 - a refused batch must not stop training either
+                _warn(f"MLflow refused {len(chunk)} metric values ({exc}); they are kept and reported at the end")
+                ok = False
+            if not ok:
+                break
+            del self._pending[: len(chunk)]
+
+    @property
+    def has_unlogged(self) -> bool:
+        return bool(self._pending or self._pending_params or self._pending_tags or self._pending_artifacts
+                    or self.status_unlogged)
 
     # -- artifacts ---------------------------------------------------------------------------------------------
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
+        """Log a file or folder; during an outage it is kept (by path: the file stays on disk) and retried."""
+        self._pending_artifacts.append((str(path), artifact_path))
+        if len(self._pending_artifacts) == 1:
+            if self._send(f"artifact {path}", lambda: self._upload(Path(path), artifact_path)):
+                self._pending_artifacts.pop()
+
+    def _upload(self, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():
             self._mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         else:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._mlflow.log_text(text, artifact_file)
+        self._send(f"text {artifact_file}", lambda: self._mlflow.log_text(text, artifact_file))
 
     # -- end ---------------------------------------------------------------------------------------------------
     def end(self, status: str, error: BaseException | None = None) -> None:
+        """Flush (with a few more tries when the store is away) and close the run; never hangs, never raises
+        for an outage. What could not be sent is then in :attr:`has_unlogged` / :meth:`unlogged_message`."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.flush()
             if error is not None:
                 text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "traceback.txt"
-                    path.write_text(text, encoding="utf-8")
-                    self._mlflow.log_artifact(str(path))
+                self._send("the traceback", lambda: self._mlflow.log_text(text, "traceback.txt"))
+            for attempt in range(FINAL_TRIES):
+                self.flush()
+                if not (self._pending or self._pending_params or self._pending_tags or self._pending_artifacts):
+                    break
+                if attempt + 1 < FINAL_TRIES:
+                    time.sleep(FINAL_WAIT_S)
         finally:
-            self._mlflow.end_run(status=status)
+            # end_run takes the run off MLflow's stack before it tells the store, so a failure leaves nothing open.
+            if not self._send(f"the final status {status}", lambda: self._mlflow.end_run(status=status)):
+                self.status_unlogged = status
+            self._policy.__exit__(None, None, None)
+
+    def unlogged_message(self, output_dir: str | Path | None = None, saved_to: str | Path | None = None) -> str:
+        """One paragraph: which store, since when, what was not logged, where the files and the leftovers are."""
+        parts = []
+        if self._pending:
+            names = sorted({m.key for m in self._pending})
+            steps = [m.step for m in self._pending]
+            parts.append(f"{len(self._pending)} metric values ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}; "
+                         f"steps {min(steps)}-{max(steps)})")
+        if self._pending_params:
+            parts.append(f"{len(self._pending_params)} params")
+        if self._pending_tags:
+            parts.append(f"{len(self._pending_tags)} tags")
+        if self._pending_artifacts:
+            shown = ", ".join(Path(p).name for p, _ in self._pending_artifacts[:4])
+            more = ", ..." if len(self._pending_artifacts) > 4 else ""
+            parts.append(f"{len(self._pending_artifacts)} artifacts ({shown}{more})")
+        if self.status_unlogged:
+            parts.append(f"the final status {self.status_unlogged} (the run shows RUNNING there)")
+        since = f" since {self.offline_since[0]} ({self.offline_since[1]})" if self.offline_since else ""
+        message = f"the MLflow tracking store at {tracking_uri()} stopped answering{since}; not logged to run " \
+                  f"{self.run_id}: " + ", ".join(parts or ["nothing"])
+        if output_dir is not None:
+            message += f". Training went on: the run's files are in {output_dir}"
+        if saved_to is not None:
+            message += f"; the values not logged are in {saved_to}"
+        return message
+
+    def save_unlogged(self, path: str | Path) -> Path:
+        """Write what could not be logged as JSON (metrics as key/value/timestamp/step), to log it later by hand."""
+        import json
+
+        path = Path(path)
+        record = {
+            "tracking_uri": tracking_uri(),
+            "run_id": self.run_id,
+            "status": self.status_unlogged,
+            "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                        for m in self._pending],
+            "params": self._pending_params,
+            "tags": self._pending_tags,
+            "artifacts": [{"path": p, "artifact_path": a} for p, a in self._pending_artifacts],
+        }
+        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        return path
 
     def ui_url(self) -> str:
         return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+class RankRun:
+    """The tracker of every process but the first under torchrun / accelerate launch: it logs nothing.
+
+    Rank 0's :class:`TrackedRun` logs for the whole job (one MLflow run); the other ranks get its run id so the
+    plugins and files they see agree, and otherwise the same methods, doing nothing.
+    """
+
+    attached = False
+    offline = False
+    has_unlogged = False
+    status_unlogged = None
+
+    def __init__(self, run_id: str | None, experiment_id: str | None):
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def end(self, status: str, error: BaseException | None = None) -> None:
+        pass
+
+    def ui_url(self) -> str:
+        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"wakelab: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

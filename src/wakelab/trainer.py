@@ -93,20 +93,27 @@ class WakelabTrainer(Trainer):
         self._staging_root = run_dir / STAGING
         if self.args.should_save:
             shutil.rmtree(self._staging_root / name, ignore_errors=True)  # a crash's leftovers
+        # Several processes (DDP): every rank writes its own rng_state_<rank>.pth into the staging folder, so the
+        # leftovers go before any rank writes, and rank 0 publishes only once all have written. Trainer saves on
+        # every rank, so every rank reaches these barriers (no-ops in a single process).
+        self.accelerator.wait_for_everyone()
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
-        if not self.args.should_save:
-            return
-        staged = run_dir / STAGING / name
-        (staged / "wakelab_config.yaml").write_text(self.config_yaml, encoding="utf-8")
-        finalize(staged, run_dir / name, {"step": self.state.global_step, **self.checkpoint_info})
-        rotate(run_dir, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged = run_dir / STAGING / name
+            (staged / "wakelab_config.yaml").write_text(self.config_yaml, encoding="utf-8")
+            finalize(staged, run_dir / name, {"step": self.state.global_step, **self.checkpoint_info})
+            rotate(run_dir, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()  # published before any rank goes on
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.rows.strategy == "full":
             return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return  # several processes: the rows are the same on every rank; rank 0 writes them
         from safetensors.torch import save_file
 
         out = Path(output_dir or self.args.output_dir)
@@ -214,6 +221,8 @@ class HookBridge(TrainerCallback):
             self._log_metrics(metrics, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return  # several processes: one checkpoint, so one on_save (one set of mirrors), on rank 0 that wrote it
         trainer = self._trainer()
         checkpoint = self._output_dir / f"checkpoint-{state.global_step}"
         ctx = SaveContext(checkpoint_dir=checkpoint, step=state.global_step, output_dir=self._output_dir, run_id=self._run_id)
