@@ -115,7 +115,10 @@ def test_missing_model_folder(tiny_model, texts, tmp_path):
 
 
 def test_hub_id_offline_says_how_to_point_at_a_folder(tiny_model, texts, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     result = invoke(tiny_model, texts, **{"model.name_or_path": "meta-llama/Llama-3.2-1B"})
     assert_refused(result, "set model.name_or_path=DIR", tmp_path)
 
