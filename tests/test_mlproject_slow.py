@@ -44,18 +44,27 @@ def check_finished(run):
     assert run.data.tags.get("mlflow.project.entryPoint")
 
 
-def test_main_entry_point(tmp_path, cache):
-    proc = mlflow_run("main", {"max_steps": 2}, tmp_path, cache)
+def test_main_then_analyze_entry_points(tmp_path, cache):
+    proc = mlflow_run("main", {"max_steps": 2, "output_dir": f"{tmp_path}/runs/{{run_id}}"}, tmp_path, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(tmp_path)
     check_finished(run)
     assert run.data.params["train.max_steps"] == "2"
-    assert run.data.tags["wakelab.output_dir"].endswith(run.info.run_id)
+    assert run.data.tags["wakelab.output_dir"] == str(tmp_path / "runs" / run.info.run_id)
+    # `-e analyze` is its own MLflow run: the analysis lands there, tagged with the run it analysed.
+    proc = mlflow_run("analyze", {"run": run.info.run_id}, tmp_path, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
+    (analysis_id,) = [r for r in runs["run_id"] if r != run.info.run_id]
+    analysis = mlflow.get_run(analysis_id)
+    assert analysis.data.tags["wakelab.analysis.source_run"] == run.info.run_id
+    assert any(a.path == "analysis" for a in mlflow.MlflowClient().list_artifacts(analysis_id))
 
 
 def test_p1_evolved_entry_point_through_4bit(tmp_path, cache, tiny_model, texts):
     params = {"model": tiny_model, "lexicon": texts["lexicon"], "corpus": texts["corpus"], "phase1": "null",
-              "max_steps": 20, "seq_len": 32, "sentry": tmp_path / "sentry"}
+              "max_steps": 20, "seq_len": 32, "sentry": tmp_path / "sentry", "output_dir": tmp_path / "p1"}
     proc = mlflow_run("p1_evolved", params, tmp_path, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(tmp_path)
@@ -66,11 +75,11 @@ def test_p1_evolved_entry_point_through_4bit(tmp_path, cache, tiny_model, texts)
 
 
 def test_wordybird_then_wordybird3_entry_points(tmp_path, cache):
-    proc = mlflow_run("wordybird", {"max_steps": 2, "batch_size": 2}, tmp_path, cache)
+    proc = mlflow_run("wordybird", {"max_steps": 2, "batch_size": 2, "output_dir": tmp_path / "wb1"}, tmp_path, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = only_run(tmp_path)
     check_finished(first)
-    proc = mlflow_run("wordybird_3", {"max_steps": 4, "batch_size": 2}, tmp_path, cache)
+    proc = mlflow_run("wordybird_3", {"max_steps": 4, "batch_size": 2, "output_dir": tmp_path / "wb3"}, tmp_path, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
@@ -80,4 +89,19 @@ def test_bad_parameter_is_a_clear_error(tmp_path, cache):
     proc = mlflow_run("main", {"max_steps": "many"}, tmp_path, cache)
     assert proc.returncode != 0
     assert "wakelab: error: config key 'train.max_steps'" in proc.stderr
-    assert "Traceback" not in proc.stderr.split("wakelab: error:")[0][-2000:] or True
+    assert "Traceback" not in proc.stderr
+
+
+def test_entry_point_from_outside_the_project_folder(tmp_path, cache):
+    """MLflow runs the entry point in the project folder whatever the caller's working directory."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "WAKELAB_CACHE": cache,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    args = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "main", "--env-manager", "local",
+            "-P", "max_steps=1", "-P", f"output_dir={tmp_path}/out"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "final" / "new_rows.safetensors").exists()
+    proc = subprocess.run(args[:2] + [str(tmp_path)] + args[3:], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "MLproject" in proc.stderr + proc.stdout

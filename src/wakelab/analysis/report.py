@@ -32,6 +32,7 @@ Metrics are named ``analysis/...`` and logged at the analysed state's step (per-
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,6 +152,16 @@ def _experiment_id(client, run: _Run) -> str:
         name = (yaml.safe_load(config.read_text()).get("tracking") or {}).get("experiment") or name
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment is not None else client.create_experiment(name)
+
+
+def _outer_run(client, tags: dict[str, str], exclude: str | None) -> str | None:
+    """The run `mlflow run` created for this command (MLFLOW_RUN_ID), when it is not the analysed run itself."""
+    outer = os.environ.get("MLFLOW_RUN_ID")
+    if not outer or outer == exclude:
+        return None
+    for key, value in tags.items():
+        client.set_tag(outer, key, value)
+    return outer
 
 
 def _new_run(client, run: _Run, name: str, tags: dict[str, str], parent: str | None) -> str:
@@ -499,11 +510,14 @@ def _open_destination(run: _Run, opts: AnalyzeOptions, name: str, extra_tags: di
     if not opts.mlflow:
         return None, None, False
     client = run.client
-    if run.run_id is not None and not opts.nested:
-        return client, run.run_id, False
     tags = {"wakelab.analysis.kind": "analysis", **extra_tags}
     if run.run_id is not None:
         tags["wakelab.analysis.source_run"] = run.run_id
+    outer = _outer_run(client, tags, exclude=run.run_id)
+    if outer is not None:  # under `mlflow run -e analyze`: one run, the one MLflow made
+        return client, outer, False
+    if run.run_id is not None and not opts.nested:
+        return client, run.run_id, False
     return client, _new_run(client, run, name, tags, parent=run.run_id), True
 
 
@@ -717,9 +731,11 @@ def compare_runs(targets: list[str], opts: AnalyzeOptions | None = None, warn: W
     if opts.mlflow:
         client = runs[0].client
         compared = ",".join(r.run_id or str(r.run_dir) for r in runs)
-        dest = _new_run(client, runs[0], "comparison-" + "-vs-".join(labels)[:200],
-                        {"wakelab.analysis.kind": "comparison", "wakelab.analysis.compared_runs": compared}, None)
-        created = True
+        tags = {"wakelab.analysis.kind": "comparison", "wakelab.analysis.compared_runs": compared}
+        dest = _outer_run(client, tags, exclude=None)
+        created = dest is None
+        if created:
+            dest = _new_run(client, runs[0], "comparison-" + "-vs-".join(labels)[:200], tags, None)
     sink = AnalysisSink(local, dest, client)
     report = AnalysisReport(local, dest, warnings=warnings)
     status = "FAILED"
