@@ -104,4 +104,4 @@ def test_entry_point_from_outside_the_project_folder(tmp_path, cache):
     assert (tmp_path / "out" / "final" / "new_rows.safetensors").exists()
     proc = subprocess.run(args[:2] + [str(tmp_path)] + args[3:], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode != 0 and "MLproject" in proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "Could not find main among entry points" in proc.stderr
