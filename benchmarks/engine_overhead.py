@@ -16,7 +16,8 @@ Both sides train the same tiny Llama (hidden 128, 4 layers, tied), the same expa
 
 Only the training loop is timed, never set-up. This machine's load swings by 5x within seconds (other jobs share
 its 2 cores), so whole runs timed one after the other (A, B, A, B) gave paired ratios from 0.4 to 1.6. The two
-trainers therefore run in lock step: each trains in its own thread and a baton lets exactly one of them do one
+trainers therefore run in lock step: each trains in a thread of its own (the engine's run in one, the plain
+Trainer in another, neither in the main thread) and a baton lets exactly one of them do one
 optimizer step at a time (wakelab step 1, plain step 1, wakelab step 2, ...), so each pair of steps sees the
 same load. A step is timed from the moment its trainer gets the baton to its ``on_step_end`` (our callback runs
 last), which includes the data loader, forward, backward, clipping, optimizer, scheduler, every callback, and the
@@ -25,7 +26,7 @@ previous step's logging (MLflow metrics for wakelab). The first ``--warmup`` ste
 median over repeats of (wakelab steps/s) / (plain steps/s). ``--control`` replaces the engine's Trainer by a
 plain one as well (an A/A run): its ratio shows the harness's own bias, which should be ~1.0.
 
-Run:  python benchmarks/engine_overhead.py [--pairs 7] [--steps 60] [--warmup 10]
+Run:  python benchmarks/engine_overhead.py [--pairs 9] [--steps 60] [--warmup 10]
 Target: wakelab steps/s / plain steps/s >= 0.97.
 """
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import os
 import platform
@@ -101,12 +103,12 @@ def build_model(folder: Path, hidden: int, layers: int, max_positions: int) -> P
 class Baton:
     """Lets two trainers take turns, one optimizer step each, so their steps see the same machine load."""
 
-    def __init__(self, first: str, second: str):
+    def __init__(self, first: str, second: str, on_ready=None):
         self._cond = threading.Condition()
         self._other = {first: second, second: first}
         self._turn = first
         self._finished: set[str] = set()
-        self._ready = threading.Barrier(2)
+        self._ready = threading.Barrier(2, action=on_ready)
 
     def start(self, me: str) -> None:
         self._ready.wait()  # both trainers built their optimizer and data loader before anyone steps
@@ -171,7 +173,20 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
     from wakelab import model as model_mod
     from wakelab.rows import setup_trainable_rows
 
-    baton = Baton(first, "plain" if first == "wakelab" else "wakelab")
+    gc_log: list[tuple[str, float]] = []
+    gc_start: dict[int, float] = {}
+    gc_counting = threading.Event()
+
+    def freeze_heap():
+        """Both trainers are ready: collect once and freeze the heap, so the rest of the run's collections only
+        scan what training allocates. Without this, a full collection over the millions of objects the imports
+        and set-up leave (hundreds of ms) lands on whichever thread trips the threshold: noise of several % per
+        run that has nothing to do with either Trainer."""
+        gc.collect()
+        gc.freeze()
+        gc_counting.set()
+
+    baton = Baton(first, "plain" if first == "wakelab" else "wakelab", on_ready=freeze_heap)
     timers = {"wakelab": make_step_timer("wakelab", baton), "plain": make_step_timer("plain", baton)}
     original = engine._build_trainer
     side: dict = {}
@@ -250,15 +265,38 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
 
     overrides = dict(base_overrides, output_dir=f"out-{run_index}", **{"tracking.run_name": f"pair-{run_index}"})
     config = config_mod.build_config(preset=None, overrides=overrides)
+    def run_engine():
+        try:
+            engine.run(config, overwrite=True, progress=progress)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            side["engine_error"] = exc
+            baton.finish("wakelab")
+
+    # The engine runs in a thread of its own too, so neither side is the main thread.
     engine._build_trainer = build
+    def on_gc(phase, info):
+        if not gc_counting.is_set():
+            return
+        if phase == "start":
+            gc_start[threading.get_ident()] = time.perf_counter()
+        elif threading.get_ident() in gc_start:
+            gc_log.append((threading.current_thread().name, time.perf_counter() - gc_start.pop(threading.get_ident())))
+
+    gc.callbacks.append(on_gc)
     try:
         with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):  # the engine's log lines and bar
-            engine.run(config, overwrite=True, progress=progress)
+            engine_thread = threading.Thread(target=run_engine, name="wakelab-engine")
+            engine_thread.start()
+            engine_thread.join()
+            if "thread" in side:
+                side["thread"].join()
     finally:
+        gc.callbacks.remove(on_gc)
+        gc.unfreeze()
         engine._build_trainer = original
-    side["thread"].join()
-    if "error" in side:
-        raise side["error"]
+    for key in ("engine_error", "error"):
+        if key in side:
+            raise side[key]
     return {
         "callbacks": {
             kind: [type(cb).__name__ for cb in side[key].callback_handler.callbacks]
@@ -268,6 +306,10 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
         "steps": {"wakelab": side["trainer"].state.global_step, "plain": side["plain"].state.global_step},
         "durations": {kind: timer.durations for kind, timer in timers.items()},
         "cpu": {kind: timer.cpu for kind, timer in timers.items()},
+        "gc_ms": {
+            kind: 1000 * sum(dt for name, dt in gc_log if name == thread)
+            for kind, thread in (("wakelab", "wakelab-engine"), ("plain", "plain-trainer"))
+        },
         "wakelab_code_s_per_step": spent["seconds"] / max(1, side["trainer"].state.global_step),
         "wakelab_code_ms_by_event": {k: v * 1000 / max(1, side["trainer"].state.global_step) for k, v in by_event.items()},
     }
@@ -275,7 +317,7 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=7, help="wakelab/plain pairs (>= 5)")
+    parser.add_argument("--pairs", type=int, default=9, help="wakelab/plain pairs (>= 5)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
     parser.add_argument("--hidden", type=int, default=128)
@@ -367,7 +409,8 @@ def measure(args, tmp: Path) -> int:
         print(f"pair {pair}: {first:>7s} first | wakelab {sps['wakelab']:6.2f} steps/s ({med_ms['wakelab']:6.1f} ms "
               f"median) | plain {sps['plain']:6.2f} steps/s ({med_ms['plain']:6.1f} ms median) | ratio {ratio:.3f} "
               f"(median step-pair ratio {step_ratio:.3f}, CPU-time ratio {cpu_ratios[-1]:.3f})"
-              + ("" if args.control else f" | in wakelab code {own_ms:.2f} ms/step"), flush=True)
+              + ("" if args.control else f" | in wakelab code {own_ms:.2f} ms/step")
+              + f" | GC in training: wakelab {got['gc_ms']['wakelab']:.0f} ms, plain {got['gc_ms']['plain']:.0f} ms", flush=True)
 
     if args.dump:
         args.dump.write_text(json.dumps(dump))

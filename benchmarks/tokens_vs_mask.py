@@ -172,6 +172,7 @@ def worker(strategy: str, args, scratch: str) -> dict:
     trainer.remove_callback(PrinterCallback)
 
     gc.collect()
+    gc.freeze()  # full collections over the import-time heap would add random pauses to the timed steps
     rss_before = proc_status_kib("VmRSS")
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     hwm_reset = reset_peak_rss()

@@ -33,7 +33,7 @@ def wakelab(args, cwd, cache):
 def test_demo_runs_end_to_end(tmp_path, shared_cache):
     proc, seconds = wakelab(["run", "--no-progress"], tmp_path, shared_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FINISHED" in proc.stdout and "mlflow ui" in proc.stdout
+    assert "FINISHED" in proc.stdout and "wakelab ui" in proc.stdout
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"

@@ -320,5 +320,15 @@ def test_server_gone_mid_run_training_finishes_and_says_what_was_not_logged(team
     kept = {m["step"] for m in unlogged["metrics"] if m["key"] == "loss"}
     assert logged | kept == {2, 4, 6}, (logged, kept)
     assert 6 in kept  # logged after the server went away
+
+    # The recipe in docs/tracking.md logs what was kept: then the run is whole, and FINISHED.
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "tracking.md").read_text()
+    recipe = docs.split("<!-- replay-unlogged -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    recipe = recipe.replace('"runs/demo/mlflow_unlogged.json"', repr(str(out / "mlflow_unlogged.json")))
+    exec(compile(recipe, "docs/tracking.md", "exec"), {})
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [2, 4, 6]
+    assert {a.path for a in client.list_artifacts(run_id, "final")} >= {"final/new_rows.safetensors", "final/tokenizer"}
     print(f"server gone mid-run: the run ended {after_kill:.0f} s after the kill; it said:")
     print("\n".join(line for line in stderr.splitlines() if line.startswith("wakelab: ")))

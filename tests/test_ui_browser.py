@@ -21,8 +21,6 @@ import pytest
 
 from conftest import tiny_overrides
 
-pytestmark = pytest.mark.slow
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -102,6 +100,35 @@ def screenshots(tmp_path) -> Path:
     return folder
 
 
+def test_port_in_use_is_one_error_line_before_starting_anything(tmp_path):
+    from click.testing import CliRunner
+
+    from wakelab.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["ui", "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"wakelab: error: {lines[0].removeprefix('wakelab: error: ')}"]
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and "--port" in lines[0]
+
+
+def test_a_server_uri_needs_no_local_ui(monkeypatch):
+    from click.testing import CliRunner
+
+    from wakelab.cli import main
+
+    server = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    result = CliRunner().invoke(main, ["ui"])
+    assert result.exit_code == 0, result.output
+    assert f"{server}/" in result.output
+
+
+@pytest.mark.slow
 def test_ui_shows_params_loss_chart_vocab_report_and_plots(tiny_model, texts, tmp_path, screenshots):
     _need_browser()
     from click.testing import CliRunner

@@ -34,7 +34,7 @@ def main() -> None:
     \b
     Example:
       wakelab run                      # the embedded demo, tracked in ./mlflow.db
-      mlflow ui                        # then open the printed URL
+      wakelab ui                       # the MLflow UI for those runs; prints the URL
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -133,17 +133,22 @@ def resume(run_dir, checkpoint, max_steps, overrides, no_progress):
 
 
 def _print_result(result) -> None:
+    """Where to look, once per job (torchrun's other ranks stay quiet)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     click.echo(f"run {result.run_id} {result.status} (experiment {result.experiment_id})")
     for key, value in result.metrics.items():
         click.echo(f"  {key}: {value:.4g}")
     click.echo(f"  output: {result.output_dir}")
+    # The run page in the training runs view (MLflow 3 otherwise opens its GenAI view).
+    page = f"#/experiments/{result.experiment_id}/runs/{result.run_id}?workflowType=machine_learning"
     uri = result.tracking_uri
     click.echo("look at it in the MLflow UI:")
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-        click.echo(f"  mlflow ui --backend-store-uri {uri}    # or: wakelab ui")
-        click.echo(f"  then open http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.run_id}")
+        click.echo("  wakelab ui        # starts the MLflow UI for this store on 127.0.0.1 and prints its URL")
+        click.echo(f"  then open http://127.0.0.1:5000/{page}")
     else:
-        click.echo(f"  {uri.rstrip('/')}/#/experiments/{result.experiment_id}/runs/{result.run_id}")
+        click.echo(f"  {uri.rstrip('/')}/{page}")
 
 
 @main.command()

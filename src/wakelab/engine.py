@@ -441,6 +441,7 @@ def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, track
         dataloader_num_workers=0,
         disable_tqdm=True,
         eval_strategy="no",
+        ddp_find_unused_parameters=False,  # every trainable tensor takes part in each forward
     )
     bar = None
     if progress:

@@ -22,6 +22,7 @@ neighbours partly reflect the init itself); the final rates what training added.
 from __future__ import annotations
 
 import csv
+import difflib
 import gc
 import html
 import json
@@ -169,6 +170,8 @@ def check_init_methods(children: list[Child], cwd: Path | None) -> None:
             continue
         known = sorted(name for name, source in available.items() if _implements_init(source))
         why = f"plugin '{method}' has no init_embeddings hook" if method in available else f"no plugin named '{method}'"
+        near = difflib.get_close_matches(method, known, n=1)
+        why += f" (did you mean {near[0]}?)" if near else ""
         raise ConfigError(
             f"--over {child.label}: init.method={method}: {why}; init plugins found: {', '.join(known) or 'none'} "
             "(or activate your own with --plugin NAME|PATH)"
@@ -239,7 +242,10 @@ def plan_sweep(base: RunConfig, over: str, *, constituents: str | None = None, t
                overwrite: bool = False, cwd: Path | None = None, log: Log = _log) -> SweepPlan:
     """Resolve and check the whole sweep; raises a one-line ``WakelabError`` before anything runs."""
     key, texts = parse_over(over)
-    canonical = resolve_key(key)
+    try:
+        canonical = resolve_key(key)
+    except ConfigError as exc:
+        raise ConfigError(f"--over {over}: {exc}") from None
     if canonical in FIXED_KEYS:
         raise ConfigError(f"--over {key}: {FIXED_KEYS[canonical]}")
     if top_k < 1:

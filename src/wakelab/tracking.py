@@ -46,27 +46,10 @@ def check_reachable() -> None:
         with _quiet_retries():
             MlflowClient().search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise TrackingError(
-            f"cannot reach the MLflow tracking store at {uri} ({first}); start the server or set "
+            f"cannot reach the MLflow tracking store at {uri} ({_reason(exc)}); start the server or set "
             "MLFLOW_TRACKING_URI to a reachable one"
         ) from None
-
-
-@contextlib.contextmanager
-def _quiet_retries() -> Iterator[None]:
-    """One quick try: MLflow's default HTTP retries wait minutes before saying a server is down."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -116,6 +99,7 @@ FINAL_TRIES, FINAL_WAIT_S = 3, 2.0
 
 @contextlib.contextmanager
 def _environ(values: dict[str, str], override: bool = True) -> Iterator[None]:
+    """Set environment variables for a block (only unset ones unless ``override``), then put them back."""
     saved = {k: os.environ.get(k) for k in values}
     for key, value in values.items():
         if override or key not in os.environ:
@@ -128,6 +112,11 @@ def _environ(values: dict[str, str], override: bool = True) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _quiet_retries():
+    """One quick try: MLflow's default HTTP retries wait minutes before saying a server is down."""
+    return _environ(OFFLINE_HTTP_POLICY)
 
 
 def _is_client_error(exc: BaseException) -> bool:
@@ -196,9 +185,9 @@ class TrackedRun:
             if _is_client_error(exc):
                 raise
             if not self.offline:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                self.offline_since = (time.strftime("%H:%M:%S"), first)
-                _warn(f"cannot reach the MLflow tracking store at {tracking_uri()} while logging {what} ({first}); "
+                reason = _reason(exc)
+                self.offline_since = (time.strftime("%H:%M:%S"), reason)
+                _warn(f"cannot reach the MLflow tracking store at {tracking_uri()} while logging {what} ({reason}); "
                       "training goes on, and what is not logged is kept and retried")
             return False
         if self.offline:
@@ -352,7 +341,7 @@ class TrackedRun:
                         for m in self._pending],
             "params": self._pending_params,
             "tags": self._pending_tags,
-            "artifacts": [{"path": p, "artifact_path": a} for p, a in self._pending_artifacts],
+            "artifacts": [{"path": str(Path(p).resolve()), "artifact_path": a} for p, a in self._pending_artifacts],
         }
         path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         return path
@@ -400,6 +389,18 @@ class RankRun:
 
     def ui_url(self) -> str:
         return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def _reason(exc: BaseException) -> str:
+    """A few words for why a call to the store failed (urllib3's own message runs to hundreds of characters)."""
+    text = str(exc)
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"), ("Failed to resolve", "unknown host"),
+                          ("Connection reset", "connection reset"), ("RemoteDisconnected", "connection closed"),
+                          ("Connection aborted", "connection closed")):
+        if needle in text:
+            return short
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _warn(message: str) -> None:

@@ -123,7 +123,8 @@ def ui(host: str, port: int, workers: int, backend_store_uri: str | None) -> Non
     # Its own process group, so stopping it stops uvicorn's worker with it; no GenAI job runner (a dozen processes).
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     proc = subprocess.Popen(command, env=env, start_new_session=True)
-    local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    local = f"http://{shown}:{port}"
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the server too, as Ctrl-C does
     try:
         wait_until_ready(local, proc)
