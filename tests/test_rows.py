@@ -97,3 +97,28 @@ def test_mask_strategy_zeroes_base_grads_before_clipping(tiny_model, texts, tmp_
         history = mlflow.MlflowClient().get_metric_history(result.run_id, "grad_norm")
         norms[strategy] = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert norms["tokens"] and norms["tokens"] == pytest.approx(norms["mask"], rel=1e-4)
+
+
+def test_trainer_masks_every_step_without_the_hook_bridge(tiny_model, tmp_path):
+    """WakelabTrainer on its own (no HookBridge) still masks base rows at every optimizer step."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from wakelab.data import collate
+    from wakelab.registry import build_manager
+    from wakelab.trainer import WakelabTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    num_base = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(num_base + 4, mean_resizing=False)
+    rows = setup_trainable_rows(model, num_base, "mask")
+    before = rows.values(torch.arange(num_base)).clone()
+    ids = torch.randint(0, num_base + 4, (16, 16), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=0.1, report_to="none", use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, remove_unused_columns=False)
+    trainer = WakelabTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                             rows=rows, pm=build_manager(["mask"]))
+    trainer.train()
+    assert torch.equal(rows.values(torch.arange(num_base)), before)
+    assert not torch.equal(rows.values(rows.new_ids), torch.zeros_like(rows.values(rows.new_ids)))

@@ -35,7 +35,7 @@ class WakelabTrainer(Trainer):
         self.step_loss = torch.zeros(())
         self.step_logits: torch.Tensor | None = None
         self.step_lr: float = 0.0
-        self._masked_this_step = False
+        self._masked_at_step: int | None = None
         model = kwargs.get("model") or args[0]
         with _row_adapter_accepted(model):
             super().__init__(*args, **kwargs)
@@ -56,9 +56,10 @@ class WakelabTrainer(Trainer):
 
     # -- masking before clipping ---------------------------------------------------------------------------------
     def _mask_once(self) -> None:
-        if self._masked_this_step:
+        """mask_grads once per optimizer step, whichever of Trainer's gradient-norm paths asks first."""
+        if self._masked_at_step == self.state.global_step:
             return
-        self._masked_this_step = True
+        self._masked_at_step = self.state.global_step
         self.pm.hook.mask_grads(ctx=GradContext(step=self.state.global_step + 1, rows=self.rows, model=self.model))
 
     def _clip_grad_norm(self, model):
@@ -202,7 +203,6 @@ class HookBridge(TrainerCallback):
             loss = step_state.loss
             self._progress.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else loss, refresh=False)
         trainer.step_loss = torch.zeros(())
-        trainer._masked_this_step = False
         trainer.rows.release_grads()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
