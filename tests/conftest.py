@@ -139,3 +139,13 @@ def loaded_plugin(path: Path):
     from wakelab.registry import module_name_for
 
     return sys.modules[module_name_for(path)]
+
+
+def raising_plugin(tmp_path: Path, step: int, exc: str = "RuntimeError", message: str = "power cut") -> Path:
+    """A throw-away plugin file whose on_step_end raises ``exc(message)`` at ``step`` (a crash, Ctrl-C, ...)."""
+    plugin = tmp_path / f"raise_{exc}_at_{step}.py"
+    plugin.write_text(
+        "import wakelab\n@wakelab.hookimpl\ndef on_step_end(state):\n"
+        f"    if state.step == {step}:\n        raise {exc}({message!r})\n"
+    )
+    return plugin

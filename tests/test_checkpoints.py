@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_overrides
+from conftest import raising_plugin, tiny_overrides
 from wakelab import engine
 from wakelab.checkpoints import CheckpointError, list_checkpoints, verify
 from wakelab.cli import main
@@ -31,15 +31,6 @@ def losses(run_id):
 def optimizer_state(checkpoint):
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
     return {k: {n: t for n, t in v.items()} for k, v in state.items()}
-
-
-def crash_plugin(tmp_path, step):
-    plugin = tmp_path / f"crash_at_{step}.py"
-    plugin.write_text(
-        "import wakelab\n@wakelab.hookimpl\ndef on_step_end(state):\n"
-        f"    if state.step == {step}:\n        raise RuntimeError('power cut')\n"
-    )
-    return plugin
 
 
 def test_checkpoint_holds_what_a_restart_needs(tiny_model, texts, tmp_path):
@@ -65,7 +56,7 @@ def test_resume_continues_exactly(tiny_model, texts, tmp_path, quantized):
 
     # The same 8-step run, stopped after its step-4 checkpoint, then resumed from it.
     with pytest.raises(RuntimeError, match="power cut"):
-        run(tiny_model, texts, **extra, output_dir="split", plugins=[str(crash_plugin(tmp_path, step=5))])
+        run(tiny_model, texts, **extra, output_dir="split", plugins=[str(raising_plugin(tmp_path, step=5))])
     resumed = run(tiny_model, texts, **extra, output_dir="split", resume_from="split/checkpoint-4")
     a = load_file(straight.output_dir / "checkpoint-8" / "trained_rows.safetensors")["rows"]
     b = load_file(resumed.output_dir / "checkpoint-8" / "trained_rows.safetensors")["rows"]
@@ -99,7 +90,7 @@ def test_wordybird3_flow_carries_adam_state_on(tiny_model, texts):
 
 def test_resume_after_crash_reopens_the_same_run(tiny_model, texts, tmp_path):
     with pytest.raises(RuntimeError):
-        run(tiny_model, texts, plugins=[str(crash_plugin(tmp_path, step=5))])
+        run(tiny_model, texts, plugins=[str(raising_plugin(tmp_path, step=5))])
     (crashed,) = mlflow.search_runs(search_all_experiments=True)["run_id"]
     assert mlflow.get_run(crashed).info.status == "FAILED"
     # The user drops the plugin that crashed, and resumes.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from conftest import tiny_overrides
+from conftest import raising_plugin, tiny_overrides
 from wakelab import engine
 from wakelab.config import build_config
 from wakelab.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, TrackingError
@@ -46,18 +46,9 @@ def test_logs_into_the_run_mlflow_run_started(tiny_model, texts, monkeypatch):
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
 
 
-def _raise_in_step(tmp_path, exc: str):
-    plugin = tmp_path / f"raise_{exc}.py"
-    plugin.write_text(
-        "import wakelab\n@wakelab.hookimpl\ndef on_step_end(state):\n"
-        f"    if state.step == 2:\n        raise {exc}('stop here')\n"
-    )
-    return plugin
-
-
 def test_a_run_that_raises_ends_failed_with_traceback(tiny_model, texts, tmp_path):
     overrides = tiny_overrides(tiny_model, texts)
-    overrides["plugins"] = [str(_raise_in_step(tmp_path, "ValueError"))]
+    overrides["plugins"] = [str(raising_plugin(tmp_path, 2, "ValueError", "stop here"))]
     with pytest.raises(ValueError):
         engine.run(build_config(None, None, overrides), progress=False)
     runs = mlflow.search_runs(search_all_experiments=True)
@@ -71,7 +62,7 @@ def test_a_run_that_raises_ends_failed_with_traceback(tiny_model, texts, tmp_pat
 
 def test_ctrl_c_ends_killed(tiny_model, texts, tmp_path):
     overrides = tiny_overrides(tiny_model, texts)
-    overrides["plugins"] = [str(_raise_in_step(tmp_path, "KeyboardInterrupt"))]
+    overrides["plugins"] = [str(raising_plugin(tmp_path, 2, "KeyboardInterrupt", "stop here"))]
     with pytest.raises(KeyboardInterrupt):
         engine.run(build_config(None, None, overrides), progress=False)
     runs = mlflow.search_runs(search_all_experiments=True)

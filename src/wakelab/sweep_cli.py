@@ -62,9 +62,9 @@ def sweep(over, preset, config_file, overrides, plugins, max_steps, output_dir, 
     click.echo(result.table, nl=False)
     click.echo(f"  comparison: {result.comparison_dir}")
     uri = result.tracking_uri
-    path = f"#/experiments/{result.experiment_id}/runs/{result.parent_run_id}"
+    path = f"#/experiments/{result.experiment_id}/runs/{result.parent_run_id}?workflowType=machine_learning"
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        click.echo(f"look at it in the MLflow UI: mlflow ui --backend-store-uri {uri}, then open "
+        click.echo(f"look at it in the MLflow UI: wakelab ui, then open "
                    f"http://127.0.0.1:5000/{path} (artifacts: comparison/)")
     else:
         click.echo(f"look at it in the MLflow UI: {uri.rstrip('/')}/{path}")
