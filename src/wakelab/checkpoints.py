@@ -104,6 +104,16 @@ def publish_dir(ready: Path, destination: Path) -> Path:
     return destination
 
 
+def remove_dir(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any moment leaves it whole or gone: rename aside, then delete."""
+    aside = path.with_name(f".partial-old-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def finalize(staged: Path, destination: Path, info: dict[str, Any]) -> Path:
     """Manifest the staged checkpoint and move it into place."""
     write_manifest(staged, info)
@@ -131,7 +141,7 @@ def rotate(output_dir: Path, keep: int | None) -> list[Path]:
             removed.append(child)
     if keep:
         for path in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_dir(path)
             removed.append(path)
     return removed
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import wakelab
-from wakelab.checkpoints import MANIFEST, checkpoint_step, list_checkpoints, publish_dir, verify
+from wakelab.checkpoints import MANIFEST, checkpoint_step, list_checkpoints, publish_dir, remove_dir, verify
 
 _settings: dict = {}
 
@@ -61,7 +61,7 @@ def mirror_to_directory(checkpoint: Path, destination_root: Path, keep: int) -> 
     verify(checkpoint)
     destination_root.mkdir(parents=True, exist_ok=True)
     for stale in destination_root.glob(".partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # leftovers of a mirror that was killed
+        shutil.rmtree(stale, ignore_errors=True)  # leftovers of a mirror or a prune that was killed
     partial = Path(tempfile.mkdtemp(prefix=f".partial-{checkpoint.name}-", dir=destination_root))
     try:
         files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -77,7 +77,7 @@ def mirror_to_directory(checkpoint: Path, destination_root: Path, keep: int) -> 
         shutil.rmtree(partial, ignore_errors=True)
         raise
     for old in list_checkpoints(destination_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
     return final
 
 
