@@ -119,6 +119,28 @@ def _quiet_retries():
     return _environ(OFFLINE_HTTP_POLICY)
 
 
+def _open_experiment(mlflow, name: str):
+    """The experiment, made (and tagged for the training view) if need be, when other runs start at the same time.
+
+    Two runs starting together into a new experiment race to create it and to tag it; the store refuses the second
+    insert. Whoever loses finds the experiment (or the tag) already there, which is all it wanted.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment = mlflow.set_experiment(name)
+    except MlflowException:
+        experiment = mlflow.set_experiment(name)  # a peer created it between our look-up and our insert
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client = mlflow.MlflowClient()
+        try:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        except MlflowException:
+            if client.get_experiment(experiment.experiment_id).tags.get(EXPERIMENT_KIND_TAG) is None:
+                raise
+    return experiment
+
+
 def _is_client_error(exc: BaseException) -> bool:
     """A request the store understood and refused (bad value, unknown run): a bug to report, not an outage."""
     from mlflow.exceptions import MlflowException
@@ -149,10 +171,7 @@ class TrackedRun:
                 self.run = mlflow.start_run(run_id=attach_to)
                 self.attached = True
             else:
-                exp = mlflow.set_experiment(experiment)
-                if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
-                    mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
-                                                             MODEL_TRAINING_KIND)
+                exp = _open_experiment(mlflow, experiment)
                 self.run = mlflow.start_run(run_name=run_name)
                 self.attached = False
             mlflow.set_tags(tags)
