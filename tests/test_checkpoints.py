@@ -198,3 +198,16 @@ def test_load_trained_gives_back_the_final_rows(tiny_model, texts):
     assert torch.equal(checkpoint.rows.values(checkpoint.rows.new_ids), saved["rows"])
     initial = load_trained(str(result.output_dir), initial=True)
     assert not torch.equal(initial.rows.values(initial.rows.new_ids), final["rows"])
+
+
+def test_resume_from_the_last_checkpoint_trains_nothing_more(tiny_model, texts, tmp_path):
+    """A crash after the final checkpoint: resuming finishes the run from it, without a step past max_steps."""
+    import shutil
+
+    straight = run(tiny_model, texts, **{"train.max_steps": 4}, output_dir="straight")
+    shutil.copytree(straight.output_dir / "checkpoint-4", tmp_path / "saved-4")
+    resumed = run(tiny_model, texts, **{"train.max_steps": 4}, output_dir="late", resume_from=str(tmp_path / "saved-4"))
+    assert not (resumed.output_dir / "checkpoint-5").exists()
+    a = load_file(straight.output_dir / "final" / "new_rows.safetensors")["rows"]
+    b = load_file(resumed.output_dir / "final" / "new_rows.safetensors")["rows"]
+    assert torch.equal(a, b)

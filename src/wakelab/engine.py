@@ -189,9 +189,11 @@ def run(
     phase = None
     if config.init.from_embeddings:
         phase = load_phase_matrix(config.init.from_embeddings, (len(tokenizer), checkpoint_info["hidden_size"]), tokenizer)
+    resume_step = 0
     if resume_from is not None:
         manifest = checkpoints.verify(Path(resume_from))
         checkpoints.check_compatible(manifest, Path(resume_from), **checkpoint_info)
+        resume_step = int(manifest.get("step") or 0)
     if rank == 0:
         output_dir = prepare_output_dir(config, overwrite, resume=resume_from is not None)
         tracking.check_reachable()
@@ -292,7 +294,15 @@ def run(
         checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
         trainer = _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new,
                                  progress and rank == 0, checkpoint_info)
-        trainer.train(resume_from_checkpoint=resume_from)
+        if resume_from is not None and resume_step >= config.train.max_steps:
+            # Nothing left to train (a crash after the last checkpoint): finish the run from that checkpoint's rows.
+            # Trainer would otherwise take one step past max_steps.
+            log(f"{resume_from} is at step {resume_step} >= train.max_steps={config.train.max_steps}: nothing left "
+                "to train; finishing the run from it")
+            trainer._load_from_checkpoint(resume_from)
+            trainer.state.global_step = resume_step
+        else:
+            trainer.train(resume_from_checkpoint=resume_from)
         model = trainer.model
 
         final = output_dir / "final"
