@@ -16,6 +16,7 @@ import mlflow
 import pytest
 import yaml
 
+from wakelab.config import set_in
 from conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -43,11 +44,7 @@ def on_run_end(run, status):
 def nested(flat: dict) -> dict:
     tree: dict = {}
     for key, value in flat.items():
-        *head, last = key.split(".")
-        node = tree
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_in(tree, key, value)
     return tree
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from wakelab.config import set_in
 from conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -175,11 +176,7 @@ def write_config(tmp_path: Path, tiny_model, texts, name: str, **extra) -> Path:
                                                   "tracking.run_name": name, **extra})
     tree: dict = {}
     for key, value in values.items():
-        *head, last = key.split(".")
-        node = tree
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_in(tree, key, value)
     import yaml
 
     path = tmp_path / f"{name}.yaml"
