@@ -3,66 +3,12 @@
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 import pytest
 
-WORDS = (
-    "the river ran past the hill and the town slept while a bird sang over the water "
-    "old men told stories of the sea and children laughed near the bridge at night"
-).split()
-COINED = ["riverrun", "glimmerous", "smirtle", "moonbrook", "thundersome", "wendelight", "crumbledown", "mistwhorl"]
-
-
-def make_text(seed: int, sentences: int, coined=COINED) -> str:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(sentences):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 12))]
-        words.insert(rng.randint(1, len(words)), rng.choice(coined))
-        lines.append(" ".join(words).capitalize() + ".")
-    return "\n".join(lines) + "\n"
-
-
-def build_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([make_text(s, 200, coined=["the"]) for s in range(3)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(folder)
-    return fast
-
-
-def build_tiny_llama(folder: Path, max_positions: int = 128) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    return folder
+# The helpers wakelab ships for plugin authors are the ones its own tests use (re-exported for `from conftest import`).
+from wakelab.testing import COINED, build_tiny_llama, loaded_plugin, make_text, tiny_overrides, write_texts  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -73,15 +19,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def texts(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("texts")
-    paths = {
-        "corpus": folder / "corpus.txt",
-        "heldout": folder / "heldout.txt",
-        "lexicon": folder / "lexicon.txt",
-    }
-    paths["corpus"].write_text(make_text(1, 400), encoding="utf-8")
-    paths["heldout"].write_text(make_text(2, 60), encoding="utf-8")
-    paths["lexicon"].write_text("# coined words\n\n" + "\n".join(COINED) + "\n", encoding="utf-8")
-    return paths
+    return write_texts(folder)
 
 
 @pytest.fixture(scope="session")
@@ -111,34 +49,6 @@ def isolated_mlflow(tmp_path, monkeypatch, empty_mlflow_db):
     yield
     while mlflow.active_run():
         mlflow.end_run()
-
-
-def tiny_overrides(tiny_model: Path, texts: dict[str, Path], **extra) -> dict:
-    """Config overrides for a fast run on the tiny model."""
-    values = {
-        "model.name_or_path": str(tiny_model),
-        "vocab.lexicon": str(texts["lexicon"]),
-        "data.corpus": str(texts["corpus"]),
-        "data.heldout": str(texts["heldout"]),
-        "data.seq_len": 32,
-        "train.max_steps": 6,
-        "train.batch_size": 2,
-        "train.logging_steps": 2,
-        "train.lr": 1e-2,
-        "tracking.experiment": "tests",
-        "output_dir": "out",
-    }
-    values.update(extra)
-    return values
-
-
-def loaded_plugin(path: Path):
-    """The module wakelab imported for a plugin file (to read what a throw-away plugin saw)."""
-    import sys
-
-    from wakelab.registry import module_name_for
-
-    return sys.modules[module_name_for(path)]
 
 
 def raising_plugin(tmp_path: Path, step: int, exc: str = "RuntimeError", message: str = "power cut") -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wakelab.config import all_keys, build_config, preset_names, reference_markdown, resolve_key
-from wakelab.errors import ConfigError
+from wakelab.errors import ConfigError, PluginError
 
 
 def test_demo_preset_resolves_with_defaults():
@@ -76,8 +76,10 @@ def test_mask_with_rows_dtype_is_refused():
 
 def test_active_plugins_follow_the_config():
     assert build_config("demo").active_plugins == ("spherical",)
-    masked = build_config("demo", overrides=["trainable=mask", "plugins=[extra]"])
-    assert masked.active_plugins == ("extra", "spherical", "mask")
+    masked = build_config("demo", overrides=["trainable=mask", "plugins=[recorder]"])
+    assert masked.active_plugins == ("recorder", "spherical", "mask")
+    with pytest.raises(PluginError, match="unknown plugin 'extra'; available: mask, mean"):
+        build_config("demo", overrides=["plugins=[extra]"])  # found while the config is resolved, before any run
 
 
 def test_config_is_frozen():

@@ -17,7 +17,7 @@ from conftest import loaded_plugin, tiny_overrides
 from wakelab import engine, registry
 from wakelab.cli import main
 from wakelab.config import build_config
-from wakelab.errors import PluginError
+from wakelab.errors import ConfigError, PluginError
 
 
 def plugin_file(tmp_path, name, body):
@@ -218,3 +218,40 @@ def test_failing_on_run_end_fails_the_run(tiny_model, texts, tmp_path):
         run_with(tmp_path, tiny_model, texts, plugin)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert list(runs["status"]) == ["FAILED"]
+
+
+def test_hook_config_section(tiny_model, texts, tmp_path):
+    """A plugin's own section is validated with the config, reaches the plugin as run.config.<name>, and is logged."""
+    plugin = plugin_file(tmp_path, "sectioned", """
+        from pydantic import Field
+        class Settings(wakelab.PluginConfig):
+            every: int = Field(3, ge=1, description="Steps between looks.")
+        @wakelab.hookimpl
+        def config_section():
+            return "sectioned", Settings
+        @wakelab.hookimpl
+        def on_step_end(state):
+            if state.step % RUN[0].config.sectioned.every == 0:
+                SEEN.append(state.step)
+        RUN = []
+        @wakelab.hookimpl
+        def on_run_start(run):
+            RUN.append(run)
+    """)
+    result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"train.max_steps": 4, "sectioned.every": 2})
+    assert module.SEEN == [2, 4]
+    assert mlflow.get_run(result.run_id).data.params["sectioned.every"] == "2"
+
+
+def test_hook_check_config(tiny_model, texts, tmp_path):
+    plugin = plugin_file(tmp_path, "picky", """
+        @wakelab.hookimpl
+        def check_config(config):
+            if config.train.max_steps > 3:
+                raise wakelab.ConfigError("train.max_steps: picky runs at most 3 steps; set train.max_steps <= 3")
+    """)
+    overrides = tiny_overrides(tiny_model, texts, **{"train.max_steps": 4})
+    overrides["plugins"] = [str(plugin)]
+    with pytest.raises(ConfigError, match="picky runs at most 3 steps"):
+        build_config(None, None, overrides)
+    assert build_config(None, None, {**overrides, "train.max_steps": 3}).train.max_steps == 3

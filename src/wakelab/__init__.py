@@ -1,12 +1,76 @@
-"""wakelab: grow a language model's vocabulary and watch what the new tokens do while they learn."""
+"""wakelab: grow a language model's vocabulary and watch what the new tokens do while they learn.
+
+This module is the public API a plugin may use, and all of it: the hook marker, the context types the hooks
+receive, the config base class for a plugin's own section, the user-facing errors, and a few storage helpers the
+built-in plugins need. Anything else under ``wakelab.`` is internal and may change. Names other than ``hookimpl``
+and the errors are imported on first use, so ``import wakelab`` stays cheap (no torch, no MLflow).
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import Any
+
 import pluggy
+
+from .errors import ConfigError, DataError, ModelError, PluginError, WakelabError
 
 __version__ = "0.1.0"
 
 #: Decorator for plugin hook implementations: ``@wakelab.hookimpl`` on a function named like a hook.
 hookimpl = pluggy.HookimplMarker("wakelab")
 
-__all__ = ["__version__", "hookimpl"]
+#: Public name -> (internal module, attribute), resolved on first access.
+_LAZY: dict[str, tuple[str, str]] = {
+    # What the hooks receive (documented field by field on each dataclass).
+    "InitContext": ("context", "InitContext"),
+    "GradContext": ("context", "GradContext"),
+    "StepState": ("context", "StepState"),
+    "SaveContext": ("context", "SaveContext"),
+    "RunContext": ("context", "RunContext"),
+    "RowAccess": ("rows", "RowAccess"),
+    # A plugin's own config section.
+    "PluginConfig": ("config", "PluginConfig"),
+    # Init plugins: Gaussian draws around the base rows.
+    "base_moments": ("gaussian", "base_moments"),
+    "sampling_factor": ("gaussian", "sampling_factor"),
+    "gaussian_rows": ("gaussian", "gaussian_rows"),
+    # Checkpoints as the engine writes them: complete or absent, with a checksummed manifest.
+    "CHECKPOINT_MANIFEST": ("checkpoints", "MANIFEST"),
+    "CheckpointError": ("checkpoints", "CheckpointError"),
+    "checkpoint_step": ("checkpoints", "checkpoint_step"),
+    "list_checkpoints": ("checkpoints", "list_checkpoints"),
+    "verify_checkpoint": ("checkpoints", "verify"),
+    "publish_dir": ("checkpoints", "publish_dir"),
+    "remove_dir": ("checkpoints", "remove_dir"),
+    # Recordings: the streaming writer and its reader.
+    "FieldSpec": ("recording", "FieldSpec"),
+    "RecordingWriter": ("recording", "RecordingWriter"),
+    "RecordingError": ("recording", "RecordingError"),
+    "open_recording": ("recording", "open"),
+    "recording_summary": ("recording", "summary"),
+}
+
+__all__ = [
+    "__version__",
+    "hookimpl",
+    "WakelabError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "PluginError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(import_module(f"{__name__}.{module}"), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'wakelab' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

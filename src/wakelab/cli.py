@@ -65,10 +65,7 @@ def resolve_cli_config(preset, config_file, overrides, plugins, max_steps, outpu
         pairs.append(f"tracking.run_name={run_name}")
     if not preset and not config_file:
         preset = "demo"
-    config = build_config(preset, config_file, pairs)
-    if plugins:
-        config = config.model_copy(update={"plugins": tuple(dict.fromkeys((*config.plugins, *plugins)))})
-    return config
+    return build_config(preset, config_file, pairs, plugins=plugins)
 
 
 @main.command()
@@ -154,7 +151,7 @@ def _print_result(result) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json):
-    """List every plugin found, where it comes from, and the hooks it implements.
+    """List every plugin found: where it comes from, its version, the hooks it implements and its config keys.
 
     \b
     Example:
@@ -169,16 +166,18 @@ def plugins(as_json):
         return
     width = max((len(r["name"]) for r in rows), default=4)
     for row in rows:
-        hooks = ", ".join(row["hooks"]) if not row["error"] else f"ERROR: {row['error']}"
-        click.echo(f"{row['name']:<{width}}  {row['source']:<22}  {hooks}")
+        hooks = ", ".join(row["hooks"]) if not row["error"] else f"BROKEN: {row['error']}"
+        click.echo(f"{row['name']:<{width}}  {row['source']:<22}  {row['version'] or '-':<8}  {hooks}")
         if row.get("doc"):
             click.echo(f"{'':<{width}}  {row['doc']}")
+        if row["config_keys"]:
+            click.echo(f"{'':<{width}}  config: {', '.join(row['config_keys'])}")
 
 
 @main.command("config-keys")
 @click.option("--markdown", is_flag=True, help="The full reference as Markdown (docs/configuration.md).")
 def config_keys(markdown):
-    """List every config key with its default.
+    """List every config key with its default, the plugins' own keys too (marked with their plugin).
 
     \b
     Example:
@@ -190,10 +189,14 @@ def config_keys(markdown):
     if markdown:
         click.echo(reference_markdown(), nl=False)
         return
-    from .config import build_config
+    from .config import build_config, flatten
+    from .plugin_config import every_section
 
     for key, value in build_config("demo").flat().items():
         click.echo(f"{key} = {value}")
+    for section in every_section(None).values():
+        for key, value in flatten(section.model().model_dump(mode="json"), f"{section.name}.").items():
+            click.echo(f"{key} = {value}    (plugin {section.plugin})")
 
 
 @main.command("show-config")

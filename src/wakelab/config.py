@@ -6,13 +6,14 @@ result is a frozen ``RunConfig`` that everything downstream reads. Every error n
 
 from __future__ import annotations
 
+import functools
 import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -21,6 +22,13 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PluginConfig(_Section):
+    """Base of a plugin's own config section (``wakelab.PluginConfig``): unknown keys are errors, values frozen.
+
+    Declare fields with defaults, units in the description and pydantic validation, as the core sections do.
+    """
 
 
 class ModelConfig(_Section):
@@ -193,54 +201,6 @@ class TrainConfig(_Section):
         return min(max(20, self.max_steps // 20), self.max_steps)
 
 
-RECORDABLE_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq", "logits", "loss", "lr")
-
-
-class RecorderConfig(_Section):
-    """The `recorder` plugin: which rows and fields to record, how often, and how they are stored."""
-
-    fields: tuple[str, ...] = Field(
-        RECORDABLE_FIELDS, description=f"Fields to record, any of: {', '.join(RECORDABLE_FIELDS)}."
-    )
-    rows: str | list[int] = Field(
-        "new",
-        description="Rows to track: `new`, `all`, `base`, `sample:K` (seeded random K), a path to a file of ids, or a list.",
-    )
-    sample_seed: int = Field(0, description="Seed of `sample:K`.")
-    every: int = Field(1, ge=1, description="Record every N optimizer steps (and the starting state).")
-    dtype: Literal["bfloat16", "float32", "float16", "param"] = Field(
-        "bfloat16", description="Storage dtype; `param` keeps the parameters' own dtype for exact values."
-    )
-    logits: Literal["last", "none"] = Field(
-        "last", description="Logits kept per step: `last` (last position of the first sequence) or `none`."
-    )
-    steps_per_shard: int = Field(10, ge=1, description="Recorded steps per safetensors shard.")
-    path: str | None = Field(None, description="Recording directory; None: <output_dir>/recording.")
-    log_shards: Literal["auto", "always", "never"] = Field(
-        "auto", description="Log the shards as MLflow artifacts: auto = when the recording is under log_shards_max_mb."
-    )
-    log_shards_max_mb: float = Field(256.0, ge=0, description="Size limit (MiB) for `log_shards: auto`.")
-
-    @field_validator("fields", mode="before")
-    @classmethod
-    def _known_fields(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = tuple(v.strip() for v in value.split(",") if v.strip())
-        unknown = [v for v in value if v not in RECORDABLE_FIELDS]
-        if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(unknown)}; choose from {', '.join(RECORDABLE_FIELDS)}")
-        return tuple(value)
-
-
-class SentryConfig(_Section):
-    """The `sentry` plugin: after each checkpoint, mirror the latest complete one to a backup location."""
-
-    target: str | None = Field(
-        None, description="A directory (local or mounted), or `mlflow` for the run's artifact store (under sentry/)."
-    )
-    keep: int = Field(2, ge=1, description="Mirrors kept at the target; older ones are deleted.")
-
-
 class TrackingConfig(_Section):
     """Where and how the run is tracked in MLflow."""
 
@@ -250,7 +210,11 @@ class TrackingConfig(_Section):
 
 
 class RunConfig(_Section):
-    """A whole run. Sections: model, vocab, data, init, train, recorder, sentry, tracking; plus plugins and output_dir."""
+    """A whole run. Sections: model, vocab, data, init, train, tracking; plus plugins and output_dir.
+
+    The active plugins' own sections (``recorder``, ``sentry``, ...) are added as fields of a subclass built by
+    ``validate`` (see ``wakelab.plugin_config``), so ``config.recorder`` reads like a core section.
+    """
 
     preset: str | None = Field(None, description="The preset this config started from.")
     output_dir: str = Field(
@@ -263,8 +227,6 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     init: InitConfig = InitConfig()
     train: TrainConfig = TrainConfig()
-    recorder: RecorderConfig = RecorderConfig()
-    sentry: SentryConfig = SentryConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("plugins", mode="before")
@@ -290,10 +252,6 @@ class RunConfig(_Section):
                 f"vocab.lexicon: train.trainable={self.train.trainable} trains new rows, so a lexicon is needed "
                 "(or set train.trainable=full)"
             )
-        if "sentry" in self.plugins and not self.sentry.target:
-            raise ValueError("sentry.target: the sentry plugin needs a backup location (a directory, or `mlflow`)")
-        if "sentry" in self.plugins and not self.train.save_steps:
-            raise ValueError("train.save_steps: the sentry plugin mirrors checkpoints, so set train.save_steps > 0")
         if self.model.load_in_4bit and self.train.trainable == "full":
             raise ValueError("train.trainable: a 4-bit base cannot be trained in full; use tokens or mask")
         return self
@@ -326,8 +284,6 @@ SECTIONS = {
     "data": DataConfig,
     "init": InitConfig,
     "train": TrainConfig,
-    "recorder": RecorderConfig,
-    "sentry": SentryConfig,
     "tracking": TrackingConfig,
 }
 
@@ -446,10 +402,14 @@ def build_config(
     preset: str | None = "demo",
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | list[str] | tuple[str, ...] = (),
+    *,
+    plugins: tuple[str, ...] | list[str] = (),
+    cwd: Path | None = None,
 ) -> RunConfig:
-    """Resolve preset -> file -> overrides into a validated RunConfig.
+    """Resolve preset -> file -> overrides into a validated RunConfig, with the active plugins' own sections.
 
     ``overrides`` is either ``["key=value", ...]`` as typed on the command line or a ``{key: value}`` dict.
+    ``plugins`` are activated on top of the config's own list (``--plugin``); ``cwd`` is where ``./plugins`` is.
     """
     tree: dict[str, Any] = load_preset(preset) if preset else {}
     if config_file:
@@ -465,35 +425,107 @@ def build_config(
                 raise ConfigError(f"--set '{item}' must be key=value, e.g. --set train.lr=1e-3")
             key, text = item.split("=", 1)
             pairs.append((key, parse_value(text)))
+    explicit = set()
     for key, value in pairs:
+        section = key.strip().split(".", 1)[0]
+        if "." in key and section not in RunConfig.model_fields:
+            explicit.add(section)  # a plugin's section: checked against the plugin once the active ones are known
+            set_in(tree, key.strip(), value)
+            continue
         set_in(tree, resolve_key(key), value)
-    return validate(tree)
+    if plugins:
+        listed = tree.get("plugins") or ()
+        listed = [p.strip() for p in listed.split(",") if p.strip()] if isinstance(listed, str) else list(listed)
+        tree["plugins"] = list(dict.fromkeys([*listed, *plugins]))
+    return validate(tree, cwd=cwd, explicit=explicit)
 
 
-def validate(tree: dict[str, Any]) -> RunConfig:
+def validate(
+    tree: dict[str, Any], cwd: Path | None = None, explicit: set[str] | frozenset[str] = frozenset(), strict: bool = True
+) -> RunConfig:
+    """A RunConfig from a nested mapping: the core sections, then the sections the active plugins declare.
+
+    A section no active plugin declares is an error when it was set explicitly (``explicit``: it would be ignored)
+    or when no plugin found declares it; one from a preset or file for a plugin that is found but not active is
+    left out, so a preset's ``recorder:`` block does no harm when the recorder is switched off. ``strict=False``
+    (reading a finished run back) skips plugins that are gone, and their sections.
+    """
+    from . import plugin_config
+
+    core_tree = {k: v for k, v in tree.items() if k in RunConfig.model_fields}
+    others = {k: v for k, v in tree.items() if k not in RunConfig.model_fields}
+    core = _validated(RunConfig, core_tree, {})
+    pm, sections = plugin_config.active_sections(
+        core.active_plugins, cwd, optional=[core.init.method], reserved=RunConfig.model_fields, strict=strict
+    )
+    for name, value in others.items():
+        if name in sections or not strict:
+            continue
+        owner = plugin_config.owner_of(name, cwd) if isinstance(value, dict) else None
+        if owner is None:
+            raise ConfigError(f"unknown config key '{_first_key(name, value)}'{resolve_hint(name)}")
+        if name in explicit:
+            raise ConfigError(
+                f"config key '{_first_key(name, value)}' belongs to plugin '{owner}', which is not active, so it "
+                f"would be ignored; activate it with --plugin {owner} (or list it under plugins:)"
+            )
+    config = core
+    if sections:
+        model = _with_sections(tuple(sorted((s.name, s.model) for s in sections.values())))
+        full_tree = {**core_tree, **{k: v for k, v in others.items() if k in sections}}
+        config = _validated(model, full_tree, {s.name: s.plugin for s in sections.values()})
+    plugin_config.check(pm, config)
+    return config
+
+
+def _first_key(name: str, value: Any) -> str:
+    return f"{name}.{next(iter(value))}" if isinstance(value, dict) and value else name
+
+
+@functools.lru_cache(maxsize=None)
+def _with_sections(sections: tuple[tuple[str, type], ...]) -> type[RunConfig]:
+    """RunConfig with the plugins' sections as fields (one class per set of sections, so configs compare equal)."""
+    fields = {name: (model, model()) for name, model in sections}
+    return create_model("RunConfig", __base__=RunConfig, __module__=__name__, **fields)
+
+
+def _validated(model: type[RunConfig], tree: dict[str, Any], owners: dict[str, str]) -> RunConfig:
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+        raise ConfigError(describe_validation_error(exc, owners, model)) from None
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem: the dotted key, what was given, and what is expected."""
+def describe_validation_error(
+    exc: ValidationError, owners: dict[str, str] | None = None, model: type[RunConfig] = RunConfig
+) -> str:
+    """One line per problem: the dotted key, what was given, and what is expected; a plugin's key names the plugin."""
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         given = err.get("input")
+        owner = (owners or {}).get(str(err["loc"][0])) if err["loc"] else None
+        prefix = f"plugin '{owner}': " if owner else ""
         if err["type"] == "extra_forbidden":
-            near = resolve_hint(key)
-            lines.append(f"unknown config key '{key}'{near}")
+            near = _plugin_hint(model, key) if owner else resolve_hint(key)
+            lines.append(f"{prefix}unknown config key '{key}'{near}")
             continue
         expected = err["msg"].removeprefix("Value error, ")
         if key:
             shown = json.dumps(given, default=str) if not isinstance(given, dict) else "a mapping"
-            lines.append(f"config key '{key}': got {shown}; {expected}")
+            lines.append(f"{prefix}config key '{key}': got {shown}; {expected}")
         else:
             lines.append(expected)
     return "; ".join(lines)
+
+
+def _plugin_hint(model: type[RunConfig], key: str) -> str:
+    import difflib
+
+    section, _, leaf = key.partition(".")
+    known = list(model.model_fields[section].annotation.model_fields)
+    near = difflib.get_close_matches(leaf, known, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(f'{section}.{n}' for n in near)}?" if near else f"; keys: {', '.join(known)}"
 
 
 def resolve_hint(key: str) -> str:
@@ -506,19 +538,25 @@ def resolve_hint(key: str) -> str:
 
 
 def reference_markdown() -> str:
-    """The configuration reference, generated from the field definitions above (docs/configuration.md)."""
+    """The configuration reference, generated from the field definitions above and the built-in plugins' sections
+    (docs/configuration.md)."""
+    from .plugin_config import every_section
+
     out = [
         "# Configuration reference",
         "",
         "Generated from `wakelab.config` by `wakelab config-keys --markdown`; do not edit by hand.",
         "Set any key with `--set section.key=value`, in a `--config` YAML file, or in a preset.",
+        "A plugin's section (`recorder`, `sentry`, ...) is used when that plugin is active.",
         "",
     ]
     top = {k: v for k, v in RunConfig.model_fields.items() if k not in SECTIONS}
     out += ["## (top level)", "", "| key | default | description |", "| --- | --- | --- |"]
     out += [f"| `{k}` | `{_default(v)}` | {v.description} |" for k, v in top.items()]
-    for section, model in SECTIONS.items():
-        out += ["", f"## {section}", "", (model.__doc__ or "").strip(), ""]
+    plugin_sections = {s.name: s for s in every_section(None, origins={"built-in"}).values()}
+    for section, model in {**SECTIONS, **{n: s.model for n, s in sorted(plugin_sections.items())}}.items():
+        owner = f" (plugin `{plugin_sections[section].plugin}`)" if section in plugin_sections else ""
+        out += ["", f"## {section}{owner}", "", (model.__doc__ or "").strip(), ""]
         out += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
         for name, field in model.model_fields.items():
             kind = _type_name(field.annotation)

@@ -77,3 +77,25 @@ def on_run_end(run, status):
     Called with the same ``RunContext`` as ``on_run_start`` before the MLflow run is closed: flush files and log
     the artifacts you own. Runs for failed runs too, so keep it safe to call after a partial run.
     """
+
+
+@hookspec
+def config_section():
+    """Declare this plugin's own config section: return ``(name, Model)``, ``Model`` a ``wakelab.PluginConfig``.
+
+    Asked when a run's config is resolved, before anything is written. The section is then set like a core one
+    (``--set name.key=value``, a ``name:`` mapping in a preset or ``--config`` file), validated by ``Model`` with the
+    same one-line errors, listed by ``wakelab config-keys`` and logged as params; the plugin reads it back as
+    ``run.config.<name>`` (a ``Model`` instance). Names must be unique among the active plugins and differ from
+    wakelab's own sections. Return ``None`` for no section.
+    """
+
+
+@hookspec
+def check_config(config):
+    """Refuse a resolved config this plugin cannot run with, before anything is written.
+
+    ``config`` is the validated ``RunConfig`` (core sections plus the active plugins' own). Raise
+    ``wakelab.ConfigError`` with one line naming the key and the fix (e.g. "sentry.target: ... needs a backup
+    location"); return nothing otherwise. Called only for active plugins.
+    """

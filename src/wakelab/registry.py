@@ -34,6 +34,7 @@ class PluginSource:
     name: str
     origin: str
     location: str
+    version: str | None = None
 
     def load(self) -> ModuleType:
         if self.origin == "local file":
@@ -76,7 +77,7 @@ def discover(cwd: Path | None = None) -> dict[str, PluginSource]:
     for ep in sorted(entry_points(group=PROJECT), key=lambda e: e.name):
         dist = ep.dist.name if ep.dist else "?"
         origin = "built-in" if ep.value.startswith("wakelab.plugins.") else f"entry point ({dist})"
-        found[ep.name] = PluginSource(ep.name, origin, ep.value)
+        found[ep.name] = PluginSource(ep.name, origin, ep.value, ep.dist.version if ep.dist else None)
     local = (cwd or Path.cwd()) / "plugins"
     if local.is_dir():
         for path in sorted(local.glob("*.py")):
@@ -158,15 +159,20 @@ def hook_names() -> list[str]:
 
 
 def describe(cwd: Path | None = None) -> list[dict]:
-    """Each plugin found: name, source, where, hooks implemented (or the error that stops it from loading)."""
+    """Each plugin found: name, source, version, where, hooks and config keys (or the error that stops it loading)."""
     rows = []
     for name, source in discover(cwd).items():
-        row = {"name": name, "source": source.origin, "location": source.location, "hooks": [], "error": None}
+        row = {"name": name, "source": source.origin, "version": source.version, "location": source.location,
+               "hooks": [], "config_keys": [], "error": None}  # fmt: skip
         try:
             pm = make_manager()
             register(pm, source.load(), name)
             row["hooks"] = sorted(impl for impl in _hookimpl_names(pm.get_plugin(name)))
             row["doc"] = ((pm.get_plugin(name).__doc__ or "").strip().splitlines() or [""])[0]
+            for impl in pm.hook.config_section.get_hookimpls():
+                section, model = impl.function() or (None, None)
+                if section is not None:
+                    row["config_keys"] += [f"{section}.{key}" for key in model.model_fields]
         except PluginError as exc:
             row["error"] = str(exc)
         rows.append(row)

@@ -105,7 +105,7 @@ def load_trained(target: str | Path, *, initial: bool = False) -> TrainedState:
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
         raise WakelabError(f"{run_dir} is not a wakelab run directory (no config.yaml)")
-    config = validate(yaml.safe_load(config_path.read_text()))
+    config = validate(yaml.safe_load(config_path.read_text()), strict=False)
     source_path = Path(target) if Path(target).exists() else run_dir
     model, tokenizer, num_base = expand_for_config(config)
     rows = setup_trainable_rows(model, num_base, config.train.trainable, config.train.rows_dtype)

@@ -42,19 +42,66 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 
 import wakelab
-from wakelab.errors import ConfigError
-from wakelab.recording import FieldSpec, RecordingError, RecordingWriter, summary
+from wakelab import ConfigError, FieldSpec, RecordingError, RecordingWriter, recording_summary
 
 ROW_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq")
 OPTIMIZER_FIELDS = ("exp_avg", "exp_avg_sq")
 MISSING_FLAG = "optimizer_state_missing"
 PATH_TAG = "wakelab.recording.path"
 _STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config (the `recorder` section)
+
+RECORDABLE_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq", "logits", "loss", "lr")
+
+
+class RecorderConfig(wakelab.PluginConfig):
+    """The `recorder` plugin: which rows and fields to record, how often, and how they are stored."""
+
+    fields: tuple[str, ...] = Field(
+        RECORDABLE_FIELDS, description=f"Fields to record, any of: {', '.join(RECORDABLE_FIELDS)}."
+    )
+    rows: str | list[int] = Field(
+        "new",
+        description="Rows to track: `new`, `all`, `base`, `sample:K` (seeded random K), a path to a file of ids, or a list.",
+    )
+    sample_seed: int = Field(0, description="Seed of `sample:K`.")
+    every: int = Field(1, ge=1, description="Record every N optimizer steps (and the starting state).")
+    dtype: Literal["bfloat16", "float32", "float16", "param"] = Field(
+        "bfloat16", description="Storage dtype; `param` keeps the parameters' own dtype for exact values."
+    )
+    logits: Literal["last", "none"] = Field(
+        "last", description="Logits kept per step: `last` (last position of the first sequence) or `none`."
+    )
+    steps_per_shard: int = Field(10, ge=1, description="Recorded steps per safetensors shard.")
+    path: str | None = Field(None, description="Recording directory; None: <output_dir>/recording.")
+    log_shards: Literal["auto", "always", "never"] = Field(
+        "auto", description="Log the shards as MLflow artifacts: auto = when the recording is under log_shards_max_mb."
+    )
+    log_shards_max_mb: float = Field(256.0, ge=0, description="Size limit (MiB) for `log_shards: auto`.")
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _known_fields(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        unknown = [v for v in value if v not in RECORDABLE_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; choose from {', '.join(RECORDABLE_FIELDS)}")
+        return tuple(value)
+
+
+@wakelab.hookimpl
+def config_section():
+    return "recorder", RecorderConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -448,7 +495,7 @@ def _log_to_mlflow(run, rec: Recorder) -> None:
         return
     run.log_artifact(index, artifact_path)
     try:
-        text = summary(path)
+        text = recording_summary(path)
         (path / "summary.txt").write_text(text + "\n", encoding="utf-8")
         run.log_artifact(path / "summary.txt", artifact_path)
     except (OSError, RecordingError) as exc:  # a full disk: the index is logged, the summary cannot be

@@ -15,10 +15,34 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pydantic import Field
+
 import wakelab
-from wakelab.checkpoints import MANIFEST, checkpoint_step, list_checkpoints, publish_dir, remove_dir, verify
+from wakelab import CHECKPOINT_MANIFEST, checkpoint_step, list_checkpoints, publish_dir, remove_dir, verify_checkpoint
 
 _settings: dict = {}
+
+
+class SentryConfig(wakelab.PluginConfig):
+    """The `sentry` plugin: after each checkpoint, mirror the latest complete one to a backup location."""
+
+    target: str | None = Field(
+        None, description="A directory (local or mounted), or `mlflow` for the run's artifact store (under sentry/)."
+    )
+    keep: int = Field(2, ge=1, description="Mirrors kept at the target; older ones are deleted.")
+
+
+@wakelab.hookimpl
+def config_section():
+    return "sentry", SentryConfig
+
+
+@wakelab.hookimpl
+def check_config(config):
+    if not config.sentry.target:
+        raise wakelab.ConfigError("sentry.target: the sentry plugin needs a backup location (a directory, or `mlflow`)")
+    if not config.train.save_steps:
+        raise wakelab.ConfigError("train.save_steps: the sentry plugin mirrors checkpoints, so set train.save_steps > 0")
 
 
 @wakelab.hookimpl
@@ -58,20 +82,20 @@ def _tag(tags: dict) -> None:
 
 def mirror_to_directory(checkpoint: Path, destination_root: Path, keep: int) -> Path:
     """Copy ``checkpoint`` into ``destination_root`` as one atomic step; keep the newest ``keep`` mirrors."""
-    verify(checkpoint)
+    verify_checkpoint(checkpoint)
     destination_root.mkdir(parents=True, exist_ok=True)
     for stale in destination_root.glob(".partial-*"):
         shutil.rmtree(stale, ignore_errors=True)  # leftovers of a mirror or a prune that was killed
     partial = Path(tempfile.mkdtemp(prefix=f".partial-{checkpoint.name}-", dir=destination_root))
     try:
-        files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST)
-        for path in [*files, checkpoint / MANIFEST]:  # the manifest last: a copy is complete when it has one
+        files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_MANIFEST)
+        for path in [*files, checkpoint / CHECKPOINT_MANIFEST]:  # the manifest last: a copy is complete when it has one
             target = partial / path.relative_to(checkpoint)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
             with open(target, "rb") as handle:
                 os.fsync(handle.fileno())
-        verify(partial)
+        verify_checkpoint(partial)
         final = publish_dir(partial, destination_root / checkpoint.name)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -85,14 +109,14 @@ def mirror_to_mlflow(checkpoint: Path, run_id: str | None, keep: int) -> str:
     """Log the checkpoint under ``sentry/checkpoint-N`` of the run, manifest last; prune old mirrors where possible."""
     from mlflow import MlflowClient
 
-    verify(checkpoint)
+    verify_checkpoint(checkpoint)
     client = MlflowClient()
     base = f"sentry/{checkpoint.name}"
-    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_MANIFEST)
     for path in files:
         parent = path.relative_to(checkpoint).parent.as_posix()
         client.log_artifact(run_id, str(path), base if parent == "." else f"{base}/{parent}")
-    client.log_artifact(run_id, str(checkpoint / MANIFEST), base)
+    client.log_artifact(run_id, str(checkpoint / CHECKPOINT_MANIFEST), base)
     mirrors = sorted(
         (a.path for a in client.list_artifacts(run_id, "sentry") if a.is_dir),
         key=lambda p: checkpoint_step(Path(p)) or -1,

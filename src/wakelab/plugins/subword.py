@@ -19,8 +19,7 @@ from typing import Callable
 import torch
 
 import wakelab
-from wakelab.errors import PluginError
-from wakelab.plugins.mean import base_moments, gaussian_rows, sampling_factor
+from wakelab import PluginError, base_moments, gaussian_rows, sampling_factor
 
 #: Words shown in the log as examples of what was averaged.
 EXAMPLES = 3
