@@ -398,7 +398,7 @@ def measure(args, tmp: Path) -> int:
         sps = {kind: len(d) / sum(d) for kind, d in timed.items()}
         med_ms = {kind: statistics.median(d) * 1000 for kind, d in timed.items()}
         ratio = sps["wakelab"] / sps["plain"]
-        step_ratio = statistics.median(p / w for w, p in zip(timed["wakelab"], timed["plain"]))
+        step_ratio = statistics.median(p / w for w, p in zip(timed["wakelab"], timed["plain"], strict=True))
         cpu = {kind: sum(got["cpu"][kind][args.warmup:]) for kind in ("wakelab", "plain")}
         cpu_ratios.append(cpu["plain"] / cpu["wakelab"])
         rows.append((sps, ratio, step_ratio))

@@ -283,7 +283,8 @@ def main() -> None:
 
     started = time.monotonic()
     print(f"recorder overhead on the Wordybird shape: vocab {VOCAB}, d {N_EMBD}, {LAYERS} layers, bf16, full, "
-          f"all rows, all fields; torch threads {torch.get_num_threads()}; recordings in {workdir}", flush=True)  # fmt: skip
+          f"all rows, all fields; torch threads {torch.get_num_threads()}; recordings in {workdir}",
+          flush=True)  # fmt: skip
 
     print(f"\n[1/3] peak RSS, fresh processes with and without the recorder, {args.rss_steps} steps at batch "
           f"{args.rss_batch} x {SEQ}", flush=True)  # fmt: skip
@@ -340,11 +341,13 @@ def main() -> None:
         print(f"  writer held at most {w.get('max_held_steps')} steps (steps_per_shard 10 + 1 being copied; "
               f"queue peak {w.get('max_queued')}); recording {rss['bytes'] / 2**20:.0f} MiB on disk")  # fmt: skip
     need = writer["per_step_mib"] / step_with
-    print(f"writer throughput: {writer['mib_s']:.0f} MiB/s ({writer['steps']} steps of {writer['per_step_mib']:.1f} MiB, "
-          f"fsynced); dd oflag=direct {dd['oflag=direct']:.0f} MiB/s, dd conv=fdatasync {dd['conv=fdatasync']:.0f} MiB/s "
+    print(f"writer throughput: {writer['mib_s']:.0f} MiB/s ({writer['steps']} steps of "
+          f"{writer['per_step_mib']:.1f} MiB, fsynced); dd oflag=direct {dd['oflag=direct']:.0f} MiB/s, "
+          f"dd conv=fdatasync {dd['conv=fdatasync']:.0f} MiB/s "
           f"-> writer / dd(direct) = {writer['mib_s'] / dd['oflag=direct']:.2f}")  # fmt: skip
     print(f"  training at batch {args.batch} needs {need:.1f} MiB/s ({writer['per_step_mib']:.1f} MiB per "
-          f"{step_with:.2f} s step); at batch {args.rss_batch}: {writer['per_step_mib'] / rss['step_s']:.0f} MiB/s")  # fmt: skip
+          f"{step_with:.2f} s step); at batch {args.rss_batch}: "
+          f"{writer['per_step_mib'] / rss['step_s']:.0f} MiB/s")  # fmt: skip
     print(f"total benchmark time {time.monotonic() - started:.0f} s")
     if args.dir is None:
         shutil.rmtree(workdir, ignore_errors=True)

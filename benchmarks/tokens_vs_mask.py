@@ -319,7 +319,7 @@ def main() -> int:
             results[s].append(got[s])
         ratio = got["tokens"]["steps_per_s"] / got["mask"]["steps_per_s"]
         ratios.append(ratio)
-        step_ratio = statistics.median(m / t for t, m in zip(got["tokens"]["step_ms"], got["mask"]["step_ms"]))
+        step_ratio = statistics.median(m / t for t, m in zip(got["tokens"]["step_ms"], got["mask"]["step_ms"], strict=True))
         print(f"pair {pair}: {order[0]:>6s} first  tokens {got['tokens']['steps_per_s']:.3f} steps/s "
               f"({got['tokens']['median_step_ms']:.0f} ms median) | mask {got['mask']['steps_per_s']:.3f} steps/s "
               f"({got['mask']['median_step_ms']:.0f} ms median) | ratio {ratio:.3f} (median step-pair ratio "

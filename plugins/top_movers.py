@@ -56,7 +56,7 @@ def on_run_end(run, status):
     ids = run.rows.new_ids[order].tolist()
     table = [
         {"token": run.tokenizer.convert_ids_to_tokens(i), "id": i, "displacement": float(moved[j])}
-        for i, j in zip(ids, order.tolist())
+        for i, j in zip(ids, order.tolist(), strict=True)
     ]
     path = run.output_dir / "top_movers.json"
     path.write_text(json.dumps(table, indent=2) + "\n")

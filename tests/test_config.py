@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from wakelab.config import all_keys, build_config, preset_names, reference_markdown, resolve_key
 from wakelab.errors import ConfigError, PluginError
@@ -84,7 +85,7 @@ def test_active_plugins_follow_the_config():
 
 def test_config_is_frozen():
     config = build_config("demo")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.train.lr = 1.0
 
 

@@ -306,7 +306,7 @@ def test_exit_by_exception_flushes_but_is_not_complete(tmp_path: Path) -> None:
         with RecordingWriter(path, _fields(), token_ids=None, meta={}, steps_per_shard=K) as w:
             for i in range(7):
                 w.append(i, _step_data(i))
-            1 / 0
+            raise ZeroDivisionError("a crash inside the with block")
     with recording.open(path) as rec:
         assert len(rec) == 7 and rec.complete is False
 

@@ -121,7 +121,7 @@ def test_sigkill_during_a_mirror_never_leaves_a_partial_checkpoint(tmp_path):
     write_manifest(source, {"step": 10})
     target = tmp_path / "mirror"
     rng = random.Random(0)
-    for trial in range(10):
+    for _ in range(10):
         proc = subprocess.Popen([sys.executable, "-c", MIRROR_LOOP, str(source), str(target)], stdout=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(rng.uniform(0.0, 0.3))

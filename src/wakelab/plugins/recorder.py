@@ -71,7 +71,9 @@ class RecorderConfig(wakelab.PluginConfig):
     )
     rows: str | list[int] = Field(
         "new",
-        description="Rows to track: `new`, `all`, `base`, `sample:K` (seeded random K), a path to a file of ids, or a list.",
+        description=(
+            "Rows to track: `new`, `all`, `base`, `sample:K` (seeded random K), a path to a file of ids, or a list."
+        ),
     )
     sample_seed: int = Field(0, description="Seed of `sample:K`.")
     every: int = Field(1, ge=1, description="Record every N optimizer steps (and the starting state).")
@@ -197,7 +199,8 @@ def _checked_ids(values: list[Any], num_total: int, where: str) -> torch.Tensor:
     if outside:
         shown = ", ".join(str(i) for i in outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
         raise ConfigError(
-            f"{where}: token id(s) {shown} are outside the vocabulary of {num_total} tokens (valid ids: 0..{num_total - 1})"
+            f"{where}: token id(s) {shown} are outside the vocabulary of {num_total} tokens "
+            f"(valid ids: 0..{num_total - 1})"
         )
     return torch.tensor(list(dict.fromkeys(ids)), dtype=torch.long)
 
