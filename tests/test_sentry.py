@@ -84,7 +84,7 @@ def test_failed_mirror_warns_and_retries_at_next_save(tiny_model, texts, tmp_pat
     """))
     result = sentry_run(tiny_model, texts, blocker / "mirror", plugins=[str(fixer)])
     err = capfd.readouterr().err
-    assert "WARNING: sentry: mirror of checkpoint-2" in err and "FAILED" in err
+    assert "wakelab: warning: sentry: mirror of checkpoint-2" in err and "FAILED" in err
     assert mlflow.get_run(result.run_id).info.status == "FINISHED"
     mirrors = list_checkpoints(blocker / "mirror" / result.run_id)
     assert [m.name for m in mirrors] == ["checkpoint-4", "checkpoint-6"]

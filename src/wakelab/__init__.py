@@ -29,6 +29,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "SaveContext": ("context", "SaveContext"),
     "RunContext": ("context", "RunContext"),
     "RowAccess": ("rows", "RowAccess"),
+    # Talking to the user: a line on stderr (progress from rank 0 only; warnings from any rank).
+    "log": ("logs", "log"),
+    "warn": ("logs", "warn"),
     # A plugin's own config section.
     "PluginConfig": ("config", "PluginConfig"),
     # Init plugins: Gaussian draws around the base rows.

@@ -8,10 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import WakelabError
-
-
-def _warn(message: str) -> None:
-    click.echo(f"wakelab: warning: {message}", err=True)
+from .logs import warn
 
 
 @click.command("analyze", context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,14 +91,14 @@ def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, to
                                             ("--from-step", from_step), ("--to-step", to_step), ("--nested", nested))
                    if given not in (None, False, ())]  # fmt: skip
         if ignored:
-            _warn(f"{', '.join(ignored)} apply to one run's analysis and are ignored when comparing runs")
+            warn(f"{', '.join(ignored)} apply to one run's analysis and are ignored when comparing runs")
     opts = AnalyzeOptions(
         checkpoint=checkpoint, initial=initial, sample_size=sample_size, seed=seed, probes=tuple(probes),
         num_probes=num_probes, top_k=top_k, evaluate=not no_eval, eval_max_blocks=eval_max_blocks,
         static=not no_static, recording=recording, from_step=from_step, to_step=to_step,
         freeze_threshold=freeze_threshold, nested=nested, mlflow=not no_mlflow, out=out,
     )
-    report = analyze_run(runs[0], opts, _warn) if len(runs) == 1 else compare_runs(runs, opts, _warn)
+    report = analyze_run(runs[0], opts, warn) if len(runs) == 1 else compare_runs(runs, opts, warn)
     click.echo(report.text)
 
 

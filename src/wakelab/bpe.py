@@ -12,7 +12,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from .model import cache_root
+from .paths import cache_root
 
 GPT2_VOCAB_SIZE = 50257
 EOS = "<|endoftext|>"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from .cli_config import config_options as _config_options
+from .cli_config import resolve_cli_config
 from .errors import WakelabError
 
 
@@ -37,35 +39,6 @@ def main() -> None:
       wakelab ui                       # the MLflow UI for those runs; prints the URL
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _config_options(fn):
-    fn = click.option("--preset", default=None, help="Packaged preset to start from (default: demo).")(fn)
-    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file layered on the preset.")(fn)
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one key, e.g. train.lr=1e-3 (repeatable).")(fn)
-    fn = click.option("--plugin", "plugins", multiple=True, metavar="NAME|PATH", help="Activate a plugin by name or .py path (repeatable).")(fn)
-    fn = click.option("--max-steps", type=int, default=None, help="Shortcut for --set train.max_steps=N.")(fn)
-    fn = click.option("--output-dir", default=None, help="Shortcut for --set output_dir=DIR.")(fn)
-    fn = click.option("--experiment", default=None, help="Shortcut for --set tracking.experiment=NAME.")(fn)
-    fn = click.option("--run-name", default=None, help="Shortcut for --set tracking.run_name=NAME.")(fn)
-    return fn
-
-
-def resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name):
-    from .config import build_config
-
-    pairs = list(overrides)
-    if max_steps is not None:
-        pairs.append(f"train.max_steps={max_steps}")
-    if output_dir is not None:
-        pairs.append(f"output_dir={output_dir}")
-    if experiment is not None:
-        pairs.append(f"tracking.experiment={experiment}")
-    if run_name is not None:
-        pairs.append(f"tracking.run_name={run_name}")
-    if not preset and not config_file:
-        preset = "demo"
-    return build_config(preset, config_file, pairs, plugins=plugins)
 
 
 @main.command()
@@ -137,15 +110,11 @@ def _print_result(result) -> None:
     for key, value in result.metrics.items():
         click.echo(f"  {key}: {value:.4g}")
     click.echo(f"  output: {result.output_dir}")
-    # The run page in the training runs view (MLflow 3 otherwise opens its GenAI view).
-    page = f"#/experiments/{result.experiment_id}/runs/{result.run_id}?workflowType=machine_learning"
-    uri = result.tracking_uri
+    from .tracking import where_to_look
+
     click.echo("look at it in the MLflow UI:")
-    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-        click.echo("  wakelab ui        # starts the MLflow UI for this store on 127.0.0.1 and prints its URL")
-        click.echo(f"  then open http://127.0.0.1:5000/{page}")
-    else:
-        click.echo(f"  {uri.rstrip('/')}/{page}")
+    for line in where_to_look(result.tracking_uri, result.experiment_id, result.run_id):
+        click.echo(line)
 
 
 @main.command()

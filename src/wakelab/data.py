@@ -9,8 +9,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .errors import DataError
+from .config import DataConfig, RunConfig
+from .errors import ConfigError, DataError
+from .paths import cache_root
+
+
+def resolve_lexicon(config: RunConfig) -> str | None:
+    """The lexicon path; `demo` names the embedded demo lexicon."""
+    if config.vocab.lexicon == "demo":
+        from .demo import ensure_demo_texts
+
+        return str(ensure_demo_texts().lexicon)
+    return config.vocab.lexicon
+
+
+def resolve_data_paths(config: RunConfig) -> tuple[str | None, str | None, str | None]:
+    """Lexicon, corpus and held-out paths; `demo` names the embedded demo texts."""
+    corpus, heldout = config.data.corpus, config.data.heldout
+    if "demo" in (corpus, heldout):
+        from .demo import ensure_demo_texts
+
+        texts = ensure_demo_texts()
+        corpus = str(texts.corpus) if corpus == "demo" else corpus
+        heldout = str(texts.heldout) if heldout == "demo" else heldout
+    if corpus is None:
+        raise ConfigError("data.corpus: no corpus given; set data.corpus to a UTF-8 text file (or `demo`)")
+    return resolve_lexicon(config), corpus, heldout
+
+
+def token_cache_dir(cfg: DataConfig) -> Path:
+    """Where tokenized corpora are cached by content hash (``data.cache_dir``, else under the wakelab cache)."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "tokens"
 
 
 def read_text(path: str | Path, what: str = "corpus") -> str:

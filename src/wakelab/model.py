@@ -13,10 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ConfigError, ModelError
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("WAKELAB_CACHE", Path.home() / ".cache" / "wakelab"))
+from .paths import cache_root
 
 
 def resolve_source(cfg: ModelConfig) -> str:

@@ -99,7 +99,7 @@ def load_trained(target: str | Path, *, initial: bool = False) -> TrainedState:
     from safetensors.torch import load_file
 
     from . import model as model_mod
-    from .engine import expand_for_config
+    from .build import expand_for_config
 
     run_dir, run_id = resolve_run(str(target))
     config_path = run_dir / "config.yaml"

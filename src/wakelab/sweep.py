@@ -3,8 +3,8 @@
 Top to bottom: :func:`plan_sweep` resolves and checks everything up front (the key, every child's config, the init
 plugins, the output folders, the constituents file), so bad input stops the sweep before any child starts. Then
 :func:`run_sweep` opens the parent MLflow run (or attaches to ``MLFLOW_RUN_ID``, as under ``mlflow run``), and for
-each value creates a child run tagged ``mlflow.parentRunId`` and runs ``engine.run`` inside it (``MLFLOW_RUN_ID``
-points at the child for the duration), one child after another in this process. A child that fails is marked
+each value creates a child run tagged ``mlflow.parentRunId`` and runs ``engine.run`` inside it (passing the
+child's ``run_id``; nothing goes through the environment), one child after another in this process. A child that fails is marked
 FAILED and the others go on. Last, :func:`compare` reads each finished child back (the rows right after init and
 at the end, its logged loss and norms) and logs the comparison to the parent under ``comparison/``:
 
@@ -28,7 +28,6 @@ import html
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,10 @@ from typing import Any, Callable
 
 import torch
 
-from . import registry, tracking
+from . import logs, registry, tracking
 from .config import RunConfig, parse_value, resolve_key, set_in, validate
 from .errors import ConfigError, DataError, WakelabError
+from .logs import warn
 
 #: Keys a sweep cannot vary, and why.
 FIXED_KEYS = {
@@ -51,10 +51,6 @@ COMPARISON_DIR = "comparison"
 SWEEP_TAG = "wakelab.sweep"
 
 Log = Callable[[str], None]
-
-
-def _log(message: str) -> None:
-    print(f"wakelab: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -217,7 +213,7 @@ def resolve_constituents(base: RunConfig, given: str | None) -> Path | None:
 def load_constituents(path: Path, children: list[Child], log: Log) -> tuple[dict[str, list[str]], list[str]]:
     """The constituents of lexicon words, and the words of the file that no child's lexicon holds (reported)."""
     from .demo_text import read_constituents
-    from .engine import resolve_lexicon
+    from .data import resolve_lexicon
     from .vocab import read_lexicon
 
     table = read_constituents(path)
@@ -239,7 +235,7 @@ def load_constituents(path: Path, children: list[Child], log: Log) -> tuple[dict
 
 
 def plan_sweep(base: RunConfig, over: str, *, constituents: str | None = None, top_k: int = 10,
-               overwrite: bool = False, cwd: Path | None = None, log: Log = _log) -> SweepPlan:
+               overwrite: bool = False, cwd: Path | None = None, log: Log = logs.log) -> SweepPlan:
     """Resolve and check the whole sweep; raises a one-line ``WakelabError`` before anything runs."""
     key, texts = parse_over(over)
     try:
@@ -279,15 +275,6 @@ class SweepResult:
         return [c for c in self.children if c.status != "FINISHED"]
 
 
-def _experiment_id(client, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
-    experiment = client.get_experiment(experiment_id)
-    if experiment.tags.get(tracking.EXPERIMENT_KIND_TAG) is None:
-        client.set_experiment_tag(experiment_id, tracking.EXPERIMENT_KIND_TAG, tracking.MODEL_TRAINING_KIND)
-    return experiment_id
-
-
 def _open_parent(client, plan: SweepPlan, cwd: Path | None) -> tuple[str, str, bool]:
     """The parent run: the one ``MLFLOW_RUN_ID`` names (``mlflow run``), else a new one.
 
@@ -296,20 +283,16 @@ def _open_parent(client, plan: SweepPlan, cwd: Path | None) -> tuple[str, str, b
         SWEEP_TAG: "parent",
         "wakelab.sweep.key": plan.canonical,
         "wakelab.sweep.values": ",".join(c.text for c in plan.children),
-        "wakelab.preset": plan.base.preset or "",
-        "wakelab.version": tracking.library_versions().get("wakelab", ""),
         "wakelab.output_dir": str(plan.root.resolve()),
+        **tracking.run_tags(plan.base.preset, cwd),
     }
-    commit = tracking.git_commit(cwd)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
     attach = os.environ.get("MLFLOW_RUN_ID")
     if attach:
         run = client.get_run(attach)
         for key, value in tags.items():
             client.set_tag(attach, key, value)
         return attach, run.info.experiment_id, True
-    experiment_id = _experiment_id(client, plan.base.tracking.experiment)
+    experiment_id = tracking.ensure_experiment(plan.base.tracking.experiment)
     name = plan.base.tracking.run_name or f"sweep-{plan.key}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     return run.info.run_id, experiment_id, False
@@ -324,12 +307,7 @@ def _log_parent_params(client, run_id: str, plan: SweepPlan) -> None:
         "sweep.constituents": str(plan.constituents_path) if plan.constituents_path else "None",
         **{k: v for k, v in plan.base.flat().items() if k != plan.canonical},
     }
-    existing = client.get_run(run_id).data.params
-    items = [(k, str(v)[: tracking.MAX_PARAM_LENGTH]) for k, v in params.items() if k not in existing]
-    from mlflow.entities import Param
-
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
+    tracking.log_new_params(client, run_id, params)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -349,10 +327,8 @@ def run_child(client, child: Child, parent_id: str, experiment_id: str, *, overw
               "wakelab.sweep.key": child.label.split("=", 1)[0], "wakelab.sweep.value": child.text},
     )
     child.run_id = run.info.run_id
-    saved = os.environ.get("MLFLOW_RUN_ID")
-    os.environ["MLFLOW_RUN_ID"] = child.run_id
     try:
-        result = engine.run(child.config, overwrite=overwrite, progress=progress, cwd=cwd)
+        result = engine.run(child.config, overwrite=overwrite, progress=progress, cwd=cwd, run_id=child.run_id)
         child.status, child.metrics = "FINISHED", dict(result.metrics)
     except KeyboardInterrupt:
         child.status, child.error = "KILLED", "interrupted"
@@ -360,13 +336,9 @@ def run_child(client, child: Child, parent_id: str, experiment_id: str, *, overw
         raise
     except Exception as exc:  # noqa: BLE001 - one child's failure must not stop the others
         child.status, child.error = "FAILED", _one_line(exc)
-        _log(f"sweep: {child.label} failed: {child.error}")
+        warn(f"sweep: {child.label} failed: {child.error}")
         _close_child(client, child)
     finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_RUN_ID", None)
-        else:
-            os.environ["MLFLOW_RUN_ID"] = saved
         gc.collect()
 
 
@@ -379,11 +351,11 @@ def _close_child(client, child: Child) -> None:
         if client.get_run(child.run_id).info.status == "RUNNING":
             client.set_terminated(child.run_id, child.status)
     except Exception as exc:  # noqa: BLE001 - the tracking store blipped; say so and go on
-        _log(f"warning: could not mark child run {child.run_id} {child.status}: {exc}")
+        warn(f"could not mark child run {child.run_id} {child.status}: {exc}")
 
 
 def run_sweep(plan: SweepPlan, *, overwrite: bool = False, progress: bool = True, cwd: Path | None = None,
-              log: Log = _log) -> SweepResult:
+              log: Log = logs.log) -> SweepResult:
     """Run every child of ``plan`` under one parent run and log the comparison to the parent."""
     from mlflow import MlflowClient
 
@@ -421,7 +393,7 @@ def _end_parent(client, run_id: str, status: str, failure: BaseException | None,
         if not attached or status != "FINISHED":
             client.set_terminated(run_id, status)
     except Exception as exc:  # noqa: BLE001
-        _log(f"warning: could not close the sweep's parent run {run_id}: {exc}")
+        warn(f"could not close the sweep's parent run {run_id}: {exc}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

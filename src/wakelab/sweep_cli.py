@@ -9,18 +9,15 @@ import sys
 
 import click
 
-from .cli import _config_options, resolve_cli_config
-
-
-def _warn(message: str) -> None:
-    click.echo(f"wakelab: {message}", err=True)
+from .cli_config import config_options, resolve_cli_config
+from .logs import log
 
 
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--over", "over", required=True, metavar="KEY=V1,V2,...",
               help="The key to vary and its values: a config key or short name (init, lr, max_steps, ...) "
                    "and comma-separated values, each typed as --set would read it.")
-@_config_options
+@config_options
 @click.option("--constituents", default=None, metavar="PATH|demo",
               help="Constituents file (word<TAB>meaning<TAB>parts) for the neighbour hit rates; default: "
                    "init.constituents, or the demo's with the demo lexicon.")
@@ -54,21 +51,20 @@ def sweep(over, preset, config_file, overrides, plugins, max_steps, output_dir, 
     from .sweep import plan_sweep, run_sweep
 
     base = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
-    plan = plan_sweep(base, over, constituents=constituents, top_k=top_k, overwrite=overwrite, log=_warn)
-    _warn(f"sweep over {plan.canonical}: {len(plan.children)} children in {plan.root}")
-    result = run_sweep(plan, overwrite=overwrite, progress=not no_progress, log=_warn)
+    plan = plan_sweep(base, over, constituents=constituents, top_k=top_k, overwrite=overwrite, log=log)
+    log(f"sweep over {plan.canonical}: {len(plan.children)} children in {plan.root}")
+    result = run_sweep(plan, overwrite=overwrite, progress=not no_progress, log=log)
 
     click.echo(f"sweep {result.parent_run_id} over {plan.canonical} (experiment {result.experiment_id})")
     click.echo(result.table, nl=False)
     click.echo(f"  comparison: {result.comparison_dir}")
-    uri = result.tracking_uri
-    path = f"#/experiments/{result.experiment_id}/runs/{result.parent_run_id}?workflowType=machine_learning"
-    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        click.echo(f"look at it in the MLflow UI: wakelab ui, then open "
-                   f"http://127.0.0.1:5000/{path} (artifacts: comparison/)")
-    else:
-        click.echo(f"look at it in the MLflow UI: {uri.rstrip('/')}/{path}")
+    from .tracking import where_to_look
+
+    click.echo("look at it in the MLflow UI (the comparison is under the parent's artifacts, comparison/):")
+    for line in where_to_look(result.tracking_uri, result.experiment_id, result.parent_run_id):
+        click.echo(line)
     if result.failed:
-        _warn("error: " + "; ".join(f"{c.label} {c.status}: {c.error}" for c in result.failed)
-              + f" ({len(result.failed)} of {len(result.children)} children failed)")
+        failed = "; ".join(f"{c.label} {c.status}: {c.error}" for c in result.failed)
+        click.echo(f"wakelab: error: {failed} ({len(result.failed)} of {len(result.children)} children failed)",
+                   err=True)
         sys.exit(1)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import WakelabError
+from .logs import warn
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 #: Opens the experiment in the MLflow UI's model-training (runs) view rather than its GenAI view.
@@ -60,6 +61,87 @@ def git_commit(cwd: Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_tags(preset: str | None, cwd: Path | None = None) -> dict[str, str]:
+    """The tags every run wakelab opens carries: preset, wakelab version and (in a git checkout) the commit."""
+    tags = {"wakelab.preset": preset or "", "wakelab.version": library_versions().get("wakelab", "")}
+    commit = git_commit(cwd)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+#: The MLflow 3 UI's model-training views (its default view is the GenAI one).
+RUNS_VIEW = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+RUN_VIEW = "#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def ui_page(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI fragment (``#/experiments/...``) of a run, or of an experiment's runs, in the training view."""
+    if run_id is None:
+        return RUNS_VIEW.format(experiment_id=experiment_id)
+    return RUN_VIEW.format(experiment_id=experiment_id, run_id=run_id)
+
+
+def where_to_look(uri: str, experiment_id: str, run_id: str | None = None) -> list[str]:
+    """Lines telling the user where to see a run: `wakelab ui` for a local store, the server's URL otherwise."""
+    page = ui_page(experiment_id, run_id)
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        return [
+            "  wakelab ui        # starts the MLflow UI for this store on 127.0.0.1 and prints its URL",
+            f"  then open http://127.0.0.1:5000/{page}",
+        ]
+    return [f"  {uri.rstrip('/')}/{page}"]
+
+
+def ensure_experiment(name: str, client=None) -> str:
+    """The id of experiment ``name``, made and tagged for the training view if need be.
+
+    Two runs starting together into a new experiment race to create it and to tag it; the store refuses the second
+    insert. Whoever loses finds the experiment (or the tag) already there, which is all it wanted.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = client or MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name)
+        except MlflowException:
+            pass  # a peer created it between our look-up and our insert
+        experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore) or set "
+            "tracking.experiment to another name"
+        )
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+        try:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        except MlflowException:
+            if client.get_experiment(experiment.experiment_id).tags.get(EXPERIMENT_KIND_TAG) is None:
+                raise
+    return experiment.experiment_id
+
+
+def log_new_params(client, run_id: str, params: dict[str, Any], sent: set[str] | None = None) -> None:
+    """Log the params the run does not hold yet, cut to MLflow's length limit, 100 per request.
+
+    MLflow refuses to change a logged param, so a resumed or attached run skips the keys it has; ``sent`` collects
+    the keys that are on the run afterwards (to keep the others for a retry).
+    """
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    if sent is not None:
+        sent.update(k for k in params if k in existing)
+    todo = [(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items() if k not in existing]
+    for chunk in _chunks(todo, 100):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in chunk])
+        if sent is not None:
+            sent.update(k for k, _ in chunk)
 
 
 def library_versions() -> dict[str, str]:
@@ -120,25 +202,8 @@ def _quiet_retries():
 
 
 def _open_experiment(mlflow, name: str):
-    """The experiment, made (and tagged for the training view) if need be, when other runs start at the same time.
-
-    Two runs starting together into a new experiment race to create it and to tag it; the store refuses the second
-    insert. Whoever loses finds the experiment (or the tag) already there, which is all it wanted.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        experiment = mlflow.set_experiment(name)
-    except MlflowException:
-        experiment = mlflow.set_experiment(name)  # a peer created it between our look-up and our insert
-    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
-        client = mlflow.MlflowClient()
-        try:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
-        except MlflowException:
-            if client.get_experiment(experiment.experiment_id).tags.get(EXPERIMENT_KIND_TAG) is None:
-                raise
-    return experiment
+    """Make ``name`` the active experiment (created and tagged if need be) for the run about to start."""
+    return mlflow.set_experiment(experiment_id=ensure_experiment(name, mlflow.MlflowClient()))
 
 
 def _is_client_error(exc: BaseException) -> bool:
@@ -206,12 +271,12 @@ class TrackedRun:
             if not self.offline:
                 reason = _reason(exc)
                 self.offline_since = (time.strftime("%H:%M:%S"), reason)
-                _warn(f"cannot reach the MLflow tracking store at {tracking_uri()} while logging {what} ({reason}); "
+                warn(f"cannot reach the MLflow tracking store at {tracking_uri()} while logging {what} ({reason}); "
                       "training goes on, and what is not logged is kept and retried")
             return False
         if self.offline:
             self.offline_since = None
-            _warn(f"the MLflow tracking store at {tracking_uri()} answers again; sending what was kept")
+            warn(f"the MLflow tracking store at {tracking_uri()} answers again; sending what was kept")
         return True
 
     # -- params, tags, metrics ---------------------------------------------------------------------------------
@@ -224,15 +289,10 @@ class TrackedRun:
     def _send_params(self) -> None:
         if not self._pending_params:
             return
-        existing: dict[str, str] = {}
+        existing: set[str] = set()
 
         def send():
-            existing.update(self._mlflow.MlflowClient().get_run(self.run_id).data.params)
-            todo = [(k, v) for k, v in self._pending_params.items() if k not in existing]
-            for chunk in _chunks(todo, 100):
-                self._mlflow.log_params(dict(chunk))
-                for key, _ in chunk:
-                    existing[key] = ""
+            log_new_params(self._mlflow.MlflowClient(), self.run_id, self._pending_params, existing)
 
         self._send("params", send)
         self._pending_params = {k: v for k, v in self._pending_params.items() if k not in existing}
@@ -269,7 +329,7 @@ class TrackedRun:
             try:
                 ok = self._send(f"{len(chunk)} metric values", lambda c=chunk: client.log_batch(self.run_id, metrics=c))
             except Exception as exc:  # noqa: BLE001 - a refused batch must not stop training either
-                _warn(f"MLflow refused {len(chunk)} metric values ({exc}); they are kept and reported at the end")
+                warn(f"MLflow refused {len(chunk)} metric values ({exc}); they are kept and reported at the end")
                 ok = False
             if not ok:
                 break
@@ -304,6 +364,7 @@ class TrackedRun:
         if self._closed:
             return
         self._closed = True
+        outer_run_id = os.environ.get("MLFLOW_RUN_ID")
         try:
             if error is not None:
                 text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -319,6 +380,8 @@ class TrackedRun:
             if not self._send(f"the final status {status}", lambda: self._mlflow.end_run(status=status)):
                 self.status_unlogged = status
             self._policy.__exit__(None, None, None)
+            if outer_run_id is not None:  # MLflow's end_run unsets it; the caller's (`mlflow run`'s) value stays
+                os.environ["MLFLOW_RUN_ID"] = outer_run_id
 
     def unlogged_message(self, output_dir: str | Path | None = None, saved_to: str | Path | None = None) -> str:
         """One paragraph: which store, since when, what was not logged, where the files and the leftovers are."""
@@ -420,12 +483,6 @@ def _reason(exc: BaseException) -> str:
         if needle in text:
             return short
     return (text.strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
-def _warn(message: str) -> None:
-    import sys
-
-    print(f"wakelab: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .context import GradContext, SaveContext, StepState
+from .logs import warn
 from .rows import RowAccess
 
 ROWS_FILE = "trained_rows.safetensors"
@@ -229,7 +230,7 @@ class HookBridge(TrainerCallback):
         try:
             trainer.pm.hook.on_save(ctx=ctx)
         except Exception as exc:  # noqa: BLE001 - a plugin's failure to copy must not stop training
-            print(f"wakelab: warning: an on_save plugin failed at step {state.global_step}: {exc}")
+            warn(f"an on_save plugin failed at step {state.global_step}: {exc}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._progress is not None:

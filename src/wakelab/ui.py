@@ -21,10 +21,9 @@ import urllib.request
 import click
 
 from .errors import WakelabError
+from .tracking import ui_page
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-#: The MLflow 3 UI's model-training runs view (its default view is the GenAI one).
-RUNS_VIEW = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 READY_TIMEOUT_S = 120
 
 
@@ -54,7 +53,7 @@ def latest_wakelab_experiment(uri: str) -> str | None:
 
 def runs_view_url(base: str, experiment_id: str | None) -> str:
     base = base.rstrip("/")
-    return f"{base}/{RUNS_VIEW.format(experiment_id=experiment_id)}" if experiment_id else f"{base}/"
+    return f"{base}/{ui_page(experiment_id)}" if experiment_id else f"{base}/"
 
 
 def check_port_free(host: str, port: int) -> None:

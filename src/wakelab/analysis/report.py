@@ -150,8 +150,9 @@ def _experiment_id(client, run: _Run) -> str:
         import yaml
 
         name = (yaml.safe_load(config.read_text()).get("tracking") or {}).get("experiment") or name
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    from ..tracking import ensure_experiment
+
+    return ensure_experiment(name, client)
 
 
 def _outer_run(client, tags: dict[str, str], exclude: str | None) -> str | None:
@@ -255,13 +256,10 @@ def loss_history(run_id: str | None, run_dir: Path, client=None) -> tuple[list[i
 
 
 def _heldout_dataset(config, tokenizer):
-    from .. import data as data_mod
-    from .. import model as model_mod
-    from ..engine import resolve_data_paths
+    from ..data import build_datasets, resolve_data_paths, token_cache_dir
 
     _, corpus_path, heldout_path = resolve_data_paths(config)
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else model_mod.cache_root() / "tokens"
-    return data_mod.build_datasets(config.data, corpus_path, heldout_path, tokenizer, cache_dir).heldout
+    return build_datasets(config.data, corpus_path, heldout_path, tokenizer, token_cache_dir(config.data)).heldout
 
 
 def _logged_perplexity(run: _Run) -> dict[str, float]:
@@ -658,7 +656,7 @@ def _static_lines(static: dict, num_base: int, num_total: int) -> list[str]:
 def _perplexity(run: _Run, state, state_target: str, opts: AnalyzeOptions, sink: AnalysisSink, label: str, step: int,
                 warn: Warn) -> dict:
     """Held-out perplexity of the initial and the analysed state (the final one when the initial is analysed)."""
-    from ..engine import perplexity
+    from ..evaluation import perplexity
     from ..state import load_trained
 
     logged = _logged_perplexity(run)

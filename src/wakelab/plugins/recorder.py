@@ -283,8 +283,8 @@ class Recorder:
             return logits.detach()
         if logits is not None and not self._warned_logits:
             self._warned_logits = True
-            _log(f"warning: step {step}: logits have shape {tuple(logits.shape)}, the recording expects ({width},); "
-                 "recording NaN logits where they differ")  # fmt: skip
+            wakelab.warn(f"recorder: step {step}: logits have shape {tuple(logits.shape)}, the recording expects "
+                         f"({width},); recording NaN logits where they differ")  # fmt: skip
         return torch.full((width,), math.nan, dtype=torch.float32)
 
     def append(self, step: int, **values) -> None:
@@ -303,9 +303,7 @@ def active() -> Recorder | None:
 
 
 def _log(message: str) -> None:
-    import sys
-
-    print(f"wakelab: recorder: {message}", file=sys.stderr, flush=True)
+    wakelab.log(f"recorder: {message}")
 
 
 def _recording_path(run) -> tuple[Path, bool]:
@@ -502,7 +500,7 @@ def _log_to_mlflow(run, rec: Recorder) -> None:
         (path / "summary.txt").write_text(text + "\n", encoding="utf-8")
         run.log_artifact(path / "summary.txt", artifact_path)
     except (OSError, RecordingError) as exc:  # a full disk: the index is logged, the summary cannot be
-        _log(f"warning: no summary.txt for {path}: {exc}")
+        wakelab.warn(f"recorder: no summary.txt for {path}: {exc}")
     shards = sorted(path.glob("shard-*.safetensors"))
     listed = {s["file"] for s in json.loads(index.read_text()).get("shards", [])}
     shards = [s for s in shards if s.name in listed]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def on_save(ctx):
     except Exception as exc:  # noqa: BLE001 - a backup's failure must never stop training
         message = f"sentry: mirror of {ctx.checkpoint_dir.name} to {target} FAILED ({type(exc).__name__}: {exc}); " \
                   "training goes on, the next checkpoint will be tried again"
-        print(f"wakelab: WARNING: {message}", file=sys.stderr, flush=True)
+        wakelab.warn(message)
         _tag({"wakelab.sentry.last_error": message[:5000]})
         return
     _tag({"wakelab.sentry.latest": str(where), "wakelab.sentry.last_error": ""})

@@ -1,0 +1,158 @@
+"""The first half of a run, shared by ``engine.run`` and everything that rebuilds a run's starting point.
+
+``prepare`` finds everything that can be wrong with a config's inputs (plugins, base model, tokenizer, lexicon, an
+earlier phase's matrix) before anything is written; ``build_model`` then loads the base, grows its vocabulary, fills
+the new rows through the ``init_embeddings`` hook and restores an earlier phase. ``engine.run`` and
+``expand_for_config`` (a finished run's starting state, for analysis and sweeps) call the same two functions, so
+they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pluggy
+import torch
+
+from . import model as model_mod
+from . import registry
+from .config import RunConfig
+from .context import InitContext
+from .data import resolve_lexicon
+from .errors import ConfigError, PluginError
+from .logs import log
+from .vocab import VocabReport, expand_vocabulary, read_lexicon
+
+
+@dataclass
+class Prepared:
+    """A config's inputs, loaded and checked: what ``build_model`` needs, nothing yet written anywhere."""
+
+    pm: pluggy.PluginManager
+    source: str
+    model_config: Any
+    tokenizer: Any
+    num_base: int
+    report: VocabReport | None = None
+    new_words: list[str] = field(default_factory=list)
+    phase: tuple[torch.Tensor, dict[str, Any]] | None = None
+
+    @property
+    def hidden_size(self) -> int | None:
+        return getattr(self.model_config, "hidden_size", None) or getattr(self.model_config, "n_embd", None)
+
+
+def prepare(config: RunConfig, cwd: Path | None = None, *, check_seq_len: bool = True) -> Prepared:
+    """Plugins, base model config, tokenizer grown by the lexicon, and an earlier phase's matrix, all checked."""
+    pm = registry.build_manager(config.active_plugins, cwd, optional=[config.init.method])
+    source = model_mod.model_source(config.model, config.train.seed)
+    model_config = model_mod.load_model_config(source, config.model.revision)
+    if check_seq_len:
+        model_mod.check_seq_len(model_config, config.data.seq_len)
+    tokenizer = model_mod.load_tokenizer(model_mod.tokenizer_source(config.model) or source, config.model.revision)
+    prepared = Prepared(pm, source, model_config, tokenizer, len(tokenizer))
+    lexicon_path = resolve_lexicon(config)
+    if lexicon_path is not None:
+        prepared.report, prepared.new_words = expand_vocabulary(
+            tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path
+        )
+    if config.init.from_embeddings:
+        shape = (len(tokenizer), prepared.hidden_size)
+        prepared.phase = load_phase_matrix(config.init.from_embeddings, shape, tokenizer)
+    return prepared
+
+
+def build_model(
+    config: RunConfig,
+    prepared: Prepared,
+    *,
+    log_params: Callable[[dict[str, Any]], None] = lambda params: None,
+    set_tags: Callable[[dict[str, str]], None] = lambda tags: None,
+) -> torch.nn.Module:
+    """The base model with the grown vocabulary, its new rows filled by the init plugin, an earlier phase restored."""
+    what = (
+        f"a {config.model.architecture['model_type']} built from model.architecture"
+        if config.model.architecture
+        else f"base model {config.model.name_or_path}"
+    )
+    log(f"loading {what}" + (" in 4-bit nf4" if config.model.load_in_4bit else ""))
+    model = model_mod.load_model(config.model, prepared.source)
+    tokenizer, num_base = prepared.tokenizer, prepared.num_base
+    weight = model.get_input_embeddings().weight
+    log_params({"base_vocab_size": num_base, "hidden_size": weight.shape[1]})
+    if prepared.report is not None or weight.shape[0] < len(tokenizer):
+        model_mod.expand_embeddings(model, len(tokenizer))
+    if prepared.report is not None:
+        log(prepared.report.summary())
+    log_params({"added_tokens": len(prepared.new_words), "vocab_size": len(tokenizer)})
+
+    weight = model.get_input_embeddings().weight
+    if prepared.new_words:
+        new_ids = torch.arange(num_base, weight.shape[0])
+        summary = init_new_rows(prepared.pm, config, weight, num_base, new_ids, prepared.new_words, tokenizer)
+        log_params({f"init.result.{k}": v for k, v in summary.items()})
+    if prepared.phase is not None:
+        matrix, restored = prepared.phase
+        with torch.no_grad():
+            weight.copy_(matrix.to(weight.dtype))
+        log_params({"init.restored_from": restored["restored_from"]})
+        set_tags(
+            {"wakelab.restored_from": restored["restored_from"]}
+            | ({"wakelab.source_run": restored["run_id"]} if restored.get("run_id") else {})
+        )
+        log(f"restored embeddings from {restored['restored_from']}")
+    return model
+
+
+def expand_for_config(config: RunConfig, cwd: Path | None = None):
+    """The base model with the run's vocabulary expansion and init applied: the state a run starts from."""
+    prepared = prepare(config, cwd, check_seq_len=False)
+    return build_model(config, prepared), prepared.tokenizer, prepared.num_base
+
+
+def init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer) -> dict[str, Any]:
+    """Ask the ``init_embeddings`` hook to fill the new rows; nobody answering ``init.method`` is an error."""
+    generator = torch.Generator().manual_seed(config.init.seed)
+    ctx = InitContext(
+        method=config.init.method,
+        weight=weight.data,
+        num_base=num_base,
+        new_ids=new_ids,
+        new_words=new_words,
+        tokenizer=tokenizer,
+        options=config.init.model_dump(),
+        generator=generator,
+        log=log,
+    )
+    with torch.no_grad():
+        summary = pm.hook.init_embeddings(ctx=ctx)
+    if summary is None:
+        known = [row["name"] for row in registry.describe() if "init_embeddings" in row["hooks"]]
+        raise PluginError(
+            f"no plugin answered init.method={config.init.method}; init plugins found: "
+            f"{', '.join(known) or 'none'} (or activate your own with --plugin NAME|PATH)"
+        )
+    return dict(summary)
+
+
+def load_phase_matrix(path: str, shape: tuple[int, int], tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:
+    """An earlier phase's embedding matrix, checked against this run's expanded vocabulary before anything starts."""
+    from .phase import load_embedding_matrix
+
+    matrix, token_ids, source_meta = load_embedding_matrix(path)
+    if tuple(matrix.shape) != tuple(shape):
+        raise ConfigError(
+            f"init.from_embeddings {path}: matrix shape {tuple(matrix.shape)} does not fit the expanded vocabulary "
+            f"{tuple(shape)}; it comes from another model or lexicon"
+        )
+    if token_ids is not None:
+        vocab = tokenizer.get_vocab()
+        for token, index in token_ids.items():
+            if vocab.get(token) != index:
+                raise ConfigError(
+                    f"init.from_embeddings {path}: token '{token}' has id {index} there but "
+                    f"{vocab.get(token)} in this tokenizer; it was saved for another lexicon order"
+                )
+    return matrix, {"restored_from": str(path), **source_meta}
