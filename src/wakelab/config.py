@@ -441,7 +441,10 @@ def build_config(
 
 
 def validate(
-    tree: dict[str, Any], cwd: Path | None = None, explicit: set[str] | frozenset[str] = frozenset(), strict: bool = True
+    tree: dict[str, Any],
+    cwd: Path | None = None,
+    explicit: set[str] | frozenset[str] = frozenset(),
+    strict: bool = True,
 ) -> RunConfig:
     """A RunConfig from a nested mapping: the core sections, then the sections the active plugins declare.
 

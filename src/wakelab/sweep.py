@@ -4,9 +4,9 @@ Top to bottom: :func:`plan_sweep` resolves and checks everything up front (the k
 plugins, the output folders, the constituents file), so bad input stops the sweep before any child starts. Then
 :func:`run_sweep` opens the parent MLflow run (or attaches to ``MLFLOW_RUN_ID``, as under ``mlflow run``), and for
 each value creates a child run tagged ``mlflow.parentRunId`` and runs ``engine.run`` inside it (passing the
-child's ``run_id``; nothing goes through the environment), one child after another in this process. A child that fails is marked
-FAILED and the others go on. Last, :func:`compare` reads each finished child back (the rows right after init and
-at the end, its logged loss and norms) and logs the comparison to the parent under ``comparison/``:
+child's ``run_id``; nothing goes through the environment), one child after another in this process. A child that
+fails is marked FAILED and the others go on. Last, :func:`compare` reads each finished child back (the rows right
+after init and at the end, its logged loss and norms) and logs the comparison to the parent under ``comparison/``:
 
     comparison.{csv,json,md,html}   one row per child: held-out perplexity before/after, final loss, mean new-row
                                     norm at step 0 and at the end, nearest-neighbour hit rates at step 0 and at the end
