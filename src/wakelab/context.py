@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,4 +77,3 @@ class RunContext:
     log_params: Callable[[dict[str, Any]], None] = lambda params: None
     log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None
     set_tags: Callable[[dict[str, str]], None] = lambda tags: None
-    extras: dict[str, Any] = field(default_factory=dict)
