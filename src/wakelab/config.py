@@ -464,9 +464,14 @@ def validate(
     for name, value in others.items():
         if name in sections or not strict:
             continue
-        owner = plugin_config.owner_of(name, cwd) if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            raise ConfigError(f"unknown config key '{name}'{resolve_hint(name)}")
+        owner = plugin_config.owner_of(name, cwd)
         if owner is None:
-            raise ConfigError(f"unknown config key '{_first_key(name, value)}'{resolve_hint(name)}")
+            raise ConfigError(
+                f"unknown config key '{_first_key(name, value)}': neither wakelab nor any plugin found has a section "
+                f"'{name}'; `wakelab config-keys` lists them all"
+            )
         if name in explicit:
             raise ConfigError(
                 f"config key '{_first_key(name, value)}' belongs to plugin '{owner}', which is not active, so it "
