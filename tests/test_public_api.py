@@ -103,3 +103,9 @@ def test_the_testing_helper_runs_a_plugin_on_a_tiny_model(tmp_path):
     result = run_with_plugins([plugin], tmp_path / "work", {"train.max_steps": 3})
     assert result.status == "FINISHED" and result.output_dir == tmp_path / "work" / "out"
     assert loaded_plugin(plugin).SEEN == [1, 2, 3]
+
+
+def test_the_plugin_guide_lists_every_public_name():
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    missing = [name for name in wakelab.__all__ if name != "__version__" and f"`{name}`" not in guide]
+    assert not missing, f"docs/plugins.md does not mention {missing}"
