@@ -490,7 +490,7 @@ def _first_key(name: str, value: Any) -> str:
     return f"{name}.{next(iter(value))}" if isinstance(value, dict) and value else name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _with_sections(sections: tuple[tuple[str, type], ...]) -> type[RunConfig]:
     """RunConfig with the plugins' sections as fields (one class per set of sections, so configs compare equal)."""
     fields = {name: (model, model()) for name, model in sections}
