@@ -12,8 +12,8 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-
 from conftest import tiny_overrides
+
 from wakelab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,10 @@ imported (a missing dependency) stops the run while its config is resolved, befo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 WORDS = (
     "the river ran past the hill and the town slept while a bird sang over the water "
