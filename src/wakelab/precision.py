@@ -75,22 +75,26 @@ def build_optimizer(setting: str, optimizer: torch.optim.Optimizer, seed: int = 
     return RoundingAdamW(groups, lr=optimizer.defaults["lr"], mode=setting, seed=seed)
 
 
-def round_stochastic(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """fp32 -> bf16, rounding away from zero with probability (dropped low 16 bits) / 2**16: unbiased."""
-    bits = value.contiguous().view(torch.int32)
+def round_stochastic(value: torch.Tensor, generator: torch.Generator, inplace: bool = False) -> torch.Tensor:
+    """fp32 -> bf16, rounding away from zero with probability (dropped low 16 bits) / 2**16: unbiased.
+
+    ``inplace``: ``value`` (fp32, contiguous) is used as scratch, which saves two full-size temporaries."""
+    work = value if inplace and value.is_contiguous() else value.contiguous().clone()
     noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, generator=generator, device="cpu")
-    rounded = (bits + noise.to(value.device)) & -65536  # keep sign, exponent and the top 7 mantissa bits
-    return rounded.view(torch.float32).to(torch.bfloat16)
+    bits = work.view(torch.int32)
+    bits.add_(noise.to(value.device)).bitwise_and_(-65536)  # keep sign, exponent and the top 7 mantissa bits
+    return work.to(torch.bfloat16)
 
 
 class RoundingAdamW(torch.optim.Optimizer):
     """AdamW computed in fp32 for bf16 parameters, landing on them as ``mode`` says.
 
     The arithmetic is torch AdamW's (decoupled decay, bias-corrected moments, eps outside the root).
-    ``fp32-master``: state["master"] (fp32) is stepped and copied to the parameter with round-to-nearest; moments
-    are fp32. ``stochastic``: the parameter is read as fp32, stepped, and written back with ``round_stochastic``.
+    ``fp32-master``: state["master"] (fp32) is stepped by torch's fused AdamW kernel and copied to the parameter
+    with round-to-nearest; moments are fp32. ``stochastic``: the parameter is read as fp32, stepped, and written back with ``round_stochastic``.
     ``kahan``: the step plus state["kahan_comp"] is added with round-to-nearest and what rounding lost is kept in
-    kahan_comp. The last two keep bf16 moments, as torchao and torch-optimi do.
+    kahan_comp. The last two keep bf16 moments updated exactly as plain AdamW updates them (as torchao and
+    torch-optimi keep bf16 moments), so only the landing of the update differs from the `bf16` setting.
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -132,33 +136,39 @@ class RoundingAdamW(torch.optim.Optimizer):
                     continue
                 state = self._state_for(param)
                 state["step"] += 1
+                if self.master:
+                    # torch's fused CPU/CUDA AdamW kernel on the fp32 master (it steps, we count)
+                    torch._fused_adamw_([state["master"]], [param.grad.float()], [state["exp_avg"]],
+                                        [state["exp_avg_sq"]], [], [state["step"]], lr=lr, beta1=beta1, beta2=beta2,
+                                        weight_decay=decay, eps=eps, amsgrad=False, maximize=False)
+                    param.copy_(state["master"])
+                    continue
+                # bf16 storage: the moments exactly as plain AdamW keeps them; only how the update lands differs.
                 step = float(state["step"])
-                grad = param.grad.float()
-                value = state["master"] if self.master else param.float()
-                if decay:
-                    value.mul_(1 - lr * decay)
-                exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()
+                grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-                value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-                state["exp_avg"].copy_(exp_avg)
-                state["exp_avg_sq"].copy_(exp_avg_sq)
-                if self.master:
-                    param.copy_(value)
-                elif self.mode == "stochastic":
-                    param.copy_(round_stochastic(value, self.generator))
+                step_size = lr / (1 - beta1**step)
+                if self.mode == "stochastic":
+                    value = param.float()
+                    if decay:
+                        value.mul_(1 - lr * decay)
+                    value.add_(exp_avg / denom, alpha=-step_size)
+                    param.copy_(round_stochastic(value, self.generator, inplace=True))
                 else:
-                    self._kahan_add(param, value, state["kahan_comp"])
+                    self._kahan_step(param, state["kahan_comp"], exp_avg, denom, step_size, lr * decay)
         return loss
 
     @staticmethod
-    def _kahan_add(param: torch.Tensor, stepped: torch.Tensor, comp: torch.Tensor) -> None:
-        """param += (stepped - param) + comp, rounded to nearest; comp keeps what the rounding lost."""
-        old = param.float()
-        wanted = stepped.sub_(old).add_(comp.float())  # this step's update plus what earlier roundings lost
-        param.copy_(old + wanted)
-        comp.copy_(wanted.sub_(param.float() - old))
+    def _kahan_step(param, comp, exp_avg, denom, step_size: float, decay: float) -> None:
+        """param += update + comp, rounded to nearest; comp keeps what the rounding lost (torch-optimi's scheme)."""
+        if decay:
+            comp.add_(param, alpha=-decay)
+        comp.addcdiv_(exp_avg, denom, value=-step_size)  # this step's update plus what earlier roundings lost
+        old = param.clone()
+        param.add_(comp)
+        comp.add_(old.sub_(param))  # old - new is exact in bf16 (Sterbenz): the part of comp that landed
 
     def state_dict(self) -> dict[str, Any]:
         saved = super().state_dict()
