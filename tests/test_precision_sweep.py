@@ -90,3 +90,20 @@ def test_a_key_swept_twice_is_a_one_line_error():
     base = build_config("wordybird_precision")
     with pytest.raises(ConfigError, match=r"--over train.precision: the key is swept twice; give its values in one"):
         plan_sweep(base, ["train.precision=bf16,kahan", "train.precision=stochastic"])
+
+
+def test_the_recorder_keeps_fp32_masters_and_the_analysis_reads_them(tiny_model, texts):
+    from wakelab.analysis.group_motion import group_motion
+    from wakelab.recording import open as open_recording
+
+    values = {**_tiny(tiny_model, texts), "train.max_steps": 8, "train.precision": "fp32-master", "train.lr": 1e-4,
+              "recorder.fields": "[embeddings, master, lr]", "output_dir": "wb"}
+    result = engine.run(build_config("wordybird", None, [f"{k}={v}" for k, v in values.items()]), progress=False)
+    rec = open_recording(result.output_dir / "recording")
+    assert rec.fields["master"].dtype == torch.float32 and rec.fields["embeddings"].dtype == torch.bfloat16
+    assert torch.equal(rec["master"].at_step(0), rec["embeddings"].at_step(0).float())  # before the first step
+    # The model's bf16 rows are the masters rounded to nearest.
+    assert torch.equal(rec["master"].at_step(8).to(torch.bfloat16), rec["embeddings"].at_step(8))
+    motion = group_motion(rec)
+    assert motion["master_raw"][-1] > 0 and len(motion["master_relative_per_lr"]) == 9
+    rec.close()

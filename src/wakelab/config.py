@@ -210,14 +210,16 @@ class TrainConfig(_Section):
         return min(max(20, self.max_steps // 20), self.max_steps)
 
 
-RECORDABLE_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq", "logits", "loss", "lr")
+RECORDABLE_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq", "logits", "loss", "lr", "master")
 
 
 class RecorderConfig(_Section):
     """The `recorder` plugin: which rows and fields to record, how often, and how they are stored."""
 
     fields: tuple[str, ...] = Field(
-        RECORDABLE_FIELDS, description=f"Fields to record, any of: {', '.join(RECORDABLE_FIELDS)}."
+        RECORDABLE_FIELDS[:-1],
+        description=f"Fields to record, any of: {', '.join(RECORDABLE_FIELDS)} (`master`: the fp32 master copy of "
+        "train.precision=fp32-master, always float32; the rows themselves under other settings).",
     )
     rows: str | list[int] = Field(
         "new",

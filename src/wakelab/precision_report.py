@@ -66,6 +66,7 @@ def child_row(child) -> dict[str, Any]:
         steps=f"{motion['steps'][0]}..{motion['steps'][-1]}",
         raw=motion["raw"][-1], drift=motion["drift"][-1], relative=motion["relative"][-1],
         raw_per_lr=motion["raw_per_lr"][-1], relative_per_lr=motion["relative_per_lr"][-1],
+        master_relative=motion["master_relative"][-1] if "master_relative" in motion else None,
         late_changed_share=None if late is None else 1 - late,
         freeze_onset=freeze_onset_step(motion),
         frozen=dynamics.freeze["frozen"],
@@ -115,6 +116,7 @@ def verdict(rows: list[dict[str, Any]]) -> str:
 COLUMNS = (
     ("child", "child"), ("raw", "displacement"), ("drift", "common drift"), ("relative", "relative motion"),
     ("raw_per_lr", "displacement / Σlr"), ("relative_per_lr", "relative / Σlr"),
+    ("master_relative", "relative motion of the fp32 masters"),
     ("late_changed_share", "rows changing per step (last quarter)"), ("freeze_onset", "freeze onset"),
     ("rows_hopped_per_step", "rows hopped per step"), ("rounded_away_share", "updates rounded away"),
     ("final_loss", "loss (last 10)"),

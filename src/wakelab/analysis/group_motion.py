@@ -12,7 +12,9 @@ about rows learning. With ``d_i = x_i(t) - x_i(t0)`` for the group's rows i:
   and t (a learning rate decaying to zero stops rows by itself; this separates that from the rows' own slowing).
 
 Per step it also counts the share of the group's rows that did not change at all (bit-identical to the previous
-recorded step), the freeze signal of round-to-nearest bf16.
+recorded step), the freeze signal of round-to-nearest bf16. A recording with the ``master`` field (fp32 master
+copies, `train.precision=fp32-master`) gets the same three figures for the masters as ``master_*``: what the
+optimizer moved, next to what the model uses.
 """
 
 from __future__ import annotations
@@ -44,19 +46,24 @@ def group_motion(rec: Recording, rows: torch.Tensor | None = None) -> dict[str, 
 
     lrs = rec["lr"][:].to(torch.float64).tolist() if "lr" in rec.fields else None
     losses = rec["loss"][:].to(torch.float64).tolist() if "loss" in rec.fields else None
-    out: dict[str, Any] = {"steps": [], "raw": [], "drift": [], "relative": [], "lr_sum": [], "unchanged_share": [],
-                           "loss": []}
-    start = prev = None
+    names = ["embeddings"] + (["master"] if "master" in rec.fields else [])
+    kinds = ("raw", "drift", "relative") + (("master_raw", "master_drift", "master_relative") if len(names) > 1 else ())
+    out: dict[str, Any] = {"steps": [], "lr_sum": [], "unchanged_share": [], "loss": [], **{k: [] for k in kinds}}
+    start = prev = start_master = None
     lr_sum = 0.0
-    for position, (step, values) in enumerate(iter_step_fields(rec, ["embeddings"])):
+    for position, (step, values) in enumerate(iter_step_fields(rec, names)):
         cur = values["embeddings"] if rows is None else values["embeddings"][rows]
         if start is None:
             start = cur
         if prev is not None and lrs is not None and not math.isnan(lrs[position]):
             lr_sum += lrs[position]
         parts = split_displacement(start, cur)
+        if "master" in values:  # the fp32 copy the optimizer steps, next to the bf16 rows the model uses
+            master = values["master"] if rows is None else values["master"][rows]
+            start_master = master if start_master is None else start_master
+            parts.update({f"master_{k}": v for k, v in split_displacement(start_master, master).items()})
         out["steps"].append(step)
-        for key in ("raw", "drift", "relative"):
+        for key in kinds:
             out[key].append(parts[key])
         out["lr_sum"].append(lr_sum)
         unchanged = None
@@ -66,7 +73,7 @@ def group_motion(rec: Recording, rows: torch.Tensor | None = None) -> dict[str, 
         out["unchanged_share"].append(unchanged)
         out["loss"].append(losses[position] if losses is not None else None)
         prev = cur
-    for key in ("raw", "drift", "relative"):
+    for key in kinds:
         out[f"{key}_per_lr"] = [v / s if s > 0 else None for v, s in zip(out[key], out["lr_sum"])]
     return out
 

@@ -81,6 +81,7 @@ class DynamicsResult:
     masks: Masks | None
     meta: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    motion: dict | None = None  # the freeze group's displacement split into drift and relative motion, per lr
 
     @property
     def num_rows(self) -> int:
@@ -198,7 +199,13 @@ def analyse_recording(
     own = not isinstance(rec_or_path, Recording)
     rec = open_recording(rec_or_path) if own else rec_or_path
     try:
-        return _analyse(rec, from_step, to_step, freeze_threshold, masks)
+        result = _analyse(rec, from_step, to_step, freeze_threshold, masks)
+        if len(result.steps) > 1:
+            from .group_motion import group_motion
+
+            group = result.masks.untrained if result.masks is not None and result.masks.untrained.any() else None
+            result.motion = group_motion(rec, None if group is None else torch.nonzero(group).reshape(-1))
+        return result
     finally:
         if own:
             rec.close()

@@ -50,7 +50,7 @@ import wakelab
 from wakelab.errors import ConfigError
 from wakelab.recording import FieldSpec, RecordingError, RecordingWriter, summary
 
-ROW_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq")
+ROW_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq", "master")
 OPTIMIZER_FIELDS = ("exp_avg", "exp_avg_sq")
 MISSING_FLAG = "optimizer_state_missing"
 PATH_TAG = "wakelab.recording.path"
@@ -187,7 +187,9 @@ class Recorder:
         shape = (len(self.ids), self.run.rows.dim)
         specs: dict[str, FieldSpec] = {}
         for name in self.fields:
-            if name in ROW_FIELDS:
+            if name == "master":  # fp32 masters exist to hold what bf16 cannot: never stored narrower
+                specs[name] = FieldSpec(shape, torch.float32)
+            elif name in ROW_FIELDS:
                 specs[name] = FieldSpec(shape, row_dtype)
             elif name == "logits":
                 specs[name] = FieldSpec((self.logits_width,), torch.float32 if self.storage is None else self.storage)
@@ -219,6 +221,11 @@ class Recorder:
                     value = torch.zeros((len(self.ids), rows.dim), dtype=self.writer.fields[name].dtype)
                 tensors[name] = value
             flags[MISSING_FLAG] = missing
+        if "master" in self.fields:
+            # train.precision=fp32-master steps these; before its first step (and under other settings) the rows
+            # themselves are what the optimizer steps.
+            master = rows.optimizer_state(optimizer, "master", self.ids)
+            tensors["master"] = (master if master is not None else rows.values(self.ids)).float()
         if "logits" in self.fields:
             tensors["logits"] = self._logits(logits, step)
         if "loss" in self.fields:
