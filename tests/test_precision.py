@@ -168,3 +168,20 @@ def test_wordybird_presets_have_the_notebooks_effective_schedule():
         t = build_config(name).train
         assert (t.scheduler, t.effective_warmup, t.max_grad_norm, t.precision) == ("linear", 0, 1.0, "bf16")
     assert build_config("wordybird_3").train.resume_schedule == "fresh"
+
+
+@pytest.mark.parametrize("setting", ["fp32-master", "stochastic", "kahan"])
+def test_mask_strategy_keeps_base_rows_bit_identical_under_each_setting(tiny_model, texts, setting):
+    from transformers import AutoModelForCausalLM
+
+    from wakelab.state import load_trained
+
+    values = {"train.trainable": "mask", "train.rows_dtype": "auto", "model.dtype": "bfloat16", "train.max_steps": 3,
+              "train.precision": setting, "train.weight_decay": 0.1, "train.save_steps": 0}
+    result = _run(tiny_model, texts, **values)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).get_input_embeddings().weight
+    trained = load_trained(str(result.output_dir)).rows.values()
+    num_base = original.shape[0]
+    assert trained.dtype == torch.bfloat16
+    assert torch.equal(trained[:num_base].view(torch.int16), original.detach().view(torch.int16))
+    assert result.metrics["new_row_displacement"] > 0  # while the new rows learned
