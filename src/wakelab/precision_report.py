@@ -84,19 +84,25 @@ def _pct(value: float | None) -> str:
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
-    """One sentence that separates the schedule from rounding, from the children that finished."""
+    """One sentence that separates the schedule from rounding, from the children that finished.
+
+    The reference is bf16 under the notebook's linear decay (or under the one schedule swept, without a schedule
+    axis); a constant rate, where swept, tells the schedule's part."""
     by = {(r["precision"], r["scheduler"]): r for r in rows if "moving" in r}
-    base = by.get(("bf16", "linear"))
+    schedules = {schedule for _, schedule in by}
+    main = "linear" if "linear" in schedules or not schedules else sorted(schedules)[0]
+    decay = "the linear decay" if main == "linear" else f"the {main} schedule"
+    base = by.get(("bf16", main))
     if base is None:
-        return "no verdict: the bf16 child under the linear schedule did not finish (it is the notebook's setting)"
+        return f"no verdict: no bf16 child under {decay} finished (it is the notebook's setting)"
     if base["moving"]:
-        return (f"no freeze to explain: under the notebook's linear decay {_pct(base['late_changed_share'])} of the "
-                "untrained rows still change per step in bf16 at the end")
-    constant = by.get(("bf16", "constant"))
+        return (f"no freeze to explain: under {decay} {_pct(base['late_changed_share'])} of the untrained rows "
+                "still change per step in bf16 at the end")
+    constant = by.get(("bf16", "constant")) if main != "constant" else None
     schedule = constant is not None and constant["moving"]
-    remedies = [p for p in REMEDIES if by.get((p, "linear"), {}).get("moving")]
+    remedies = [p for p in REMEDIES if by.get((p, main), {}).get("moving")]
     remedies_constant = [p for p in REMEDIES if by.get((p, "constant"), {}).get("moving")]
-    frozen = f"under the linear decay bf16 freezes them ({_pct(base['late_changed_share'])} change per step at the end)"
+    frozen = f"under {decay} bf16 freezes them ({_pct(base['late_changed_share'])} change per step at the end)"
     if schedule and remedies:
         return (f"both: {frozen}, under a constant rate they keep moving in bf16 "
                 f"({_pct(constant['late_changed_share'])}), and under the decay {', '.join(remedies)} keep them "
@@ -107,9 +113,9 @@ def verdict(rows: list[dict[str, Any]]) -> str:
                 "the freeze follows the schedule")
     if remedies or remedies_constant:
         which = sorted(set(remedies) | set(remedies_constant), key=REMEDIES.index)
-        return (f"only {', '.join(which)} keep them moving ({frozen}; bf16 freezes them under a constant rate too): "
-                "the freeze is rounding")
-    return ("the untrained rows freeze under every setting and both schedules: the freeze is a property of learning "
+        also = "; bf16 freezes them under a constant rate too" if constant is not None else ""
+        return f"only {', '.join(which)} keep them moving ({frozen}{also}): the freeze is rounding"
+    return ("the untrained rows freeze under every setting and schedule swept: the freeze is a property of learning "
             "(their updates vanish), not of the schedule or of bf16 rounding")
 
 
