@@ -95,8 +95,9 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     base = by.get(("bf16", main))
     if base is None:
         return f"no verdict: no bf16 child under {decay} finished (it is the notebook's setting)"
+    who = "untrained rows" if base.get("group", "untrained") == "untrained" else "tracked rows"
     if base["moving"]:
-        return (f"no freeze to explain: under {decay} {_pct(base['late_changed_share'])} of the untrained rows "
+        return (f"no freeze to explain: under {decay} {_pct(base['late_changed_share'])} of the {who} "
                 "still change per step in bf16 at the end")
     constant = by.get(("bf16", "constant")) if main != "constant" else None
     schedule = constant is not None and constant["moving"]
@@ -108,14 +109,14 @@ def verdict(rows: list[dict[str, Any]]) -> str:
                 f"({_pct(constant['late_changed_share'])}), and under the decay {', '.join(remedies)} keep them "
                 "moving too: the decaying rate shrinks the updates below half a bf16 step, and rounding drops them")
     if schedule:
-        return (f"under a constant rate the untrained rows keep moving in bf16 "
+        return (f"under a constant rate the {who} keep moving in bf16 "
                 f"({_pct(constant['late_changed_share'])} change per step at the end) while {frozen}: "
                 "the freeze follows the schedule")
     if remedies or remedies_constant:
         which = sorted(set(remedies) | set(remedies_constant), key=REMEDIES.index)
         also = "; bf16 freezes them under a constant rate too" if constant is not None else ""
         return f"only {', '.join(which)} keep them moving ({frozen}{also}): the freeze is rounding"
-    return ("the untrained rows freeze under every setting and schedule swept: the freeze is a property of learning "
+    return (f"the {who} freeze under every setting and schedule swept: the freeze is a property of learning "
             "(their updates vanish), not of the schedule or of bf16 rounding")
 
 
