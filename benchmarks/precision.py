@@ -1,4 +1,4 @@
-"""`train.precision` at the Wordybird shape: steps/s and bytes of parameters + optimizer state, against plain bf16 AdamW.
+"""`train.precision` at the Wordybird shape: steps/s and bytes of parameters + optimizer state vs plain bf16 AdamW.
 
 The model is the Wordybird GPT-2 (vocab 50,257, d = 64, 2 layers, 2 heads, context 128) in bf16, built from its
 config with random weights, every parameter trained (`full`). One copy per setting, all in this process, each

@@ -135,7 +135,8 @@ def test_resume_is_bit_exact_under_each_setting(tiny_model, texts, tmp_path, set
 
 
 def test_bad_precision_values_are_one_line_errors(tiny_model, texts):
-    with pytest.raises(ConfigError, match=r"train.precision': got \"fp16-master\"; Input should be 'bf16', 'fp32-master'"):
+    expected = r"train.precision': got \"fp16-master\"; Input should be 'bf16', 'fp32-master'"
+    with pytest.raises(ConfigError, match=expected):
         build_config(None, None, tiny_overrides(tiny_model, texts, **{"train.precision": "fp16-master"}))
     overrides = tiny_overrides(tiny_model, texts, **{"train.precision": "stochastic", "train.rows_dtype": "float32"})
     with pytest.raises(ConfigError, match=r"train.precision=stochastic: the trained parameters are float32.*"

@@ -1,4 +1,4 @@
-"""The Wordybird question as one sweep: precision x schedule from one checkpoint, compared on the parent with a verdict."""
+"""The Wordybird question as one sweep: precision x schedule from one checkpoint, compared on the parent, a verdict."""
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def _row(precision, scheduler, changed):
 
 
 def test_verdict_separates_schedule_from_rounding():
-    frozen_all = [_row(p, s, 0.0) for p in ("bf16", "fp32-master", "stochastic", "kahan") for s in ("linear", "constant")]
+    frozen_all = [_row(p, s, 0.0) for p in ("bf16", "fp32-master", "stochastic", "kahan")
+                  for s in ("linear", "constant")]
     assert "property of learning" in verdict(frozen_all)
     schedule = [_row("bf16", "linear", 0.0), _row("bf16", "constant", 0.4), _row("kahan", "linear", 0.0)]
     assert verdict(schedule).endswith("the freeze follows the schedule")
@@ -116,8 +117,8 @@ def test_the_same_question_for_new_bf16_rows(tiny_model, texts):
     """P1-style rows (`tokens`, bf16 rows on an fp32 base): a sweep over the setting compares how they learn."""
     from conftest import tiny_overrides
 
-    args = ["sweep", "--no-progress", "--output-dir", "rows", "--over", "train.precision=bf16,fp32-master,stochastic,kahan",
-            "--plugin", "recorder"]
+    args = ["sweep", "--no-progress", "--output-dir", "rows", "--plugin", "recorder",
+            "--over", "train.precision=bf16,fp32-master,stochastic,kahan"]
     for key, value in tiny_overrides(tiny_model, texts, **{"train.rows_dtype": "bfloat16", "train.max_steps": 4,
                                                            "train.lr": 1e-4}).items():
         args += ["--set", f"{key}={value}"]

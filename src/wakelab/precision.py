@@ -91,7 +91,8 @@ class RoundingAdamW(torch.optim.Optimizer):
 
     The arithmetic is torch AdamW's (decoupled decay, bias-corrected moments, eps outside the root).
     ``fp32-master``: state["master"] (fp32) is stepped by torch's fused AdamW kernel and copied to the parameter
-    with round-to-nearest; moments are fp32. ``stochastic``: the parameter is read as fp32, stepped, and written back with ``round_stochastic``.
+    with round-to-nearest; moments are fp32. ``stochastic``: the parameter is read as fp32, stepped, and written
+    back with ``round_stochastic``.
     ``kahan``: the step plus state["kahan_comp"] is added with round-to-nearest and what rounding lost is kept in
     kahan_comp. The last two keep bf16 moments updated exactly as plain AdamW updates them (as torchao and
     torch-optimi keep bf16 moments), so only the landing of the update differs from the `bf16` setting.

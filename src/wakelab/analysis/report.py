@@ -500,8 +500,9 @@ def dynamics_lines(result: DynamicsResult) -> list[str]:
                      f"{_fmt(last['centroid_norm'])}, radius {_fmt(first['radius'])} -> {_fmt(last['radius'])}")  # fmt: skip
     if result.motion is not None:
         m = result.motion
-        lines.append(f"  {result.centroid_group} rows {m['steps'][0]}->{m['steps'][-1]}: displacement {_fmt(m['raw'][-1])} "
-                     f"({_fmt(m['raw_per_lr'][-1])} per unit of summed lr) = common drift {_fmt(m['drift'][-1])} + "
+        lines.append(f"  {result.centroid_group} rows {m['steps'][0]}->{m['steps'][-1]}: displacement "
+                     f"{_fmt(m['raw'][-1])} ({_fmt(m['raw_per_lr'][-1])} per unit of summed lr) = common drift "
+                     f"{_fmt(m['drift'][-1])} + "
                      f"relative motion {_fmt(m['relative'][-1])} ({_fmt(m['relative_per_lr'][-1])} per unit lr)")
         if "master_raw" in m:
             lines.append(f"  their fp32 masters: displacement {_fmt(m['master_raw'][-1])}, common drift "
