@@ -212,6 +212,9 @@ def test_recording_dynamics_are_logged(store):
     assert "freeze verdict (all tracked rows, n=8): not frozen" in result.stdout
     # The recorder's masks (tokens seen in the corpus) say every new token trained: the verdict falls back to all rows.
     assert "none of the tracked rows is untrained" in result.stdout
+    assert "per unit of summed lr) = common drift" in result.stdout
+    motion = json.loads((local / "group_motion.json").read_text())
+    assert [r["step"] for r in motion] == list(range(0, STEPS + 1)) and motion[-1]["raw_per_lr"] > 0
 
     again = invoke(run.output_dir, "--no-static", "--no-mlflow", "--recording", "--from-step", "2", "--to-step", "9")
     assert again.exit_code == 2 and "--to-step 9 is not a recorded step" in again.stderr
@@ -261,6 +264,11 @@ def test_masks_split_trained_from_untrained_rows(store, tmp_path):
     assert result.freeze["group"] == "untrained" and result.freeze["count"] == 5
     assert all(r["count"] == 5 for r in result.centroid)
     assert "untrained_unchanged_share" in result.freeze_onset[0]
+    motion = result.motion  # the untrained rows' displacement: common drift + motion relative to it, per unit lr
+    assert len(motion["raw"]) == len(result.steps) and motion["raw"][0] == 0.0
+    assert motion["raw"][-1] == pytest.approx(float(result.displacement[result.masks.untrained].mean()), rel=1e-5)
+    assert motion["drift"][-1] <= motion["raw"][-1] and motion["relative"][-1] <= motion["raw"][-1]
+    assert motion["raw_per_lr"][-1] == pytest.approx(motion["raw"][-1] / motion["lr_sum"][-1])
     # Over a large threshold, the untrained rows count as frozen.
     assert analyse_recording(copy, freeze_threshold=1e3).freeze["frozen"] is True
 

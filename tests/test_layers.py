@@ -17,13 +17,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "wakelab"
 LAYERS = {
     "core": {
         "errors", "config", "paths", "logs", "durable", "hookspecs", "registry", "plugin_config", "rows", "context",
-        "data", "vocab", "model", "bpe", "demo", "demo_text", "phase", "gaussian",
+        "data", "vocab", "model", "bpe", "demo", "demo_text", "phase", "gaussian", "precision",
     },
     "storage": {"checkpoints", "recording"},
     "tracking": {"tracking"},
     "run": {"engine", "build", "trainer", "evaluation", "state"},
     "apps": {
         "cli", "cli_config", "__main__", "analyze_cli", "recording_cli", "sweep", "sweep_cli", "ui", "analysis",
+        "precision_report",
         "testing",
     },
 }  # fmt: skip

@@ -81,3 +81,23 @@ def test_wordybird_then_wordybird3_carries_adam_state_on(tiny_model, texts):
     # The starting record of Wordybird 3 is exactly Wordybird 1's last: rows and Adam's moments carried over.
     for field in ("embeddings", "exp_avg", "exp_avg_sq"):
         assert torch.equal(rec3[field].at_step(10), rec1[field].at_step(10)), field
+
+
+def test_wordybird3_starts_a_fresh_linear_schedule_and_takes_any_precision(tiny_model, texts):
+    """The notebook's Wordybird 3 built a new Trainer: lr decays from 1e-3 to 0 over its own steps again. Any
+    train.precision continues the plain AdamW state of Wordybird 1's checkpoint (fp32-master here, on `full`)."""
+    first = _wordybird(tiny_model, texts, "wordybird", output_dir="wb1")
+    rec1 = open_recording(first.output_dir / "recording")
+    assert float(rec1["lr"].at_step(1)) == pytest.approx(1e-3) and float(rec1["lr"].at_step(10)) == pytest.approx(1e-4)
+    fresh = _wordybird(tiny_model, texts, "wordybird_3", output_dir="wb3",
+                       **{"train.max_steps": 20, "train.precision": "fp32-master"})
+    rec3 = open_recording(fresh.output_dir / "recording")
+    assert [round(float(rec3["lr"].at_step(s)), 8) for s in (11, 15, 20)] == [1e-3, 6e-4, 1e-4]
+    assert torch.equal(rec3["exp_avg"].at_step(10), rec1["exp_avg"].at_step(10))
+    optimizer = torch.load(fresh.output_dir / "checkpoint-20" / "optimizer.pt", weights_only=True)["state"]
+    assert all(s["master"].dtype == torch.float32 and int(s["step"]) == 20 for s in optimizer.values())
+    saved = _wordybird(tiny_model, texts, "wordybird_3", output_dir="wb3-saved",
+                       **{"train.max_steps": 20, "train.resume_schedule": "saved", "plugins": "[]"})
+    assert saved.status == "FINISHED"
+    lrs = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(saved.run_id, "lr")}
+    assert lrs[20] == pytest.approx(5e-5)  # the saved schedule: Trainer's decay over all 20 steps (1/20 at the last)

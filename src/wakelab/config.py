@@ -96,11 +96,12 @@ class DataConfig(_Section):
     )
     seq_len: int = Field(128, ge=2, le=131072, description="Tokens per training block.")
     stride: int | None = Field(None, ge=1, description="Tokens between block starts; None: = seq_len (no overlap).")
-    shift: Literal["model", "explicit"] = Field(
+    shift: Literal["model", "explicit", "double"] = Field(
         "model",
         description=(
             "`model`: labels = input ids, the model shifts them; `explicit`: blocks of seq_len + 1 with input = "
-            "block[:-1], labels = block[1:] (the Wordybird notebook's TokenDataset)."
+            "block[:-1], next-token targets block[1:]; `double`: the Wordybird notebook's objective as it ran "
+            "(its TokenDataset's labels = block[1:], shifted once more by the model: predicts the token after next)."
         ),
     )
     cache_dir: str | None = Field(None, description="Where tokenized corpora are cached by content hash.")
@@ -190,6 +191,22 @@ class TrainConfig(_Section):
             "Wordybird 3's continuation. `wakelab resume` continues the same run instead."
         ),
     )
+    resume_schedule: Literal["saved", "fresh"] = Field(
+        "saved",
+        description=(
+            "With train.resume_from: `saved` continues the checkpoint's learning-rate schedule; `fresh` starts a new "
+            "schedule (warmup, decay) over this run's remaining steps, as a new Trainer does (Wordybird 3)."
+        ),
+    )
+    precision: Literal["bf16", "fp32-master", "stochastic", "kahan"] = Field(
+        "bf16",
+        description=(
+            "How updates reach bf16 trained parameters: `bf16` AdamW steps them directly (round to nearest; any "
+            "dtype); `fp32-master` fp32 master copies the optimizer steps, copied to the bf16 parameters after each "
+            "step; `stochastic` bf16 storage, stochastically rounded updates; `kahan` bf16 storage with "
+            "Kahan-compensated updates. The last three need bf16 trained parameters."
+        ),
+    )
     bf16_autocast: bool = Field(False, description="Run forward/backward under bf16 autocast (mixed precision).")
     eval_perplexity: bool = Field(True, description="Measure held-out perplexity before and after training.")
     eval_max_blocks: int = Field(32, ge=1, description="Held-out blocks used for perplexity.")
@@ -252,6 +269,12 @@ class RunConfig(_Section):
                 f"vocab.lexicon: train.trainable={self.train.trainable} trains new rows, so a lexicon is needed "
                 "(or set train.trainable=full)"
             )
+        if self.train.precision != "bf16":
+            from .precision import trained_dtype_problem
+
+            problem = trained_dtype_problem(self)
+            if problem:
+                raise ValueError(problem)
         if self.model.load_in_4bit and self.train.trainable == "full":
             raise ValueError("train.trainable: a 4-bit base cannot be trained in full; use tokens or mask")
         return self

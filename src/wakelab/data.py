@@ -104,15 +104,19 @@ def make_blocks(ids: np.ndarray, length: int, stride: int) -> np.ndarray:
 class BlockDataset(torch.utils.data.Dataset):
     """Training examples from blocks: labels = inputs (the model shifts), or the explicit shift of the notebook."""
 
-    def __init__(self, blocks: np.ndarray, explicit_shift: bool = False):
+    def __init__(self, blocks: np.ndarray, explicit_shift: bool = False, double_shift: bool = False):
         self.blocks = torch.from_numpy(blocks)
         self.explicit_shift = explicit_shift
+        self.double_shift = double_shift
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         block = self.blocks[index]
+        if self.double_shift:
+            # The notebook's TokenDataset: labels already shifted once, and the model shifts them again.
+            return {"input_ids": block[:-1], "labels": block[1:]}
         if self.explicit_shift:
             return {"input_ids": block[:-1], "labels": block[:-1], "shift_labels": block[1:]}
         return {"input_ids": block, "labels": block}
@@ -134,8 +138,8 @@ def build_datasets(cfg: DataConfig, corpus_path: str, heldout_path: str | None, 
     """Training and held-out block datasets; too short a corpus is an error that says how long it must be."""
     text = read_text(corpus_path, "corpus")
     ids = tokenize(text, tokenizer, cache_dir)
-    explicit = cfg.shift == "explicit"
-    length = cfg.seq_len + 1 if explicit else cfg.seq_len
+    explicit, double = cfg.shift == "explicit", cfg.shift == "double"
+    length = cfg.seq_len + 1 if explicit or double else cfg.seq_len
     blocks = make_blocks(ids, length, cfg.effective_stride)
     if len(blocks) == 0:
         raise DataError(
@@ -148,11 +152,11 @@ def build_datasets(cfg: DataConfig, corpus_path: str, heldout_path: str | None, 
         held_blocks = make_blocks(held_ids, length, length)
         if len(held_blocks) == 0:
             raise DataError(f"held-out text {heldout_path} is shorter than one block of {length} tokens")
-        heldout = BlockDataset(held_blocks, explicit)
+        heldout = BlockDataset(held_blocks, explicit, double)
     elif cfg.heldout_fraction > 0 and len(blocks) >= 4:
         n_held = max(1, int(round(len(blocks) * cfg.heldout_fraction)))
         # Hold out the tail with a gap of one block, so overlapping strides never leak held-out tokens.
         gap = -(-length // cfg.effective_stride)
-        heldout = BlockDataset(blocks[-n_held:], explicit)
+        heldout = BlockDataset(blocks[-n_held:], explicit, double)
         blocks = blocks[: max(1, len(blocks) - n_held - gap)]
-    return CorpusData(BlockDataset(blocks, explicit), heldout, ids, len(text.encode("utf-8")))
+    return CorpusData(BlockDataset(blocks, explicit, double), heldout, ids, len(text.encode("utf-8")))

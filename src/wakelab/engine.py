@@ -105,7 +105,8 @@ def run(
     pm, tokenizer, num_base, report, new_words = (
         prepared.pm, prepared.tokenizer, prepared.num_base, prepared.report, prepared.new_words
     )
-    if resume_from is None and config.train.resume_from:
+    starts_from_other_run = resume_from is None and bool(config.train.resume_from)
+    if starts_from_other_run:
         from .state import resolve_checkpoint
 
         resume_from = str(resolve_checkpoint(config.train.resume_from))
@@ -123,6 +124,11 @@ def run(
         manifest = checkpoints.verify(Path(resume_from))
         checkpoints.check_compatible(manifest, Path(resume_from), **checkpoint_info)
         resume_step = int(manifest.get("step") or 0)
+    # train.resume_schedule=fresh: a new schedule over this run's own steps, kept in the manifest for `wakelab resume`.
+    if starts_from_other_run:
+        checkpoint_info["schedule_start"] = resume_step if config.train.resume_schedule == "fresh" else 0
+    elif resume_from is not None:
+        checkpoint_info["schedule_start"] = int(manifest.get("schedule_start") or 0)
     if rank == 0:
         output_dir = prepare_output_dir(config, overwrite, resume=resume_from is not None)
         tracking.check_reachable()
@@ -191,7 +197,8 @@ def run(
         )
         checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
         trainer = _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new,
-                                 progress and rank == 0, checkpoint_info)
+                                 progress and rank == 0, checkpoint_info,
+                                 fresh_schedule=starts_from_other_run and config.train.resume_schedule == "fresh")
         if resume_from is not None and resume_step >= config.train.max_steps:
             # Nothing left to train (a crash after the last checkpoint): finish the run from that checkpoint's rows.
             # Trainer would otherwise take one step past max_steps.
@@ -268,7 +275,7 @@ def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:
 
 
 def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new, progress,
-                   checkpoint_info):
+                   checkpoint_info, fresh_schedule=False):
     from transformers import TrainingArguments
 
     from .trainer import HookBridge, WakelabTrainer
@@ -338,6 +345,9 @@ def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, track
         pm=pm,
         checkpoint_info=checkpoint_info,
         config_yaml=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        precision=t.precision,
+        schedule_start=checkpoint_info.get("schedule_start", 0),
+        fresh_schedule=fresh_schedule,
     )
     # Our progress bar and MLflow carry the logs; Trainer's printer would repeat them as raw dicts.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

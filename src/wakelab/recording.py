@@ -1011,6 +1011,15 @@ class Recording:
         """
         self._handles.clear()
 
+    def iter_step_fields(self, names: list[str], positions: range | None = None) -> Iterator[tuple[int, dict]]:
+        """``(step, {field: tensor})`` for each recorded step: one step in memory, shard maps released after each."""
+        positions = range(len(self)) if positions is None else positions
+        views = {name: self[name] for name in names}
+        for position in positions:
+            values = {name: view[position] for name, view in views.items()}
+            self.release()
+            yield int(self.steps[position]), values
+
     def close(self) -> None:
         self.release()
         self._closed = True

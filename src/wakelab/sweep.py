@@ -152,6 +152,26 @@ def child_configs(base: RunConfig, key: str, canonical: str, texts: list[str], r
     return children
 
 
+def crossed_configs(base: RunConfig, axes: list[tuple[str, str, list[str]]], root: Path) -> list[Child]:
+    """One child per combination of several keys' values, labelled ``k1=v1,k2=v2``."""
+    import itertools
+
+    children = []
+    for combo in itertools.product(*(texts for _, _, texts in axes)):
+        label = ",".join(f"{key}={text}" for (key, _, _), text in zip(axes, combo))
+        tree = base.model_dump(mode="json")
+        for (_, canonical, _), text in zip(axes, combo):
+            set_in(tree, canonical, parse_value(text))
+        tree["output_dir"] = str(root / _dir_name(label))
+        tree.setdefault("tracking", {})["run_name"] = label
+        try:
+            config = validate(tree)
+        except ConfigError as exc:
+            raise ConfigError(f"--over {label}: {exc}") from None
+        children.append(Child(label, ",".join(combo), config))
+    return children
+
+
 def check_init_methods(children: list[Child], cwd: Path | None) -> None:
     """Each child's init.method is answered by a plugin that exists (a typo stops the sweep, not one child)."""
     available = registry.discover(cwd)
@@ -234,20 +254,34 @@ def load_constituents(path: Path, children: list[Child], log: Log) -> tuple[dict
     return kept, missing
 
 
-def plan_sweep(base: RunConfig, over: str, *, constituents: str | None = None, top_k: int = 10,
-               overwrite: bool = False, cwd: Path | None = None, log: Log = logs.log) -> SweepPlan:
-    """Resolve and check the whole sweep; raises a one-line ``WakelabError`` before anything runs."""
-    key, texts = parse_over(over)
-    try:
-        canonical = resolve_key(key)
-    except ConfigError as exc:
-        raise ConfigError(f"--over {over}: {exc}") from None
-    if canonical in FIXED_KEYS:
-        raise ConfigError(f"--over {key}: {FIXED_KEYS[canonical]}")
+def plan_sweep(base: RunConfig, over: str | list[str] | tuple[str, ...], *, constituents: str | None = None,
+               top_k: int = 10, overwrite: bool = False, cwd: Path | None = None, log: Log = logs.log) -> SweepPlan:
+    """Resolve and check the whole sweep; raises a one-line ``WakelabError`` before anything runs.
+
+    Several ``over`` specs cross their values: one child per combination."""
+    axes = []
+    for spec in [over] if isinstance(over, str) else list(over):
+        key, texts = parse_over(spec)
+        try:
+            canonical = resolve_key(key)
+        except ConfigError as exc:
+            raise ConfigError(f"--over {spec}: {exc}") from None
+        if canonical in FIXED_KEYS:
+            raise ConfigError(f"--over {key}: {FIXED_KEYS[canonical]}")
+        if canonical in [a[1] for a in axes]:
+            raise ConfigError(f"--over {key}: the key is swept twice; give its values in one --over")
+        axes.append((key, canonical, texts))
+    if not axes:
+        raise ConfigError("--over: give a key and its values, e.g. --over init=spherical,mean,subword")
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: give at least 1")
     root = base.resolved_output_dir
-    children = child_configs(base, key, canonical, texts, root)
+    if len(axes) == 1:
+        key, canonical, texts = axes[0]
+        children = child_configs(base, key, canonical, texts, root)
+    else:
+        key, canonical = "+".join(a[0] for a in axes), ",".join(a[1] for a in axes)
+        children = crossed_configs(base, axes, root)
     check_init_methods(children, cwd)
     check_output_dirs(children, overwrite)
     plan = SweepPlan(key, canonical, base, root, children, top_k=top_k)
@@ -305,7 +339,7 @@ def _log_parent_params(client, run_id: str, plan: SweepPlan) -> None:
         "sweep.children": len(plan.children),
         "sweep.top_k": plan.top_k,
         "sweep.constituents": str(plan.constituents_path) if plan.constituents_path else "None",
-        **{k: v for k, v in plan.base.flat().items() if k != plan.canonical},
+        **{k: v for k, v in plan.base.flat().items() if k not in plan.canonical.split(",")},
     }
     tracking.log_new_params(client, run_id, params)
 
@@ -370,6 +404,10 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, progress: bool = True
             log(f"sweep: child {number}/{len(plan.children)}: {child.label} -> {child.output_dir}")
             run_child(client, child, parent_id, experiment_id, overwrite=overwrite, progress=progress, cwd=cwd)
         comparison_dir, table = compare(client, plan, parent_id, log)
+        if "train.precision" in plan.canonical.split(","):
+            from .precision_report import compare_precision
+
+            table += compare_precision(client, plan, parent_id, comparison_dir, log)
         failed = [c.label for c in plan.children if c.status != "FINISHED"]
         client.set_tag(parent_id, "wakelab.sweep.failed_children", ",".join(failed))
         client.log_metric(parent_id, "sweep_children_finished", len(plan.children) - len(failed))

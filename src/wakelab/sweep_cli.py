@@ -14,9 +14,9 @@ from .logs import log
 
 
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--over", "over", required=True, metavar="KEY=V1,V2,...",
+@click.option("--over", "over", required=True, multiple=True, metavar="KEY=V1,V2,...",
               help="The key to vary and its values: a config key or short name (init, lr, max_steps, ...) "
-                   "and comma-separated values, each typed as --set would read it.")
+                   "and comma-separated values, each typed as --set would read it. Repeat to cross several keys.")
 @config_options
 @click.option("--constituents", default=None, metavar="PATH|demo",
               help="Constituents file (word<TAB>meaning<TAB>parts) for the neighbour hit rates; default: "
@@ -47,11 +47,13 @@ def sweep(over, preset, config_file, overrides, plugins, max_steps, output_dir, 
       wakelab sweep --over lr=1e-3,5e-3,2e-2 --max-steps 100 --output-dir runs/lr-sweep
       wakelab sweep --config my.yaml --over init.scale=0.01,0.1,1 --set init.method=mean
       wakelab sweep --over init=spherical,subword --constituents my_constituents.tsv --top-k 20
+      wakelab sweep --preset wordybird_precision --over train.precision=bf16,fp32-master,stochastic,kahan \\
+          --over train.scheduler=linear,constant   # the Wordybird question: children x schedule, with a verdict
     """
     from .sweep import plan_sweep, run_sweep
 
     base = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
-    plan = plan_sweep(base, over, constituents=constituents, top_k=top_k, overwrite=overwrite, log=log)
+    plan = plan_sweep(base, list(over), constituents=constituents, top_k=top_k, overwrite=overwrite, log=log)
     log(f"sweep over {plan.canonical}: {len(plan.children)} children in {plan.root}")
     result = run_sweep(plan, overwrite=overwrite, progress=not no_progress, log=log)
 

@@ -27,8 +27,12 @@ class WakelabTrainer(Trainer):
     """Trainer with the hooks' seams; everything else is Trainer's own."""
 
     def __init__(self, *args, rows: RowAccess, pm, checkpoint_info: dict[str, Any] | None = None,
-                 config_yaml: str = "", **kwargs):
+                 config_yaml: str = "", precision: str = "bf16", schedule_start: int = 0,
+                 fresh_schedule: bool = False, **kwargs):
         self.rows = rows
+        self.precision = precision
+        self.schedule_start = schedule_start  # the schedule spans steps schedule_start..max_steps (a fresh one)
+        self.fresh_schedule = fresh_schedule  # loading a checkpoint keeps this run's new schedule, not the saved one
         self.pm = pm
         self.checkpoint_info = checkpoint_info or {}
         self.config_yaml = config_yaml
@@ -79,6 +83,29 @@ class WakelabTrainer(Trainer):
         # The embedding matrix sits in a no-decay group; decay_new_rows applies AdamW's decay to new rows only.
         held = {id(p) for p in self.rows.parameters()}
         return [n for n, p in model.named_parameters() if n in names and id(p) not in held]
+
+    # -- optimizer and schedule: train.precision, train.resume_schedule --------------------------------------------
+    def create_optimizer(self, model=None):
+        from .precision import build_optimizer, check_parameters
+
+        optimizer = super().create_optimizer(model)
+        if self.precision != "bf16" and not getattr(self, "_precision_applied", False):
+            check_parameters(self.precision, [p for g in optimizer.param_groups for p in g["params"]])
+            self.optimizer = build_optimizer(self.precision, optimizer, seed=self.args.seed)
+            self._precision_applied = True
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        return super().create_scheduler(num_training_steps - self.schedule_start, optimizer)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not (self.fresh_schedule and checkpoint is not None):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        fresh = self.lr_scheduler.state_dict()
+        super()._load_optimizer_and_scheduler(checkpoint)  # Adam's moments (and step count) carry over
+        self.lr_scheduler.load_state_dict(fresh)
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
 
     # -- checkpoints: complete or absent ---------------------------------------------------------------------------
     def _get_output_dir(self, trial) -> str:

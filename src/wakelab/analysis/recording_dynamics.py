@@ -44,7 +44,7 @@ from .dynamics import (
     lattice_hops,
 )
 
-__all__ = ["HOP_FIELDS", "MASKS_FILE", "DynamicsResult", "Masks", "analyse_recording", "describe", "iter_step_fields", "read_masks"]
+__all__ = ["HOP_FIELDS", "MASKS_FILE", "DynamicsResult", "Masks", "analyse_recording", "describe", "read_masks"]
 
 MASKS_FILE = "masks.safetensors"
 #: Fields the lattice-hop analysis needs.
@@ -81,6 +81,7 @@ class DynamicsResult:
     masks: Masks | None
     meta: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    motion: dict | None = None  # the freeze group's displacement split into drift and relative motion, per lr
 
     @property
     def num_rows(self) -> int:
@@ -144,21 +145,6 @@ def read_masks(rec: Recording, num_rows: int) -> Masks | None:
 # Streaming
 
 
-def _release_handles(rec: Recording) -> None:
-    """Unmap the reader's shards so their pages leave the resident set (see ``Recording.release``)."""
-    rec.release()
-
-
-def iter_step_fields(rec: Recording, names: list[str], positions: range | None = None) -> Iterator[tuple[int, dict]]:
-    """``(step, {field: tensor})`` for each recorded step, one step in memory, shard maps released after each step."""
-    positions = range(len(rec)) if positions is None else positions
-    views = {name: rec[name] for name in names}
-    for position in positions:
-        values = {name: view[position] for name, view in views.items()}
-        _release_handles(rec)
-        yield int(rec.steps[position]), values
-
-
 def _step_position(steps: np.ndarray, step: int | None, default: int, what: str) -> int:
     if step is None:
         return default
@@ -198,7 +184,13 @@ def analyse_recording(
     own = not isinstance(rec_or_path, Recording)
     rec = open_recording(rec_or_path) if own else rec_or_path
     try:
-        return _analyse(rec, from_step, to_step, freeze_threshold, masks)
+        result = _analyse(rec, from_step, to_step, freeze_threshold, masks)
+        if len(result.steps) > 1:
+            from .group_motion import group_motion
+
+            group = result.masks.untrained if result.masks is not None and result.masks.untrained.any() else None
+            result.motion = group_motion(rec, None if group is None else torch.nonzero(group).reshape(-1))
+        return result
     finally:
         if own:
             rec.close()
@@ -270,7 +262,7 @@ def _analyse(rec: Recording, from_step, to_step, freeze_threshold, masks) -> Dyn
     prev_step = None
     start_values: torch.Tensor | None = None
     disp: torch.Tensor | None = None
-    for position, (step, values) in zip(range(steps.size), iter_step_fields(rec, names), strict=True):
+    for position, (step, values) in zip(range(steps.size), rec.iter_step_fields(names), strict=True):
         cur = values["embeddings"]
         if position == first:
             start_values = cur

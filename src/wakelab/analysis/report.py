@@ -449,6 +449,16 @@ def dynamics_outputs(result: DynamicsResult, sink: AnalysisSink, prefix: str, to
     for record in result.centroid:
         sink.metrics({"dynamics/centroid_norm": record["centroid_norm"], "dynamics/radius": record["radius"]},
                      record["step"])  # fmt: skip
+    if result.motion is not None:
+        motion = result.motion
+        kinds = [k for k in motion if k.endswith("_per_lr")]
+        rows = [{"step": step, "lr_sum": motion["lr_sum"][i], **{k: motion[k][i] for k in
+                 ("raw", "drift", "relative", "master_raw", "master_drift", "master_relative") if k in motion},
+                 **{k: motion[k][i] for k in kinds}} for i, step in enumerate(motion["steps"])]
+        sink.table(f"{prefix}/group_motion", rows)
+        for row in rows:
+            sink.metrics({f"dynamics/group/{k}": v for k, v in row.items() if k != "step" and v is not None},
+                         row["step"])
     sink.tags({CUT_SHORT_TAG: str(not result.complete).lower()})
 
 
@@ -485,8 +495,16 @@ def dynamics_lines(result: DynamicsResult) -> list[str]:
     if result.centroid:
         first, last = result.centroid[0], result.centroid[-1]
         lines.append(f"  centroid ({result.centroid_group}): norm {_fmt(first['centroid_norm'])} -> "
-                     f"{_fmt(last['centroid_norm'])}, radius {_fmt(first['radius'])} -> "
-                     f"{_fmt(last['radius'])}")  # fmt: skip
+                     f"{_fmt(last['centroid_norm'])}, radius {_fmt(first['radius'])} -> {_fmt(last['radius'])}")  # fmt: skip
+    if result.motion is not None:
+        m = result.motion
+        lines.append(f"  {result.centroid_group} rows {m['steps'][0]}->{m['steps'][-1]}: displacement "
+                     f"{_fmt(m['raw'][-1])} ({_fmt(m['raw_per_lr'][-1])} per unit of summed lr) = common drift "
+                     f"{_fmt(m['drift'][-1])} + "
+                     f"relative motion {_fmt(m['relative'][-1])} ({_fmt(m['relative_per_lr'][-1])} per unit lr)")
+        if "master_raw" in m:
+            lines.append(f"  their fp32 masters: displacement {_fmt(m['master_raw'][-1])}, common drift "
+                         f"{_fmt(m['master_drift'][-1])}, relative motion {_fmt(m['master_relative'][-1])}")
     lines += [f"  note: {note}" for note in result.notes]
     return lines
 

@@ -50,7 +50,7 @@ from pydantic import Field, field_validator
 import wakelab
 from wakelab import ConfigError, FieldSpec, RecordingError, RecordingWriter, recording_summary
 
-ROW_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq")
+ROW_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq", "master")
 OPTIMIZER_FIELDS = ("exp_avg", "exp_avg_sq")
 MISSING_FLAG = "optimizer_state_missing"
 PATH_TAG = "wakelab.recording.path"
@@ -60,14 +60,16 @@ _STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float1
 # ----------------------------------------------------------------------------------------------------------------------
 # Config (the `recorder` section)
 
-RECORDABLE_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq", "logits", "loss", "lr")
+RECORDABLE_FIELDS = ("embeddings", "grads", "exp_avg", "exp_avg_sq", "logits", "loss", "lr", "master")
 
 
 class RecorderConfig(wakelab.PluginConfig):
     """The `recorder` plugin: which rows and fields to record, how often, and how they are stored."""
 
     fields: tuple[str, ...] = Field(
-        RECORDABLE_FIELDS, description=f"Fields to record, any of: {', '.join(RECORDABLE_FIELDS)}."
+        RECORDABLE_FIELDS[:-1],
+        description=f"Fields to record, any of: {', '.join(RECORDABLE_FIELDS)} (`master`: the fp32 master copy of "
+        "train.precision=fp32-master, always float32; the rows themselves under other settings).",
     )
     rows: str | list[int] = Field(
         "new",
@@ -237,7 +239,9 @@ class Recorder:
         shape = (len(self.ids), self.run.rows.dim)
         specs: dict[str, FieldSpec] = {}
         for name in self.fields:
-            if name in ROW_FIELDS:
+            if name == "master":  # fp32 masters exist to hold what bf16 cannot: never stored narrower
+                specs[name] = FieldSpec(shape, torch.float32)
+            elif name in ROW_FIELDS:
                 specs[name] = FieldSpec(shape, row_dtype)
             elif name == "logits":
                 specs[name] = FieldSpec((self.logits_width,), torch.float32 if self.storage is None else self.storage)
@@ -269,6 +273,11 @@ class Recorder:
                     value = torch.zeros((len(self.ids), rows.dim), dtype=self.writer.fields[name].dtype)
                 tensors[name] = value
             flags[MISSING_FLAG] = missing
+        if "master" in self.fields:
+            # train.precision=fp32-master steps these; before its first step (and under other settings) the rows
+            # themselves are what the optimizer steps.
+            master = rows.optimizer_state(optimizer, "master", self.ids)
+            tensors["master"] = (master if master is not None else rows.values(self.ids)).float()
         if "logits" in self.fields:
             tensors["logits"] = self._logits(logits, step)
         if "loss" in self.fields:
