@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import raising_plugin, tiny_overrides
+from conftest import TINY_HIDDEN, raising_plugin, tiny_overrides
 from wakelab import engine
 from wakelab.checkpoints import CheckpointError, list_checkpoints, verify
 from wakelab.cli import main
@@ -167,15 +167,15 @@ def test_phase_restore_from_safetensors_and_pt(tiny_model, texts, tmp_path):
 
 
 def test_phase_restore_refuses_wrong_shape_and_pickles(tiny_model, texts, tmp_path):
-    save_file({"embeddings": torch.zeros(10, 32)}, str(tmp_path / "small.safetensors"))
-    with pytest.raises(ConfigError, match=r"matrix shape \(10, 32\) does not fit the expanded vocabulary \(375, 32\)"):
+    save_file({"embeddings": torch.zeros(10, TINY_HIDDEN)}, str(tmp_path / "small.safetensors"))
+    with pytest.raises(ConfigError, match=r"matrix shape \(10, 64\) does not fit the expanded vocabulary \(375, 64\)"):
         run(tiny_model, texts, **{"init.from_embeddings": str(tmp_path / "small.safetensors")})
 
     class Evil:
         def __reduce__(self):
             return (print, ("this must never run",))
 
-    torch.save({"embeddings": torch.zeros(375, 32), "extra": Evil()}, tmp_path / "evil.pt")
+    torch.save({"embeddings": torch.zeros(375, TINY_HIDDEN), "extra": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ConfigError, match="never unpickles arbitrary objects"):
         run(tiny_model, texts, **{"init.from_embeddings": str(tmp_path / "evil.pt")})
     with pytest.raises(ConfigError, match="file not found"):

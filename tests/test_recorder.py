@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import COINED, tiny_overrides
+from conftest import COINED, TINY_HIDDEN, tiny_overrides
 from wakelab import engine, recording
 from wakelab.analysis.dynamics import adam_update
 from wakelab.cli import main
@@ -64,7 +64,7 @@ def test_cli_run_records_every_step_and_the_reader_cli_reads_it(tiny_model, text
         assert set(rec.fields) == {"embeddings", "grads", "exp_avg", "exp_avg_sq", "logits", "loss", "lr"}
         n_new, vocab = len(COINED), vocab_size(tiny_model)
         assert rec.token_ids == list(range(vocab - n_new, vocab)), "rows=new by default"
-        assert rec.fields["embeddings"].shape == (n_new, 32)
+        assert rec.fields["embeddings"].shape == (n_new, TINY_HIDDEN)
         assert rec.fields["logits"].shape == (vocab,)
         # bf16 is the default storage dtype, for row fields and logits alike.
         for name in ("embeddings", "grads", "exp_avg", "exp_avg_sq", "logits"):
@@ -94,7 +94,7 @@ def test_cli_run_records_every_step_and_the_reader_cli_reads_it(tiny_model, text
 
     single = load_file(out)
     assert single["recorded_steps"].tolist() == list(range(7))
-    assert single["embeddings"].shape == (7, len(COINED), 32)
+    assert single["embeddings"].shape == (7, len(COINED), TINY_HIDDEN)
     assert {"grads", "momentum", "variance", "logits", "losses"} <= set(single)
 
     again = runner.invoke(main, ["recording", "export", str(path), "--single-file", str(out)])
@@ -286,7 +286,7 @@ def test_killed_run_leaves_completed_shards_readable(tiny_model, texts, tmp_path
         assert n >= 2
         assert rec.steps.tolist() == list(range(n))
         emb = rec["embeddings"][:]
-        assert emb.shape == (n, len(COINED), 32) and torch.isfinite(emb.float()).all()
+        assert emb.shape == (n, len(COINED), TINY_HIDDEN) and torch.isfinite(emb.float()).all()
         assert rec["loss"][1:].isfinite().all()
 
 
@@ -312,7 +312,7 @@ def test_full_disk_stops_the_run_with_one_clear_line(tiny_model, texts, tmp_path
     with recording.open(tmp_path / "out" / "recording") as rec:
         assert not rec.complete
         assert rec.steps.tolist() == [0, 1]
-        assert rec["embeddings"][:].shape == (2, len(COINED), 32)
+        assert rec["embeddings"][:].shape == (2, len(COINED), TINY_HIDDEN)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert runs["status"].tolist() == ["FAILED"]
     history = mlflow.MlflowClient().get_metric_history(runs["run_id"][0], "loss")

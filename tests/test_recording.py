@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from optional import require
 from wakelab import recording
 from wakelab.errors import WakelabError
 from wakelab.recording import FieldSpec, RecordingError, RecordingWriter
@@ -361,7 +362,7 @@ def test_summary_describes_the_recording(rec_path: Path) -> None:
 
 def test_writer_memory_stays_flat_with_back_pressure(tmp_path: Path, monkeypatch) -> None:
     """200 steps of a [2000, 64] float32 field (~100 MiB): the writer never holds more than queue + one shard."""
-    psutil = pytest.importorskip("psutil")
+    psutil = require("psutil")
     n_steps, k, queue_size = 200, 10, 4
     real_save = recording._save_shard
     gate = threading.Event()
