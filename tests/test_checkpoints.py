@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_HIDDEN, raising_plugin, tiny_overrides
+from optional import require
 from wakelab import engine
 from wakelab.checkpoints import CheckpointError, list_checkpoints, verify
 from wakelab.cli import main
@@ -48,25 +49,67 @@ def test_checkpoint_holds_what_a_restart_needs(tiny_model, texts, tmp_path):
     assert not list((result.output_dir / ".staging").glob("checkpoint-*"))
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
-def test_resume_continues_exactly(tiny_model, texts, tmp_path, quantized):
-    extra = {"model.load_in_4bit": True} if quantized else {}
+def assert_same_tensors(a, b, where: str) -> None:
+    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_checkpoint(a, b) -> None:
+    """Rows (or every weight under `full`), Adam state, scheduler and step: what a continuation depends on."""
+    weights = sorted(p.name for p in a.glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in b.glob("*.safetensors"))
+    for name in weights:
+        assert_same_tensors(load_file(a / name), load_file(b / name), name)
+    assert_same_tensors(torch.load(a / "optimizer.pt", weights_only=True),
+                        torch.load(b / "optimizer.pt", weights_only=True), "optimizer")
+    assert_same_tensors(torch.load(a / "scheduler.pt", weights_only=True),
+                        torch.load(b / "scheduler.pt", weights_only=True), "scheduler")
+
+
+# P1 (p1_evolved): 4-bit base, `mask`, weight decay, several micro-batches per step, cosine schedule.
+# Wordybird: `full`, every weight in bf16, constant rate, no clipping.
+RESUME_CASES = {
+    "fp32": {},
+    "4bit": {"model.load_in_4bit": True},
+    "p1-mask-4bit-accum": {"model.load_in_4bit": True, "train.trainable": "mask", "train.grad_accum": 3,
+                           "train.batch_size": 1, "train.scheduler": "cosine", "train.warmup_steps": 2},
+    "wordybird-full-bf16": {"train.trainable": "full", "model.dtype": "bfloat16", "train.scheduler": "constant",
+                            "train.warmup_steps": 0, "train.max_grad_norm": 0.0, "train.lr": 1e-3},
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_continues_exactly(tiny_model, texts, tmp_path, case):
+    extra = RESUME_CASES[case]
+    if extra.get("model.load_in_4bit"):
+        require("bitsandbytes")
     straight = run(tiny_model, texts, **extra, output_dir="straight")
     straight_losses = losses(straight.run_id)
+    assert sorted(straight_losses) == list(range(1, 9))
 
     # The same 8-step run, stopped after its step-4 checkpoint, then resumed from it.
     with pytest.raises(RuntimeError, match="power cut"):
         run(tiny_model, texts, **extra, output_dir="split", plugins=[str(raising_plugin(tmp_path, step=5))])
     resumed = run(tiny_model, texts, **extra, output_dir="split", resume_from="split/checkpoint-4")
-    a = load_file(straight.output_dir / "checkpoint-8" / "trained_rows.safetensors")["rows"]
-    b = load_file(resumed.output_dir / "checkpoint-8" / "trained_rows.safetensors")["rows"]
+    assert_same_checkpoint(straight.output_dir / "checkpoint-8", resumed.output_dir / "checkpoint-8")
+    a = load_file(straight.output_dir / "final" / "new_rows.safetensors")["rows"]
+    b = load_file(resumed.output_dir / "final" / "new_rows.safetensors")["rows"]
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), "trained rows differ after resume"
-    sa = optimizer_state(straight.output_dir / "checkpoint-8")
-    sb = optimizer_state(resumed.output_dir / "checkpoint-8")
-    for key in sa:
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(sa[key][name], sb[key][name]), name
     assert losses(resumed.run_id) == straight_losses
+    if case == "wordybird-full-bf16":
+        assert a.dtype == torch.bfloat16
 
 
 def test_wordybird3_flow_carries_adam_state_on(tiny_model, texts):
