@@ -254,3 +254,66 @@ def test_resume_from_the_last_checkpoint_trains_nothing_more(tiny_model, texts, 
     a = load_file(straight.output_dir / "final" / "new_rows.safetensors")["rows"]
     b = load_file(resumed.output_dir / "final" / "new_rows.safetensors")["rows"]
     assert torch.equal(a, b)
+
+
+# -- kills between publish_dir's renames -------------------------------------------------------------------------------
+
+PUBLISH = """
+import sys
+from pathlib import Path
+from wakelab.checkpoints import publish_dir
+publish_dir(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def checkpoint_folder(path, step: int, payload: bytes):
+    from wakelab.checkpoints import write_manifest
+
+    path.mkdir(parents=True)
+    (path / "trained_rows.safetensors").write_bytes(payload)
+    write_manifest(path, {"step": step})
+    return path
+
+
+def test_kill_between_publish_renames_puts_the_old_folder_back(tmp_path):
+    """Replacing checkpoint-4, killed after the old one went aside: rotation puts it back, never deletes it."""
+    import os
+    import subprocess
+    import sys
+
+    from wakelab.checkpoints import rotate
+
+    run_dir = tmp_path / "run"
+    for step in (2, 3):
+        checkpoint_folder(run_dir / f"checkpoint-{step}", step, b"old %d" % step)
+    old = checkpoint_folder(run_dir / "checkpoint-4", 4, b"old 4")
+    new = checkpoint_folder(run_dir / ".staging" / "checkpoint-4", 4, b"new 4")
+    env = {**os.environ, "WAKELAB_CRASH_AT": "publish-aside"}
+    env.pop("WAKELAB_CRASH_MARKER", None)
+    proc = subprocess.run([sys.executable, "-c", PUBLISH, str(new), str(old)], env=env, timeout=120)
+    assert proc.returncode == -9, "the kill must land between the two renames"
+    (aside,) = run_dir.glob(".partial-old-checkpoint-4-*")
+    assert not old.exists() and new.exists()
+    removed = rotate(run_dir, keep=2)
+    assert [p.name for p in removed] == ["checkpoint-2"]
+    assert not aside.exists()
+    assert verify(old)["step"] == 4 and (old / "trained_rows.safetensors").read_bytes() == b"old 4"
+    assert [c.name for c in list_checkpoints(run_dir)] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_recover_interrupted_finishes_deletions_and_spares_live_writers(tmp_path):
+    import os
+
+    from wakelab.checkpoints import latest_checkpoint, recover_interrupted
+
+    run_dir = tmp_path / "run"
+    checkpoint_folder(run_dir / "checkpoint-6", 6, b"six")
+    replaced = checkpoint_folder(run_dir / ".partial-old-checkpoint-6-999999999", 6, b"stale six")
+    doomed = checkpoint_folder(run_dir / ".partial-del-checkpoint-2-999999999", 2, b"two")
+    lost = checkpoint_folder(run_dir / ".partial-old-checkpoint-8-999999999", 8, b"eight")
+    live = checkpoint_folder(run_dir / f".partial-old-checkpoint-9-{os.getppid()}", 9, b"a writer mid-rename")
+    assert latest_checkpoint(run_dir).name == "checkpoint-8"  # put back before choosing
+    assert not replaced.exists() and not doomed.exists() and not lost.exists()
+    assert (run_dir / "checkpoint-6" / "trained_rows.safetensors").read_bytes() == b"six"
+    assert live.exists() and not (run_dir / "checkpoint-9").exists()
+    assert recover_interrupted(run_dir) == []

@@ -16,7 +16,9 @@ import tempfile
 from pathlib import Path
 
 import wakelab
-from wakelab.checkpoints import MANIFEST, checkpoint_step, list_checkpoints, publish_dir, remove_dir, verify
+from wakelab import crashpoint
+from wakelab.checkpoints import (MANIFEST, checkpoint_step, list_checkpoints, publish_dir, recover_interrupted,
+                                 remove_dir, verify)
 
 _settings: dict = {}
 
@@ -60,8 +62,9 @@ def mirror_to_directory(checkpoint: Path, destination_root: Path, keep: int) -> 
     """Copy ``checkpoint`` into ``destination_root`` as one atomic step; keep the newest ``keep`` mirrors."""
     verify(checkpoint)
     destination_root.mkdir(parents=True, exist_ok=True)
-    for stale in destination_root.glob(".partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # leftovers of a mirror or a prune that was killed
+    recover_interrupted(destination_root)  # a replace or a prune that was killed: put back or finish
+    for stale in destination_root.glob(".partial-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # a copy that was killed
     partial = Path(tempfile.mkdtemp(prefix=f".partial-{checkpoint.name}-", dir=destination_root))
     try:
         files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -71,11 +74,13 @@ def mirror_to_directory(checkpoint: Path, destination_root: Path, keep: int) -> 
             shutil.copyfile(path, target)
             with open(target, "rb") as handle:
                 os.fsync(handle.fileno())
+            crashpoint.reached("mirror-copying")
         verify(partial)
         final = publish_dir(partial, destination_root / checkpoint.name)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    crashpoint.reached("mirror-published")
     for old in list_checkpoints(destination_root)[:-keep]:
         remove_dir(old)
     return final
