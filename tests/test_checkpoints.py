@@ -132,7 +132,7 @@ def test_wordybird3_flow_carries_adam_state_on(tiny_model, texts):
 
 
 def test_resume_after_crash_reopens_the_same_run(tiny_model, texts, tmp_path):
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="power cut"):
         run(tiny_model, texts, plugins=[str(raising_plugin(tmp_path, step=5))])
     (crashed,) = mlflow.search_runs(search_all_experiments=True)["run_id"]
     assert mlflow.get_run(crashed).info.status == "FAILED"
