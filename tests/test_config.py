@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from wakelab.config import all_keys, build_config, preset_names, reference_markdown, resolve_key
+from wakelab.config import build_config, preset_names, reference_markdown, resolve_key
 from wakelab.errors import ConfigError
 
 

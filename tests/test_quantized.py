@@ -1,4 +1,4 @@
-"""A 4-bit base evaluates on the path it trains on: every width works, on every CPU, and gradients survive evaluation."""
+"""A 4-bit base evaluates on the path it trains on: any width works on every CPU, and gradients survive evaluation."""
 
 from __future__ import annotations
 
