@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import COINED, TINY_HIDDEN, loaded_plugin, tiny_overrides
+from optional import require
 from wakelab import engine, recording
 from wakelab.analysis.dynamics import adam_update
 from wakelab.cli import main
@@ -119,12 +120,17 @@ def test_reader_cli_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "strategy, weight_decay, rows, grad_accum",
-    [("tokens", 0.0, "new", 1), ("tokens", 0.1, "sample:5:new", 1), ("mask", 0.1, "new", 1),
-     ("mask", 0.1, "new", 3), ("full", 0.1, "sample:6:all", 2)],
+    "strategy, weight_decay, rows, grad_accum, in_4bit",
+    [("tokens", 0.0, "new", 1, False), ("tokens", 0.1, "sample:5:new", 1, False), ("mask", 0.1, "new", 1, False),
+     ("mask", 0.1, "new", 3, False), ("tokens", 0.1, "new", 2, True), ("full", 0.1, "sample:6:all", 2, False)],
 )
-def test_recorded_state_reproduces_the_adamw_update(tiny_model, texts, strategy, weight_decay, rows, grad_accum):
+def test_recorded_state_reproduces_the_adamw_update(tiny_model, texts, strategy, weight_decay, rows, grad_accum,
+                                                    in_4bit):
+    if in_4bit:
+        require("bitsandbytes")  # a bf16 compute base; the new rows (and their Adam state) in float32 to check exactly
     extra = {
+        "model.load_in_4bit": in_4bit,
+        "train.rows_dtype": "float32" if in_4bit else "auto",
         "train.trainable": strategy,
         "train.weight_decay": weight_decay,
         "train.max_steps": 5,
