@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 # The helpers wakelab ships for plugin authors are the ones its own tests use (re-exported for `from conftest import`).
-from wakelab.testing import COINED, build_tiny_llama, loaded_plugin, make_text, tiny_overrides, write_texts  # noqa: F401
+from wakelab.testing import (  # noqa: F401
+    COINED,
+    TINY_HIDDEN,
+    build_tiny_llama,
+    loaded_plugin,
+    make_text,
+    tiny_overrides,
+    write_texts,
+)
 
 
 @pytest.fixture(scope="session")

@@ -224,7 +224,7 @@ def test_lattice_hops_predicts_a_simulated_bf16_adamw_run():
 
 def test_lattice_hops_rejects_misaligned_streams():
     x = torch.zeros(1, 2, dtype=torch.bfloat16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="streams have different lengths"):
         lattice_hops([x, x, x], [x, x], [x, x, x], 1e-3, [1, 2, 3])
 
 

@@ -58,7 +58,7 @@ def test_norm_stats_bf16_input_and_no_new_tokens():
 
 
 def test_norm_stats_rejects_bad_num_base():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"num_base=4 is outside \[0, 3\]"):
         norm_stats(torch.zeros(3, 4), num_base=4)
 
 
@@ -108,7 +108,7 @@ def test_isotropy_matches_brute_force_pairs_and_is_seeded():
 
 
 def test_isotropy_needs_two_rows():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="isotropy needs at least 2 rows, got 1 ids"):
         isotropy(torch.randn(5, 3), [1])
 
 

@@ -8,7 +8,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import raising_plugin, tiny_overrides
+from conftest import TINY_HIDDEN, raising_plugin, tiny_overrides
+from optional import require
 from wakelab import engine
 from wakelab.checkpoints import CheckpointError, list_checkpoints, verify
 from wakelab.cli import main
@@ -48,25 +49,67 @@ def test_checkpoint_holds_what_a_restart_needs(tiny_model, texts, tmp_path):
     assert not list((result.output_dir / ".staging").glob("checkpoint-*"))
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
-def test_resume_continues_exactly(tiny_model, texts, tmp_path, quantized):
-    extra = {"model.load_in_4bit": True} if quantized else {}
+def assert_same_tensors(a, b, where: str) -> None:
+    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_checkpoint(a, b) -> None:
+    """Rows (or every weight under `full`), Adam state, scheduler and step: what a continuation depends on."""
+    weights = sorted(p.name for p in a.glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in b.glob("*.safetensors"))
+    for name in weights:
+        assert_same_tensors(load_file(a / name), load_file(b / name), name)
+    assert_same_tensors(torch.load(a / "optimizer.pt", weights_only=True),
+                        torch.load(b / "optimizer.pt", weights_only=True), "optimizer")
+    assert_same_tensors(torch.load(a / "scheduler.pt", weights_only=True),
+                        torch.load(b / "scheduler.pt", weights_only=True), "scheduler")
+
+
+# P1 (p1_evolved): 4-bit base, `mask`, weight decay, several micro-batches per step, cosine schedule.
+# Wordybird: `full`, every weight in bf16, constant rate, no clipping.
+RESUME_CASES = {
+    "fp32": {},
+    "4bit": {"model.load_in_4bit": True},
+    "p1-mask-4bit-accum": {"model.load_in_4bit": True, "train.trainable": "mask", "train.grad_accum": 3,
+                           "train.batch_size": 1, "train.scheduler": "cosine", "train.warmup_steps": 2},
+    "wordybird-full-bf16": {"train.trainable": "full", "model.dtype": "bfloat16", "train.scheduler": "constant",
+                            "train.warmup_steps": 0, "train.max_grad_norm": 0.0, "train.lr": 1e-3},
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_continues_exactly(tiny_model, texts, tmp_path, case):
+    extra = RESUME_CASES[case]
+    if extra.get("model.load_in_4bit"):
+        require("bitsandbytes")
     straight = run(tiny_model, texts, **extra, output_dir="straight")
     straight_losses = losses(straight.run_id)
+    assert sorted(straight_losses) == list(range(1, 9))
 
     # The same 8-step run, stopped after its step-4 checkpoint, then resumed from it.
     with pytest.raises(RuntimeError, match="power cut"):
         run(tiny_model, texts, **extra, output_dir="split", plugins=[str(raising_plugin(tmp_path, step=5))])
     resumed = run(tiny_model, texts, **extra, output_dir="split", resume_from="split/checkpoint-4")
-    a = load_file(straight.output_dir / "checkpoint-8" / "trained_rows.safetensors")["rows"]
-    b = load_file(resumed.output_dir / "checkpoint-8" / "trained_rows.safetensors")["rows"]
+    assert_same_checkpoint(straight.output_dir / "checkpoint-8", resumed.output_dir / "checkpoint-8")
+    a = load_file(straight.output_dir / "final" / "new_rows.safetensors")["rows"]
+    b = load_file(resumed.output_dir / "final" / "new_rows.safetensors")["rows"]
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), "trained rows differ after resume"
-    sa = optimizer_state(straight.output_dir / "checkpoint-8")
-    sb = optimizer_state(resumed.output_dir / "checkpoint-8")
-    for key in sa:
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(sa[key][name], sb[key][name]), name
     assert losses(resumed.run_id) == straight_losses
+    if case == "wordybird-full-bf16":
+        assert a.dtype == torch.bfloat16
 
 
 def test_wordybird3_flow_carries_adam_state_on(tiny_model, texts):
@@ -89,7 +132,7 @@ def test_wordybird3_flow_carries_adam_state_on(tiny_model, texts):
 
 
 def test_resume_after_crash_reopens_the_same_run(tiny_model, texts, tmp_path):
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="power cut"):
         run(tiny_model, texts, plugins=[str(raising_plugin(tmp_path, step=5))])
     (crashed,) = mlflow.search_runs(search_all_experiments=True)["run_id"]
     assert mlflow.get_run(crashed).info.status == "FAILED"
@@ -167,15 +210,15 @@ def test_phase_restore_from_safetensors_and_pt(tiny_model, texts, tmp_path):
 
 
 def test_phase_restore_refuses_wrong_shape_and_pickles(tiny_model, texts, tmp_path):
-    save_file({"embeddings": torch.zeros(10, 32)}, str(tmp_path / "small.safetensors"))
-    with pytest.raises(ConfigError, match=r"matrix shape \(10, 32\) does not fit the expanded vocabulary \(375, 32\)"):
+    save_file({"embeddings": torch.zeros(10, TINY_HIDDEN)}, str(tmp_path / "small.safetensors"))
+    with pytest.raises(ConfigError, match=r"matrix shape \(10, 64\) does not fit the expanded vocabulary \(375, 64\)"):
         run(tiny_model, texts, **{"init.from_embeddings": str(tmp_path / "small.safetensors")})
 
     class Evil:
         def __reduce__(self):
             return (print, ("this must never run",))
 
-    torch.save({"embeddings": torch.zeros(375, 32), "extra": Evil()}, tmp_path / "evil.pt")
+    torch.save({"embeddings": torch.zeros(375, TINY_HIDDEN), "extra": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ConfigError, match="never unpickles arbitrary objects"):
         run(tiny_model, texts, **{"init.from_embeddings": str(tmp_path / "evil.pt")})
     with pytest.raises(ConfigError, match="file not found"):
@@ -211,3 +254,66 @@ def test_resume_from_the_last_checkpoint_trains_nothing_more(tiny_model, texts, 
     a = load_file(straight.output_dir / "final" / "new_rows.safetensors")["rows"]
     b = load_file(resumed.output_dir / "final" / "new_rows.safetensors")["rows"]
     assert torch.equal(a, b)
+
+
+# -- kills between publish_dir's renames -------------------------------------------------------------------------------
+
+PUBLISH = """
+import sys
+from pathlib import Path
+from wakelab.checkpoints import publish_dir
+publish_dir(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def checkpoint_folder(path, step: int, payload: bytes):
+    from wakelab.checkpoints import write_manifest
+
+    path.mkdir(parents=True)
+    (path / "trained_rows.safetensors").write_bytes(payload)
+    write_manifest(path, {"step": step})
+    return path
+
+
+def test_kill_between_publish_renames_puts_the_old_folder_back(tmp_path):
+    """Replacing checkpoint-4, killed after the old one went aside: rotation puts it back, never deletes it."""
+    import os
+    import subprocess
+    import sys
+
+    from wakelab.checkpoints import rotate
+
+    run_dir = tmp_path / "run"
+    for step in (2, 3):
+        checkpoint_folder(run_dir / f"checkpoint-{step}", step, b"old %d" % step)
+    old = checkpoint_folder(run_dir / "checkpoint-4", 4, b"old 4")
+    new = checkpoint_folder(run_dir / ".staging" / "checkpoint-4", 4, b"new 4")
+    env = {**os.environ, "WAKELAB_CRASH_AT": "publish-aside"}
+    env.pop("WAKELAB_CRASH_MARKER", None)
+    proc = subprocess.run([sys.executable, "-c", PUBLISH, str(new), str(old)], env=env, timeout=120)
+    assert proc.returncode == -9, "the kill must land between the two renames"
+    (aside,) = run_dir.glob(".partial-old-checkpoint-4-*")
+    assert not old.exists() and new.exists()
+    removed = rotate(run_dir, keep=2)
+    assert [p.name for p in removed] == ["checkpoint-2"]
+    assert not aside.exists()
+    assert verify(old)["step"] == 4 and (old / "trained_rows.safetensors").read_bytes() == b"old 4"
+    assert [c.name for c in list_checkpoints(run_dir)] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_recover_interrupted_finishes_deletions_and_spares_live_writers(tmp_path):
+    import os
+
+    from wakelab.checkpoints import latest_checkpoint, recover_interrupted
+
+    run_dir = tmp_path / "run"
+    checkpoint_folder(run_dir / "checkpoint-6", 6, b"six")
+    replaced = checkpoint_folder(run_dir / ".partial-old-checkpoint-6-999999999", 6, b"stale six")
+    doomed = checkpoint_folder(run_dir / ".partial-del-checkpoint-2-999999999", 2, b"two")
+    lost = checkpoint_folder(run_dir / ".partial-old-checkpoint-8-999999999", 8, b"eight")
+    live = checkpoint_folder(run_dir / f".partial-old-checkpoint-9-{os.getppid()}", 9, b"a writer mid-rename")
+    assert latest_checkpoint(run_dir).name == "checkpoint-8"  # put back before choosing
+    assert not replaced.exists() and not doomed.exists() and not lost.exists()
+    assert (run_dir / "checkpoint-6" / "trained_rows.safetensors").read_bytes() == b"six"
+    assert live.exists() and not (run_dir / "checkpoint-9").exists()
+    assert recover_interrupted(run_dir) == []

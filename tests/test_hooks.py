@@ -255,3 +255,68 @@ def test_hook_check_config(tiny_model, texts, tmp_path):
     with pytest.raises(ConfigError, match="picky runs at most 3 steps"):
         build_config(None, None, overrides)
     assert build_config(None, None, {**overrides, "train.max_steps": 3}).train.max_steps == 3
+
+
+def test_failing_on_save_warns_while_training_and_mirroring_go_on(tiny_model, texts, tmp_path, capfd):
+    plugin = plugin_file(tmp_path, "bad_copy", """
+        @wakelab.hookimpl
+        def on_save(ctx):
+            SEEN.append(ctx.step)
+            raise OSError(f"snapshot disk gone at {ctx.step}")
+    """)
+    overrides = tiny_overrides(tiny_model, texts, **{"train.save_steps": 2, "train.max_steps": 4,
+                                                     "sentry.target": str(tmp_path / "mirror")})
+    overrides["plugins"] = [str(plugin), "sentry"]
+    result = engine.run(build_config(None, None, overrides), progress=False)
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("wakelab: warning: on_save of plugin")]
+    assert len(warnings) == 2, err
+    for line, step in zip(warnings, (2, 4)):
+        assert line.endswith(f"failed at step {step} (OSError: snapshot disk gone at {step}); training goes on")
+    assert loaded_plugin(plugin).SEEN == [2, 4]
+    assert mlflow.get_run(result.run_id).info.status == "FINISHED"
+    assert max(m.step for m in mlflow.MlflowClient().get_metric_history(result.run_id, "loss")) == 4
+    from wakelab.checkpoints import list_checkpoints
+
+    mirrors = list_checkpoints(tmp_path / "mirror" / result.run_id)
+    assert [m.name for m in mirrors] == ["checkpoint-2", "checkpoint-4"], "the Sentry mirror ran after the failure"
+
+
+def test_ctrl_c_reaches_on_run_end_as_killed(tiny_model, texts, tmp_path):
+    """A real SIGINT to `wakelab run` in the middle of training: on_run_end sees KILLED, MLflow records KILLED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    plugin = plugin_file(tmp_path, "wait_for_ctrl_c", f"""
+        import pathlib, time
+        @wakelab.hookimpl
+        def on_step_end(state):
+            if state.step == 2:
+                pathlib.Path({str(tmp_path / 'at-step-2')!r}).write_text("ready")
+                time.sleep(120)
+        @wakelab.hookimpl
+        def on_run_end(run, status):
+            pathlib.Path({str(tmp_path / 'status')!r}).write_text(status)
+    """)
+    args = ["run", "--no-progress", "--plugin", str(plugin)]
+    for key, value in tiny_overrides(tiny_model, texts, **{"train.max_steps": 50}).items():
+        args += ["--set", f"{key}={value}"]
+    proc = subprocess.Popen([sys.executable, "-m", "wakelab", *args], cwd=tmp_path, env=os.environ.copy(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "at-step-2").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert (tmp_path / "status").read_text() == "KILLED"
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["status"]) == ["KILLED"]

@@ -16,7 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import COINED, tiny_overrides
+from conftest import COINED, TINY_HIDDEN, loaded_plugin, tiny_overrides
+from optional import require
 from wakelab import engine, recording
 from wakelab.analysis.dynamics import adam_update
 from wakelab.cli import main
@@ -64,7 +65,7 @@ def test_cli_run_records_every_step_and_the_reader_cli_reads_it(tiny_model, text
         assert set(rec.fields) == {"embeddings", "grads", "exp_avg", "exp_avg_sq", "logits", "loss", "lr"}
         n_new, vocab = len(COINED), vocab_size(tiny_model)
         assert rec.token_ids == list(range(vocab - n_new, vocab)), "rows=new by default"
-        assert rec.fields["embeddings"].shape == (n_new, 32)
+        assert rec.fields["embeddings"].shape == (n_new, TINY_HIDDEN)
         assert rec.fields["logits"].shape == (vocab,)
         # bf16 is the default storage dtype, for row fields and logits alike.
         for name in ("embeddings", "grads", "exp_avg", "exp_avg_sq", "logits"):
@@ -94,7 +95,7 @@ def test_cli_run_records_every_step_and_the_reader_cli_reads_it(tiny_model, text
 
     single = load_file(out)
     assert single["recorded_steps"].tolist() == list(range(7))
-    assert single["embeddings"].shape == (7, len(COINED), 32)
+    assert single["embeddings"].shape == (7, len(COINED), TINY_HIDDEN)
     assert {"grads", "momentum", "variance", "logits", "losses"} <= set(single)
 
     again = runner.invoke(main, ["recording", "export", str(path), "--single-file", str(out)])
@@ -119,16 +120,23 @@ def test_reader_cli_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "strategy, weight_decay, rows",
-    [("tokens", 0.0, "new"), ("tokens", 0.1, "sample:5:new"), ("mask", 0.1, "new")],
+    "strategy, weight_decay, rows, grad_accum, in_4bit",
+    [("tokens", 0.0, "new", 1, False), ("tokens", 0.1, "sample:5:new", 1, False), ("mask", 0.1, "new", 1, False),
+     ("mask", 0.1, "new", 3, False), ("tokens", 0.1, "new", 2, True), ("full", 0.1, "sample:6:all", 2, False)],
 )
-def test_recorded_state_reproduces_the_adamw_update(tiny_model, texts, strategy, weight_decay, rows):
+def test_recorded_state_reproduces_the_adamw_update(tiny_model, texts, strategy, weight_decay, rows, grad_accum,
+                                                    in_4bit):
+    if in_4bit:
+        require("bitsandbytes")  # a bf16 compute base; the new rows (and their Adam state) in float32 to check exactly
     extra = {
+        "model.load_in_4bit": in_4bit,
+        "train.rows_dtype": "float32" if in_4bit else "auto",
         "train.trainable": strategy,
         "train.weight_decay": weight_decay,
         "train.max_steps": 5,
         "train.warmup_steps": 0,
         "train.scheduler": "cosine",
+        "train.grad_accum": grad_accum,
         "recorder.dtype": "param",
         "recorder.rows": rows,
     }
@@ -148,6 +156,40 @@ def test_recorded_state_reproduces_the_adamw_update(tiny_model, texts, strategy,
             update = adam_update(emb[t], m[t + 1], v[t + 1], float(lrs[t + 1]), step, (b1, b2), eps, weight_decay)
             torch.testing.assert_close(emb[t + 1], emb[t] - update, rtol=1e-6, atol=1e-7)
         assert (emb[-1] - emb[0]).abs().max() > 1e-4, "the rows learned"
+        if strategy == "full":
+            assert (emb[-1, : rows_in(rec, "base")] != emb[0, : rows_in(rec, "base")]).any(), "base rows train too"
+
+
+def rows_in(rec, which: str) -> int:
+    """How many of the recorded rows are base rows (they come first)."""
+    return sum(1 for i in rec.token_ids if i < rec.meta["num_base"])
+
+
+def test_grad_accum_masks_once_per_step_and_logs_the_mean_over_micro_batches(tiny_model, texts, tmp_path):
+    """3 micro-batches of 1 block make the same step as 1 batch of 3 blocks: same loss, same rows, one mask each."""
+    counter = tmp_path / "count_masks.py"
+    counter.write_text(
+        "import wakelab\nCALLS = []\n@wakelab.hookimpl\ndef mask_grads(ctx):\n    CALLS.append(ctx.step)\n"
+    )
+    runs = {}
+    for accum, batch in ((3, 1), (1, 3)):
+        overrides = tiny_overrides(tiny_model, texts, **{
+            **FAST, "train.trainable": "mask", "train.weight_decay": 0.1, "train.grad_accum": accum,
+            "train.batch_size": batch, "train.max_steps": 4, "train.logging_steps": 1, "output_dir": f"out-{accum}"})
+        overrides["plugins"] = ["recorder", str(counter)]
+        result = engine.run(build_config(None, None, overrides), progress=False)
+        history = mlflow.MlflowClient().get_metric_history(result.run_id, "loss")
+        with recording.open(result.output_dir / "recording") as rec:
+            runs[accum] = {"logged": [m.value for m in sorted(history, key=lambda m: m.step)],
+                           "recorded": rec["loss"][1:].tolist(), "rows": rec["embeddings"][-1].clone()}
+        calls = loaded_plugin(counter).CALLS  # cached between runs: emptied after each
+        assert calls == [1, 2, 3, 4], "mask_grads runs once per optimizer step, not per micro-batch"
+        calls.clear()
+    accumulated, whole = runs[3], runs[1]
+    assert len(accumulated["logged"]) == 4
+    assert accumulated["logged"] == pytest.approx(whole["logged"], rel=1e-5)
+    assert accumulated["recorded"] == pytest.approx(accumulated["logged"], rel=1e-5)
+    torch.testing.assert_close(accumulated["rows"], whole["rows"], rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -286,7 +328,7 @@ def test_killed_run_leaves_completed_shards_readable(tiny_model, texts, tmp_path
         assert n >= 2
         assert rec.steps.tolist() == list(range(n))
         emb = rec["embeddings"][:]
-        assert emb.shape == (n, len(COINED), 32) and torch.isfinite(emb.float()).all()
+        assert emb.shape == (n, len(COINED), TINY_HIDDEN) and torch.isfinite(emb.float()).all()
         assert rec["loss"][1:].isfinite().all()
 
 
@@ -312,7 +354,7 @@ def test_full_disk_stops_the_run_with_one_clear_line(tiny_model, texts, tmp_path
     with recording.open(tmp_path / "out" / "recording") as rec:
         assert not rec.complete
         assert rec.steps.tolist() == [0, 1]
-        assert rec["embeddings"][:].shape == (2, len(COINED), 32)
+        assert rec["embeddings"][:].shape == (2, len(COINED), TINY_HIDDEN)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert runs["status"].tolist() == ["FAILED"]
     history = mlflow.MlflowClient().get_metric_history(runs["run_id"][0], "loss")

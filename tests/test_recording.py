@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from optional import require
 from wakelab import recording
 from wakelab.errors import WakelabError
 from wakelab.recording import FieldSpec, RecordingError, RecordingWriter
@@ -130,7 +131,7 @@ def test_lazy_slicing_rows_and_at_step(rec_path: Path) -> None:
         assert torch.equal(view.at_step(FIRST_STEP + STRIDE * 12, rows=[4]), emb[12, [4]])
         with pytest.raises(RecordingError, match="step 101 was not recorded"):
             view.at_step(101)
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match=f"step position {N_STEPS} is out of range"):
             view[N_STEPS]
         with pytest.raises(IndexError, match="no row axis"):
             rec["loss"][0:3, 1]
@@ -232,7 +233,7 @@ def test_disk_full_surfaces_one_line_and_keeps_finished_shards(tmp_path: Path, m
 
     monkeypatch.setattr(recording, "_save_shard", save_until_full)
     w = RecordingWriter(path, _fields(), token_ids=None, meta={}, steps_per_shard=K)
-    with pytest.raises(RecordingError) as info:
+    with pytest.raises(RecordingError, match="recording stopped: disk full") as info:
         for i in range(N_STEPS):
             w.append(FIRST_STEP + STRIDE * i, _step_data(i))
         w.close()
@@ -302,7 +303,7 @@ def test_reader_names_missing_or_truncated_shards(rec_path: Path) -> None:
 
 def test_exit_by_exception_flushes_but_is_not_complete(tmp_path: Path) -> None:
     path = tmp_path / "exc"
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(ZeroDivisionError, match="division by zero"):
         with RecordingWriter(path, _fields(), token_ids=None, meta={}, steps_per_shard=K) as w:
             for i in range(7):
                 w.append(i, _step_data(i))
@@ -361,7 +362,7 @@ def test_summary_describes_the_recording(rec_path: Path) -> None:
 
 def test_writer_memory_stays_flat_with_back_pressure(tmp_path: Path, monkeypatch) -> None:
     """200 steps of a [2000, 64] float32 field (~100 MiB): the writer never holds more than queue + one shard."""
-    psutil = pytest.importorskip("psutil")
+    psutil = require("psutil")
     n_steps, k, queue_size = 200, 10, 4
     real_save = recording._save_shard
     gate = threading.Event()

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import loaded_plugin, tiny_overrides
+from optional import require
 from wakelab import engine
 from wakelab.config import build_config
 from wakelab.rows import NewRowsEmbedding, NewRowsHead, setup_trainable_rows
@@ -36,7 +37,7 @@ def run_and_keep_model(tiny_model, texts, tmp_path, **extra):
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
 def test_base_rows_bit_identical_after_20_steps_with_weight_decay(tiny_model, texts, tmp_path, strategy, quantized):
     if quantized:
-        pytest.importorskip("bitsandbytes")
+        require("bitsandbytes")
     extra = {"train.trainable": strategy, "train.weight_decay": 0.1, "train.max_steps": 20, "train.lr": 5e-2}
     if quantized:
         extra["model.load_in_4bit"] = True

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import mlflow
 import pytest
@@ -102,31 +100,78 @@ def test_sentry_needs_a_target_and_checkpoints(tiny_model, texts):
         build_config(None, None, overrides)
 
 
-MIRROR_LOOP = """
+MIRROR = """
 import sys
 from pathlib import Path
 from wakelab.plugins.sentry import mirror_to_directory
-source, target = Path(sys.argv[1]), Path(sys.argv[2])
-print("ready", flush=True)
-while True:
-    mirror_to_directory(source, target, keep=2)
+mirror_to_directory(Path(sys.argv[1]), Path(sys.argv[2]), keep=2)
 """
 
 
-def test_sigkill_during_a_mirror_never_leaves_a_partial_checkpoint(tmp_path):
-    source = tmp_path / "checkpoint-10"
-    source.mkdir()
-    for i in range(4):
-        save_file({"t": torch.randn(256, 1024)}, str(source / f"part{i}.safetensors"))  # ~4 MB of copying a mirror
-    write_manifest(source, {"step": 10})
+def source_checkpoint(folder, step: int):
+    folder.mkdir(parents=True)
+    for i in range(3):
+        save_file({"t": torch.full((64, 64), float(step * 10 + i))}, str(folder / f"part{i}.safetensors"))
+    write_manifest(folder, {"step": step})
+    return folder
+
+
+def mirror_killed_at(source, target, point: str | None) -> int:
+    """Mirror ``source`` in a fresh process that SIGKILLs itself at crash point ``point`` (None: not killed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAKELAB_CRASH_")}
+    if point:
+        env["WAKELAB_CRASH_AT"] = point
+    return subprocess.run([sys.executable, "-c", MIRROR, str(source), str(target)], env=env, timeout=120).returncode
+
+
+def mirrors_are_whole(target) -> list[str]:
+    for child in target.glob("checkpoint-*"):
+        verify(child)  # every checkpoint-N at the target is whole
+    return [c.name for c in list_checkpoints(target)]
+
+
+@pytest.mark.parametrize("point, after_kill, after_next", [
+    ("mirror-copying:2", [11, 12], [12, 14]),  # half of checkpoint-13 copied: it never appears
+    ("mirror-published", [11, 12, 13], [13, 14]),  # in place, not yet pruned
+    ("remove-aside", [12, 13], [13, 14]),  # checkpoint-11 renamed aside to be deleted
+])
+def test_kill_while_mirroring_a_new_checkpoint_and_pruning(tmp_path, point, after_kill, after_next):
+    sources = {step: source_checkpoint(tmp_path / "run" / f"checkpoint-{step}", step) for step in (11, 12, 13, 14)}
     target = tmp_path / "mirror"
-    rng = random.Random(0)
-    for _ in range(10):
-        proc = subprocess.Popen([sys.executable, "-c", MIRROR_LOOP, str(source), str(target)], stdout=subprocess.PIPE)
-        assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.0, 0.3))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        for child in target.glob("checkpoint-*"):
-            verify(child)  # every checkpoint-N at the target is whole
-    assert [c.name for c in list_checkpoints(target)] == ["checkpoint-10"]
+    for step in (11, 12):
+        assert mirror_killed_at(sources[step], target, None) == 0
+    assert mirror_killed_at(sources[13], target, point) == -signal.SIGKILL, f"{point} was not reached"
+    assert mirrors_are_whole(target) == [f"checkpoint-{step}" for step in after_kill]
+    # The next save mirrors again and cleans up what the kill left.
+    assert mirror_killed_at(sources[14], target, None) == 0
+    assert mirrors_are_whole(target) == [f"checkpoint-{step}" for step in after_next]
+    assert not list(target.glob(".partial-*"))
+
+
+def test_kill_while_replacing_a_mirror_puts_the_old_copy_back(tmp_path):
+    source = source_checkpoint(tmp_path / "run" / "checkpoint-10", 10)
+    target = tmp_path / "mirror"
+    assert mirror_killed_at(source, target, None) == 0
+    assert mirror_killed_at(source, target, "publish-aside") == -signal.SIGKILL
+    assert mirrors_are_whole(target) == [] and len(list(target.glob(".partial-old-checkpoint-10-*"))) == 1
+    later = source_checkpoint(tmp_path / "run" / "checkpoint-11", 11)
+    assert mirror_killed_at(later, target, None) == 0
+    assert mirrors_are_whole(target) == ["checkpoint-10", "checkpoint-11"], "the old copy was put back, not deleted"
+    assert not list(target.glob(".partial-*"))
+
+
+def test_resume_from_a_mirror_in_mlflow_artifacts(tiny_model, texts, tmp_path):
+    """sentry.target=mlflow: download the mirror (as a user would), resume from it, reach the same rows."""
+    result = sentry_run(tiny_model, texts, "mlflow", **{"sentry.keep": 2})
+    final_rows = load_file(result.output_dir / "checkpoint-6" / "trained_rows.safetensors")["rows"]
+    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="sentry/checkpoint-4",
+                                                dst_path=str(tmp_path / "downloaded"))
+    verify(local)
+    import shutil
+
+    for checkpoint in list_checkpoints(result.output_dir):
+        shutil.rmtree(checkpoint)
+    resumed = sentry_run(tiny_model, texts, "mlflow", resume_from=local, **{"sentry.keep": 2})
+    assert resumed.run_id == result.run_id
+    again = load_file(result.output_dir / "checkpoint-6" / "trained_rows.safetensors")["rows"]
+    assert torch.equal(again.view(torch.uint8), final_rows.view(torch.uint8))

@@ -49,7 +49,7 @@ def test_logs_into_the_run_mlflow_run_started(tiny_model, texts, monkeypatch):
 def test_a_run_that_raises_ends_failed_with_traceback(tiny_model, texts, tmp_path):
     overrides = tiny_overrides(tiny_model, texts)
     overrides["plugins"] = [str(raising_plugin(tmp_path, 2, "ValueError", "stop here"))]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="stop here"):
         engine.run(build_config(None, None, overrides), progress=False)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert list(runs["status"]) == ["FAILED"]
@@ -63,7 +63,7 @@ def test_a_run_that_raises_ends_failed_with_traceback(tiny_model, texts, tmp_pat
 def test_ctrl_c_ends_killed(tiny_model, texts, tmp_path):
     overrides = tiny_overrides(tiny_model, texts)
     overrides["plugins"] = [str(raising_plugin(tmp_path, 2, "KeyboardInterrupt", "stop here"))]
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stop here"):
         engine.run(build_config(None, None, overrides), progress=False)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert list(runs["status"]) == ["KILLED"]

@@ -46,6 +46,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "verify_checkpoint": ("checkpoints", "verify"),
     "publish_dir": ("checkpoints", "publish_dir"),
     "remove_dir": ("checkpoints", "remove_dir"),
+    "recover_interrupted": ("checkpoints", "recover_interrupted"),
+    # Fault injection: a named moment inside a crash-safe write, where the SIGKILL tests stop a process.
+    "crash_point": ("crashpoint", "reached"),
     # Recordings: the streaming writer and its reader.
     "FieldSpec": ("recording", "FieldSpec"),
     "RecordingWriter": ("recording", "RecordingWriter"),

@@ -16,12 +16,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from . import crashpoint
 from .durable import fsync_dir
 from .errors import WakelabError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
 STAGING = ".staging"
+REPLACED = ".partial-old-"  # publish_dir: the folder being replaced, until its successor is in place
+DELETING = ".partial-del-"  # remove_dir: the folder being deleted
 
 
 class CheckpointError(WakelabError):
@@ -56,6 +59,7 @@ def write_manifest(folder: Path, info: dict[str, Any]) -> None:
         json.dump(manifest, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
+    crashpoint.reached("manifest-tmp")
     os.replace(tmp, folder / MANIFEST)
 
 
@@ -91,12 +95,14 @@ def publish_dir(ready: Path, destination: Path) -> Path:
     """Put a complete folder at ``destination`` by renames only: a kill at any moment leaves it whole or absent.
 
     An existing ``destination`` is first renamed aside (never deleted in place, which a kill could interrupt
-    half-way), the new folder renamed in, and only then the old one deleted.
+    half-way), the new folder renamed in, and only then the old one deleted. A kill between the two renames leaves
+    the old folder aside and none at ``destination``: ``recover_interrupted`` puts it back.
     """
     aside = None
     if destination.exists():
-        aside = destination.with_name(f".partial-old-{destination.name}-{os.getpid()}")
+        aside = destination.with_name(f"{REPLACED}{destination.name}-{os.getpid()}")
         os.replace(destination, aside)
+        crashpoint.reached("publish-aside")
     os.replace(ready, destination)
     fsync_dir(destination.parent)
     if aside is not None:
@@ -106,18 +112,57 @@ def publish_dir(ready: Path, destination: Path) -> Path:
 
 def remove_dir(path: Path) -> None:
     """Delete a checkpoint folder so that a kill at any moment leaves it whole or gone: rename aside, then delete."""
-    aside = path.with_name(f".partial-old-{path.name}-{os.getpid()}")
+    aside = path.with_name(f"{DELETING}{path.name}-{os.getpid()}")
     try:
         os.replace(path, aside)
     except FileNotFoundError:
         return
+    crashpoint.reached("remove-aside")
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_interrupted(folder: Path) -> list[Path]:
+    """Finish what a killed ``publish_dir`` or ``remove_dir`` left in ``folder``; returns the folders put back.
+
+    A replaced folder whose name is free again (the kill came between ``publish_dir``'s renames) is the only copy
+    left: it is renamed back, never deleted. A replaced folder whose successor is in place, and a folder that was
+    being deleted, are deleted. Leftovers of a process that is still running are its own business and stay.
+    """
+    restored = []
+    for prefix in (REPLACED, DELETING):
+        for leftover in sorted(Path(folder).glob(f"{prefix}*")):
+            name, _, pid = leftover.name[len(prefix):].rpartition("-")
+            if not name or (pid.isdigit() and _other_process_alive(int(pid))):
+                continue
+            original = leftover.with_name(name)
+            if prefix == REPLACED and not original.exists():
+                os.replace(leftover, original)
+                fsync_dir(original.parent)
+                restored.append(original)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+    return restored
+
+
+def _other_process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def finalize(staged: Path, destination: Path, info: dict[str, Any]) -> Path:
     """Manifest the staged checkpoint and move it into place."""
     write_manifest(staged, info)
-    return publish_dir(staged, destination)
+    crashpoint.reached("staged")
+    published = publish_dir(staged, destination)
+    crashpoint.reached("published")
+    return published
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -133,8 +178,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 def rotate(output_dir: Path, keep: int | None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond ``keep``; incomplete leftovers of a crash go too."""
     removed = []
-    for stale in Path(output_dir).glob(".partial-old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    recover_interrupted(Path(output_dir))
     for child in Path(output_dir).glob("checkpoint-*"):
         if child.is_dir() and not (child / MANIFEST).exists():
             shutil.rmtree(child, ignore_errors=True)
@@ -147,6 +191,7 @@ def rotate(output_dir: Path, keep: int | None) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: Path) -> Path:
+    recover_interrupted(Path(output_dir))
     checkpoints = list_checkpoints(output_dir)
     if not checkpoints:
         raise CheckpointError(

@@ -55,7 +55,7 @@ def on_save(ctx):
 
     ``ctx`` is a ``SaveContext``: ``checkpoint_dir`` (a complete checkpoint: its manifest is written),
     ``step``, ``output_dir`` (the run's directory) and ``run_id`` (the MLflow run). Copy or read it; never
-    modify it. A failure here is reported and training goes on.
+    modify it. A failure here is a warning on stderr; training, and the other plugins' ``on_save``, go on.
     """
 
 

@@ -99,7 +99,12 @@ def load_model(cfg: ModelConfig, source: str):
         kwargs.update(quantization_kwargs(cfg))
     else:
         kwargs["dtype"] = _torch_dtype(cfg.dtype)
-    return _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+    if cfg.load_in_4bit:
+        from .quantized import keep_training_path
+
+        keep_training_path(model)  # evaluation on the training path: every width, every CPU, gradients intact
+    return model
 
 
 def load_model_config(source: str, revision: str | None = None):

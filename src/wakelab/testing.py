@@ -59,8 +59,12 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def build_tiny_llama(folder: Path, max_positions: int = 128) -> Path:
-    """A two-layer, 32-wide Llama with tied embeddings and its tokenizer, saved into ``folder``."""
+# Widths every bitsandbytes path supports: its CPU inference packing needs multiples of 64 (see wakelab.quantized).
+TINY_HIDDEN = 64
+
+
+def build_tiny_llama(folder: Path, max_positions: int = 128, hidden: int = TINY_HIDDEN) -> Path:
+    """A two-layer Llama (``hidden`` wide) with tied embeddings and its tokenizer, saved into ``folder``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -68,8 +72,8 @@ def build_tiny_llama(folder: Path, max_positions: int = 128) -> Path:
     tokenizer = build_tokenizer(folder)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer, TrainerCallback
 
+from . import crashpoint
 from .context import GradContext, SaveContext, StepState
 from .logs import warn
 from .rows import RowAccess
@@ -148,6 +149,7 @@ class WakelabTrainer(Trainer):
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file(self.rows.trained_rows(), str(out / ROWS_FILE), metadata={"strategy": self.rows.strategy})
+        crashpoint.reached("rows-written")
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
 
@@ -254,10 +256,13 @@ class HookBridge(TrainerCallback):
         trainer = self._trainer()
         checkpoint = self._output_dir / f"checkpoint-{state.global_step}"
         ctx = SaveContext(checkpoint_dir=checkpoint, step=state.global_step, output_dir=self._output_dir, run_id=self._run_id)
-        try:
-            trainer.pm.hook.on_save(ctx=ctx)
-        except Exception as exc:  # noqa: BLE001 - a plugin's failure to copy must not stop training
-            warn(f"an on_save plugin failed at step {state.global_step}: {exc}")
+        # One plugin at a time (pluggy's order): one that fails is reported and the others, a Sentry mirror, still run.
+        for impl in reversed(trainer.pm.hook.on_save.get_hookimpls()):
+            try:
+                impl.function(ctx=ctx)
+            except Exception as exc:  # noqa: BLE001 - a plugin's failure to copy must not stop training
+                warn(f"on_save of plugin {impl.plugin_name} failed at step {state.global_step} "
+                     f"({type(exc).__name__}: {exc}); training goes on")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._progress is not None:

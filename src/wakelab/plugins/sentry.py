@@ -17,7 +17,16 @@ from pathlib import Path
 from pydantic import Field
 
 import wakelab
-from wakelab import CHECKPOINT_MANIFEST, checkpoint_step, list_checkpoints, publish_dir, remove_dir, verify_checkpoint
+from wakelab import (
+    CHECKPOINT_MANIFEST,
+    checkpoint_step,
+    crash_point,
+    list_checkpoints,
+    publish_dir,
+    recover_interrupted,
+    remove_dir,
+    verify_checkpoint,
+)
 
 _settings: dict = {}
 
@@ -83,8 +92,9 @@ def mirror_to_directory(checkpoint: Path, destination_root: Path, keep: int) -> 
     """Copy ``checkpoint`` into ``destination_root`` as one atomic step; keep the newest ``keep`` mirrors."""
     verify_checkpoint(checkpoint)
     destination_root.mkdir(parents=True, exist_ok=True)
-    for stale in destination_root.glob(".partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # leftovers of a mirror or a prune that was killed
+    recover_interrupted(destination_root)  # a replace or a prune that was killed: put back or finish
+    for stale in destination_root.glob(".partial-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # a copy that was killed
     partial = Path(tempfile.mkdtemp(prefix=f".partial-{checkpoint.name}-", dir=destination_root))
     try:
         files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_MANIFEST)
@@ -94,11 +104,13 @@ def mirror_to_directory(checkpoint: Path, destination_root: Path, keep: int) -> 
             shutil.copyfile(path, target)
             with open(target, "rb") as handle:
                 os.fsync(handle.fileno())
+            crash_point("mirror-copying")
         verify_checkpoint(partial)
         final = publish_dir(partial, destination_root / checkpoint.name)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    crash_point("mirror-published")
     for old in list_checkpoints(destination_root)[:-keep]:
         remove_dir(old)
     return final
