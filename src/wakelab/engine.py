@@ -25,6 +25,7 @@ from . import checkpoints, registry, tracking
 from .config import RunConfig
 from .context import InitContext, RunContext
 from .errors import ConfigError, PluginError, WakelabError
+from .loss import DEFAULT_CHUNK_TOKENS, ChunkedLoss
 from .rows import RowAccess, setup_trainable_rows
 from .vocab import corpus_stats, expand_vocabulary, read_lexicon
 
@@ -94,8 +95,11 @@ def resolve_data_paths(config: RunConfig) -> tuple[str | None, str | None, str |
     return resolve_lexicon(config), corpus, heldout
 
 
-def perplexity(model, dataset, batch_size: int, max_blocks: int) -> float:
-    """exp(mean token negative log-likelihood) over the first ``max_blocks`` held-out blocks."""
+def perplexity(model, dataset, batch_size: int, max_blocks: int,
+               chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> float:
+    """exp(mean token negative log-likelihood) over the first ``max_blocks`` held-out blocks (chunked loss unless
+    ``chunk_tokens`` is None)."""
+    chunked = ChunkedLoss(chunk_tokens) if chunk_tokens is not None else None
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -105,9 +109,10 @@ def perplexity(model, dataset, batch_size: int, max_blocks: int) -> float:
         for start in range(0, count, batch_size):
             batch = data_mod.collate([dataset[i] for i in range(start, min(count, start + batch_size))])
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
+            result = chunked(model, batch) if chunked is not None else None
+            loss = result[0] if result is not None else model(**batch).loss
             tokens = (batch["shift_labels"] if "shift_labels" in batch else batch["labels"][:, 1:]).numel()
-            total_loss += float(out.loss) * tokens
+            total_loss += float(loss) * tokens
             total_tokens += tokens
     model.train(was_training)
     return math.exp(total_loss / max(total_tokens, 1))
@@ -273,7 +278,8 @@ def run(
         # Held-out perplexity: rank 0 alone (the ranks hold the same model; the others would repeat the work).
         eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and resume_from is None and rank == 0
         if eval_ppl:
-            before = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks)
+            before = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks,
+                             config.train.loss_chunk_tokens)
             result_metrics["heldout_perplexity_before"] = before
             tracked.log_metrics({"heldout_perplexity_before": before}, 0)
             log(f"held-out perplexity before training: {before:.2f}")
@@ -315,7 +321,8 @@ def run(
             tokenizer.save_pretrained(final / "tokenizer")
             tracked.log_artifact(final / "tokenizer", "final/tokenizer")
         if eval_ppl:
-            after = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks)
+            after = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks,
+                             config.train.loss_chunk_tokens)
             result_metrics["heldout_perplexity_after"] = after
             tracked.log_metrics({"heldout_perplexity_after": after}, trainer.state.global_step)
             log(f"held-out perplexity after training: {after:.2f}")
@@ -485,6 +492,7 @@ def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, track
         pm=pm,
         checkpoint_info=checkpoint_info,
         config_yaml=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        loss_chunk_tokens=t.loss_chunk_tokens,
     )
     # Our progress bar and MLflow carry the logs; Trainer's printer would repeat them as raw dicts.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .context import GradContext, SaveContext, StepState
+from .loss import DEFAULT_CHUNK_TOKENS, ChunkedLoss
 from .rows import RowAccess
 
 ROWS_FILE = "trained_rows.safetensors"
@@ -26,8 +27,10 @@ class WakelabTrainer(Trainer):
     """Trainer with the hooks' seams; everything else is Trainer's own."""
 
     def __init__(self, *args, rows: RowAccess, pm, checkpoint_info: dict[str, Any] | None = None,
-                 config_yaml: str = "", **kwargs):
+                 config_yaml: str = "", loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, **kwargs):
         self.rows = rows
+        # None: transformers' own loss over the full-vocabulary logits.
+        self.chunked_loss = ChunkedLoss(loss_chunk_tokens) if loss_chunk_tokens is not None else None
         self.pm = pm
         self.checkpoint_info = checkpoint_info or {}
         self.config_yaml = config_yaml
@@ -48,7 +51,20 @@ class WakelabTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        chunked = None
+        if self.chunked_loss is not None and model.training and self.compute_loss_func is None \
+                and self.label_smoother is None:
+            chunked = self.chunked_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        if chunked is not None:
+            loss, outputs = chunked
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
+                    and num_items_in_batch is not None:
+                # As Trainer.compute_loss does for a loss normalised by num_items_in_batch.
+                scale = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        else:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
         if model.training:
             self.step_logits = logits[0, -1].detach().float().clone()
