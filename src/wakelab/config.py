@@ -184,7 +184,7 @@ class TrainConfig(_Section):
     )
     bf16_autocast: bool = Field(False, description="Run forward/backward under bf16 autocast (mixed precision).")
     loss_chunk_tokens: int | None = Field(
-        512,
+        256,
         ge=1,
         description=(
             "Tokens per chunk of the loss, which never holds the whole batch's vocabulary-sized logits (memory: "
@@ -198,7 +198,7 @@ class TrainConfig(_Section):
     @classmethod
     def _chunk_is_integer(cls, value: Any) -> Any:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError("give a whole number of tokens >= 1 (e.g. 512), or null for the full-logits loss")
+            raise ValueError("give a whole number of tokens >= 1 (e.g. 256), or null for the full-logits loss")
         return value
 
     @property

@@ -34,7 +34,7 @@ from torch import nn
 from .rows import NewRowsHead
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_TOKENS = 512
+DEFAULT_CHUNK_TOKENS = 256
 _WARNED: set[str] = set()
 
 # Config attributes of transformers models that change the logits after the head.
@@ -209,19 +209,24 @@ class _ChunkedHeadCE(torch.autograd.Function):
                 h = hidden[start : start + chunk_tokens].detach().to(compute_dtype)
                 t = targets[start : start + chunk_tokens]
                 logits = [F.linear(h, w).float() for w in weights]  # [c, V_i] each, fp32 like the standard loss
-                lse = torch.logsumexp(torch.stack([torch.logsumexp(z, dim=-1) for z in logits]), dim=0)
-                picked = torch.empty_like(lse)
+                picked = torch.empty(t.shape[0], dtype=torch.float32, device=device)
                 hits = []
                 for z, lo, hi in zip(logits, offsets, offsets[1:]):
                     rows = ((t >= lo) & (t < hi)).nonzero().squeeze(1)
                     cols = t.index_select(0, rows) - lo
                     picked[rows] = z[rows, cols]
                     hits.append((rows, cols))
-                total += (lse - picked).sum()
+                # log-sum-exp over all parts, in place (no second logits-sized buffer): max, exp, sum.
+                top = torch.stack([z.amax(dim=-1) for z in logits]).amax(dim=0)
+                sums = torch.zeros_like(top)
+                for z in logits:
+                    sums += z.sub_(top.unsqueeze(1)).exp_().sum(dim=-1)
+                total += (top + sums.log() - picked).sum()
                 if not (need_hidden or any(need_part)):
                     continue
+                inverse = sums.reciprocal().unsqueeze(1)
                 for i, (z, (rows, cols)) in enumerate(zip(logits, hits)):
-                    grad_z = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                    grad_z = z.mul_(inverse)  # softmax
                     grad_z[rows, cols] -= 1.0
                     grad_z = grad_z.to(compute_dtype)
                     exact = compute_dtype == torch.float32  # accumulate in place; else in fp32 from each product
