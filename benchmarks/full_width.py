@@ -292,18 +292,20 @@ def main() -> int:
             return statistics.median(values) if values else None
 
         print()
-        header = (f"{'variant':15s} {'trainable':>11s} {'Adam MiB':>9s} {'RSS@train MiB':>13s} "
+        header = (f"{'variant':15s} {'trainable':>11s} {'Adam MiB':>9s} {'setup peak':>10s} {'RSS@train MiB':>13s} "
                   f"{'train peak MiB':>14s} {'peak RSS MiB':>12s} {'steps/s':>8s} {'s/step':>7s}")
         print(header)
         print("-" * len(header))
         for v in variants:
             peak_train = med(v, "peak_train_kib")
             print(f"{v:15s} {results[v][0]['trainable']:>11,d} {med(v, 'opt_state_bytes') / MiB:9.1f} "
+                  f"{med(v, 'maxrss_setup_kib') / 1024:10.0f} "
                   f"{med(v, 'rss_before_train_kib') / 1024:13.0f} "
                   f"{(peak_train or 0) / 1024:14.0f} {med(v, 'maxrss_kib') / 1024:12.0f} "
                   f"{med(v, 'steps_per_s'):8.3f} {1 / med(v, 'steps_per_s'):7.1f}")
-        print("(medians over rounds; RSS@train: right before trainer.train(); train peak: high-water mark during "
-              "training; peak RSS: the process's ru_maxrss, judged)")
+        print("(MiB, medians over rounds; setup peak: ru_maxrss right before training (model build, row split); "
+              "RSS@train: RSS then; train peak: high-water mark during training; peak RSS: the process's ru_maxrss, "
+              "judged)")
         print()
         if "tokens+chunked" in variants:
             for peer in ("mask", "peft", "tokens"):
