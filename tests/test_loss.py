@@ -245,3 +245,23 @@ def test_bad_chunk_sizes_are_one_line_errors(value, message):
 def test_chunk_size_null_means_the_standard_loss():
     assert build_config("demo", overrides=["train.loss_chunk_tokens=null"]).train.loss_chunk_tokens is None
     assert build_config("demo").train.loss_chunk_tokens == loss_mod.DEFAULT_CHUNK_TOKENS
+
+
+@pytest.mark.parametrize("strategy", ["tokens", "mask"])
+def test_4bit_base_matches_the_standard_loss(strategy, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(tied=True).save_pretrained(tmp_path / "m")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=quantization)
+    rows = setup_trainable_rows(model, NUM_BASE, strategy)
+    model.train()
+    inputs = batch()
+    expected_loss, expected = loss_and_grads(model, rows, lambda: model(**inputs).loss)
+    chunked = ChunkedLoss(6)
+    got_loss, got = loss_and_grads(model, rows, lambda: chunked(model, inputs)[0])
+    assert chunked.reason is None
+    assert float(got_loss) == pytest.approx(float(expected_loss), rel=1e-5)
+    assert_grads_close(got, expected, 1e-3)
