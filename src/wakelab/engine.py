@@ -279,7 +279,7 @@ def run(
         eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and resume_from is None and rank == 0
         if eval_ppl:
             before = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks,
-                             config.train.loss_chunk_tokens)
+                                config.train.loss_chunk_tokens)
             result_metrics["heldout_perplexity_before"] = before
             tracked.log_metrics({"heldout_perplexity_before": before}, 0)
             log(f"held-out perplexity before training: {before:.2f}")
@@ -322,7 +322,7 @@ def run(
             tracked.log_artifact(final / "tokenizer", "final/tokenizer")
         if eval_ppl:
             after = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks,
-                             config.train.loss_chunk_tokens)
+                               config.train.loss_chunk_tokens)
             result_metrics["heldout_perplexity_after"] = after
             tracked.log_metrics({"heldout_perplexity_after": after}, trainer.state.global_step)
             log(f"held-out perplexity after training: {after:.2f}")

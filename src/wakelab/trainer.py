@@ -3,7 +3,8 @@
 The loop, accumulation, mixed precision, schedules, checkpoint/resume and DDP are Trainer's. The subclass adds:
 base-row masking *before* clipping (Trainer's ``on_pre_optimizer_step`` comes after it, so the clip and the logged
 grad norm would otherwise see gradients that are then thrown away); the step's loss and last-position logits for
-``on_step_end``; AdamW decay that spares base rows under ``mask``; and checkpoints that hold the trained rows.
+``on_step_end``; AdamW decay that spares base rows under ``mask``; checkpoints that hold the trained rows; and the
+chunked loss (``loss.py``), which never holds the whole batch's vocabulary-sized logits.
 """
 
 from __future__ import annotations
