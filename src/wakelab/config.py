@@ -208,8 +208,23 @@ class TrainConfig(_Section):
         ),
     )
     bf16_autocast: bool = Field(False, description="Run forward/backward under bf16 autocast (mixed precision).")
+    loss_chunk_tokens: int | None = Field(
+        256,
+        ge=1,
+        description=(
+            "Tokens per chunk of the loss, which never holds the whole batch's vocabulary-sized logits (memory: "
+            "chunk x vocab fp32); None: transformers' own loss over full logits."
+        ),
+    )
     eval_perplexity: bool = Field(True, description="Measure held-out perplexity before and after training.")
     eval_max_blocks: int = Field(32, ge=1, description="Held-out blocks used for perplexity.")
+
+    @field_validator("loss_chunk_tokens", mode="before")
+    @classmethod
+    def _chunk_is_integer(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("give a whole number of tokens >= 1 (e.g. 256), or null for the full-logits loss")
+        return value
 
     @property
     def effective_warmup(self) -> int:

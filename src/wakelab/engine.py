@@ -177,7 +177,8 @@ def run(
         # Held-out perplexity: rank 0 alone (the ranks hold the same model; the others would repeat the work).
         eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and resume_from is None and rank == 0
         if eval_ppl:
-            before = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks)
+            before = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks,
+                                config.train.loss_chunk_tokens)
             result_metrics["heldout_perplexity_before"] = before
             tracked.log_metrics({"heldout_perplexity_before": before}, 0)
             log(f"held-out perplexity before training: {before:.2f}")
@@ -220,7 +221,8 @@ def run(
             tokenizer.save_pretrained(final / "tokenizer")
             tracked.log_artifact(final / "tokenizer", "final/tokenizer")
         if eval_ppl:
-            after = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks)
+            after = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks,
+                               config.train.loss_chunk_tokens)
             result_metrics["heldout_perplexity_after"] = after
             tracked.log_metrics({"heldout_perplexity_after": after}, trainer.state.global_step)
             log(f"held-out perplexity after training: {after:.2f}")
@@ -348,6 +350,7 @@ def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, track
         precision=t.precision,
         schedule_start=checkpoint_info.get("schedule_start", 0),
         fresh_schedule=fresh_schedule,
+        loss_chunk_tokens=t.loss_chunk_tokens,
     )
     # Our progress bar and MLflow carry the logs; Trainer's printer would repeat them as raw dicts.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

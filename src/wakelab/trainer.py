@@ -3,7 +3,8 @@
 The loop, accumulation, mixed precision, schedules, checkpoint/resume and DDP are Trainer's. The subclass adds:
 base-row masking *before* clipping (Trainer's ``on_pre_optimizer_step`` comes after it, so the clip and the logged
 grad norm would otherwise see gradients that are then thrown away); the step's loss and last-position logits for
-``on_step_end``; AdamW decay that spares base rows under ``mask``; and checkpoints that hold the trained rows.
+``on_step_end``; AdamW decay that spares base rows under ``mask``; checkpoints that hold the trained rows; and the
+chunked loss (``loss.py``), which never holds the whole batch's vocabulary-sized logits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 from . import crashpoint
 from .context import GradContext, SaveContext, StepState
 from .logs import warn
+from .loss import DEFAULT_CHUNK_TOKENS, ChunkedLoss
 from .rows import RowAccess
 
 ROWS_FILE = "trained_rows.safetensors"
@@ -29,11 +31,13 @@ class WakelabTrainer(Trainer):
 
     def __init__(self, *args, rows: RowAccess, pm, checkpoint_info: dict[str, Any] | None = None,
                  config_yaml: str = "", precision: str = "bf16", schedule_start: int = 0,
-                 fresh_schedule: bool = False, **kwargs):
+                 fresh_schedule: bool = False, loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, **kwargs):
         self.rows = rows
         self.precision = precision
         self.schedule_start = schedule_start  # the schedule spans steps schedule_start..max_steps (a fresh one)
         self.fresh_schedule = fresh_schedule  # loading a checkpoint keeps this run's new schedule, not the saved one
+        # None: transformers' own loss over the full-vocabulary logits.
+        self.chunked_loss = ChunkedLoss(loss_chunk_tokens) if loss_chunk_tokens is not None else None
         self.pm = pm
         self.checkpoint_info = checkpoint_info or {}
         self.config_yaml = config_yaml
@@ -54,7 +58,20 @@ class WakelabTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        chunked = None
+        if self.chunked_loss is not None and model.training and self.compute_loss_func is None \
+                and self.label_smoother is None:
+            chunked = self.chunked_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        if chunked is not None:
+            loss, outputs = chunked
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
+                    and num_items_in_batch is not None:
+                # As Trainer.compute_loss does for a loss normalised by num_items_in_batch.
+                scale = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        else:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
         if model.training:
             self.step_logits = logits[0, -1].detach().float().clone()

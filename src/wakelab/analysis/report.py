@@ -690,12 +690,12 @@ def _perplexity(run: _Run, state, state_target: str, opts: AnalyzeOptions, sink:
         if heldout is not None:
             train = state.config.train
             blocks = opts.eval_max_blocks or train.eval_max_blocks
-            measured = {label: (step, perplexity(state.model, heldout, train.batch_size, blocks))}
+            measured = {label: (step, perplexity(state.model, heldout, train.batch_size, blocks, train.loss_chunk_tokens))}
             state.model = None  # one model in memory at a time
             other = load_trained(state_target, initial=not opts.initial)
             other_label = "initial" if not opts.initial else _state_label(other, False)
             other_step = 0 if not opts.initial else (other.step if other.step is not None else train.max_steps)
-            measured[other_label] = (other_step, perplexity(other.model, heldout, train.batch_size, blocks))
+            measured[other_label] = (other_step, perplexity(other.model, heldout, train.batch_size, blocks, train.loss_chunk_tokens))
             del other
             before = measured["initial"]
             after_label = next(k for k in measured if k != "initial")
