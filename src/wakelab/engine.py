@@ -21,7 +21,7 @@ import yaml
 
 from . import data as data_mod
 from . import model as model_mod
-from . import checkpoints, registry, tracking
+from . import checkpoints, ranks, registry, stopping, tracking
 from .config import RunConfig
 from .context import InitContext, RunContext
 from .errors import ConfigError, PluginError, WakelabError
@@ -78,6 +78,11 @@ def resolve_lexicon(config: RunConfig) -> str | None:
 
         return str(ensure_demo_texts().lexicon)
     return config.vocab.lexicon
+
+
+def lexicon_options(config: RunConfig) -> dict[str, Any]:
+    """How the lexicon's words are normalised and checked (vocab.normalize, vocab.max_word_chars)."""
+    return {"normalize": config.vocab.normalize, "max_word_chars": config.vocab.max_word_chars}
 
 
 def resolve_data_paths(config: RunConfig) -> tuple[str | None, str | None, str | None]:
@@ -145,6 +150,8 @@ def load_phase_matrix(path: str, shape: tuple[int, int], tokenizer) -> tuple[tor
     return matrix, {"restored_from": str(path), **source_meta}
 
 
+@stopping.handles_signals  # SIGTERM/SIGINT/SIGHUP: checkpoint after the step in flight, end KILLED
+@ranks.one_error_for_all  # torchrun: a pre-flight failure on any rank is raised on every rank
 def run(
     config: RunConfig,
     *,
@@ -159,7 +166,7 @@ def run(
     # conversion, token caches, the output directory) while the others wait here, then they reuse what it made.
     rank = _join_process_group()
     if rank != 0:
-        _barrier()
+        ranks.agree()  # wait for rank 0's pre-flight (and fail with its error)
     pm = registry.build_manager(config.active_plugins, cwd, optional=[config.init.method])
     lexicon_path, corpus_path, heldout_path = resolve_data_paths(config)
 
@@ -176,7 +183,8 @@ def run(
     num_base = len(tokenizer)
     report, new_words = None, []
     if lexicon_path is not None:
-        report, new_words = expand_vocabulary(tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path)
+        report, new_words = expand_vocabulary(tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path,
+                                              **lexicon_options(config))
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else model_mod.cache_root() / "tokens"
     corpus = data_mod.build_datasets(config.data, corpus_path, heldout_path, tokenizer, cache_dir)
     checkpoint_info = {
@@ -197,7 +205,7 @@ def run(
     if rank == 0:
         output_dir = prepare_output_dir(config, overwrite, resume=resume_from is not None)
         tracking.check_reachable()
-        _barrier()  # pre-flight done: the other ranks go on (a no-op for a single process)
+        ranks.agree()  # pre-flight done: the other ranks go on (a no-op for a single process)
     else:
         output_dir = config.resolved_output_dir  # made by rank 0, which alone writes the run's own files
 
@@ -210,6 +218,7 @@ def run(
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run_name = config.tracking.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ranks.agree(last=True)  # every rank's pre-flight passed: only now does rank 0 open the MLflow run
     if rank == 0:
         tracked = tracking.TrackedRun(
             config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id")
@@ -303,6 +312,7 @@ def run(
             trainer.state.global_step = resume_step
         else:
             trainer.train(resume_from_checkpoint=resume_from)
+        stopping.current().raise_if_requested()  # a stop signal: the checkpoint is written, the run ends KILLED
         model = trainer.model
 
         final = output_dir / "final"
@@ -326,6 +336,7 @@ def run(
         error = exc
         raise
     finally:
+        stopping.current().closing(tracked.set_tags)  # a signal now must not leave the run RUNNING
         status = tracking.status_for(error)
         end_error: BaseException | None = None
         if run_ctx is not None:
@@ -365,7 +376,8 @@ def expand_for_config(config: RunConfig):
     num_base = len(tokenizer)
     model = model_mod.load_model(config.model, source)
     if lexicon_path is not None:
-        _, new_words = expand_vocabulary(tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path)
+        _, new_words = expand_vocabulary(tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path,
+                                         **lexicon_options(config))
         model_mod.expand_embeddings(model, len(tokenizer))
         pm = registry.build_manager(config.active_plugins, optional=[config.init.method])
         weight = model.get_input_embeddings().weight
@@ -480,7 +492,7 @@ def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, track
         train_dataset=corpus.train,
         data_collator=data_mod.collate,
         processing_class=tokenizer,
-        callbacks=[bridge],
+        callbacks=[bridge, stopping.StopCallback(stopping.current(), output_dir)],
         rows=rows,
         pm=pm,
         checkpoint_info=checkpoint_info,
@@ -540,11 +552,6 @@ def _join_process_group() -> int:
         else:
             dist.init_process_group("gloo")
     return dist.get_rank()
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _from_rank_zero(value: Any) -> Any:
