@@ -43,8 +43,8 @@ class VocabReport:
         ]
         if self.rejected:
             reasons = Counter(r["reason"].split(" (")[0] for r in self.rejected)
-            lines.append("rejected words (see vocab_report.json for each): "
-                         + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()))
+            lines.append("rejected words (each with its reason in vocab_report.json): "
+                         + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()))
         if self.canonical_duplicates:
             shown = ", ".join(d["word"] for d in self.canonical_duplicates[:5])
             how = "merged (vocab.normalize=nfc)" if self.normalize == "nfc" else "kept apart (vocab.normalize=none)"
