@@ -67,7 +67,7 @@ DRIVER = textwrap.dedent('''
     assert wait_exit(pid) == 0, "reference run failed"
     reference = final_rows("reference")
     marks = json.loads(Path("reference-marks.json").read_text())
-    training = marks["end"] - marks["first_step"]
+    training = marks["last_step"] - marks["first_step"]
     rng = random.Random(seed)
     report = []
     for trial in range(trials):
@@ -78,7 +78,7 @@ DRIVER = textwrap.dedent('''
             if time.monotonic() > deadline:
                 raise SystemExit(f"trial {trial}: training did not start")
             time.sleep(0.002)
-        delay = rng.uniform(0.0, training * 0.9)
+        delay = rng.uniform(0.0, training)  # between the first step's end and the last one's
         time.sleep(delay)
         os.kill(pid, signal.SIGTERM)
         code = wait_exit(pid)
@@ -104,7 +104,7 @@ DRIVER = textwrap.dedent('''
 ''')
 
 MARKS_PLUGIN = '''
-"""Marks when the first step ended and when the run ended, for the driver's timing."""
+"""Marks when the first and the last step ended, for the driver's timing."""
 import json
 import os
 import time
@@ -119,6 +119,7 @@ _marks = {}
 def on_run_start(run):
     _marks.clear()
     _marks["out"] = str(run.output_dir)
+    _marks["max_steps"] = run.config.train.max_steps
 
 
 @wakelab.hookimpl
@@ -126,12 +127,9 @@ def on_step_end(state):
     if "first_step" not in _marks:
         _marks["first_step"] = time.time()
         Path(_marks["out"] + "-marks.json").write_text(json.dumps(_marks))
-
-
-@wakelab.hookimpl
-def on_run_end(run, status):
-    _marks["end"] = time.time()
-    Path(_marks["out"] + "-marks.json").write_text(json.dumps(_marks))
+    if state.step == _marks["max_steps"]:
+        _marks["last_step"] = time.time()
+        Path(_marks["out"] + "-marks.json").write_text(json.dumps(_marks))
 '''
 
 

@@ -61,6 +61,15 @@ def test_signal_while_closing_is_ignored_and_the_run_is_tagged(stop, tmp_path):
     assert tags == {stopping.SIGNAL_TAG: "SIGTERM", stopping.STEP_TAG: "4"}
 
 
+def test_after_the_last_step_the_first_signal_lets_the_run_finish(stop, tmp_path):
+    stop.start_training(tmp_path)
+    stop.raise_if_requested()  # training returned with no signal: the run finishes its last work
+    deliver(signal.SIGTERM)  # no exception: final rows and held-out perplexity go on
+    assert stop.signum == signal.SIGTERM
+    with pytest.raises(Stopped, match="second signal"):
+        deliver(signal.SIGTERM)
+
+
 def test_handlers_are_restored_after_the_run():
     before = signal.getsignal(signal.SIGTERM)
     seen = []

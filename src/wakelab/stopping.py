@@ -7,9 +7,10 @@ thread happens to be. Here, while Trainer trains, the first such signal only rai
 flight finishes, :class:`StopCallback` asks Trainer for a checkpoint (its ordinary, complete-or-absent one, so
 ``on_save`` plugins such as Sentry mirror it) and for the end of training, and the run ends KILLED with tags naming
 the signal and the checkpoint; the process exits with 128 + the signal number, as a shell reports a killed job.
-A second signal stops at once (still KILLED). Outside training (loading, closing) there is nothing worth waiting
-for, so a signal stops at once, except while the MLflow run is being closed: a signal then is noted and ignored, so
-the run is never left RUNNING.
+A second signal stops at once (still KILLED). Before training (loading, pre-flight) there is nothing worth waiting
+for, so a signal stops at once. After the last step (final rows, held-out perplexity) the first signal lets the run
+finish, since it is complete but for that; a second stops at once. While the MLflow run is being closed a signal is
+noted and ignored, so the run is never left RUNNING.
 
 Under torchrun every rank gets the signal, not necessarily in the same step: the flag is all-reduced at each step's
 end, so every rank stops after the same step and one checkpoint is written.
@@ -61,7 +62,8 @@ class GracefulStop:
     """The signal state of one run (or sweep): which phase it is in, and the first signal received.
 
     Phases: ``setup`` (a signal stops at once), ``training`` (the first signal is deferred to the step's end),
-    ``closing`` (signals are ignored while the MLflow run is closed).
+    ``finishing`` (after the last step: the first signal lets the run finish), ``closing`` (signals are ignored
+    while the MLflow run is closed).
     """
 
     def __init__(self, resume_hint: Callable[[], str | None] | None = None):
@@ -91,10 +93,14 @@ class GracefulStop:
             _say(f"{name} received while the MLflow run is being closed; it closes first (KILLED)")
             self.signum = self.signum or signum
             return
-        if self.phase == "training" and self.signum is None:
+        if self.phase in ("training", "finishing") and self.signum is None:
             self.signum = signum
-            _say(f"{name} received: stopping after the current step with a checkpoint; send it again to stop at "
-                 "once")
+            if self.phase == "training":
+                _say(f"{name} received: stopping after the current step with a checkpoint; send it again to stop "
+                     "at once")
+            else:
+                _say(f"{name} received after the last step: finishing the run first (final rows, held-out "
+                     "perplexity); send it again to stop at once")
             return
         first = self.signum
         self.signum = first or signum
@@ -109,17 +115,20 @@ class GracefulStop:
         if self.phase == "setup":
             self.phase = "training"
 
-    def end_training(self) -> None:
-        if self.phase == "training":
-            self.phase = "setup"
-
     def raise_if_requested(self) -> None:
-        """After Trainer returned: if a signal stopped training, end the run KILLED (the checkpoint is written)."""
-        self.end_training()
-        if self.signum is None:
-            return
-        step = f" after step {self.stopped_at}" if self.stopped_at is not None else ""
-        raise Stopped(self.signum, f"stopped by {signal_name(self.signum)}{step}" + self._resume_text())
+        """After Trainer returned: if a signal stopped training, end the run KILLED (the checkpoint is written).
+
+        A signal that came after the last step's end stopped nothing: the run goes on to finish."""
+        if self.signum is not None and self.stopped_at is not None:
+            self.phase = "setup"
+            raise Stopped(self.signum, f"stopped by {signal_name(self.signum)} after step {self.stopped_at}"
+                          + self._resume_text())
+        self.phase = "finishing"
+
+    def raise_if_signalled(self, what: str) -> None:
+        """Between units of work (a sweep's children): stop now if a signal came during the last one."""
+        if self.signum is not None:
+            raise Stopped(self.signum, f"stopped by {signal_name(self.signum)} {what}")
 
     def closing(self, set_tags: Callable[[dict[str, str]], None] | None = None) -> None:
         """The MLflow run is being closed: ignore further signals; tag the run with the signal that stopped it."""
@@ -191,10 +200,14 @@ def handles_signals(fn):
         stop.install()
         _active.append(stop)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         finally:
             _active.remove(stop)
             stop.restore()
+        if stop.signum is not None and _active:
+            # A signal let this run finish (it came after its last step); the caller (a sweep) still has to stop.
+            _active[-1].signum = _active[-1].signum or stop.signum
+        return result
 
     return wrapper
 
@@ -215,9 +228,6 @@ class StopCallback(TrainerCallback):
             control.should_save = True  # Trainer saves when asked, whatever train.save_steps says
             control.should_log = True
             control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.stop.end_training()
 
 
 def _say(message: str) -> None:

@@ -419,6 +419,7 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, progress: bool = True
             log(f"sweep: child {number}/{len(plan.children)}: {child.label} -> {child.output_dir}{how}")
             run_child(client, child, parent_id, experiment_id, overwrite=overwrite or resume is not None,
                       progress=progress, cwd=cwd, resume_from=checkpoint)
+            stopping.current().raise_if_signalled(f"as {child.label} finished")  # it came after its last step
         comparison_dir, table = compare(client, plan, parent_id, log)
         failed = [c.label for c in plan.children if c.status != "FINISHED"]
         client.set_tag(parent_id, "wakelab.sweep.failed_children", ",".join(failed))
@@ -434,8 +435,8 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, progress: bool = True
             raise stopping.Stopped(
                 getattr(exc, "signum", 2),
                 f"sweep stopped{' by ' + stopping.signal_name(exc.signum) if hasattr(exc, 'signum') else ''}; "
-                f"the parent run{' and ' + running if running else ''} are marked KILLED; continue with: "
-                f"wakelab sweep --resume {parent_id}",
+                f"{'the parent run and ' + running + ' are' if running else 'the parent run is'} marked KILLED; "
+                f"continue with: wakelab sweep --resume {parent_id}",
             ) from None
         raise
     finally:
