@@ -55,6 +55,8 @@ def test_signal_while_closing_is_ignored_and_the_run_is_tagged(stop, tmp_path):
     stop.start_training(tmp_path)
     deliver(signal.SIGTERM)
     stop.stopped_at = 4
+    with pytest.raises(Stopped, match="after step 4"):
+        stop.raise_if_requested()
     tags: dict[str, str] = {}
     stop.closing(tags.update)
     deliver(signal.SIGTERM)  # no exception: the MLflow run is being closed
@@ -66,6 +68,10 @@ def test_after_the_last_step_the_first_signal_lets_the_run_finish(stop, tmp_path
     stop.raise_if_requested()  # training returned with no signal: the run finishes its last work
     deliver(signal.SIGTERM)  # no exception: final rows and held-out perplexity go on
     assert stop.signum == signal.SIGTERM
+    tags: dict[str, str] = {}
+    stop.closing(tags.update)
+    assert tags == {}  # the run finished: no stop tags
+    stop.phase = "finishing"
     with pytest.raises(Stopped, match="second signal"):
         deliver(signal.SIGTERM)
 

@@ -66,12 +66,12 @@ class GracefulStop:
     while the MLflow run is closed).
     """
 
-    def __init__(self, resume_hint: Callable[[], str | None] | None = None):
+    def __init__(self):
         self.phase = "setup"
         self.signum: int | None = None
-        self.stopped_at: int | None = None
+        self.stopped_at: int | None = None  # the step after which training stopped
+        self.stopped = False  # a Stopped was raised: the run ends KILLED
         self.output_dir: Path | None = None
-        self.resume_hint = resume_hint
         self._previous: dict[int, Any] = {}
 
     # -- installing ------------------------------------------------------------------------------------------
@@ -105,8 +105,8 @@ class GracefulStop:
         first = self.signum
         self.signum = first or signum
         if first is not None:
-            raise Stopped(signum, f"stopped at once by a second signal ({name})" + self._resume_text())
-        raise Stopped(signum, f"stopped by {name}" + self._resume_text())
+            raise self._stopped(signum, f"stopped at once by a second signal ({name})")
+        raise self._stopped(signum, f"stopped by {name}")
 
     # -- the run's side ----------------------------------------------------------------------------------------
     def start_training(self, output_dir: Path | None = None) -> None:
@@ -121,19 +121,19 @@ class GracefulStop:
         A signal that came after the last step's end stopped nothing: the run goes on to finish."""
         if self.signum is not None and self.stopped_at is not None:
             self.phase = "setup"
-            raise Stopped(self.signum, f"stopped by {signal_name(self.signum)} after step {self.stopped_at}"
-                          + self._resume_text())
+            raise self._stopped(self.signum, f"stopped by {signal_name(self.signum)} after step {self.stopped_at}")
         self.phase = "finishing"
 
     def raise_if_signalled(self, what: str) -> None:
         """Between units of work (a sweep's children): stop now if a signal came during the last one."""
         if self.signum is not None:
+            self.stopped = True
             raise Stopped(self.signum, f"stopped by {signal_name(self.signum)} {what}")
 
     def closing(self, set_tags: Callable[[dict[str, str]], None] | None = None) -> None:
         """The MLflow run is being closed: ignore further signals; tag the run with the signal that stopped it."""
         self.phase = "closing"
-        if self.signum is None or set_tags is None:
+        if not self.stopped or set_tags is None:
             return
         tags = {SIGNAL_TAG: signal_name(self.signum)}
         if self.stopped_at is not None:
@@ -154,12 +154,13 @@ class GracefulStop:
         found = list_checkpoints(self.output_dir)
         return found[-1] if found else None
 
+    def _stopped(self, signum: int, what: str) -> Stopped:
+        """The exception that ends the run KILLED, its message saying how to go on."""
+        self.stopped = True
+        return Stopped(signum, what + self._resume_text())
+
     def _resume_text(self) -> str:
-        """What the user reads after "stopped by ...": the run's status and how to go on."""
         text = "; the MLflow run is marked KILLED"
-        hint = self.resume_hint() if self.resume_hint is not None else None
-        if hint:
-            return f"{text}; {hint}"
         checkpoint = self.latest_checkpoint()
         if checkpoint is None:
             return f"{text}; no checkpoint was written, so it cannot be resumed"
