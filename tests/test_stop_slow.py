@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import mlflow
 import pytest
@@ -121,7 +120,6 @@ MARKS_PLUGIN = '''
 """Marks when the first and the last step ended, for the driver's timing."""
 import json
 import os
-import time
 from pathlib import Path
 
 import wakelab
