@@ -133,6 +133,8 @@ def test_sigterm_mid_run_checkpoints_mirrors_ends_killed_and_resumes_bit_exactly
     resumed = engine.run(build_config(None, None, {**tiny_overrides(tiny_model, texts, **values)}), progress=False,
                          resume_from=str(out / "checkpoint-3"))
     assert resumed.status == "FINISHED" and resumed.run_id == run.info.run_id
+    metrics = mlflow.get_run(run.info.run_id).data.metrics  # the run's record is whole after the stop
+    assert {"heldout_perplexity_before", "heldout_perplexity_after", "train_runtime"} <= set(metrics)
     reference = engine.run(build_config(None, None, tiny_overrides(tiny_model, texts, **values, output_dir="ref")),
                            progress=False)
     assert reference.status == "FINISHED"

@@ -280,8 +280,8 @@ def run(
             tracked.log_metrics({"corpus_new_token_share": report.corpus["new_token_share"]}, 0)
 
         # Held-out perplexity: rank 0 alone (the ranks hold the same model; the others would repeat the work).
-        eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and resume_from is None and rank == 0
-        if eval_ppl:
+        eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and rank == 0
+        if eval_ppl and resume_from is None:  # a resumed run logged it in its first part; "after" comes either way
             before = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks)
             result_metrics["heldout_perplexity_before"] = before
             tracked.log_metrics({"heldout_perplexity_before": before}, 0)
