@@ -71,7 +71,7 @@ def test_expansion_adds_in_one_call_and_reports(tiny_model, monkeypatch):
     assert new_words == ["riverrun", "smirtle", "glimmerous"]
     assert report.duplicates == ["riverrun"]
     assert report.already_in_vocab == ["the"]
-    assert report.rejected == ["two words"]
+    assert report.rejected == [{"word": "two words", "reason": "inner whitespace (U+0020)"}]
     assert report.new_vocab_size == report.base_vocab_size + 3
 
 

@@ -18,14 +18,14 @@ LAYERS = {
     "core": {
         "errors", "config", "paths", "logs", "durable", "hookspecs", "registry", "plugin_config", "rows", "context",
         "data", "vocab", "model", "bpe", "demo", "demo_text", "phase", "gaussian", "precision", "loss",
-        "crashpoint", "quantized",
+        "crashpoint", "quantized", "hub",
     },
     "storage": {"checkpoints", "recording"},
     "tracking": {"tracking"},
-    "run": {"engine", "build", "trainer", "evaluation", "state"},
+    "run": {"engine", "build", "trainer", "evaluation", "state", "stopping", "ranks"},
     "apps": {
         "cli", "cli_config", "__main__", "analyze_cli", "recording_cli", "sweep", "sweep_cli", "ui", "analysis",
-        "precision_report",
+        "precision_report", "sweep_resume",
         "testing",
     },
 }  # fmt: skip

@@ -15,7 +15,7 @@ from .errors import WakelabError
 
 
 class WakelabGroup(click.Group):
-    """Turns WakelabError into one clear line and exit code 2; Ctrl-C into exit 130."""
+    """Turns WakelabError into one clear line and exit code 2; a stop signal into exit 128 + its number."""
 
     def invoke(self, ctx):
         try:
@@ -23,9 +23,10 @@ class WakelabGroup(click.Group):
         except WakelabError as exc:
             click.echo(f"wakelab: error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("wakelab: interrupted; the MLflow run is marked KILLED", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            # A stop signal (wakelab.stopping.Stopped) says which, and how to resume; it exits 128 + its number.
+            click.echo(f"wakelab: {exc or 'interrupted; the MLflow run is marked KILLED'}", err=True)
+            sys.exit(getattr(exc, "exit_code", 130))
 
 
 @click.group(cls=WakelabGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -84,6 +84,16 @@ class VocabConfig(_Section):
             "token; `plain`: the bare string, as `add_tokens(list_of_str)` does."
         ),
     )
+    normalize: Literal["nfc", "none"] = Field(
+        "nfc",
+        description=(
+            "`nfc`: lexicon words are compared and added in Unicode NFC, so \"café\" typed composed or decomposed "
+            "is one word; `none`: as written (words in more than one form are still reported)."
+        ),
+    )
+    max_word_chars: int = Field(
+        128, ge=1, description="Longer lexicon lines are rejected (with their reason in the vocabulary report)."
+    )
 
 
 class DataConfig(_Section):

@@ -48,7 +48,7 @@ def read_text(path: str | Path, what: str = "corpus") -> str:
         raise DataError(f"{what} not found: {path} (set data.{what} to a UTF-8 text file)")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
     except UnicodeDecodeError as exc:
         raise DataError(f"{what} {path} is not UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8") from None
     if not text.strip():

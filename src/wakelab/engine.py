@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from . import data as data_mod
-from . import build, checkpoints, tracking
+from . import build, checkpoints, ranks, stopping, tracking
 from .build import expand_for_config, load_phase_matrix  # noqa: F401 - their home is build; kept importable here
 from .config import RunConfig
 from .context import RunContext
@@ -78,6 +78,8 @@ def new_row_metrics(rows: RowAccess, initial: torch.Tensor | None) -> dict[str, 
     return metrics
 
 
+@stopping.handles_signals  # SIGTERM/SIGINT/SIGHUP: checkpoint after the step in flight, end KILLED
+@ranks.one_error_for_all  # torchrun: a pre-flight failure on any rank is raised on every rank
 def run(
     config: RunConfig,
     *,
@@ -97,7 +99,7 @@ def run(
     # conversion, token caches, the output directory) while the others wait here, then they reuse what it made.
     rank = _join_process_group()
     if rank != 0:
-        _barrier()
+        ranks.agree()  # wait for rank 0's pre-flight (and fail with its error)
     _, corpus_path, heldout_path = resolve_data_paths(config)
 
     # Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched.
@@ -132,13 +134,14 @@ def run(
     if rank == 0:
         output_dir = prepare_output_dir(config, overwrite, resume=resume_from is not None)
         tracking.check_reachable()
-        _barrier()  # pre-flight done: the other ranks go on (a no-op for a single process)
+        ranks.agree()  # pre-flight done: the other ranks go on (a no-op for a single process)
     else:
         output_dir = config.resolved_output_dir  # made by rank 0, which alone writes the run's own files
 
     previous_run = _read_run_file(output_dir) if resume_from else None
     tags = tracking.run_tags(config.preset, cwd)
     run_name = config.tracking.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ranks.agree(last=True)  # every rank's pre-flight passed: only now does rank 0 open the MLflow run
     if rank == 0:
         tracked = tracking.TrackedRun(
             config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id") or run_id
@@ -175,8 +178,8 @@ def run(
             tracked.log_metrics({"corpus_new_token_share": report.corpus["new_token_share"]}, 0)
 
         # Held-out perplexity: rank 0 alone (the ranks hold the same model; the others would repeat the work).
-        eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and resume_from is None and rank == 0
-        if eval_ppl:
+        eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and rank == 0
+        if eval_ppl and resume_from is None:  # a resumed run logged it in its first part; "after" comes either way
             before = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks,
                                 config.train.loss_chunk_tokens)
             result_metrics["heldout_perplexity_before"] = before
@@ -209,6 +212,7 @@ def run(
             trainer.state.global_step = resume_step
         else:
             trainer.train(resume_from_checkpoint=resume_from)
+        stopping.current().raise_if_requested()  # a stop signal: the checkpoint is written, the run ends KILLED
         model = trainer.model
 
         final = output_dir / "final"
@@ -233,6 +237,7 @@ def run(
         error = exc
         raise
     finally:
+        stopping.current().closing(tracked.set_tags)  # a signal now must not leave the run RUNNING
         status = tracking.status_for(error)
         end_error: BaseException | None = None
         if run_ctx is not None:
@@ -342,7 +347,7 @@ def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, track
         train_dataset=corpus.train,
         data_collator=data_mod.collate,
         processing_class=tokenizer,
-        callbacks=[bridge],
+        callbacks=[bridge, stopping.StopCallback(stopping.current(), output_dir)],
         rows=rows,
         pm=pm,
         checkpoint_info=checkpoint_info,
@@ -406,11 +411,6 @@ def _join_process_group() -> int:
         else:
             dist.init_process_group("gloo")
     return dist.get_rank()
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _from_rank_zero(value: Any) -> Any:

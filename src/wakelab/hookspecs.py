@@ -56,6 +56,8 @@ def on_save(ctx):
     ``ctx`` is a ``SaveContext``: ``checkpoint_dir`` (a complete checkpoint: its manifest is written),
     ``step``, ``output_dir`` (the run's directory) and ``run_id`` (the MLflow run). Copy or read it; never
     modify it. A failure here is a warning on stderr; training, and the other plugins' ``on_save``, go on.
+    A stop signal's checkpoint comes here too (a second signal can interrupt this hook: the run then ends KILLED at
+    once).
     """
 
 
@@ -72,7 +74,8 @@ def on_run_start(run):
 
 @hookspec
 def on_run_end(run, status):
-    """Finish up after training ended, normally (``status == "FINISHED"``) or not (``"FAILED"``/``"KILLED"``).
+    """Finish up after training ended, normally (``status == "FINISHED"``) or not (``"FAILED"``; ``"KILLED"``
+    after Ctrl-C or a stop signal: further signals are ignored while this runs).
 
     Called with the same ``RunContext`` as ``on_run_start`` before the MLflow run is closed: flush files and log
     the artifacts you own. Runs for failed runs too, so keep it safe to call after a partial run.

@@ -138,12 +138,27 @@ def _from_pretrained(cls, source: str, **kwargs):
     looks_local = local.exists() or source.startswith((".", "/", "~"))
     if looks_local and not local.is_dir():
         raise ModelError(f"model folder not found: {source} (set model.name_or_path to a folder or a hub id)")
+    offline = False
+    if not looks_local:
+        from . import hub
+
+        offline = not hub.reachable()
+        if offline:
+            kwargs["local_files_only"] = True  # the cache or a clear error now, not after ~30 s of retries
     try:
         return cls.from_pretrained(str(local) if looks_local else source, **kwargs)
     except (OSError, ValueError) as exc:
         if looks_local:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load {cls.__name__.removeprefix('Auto')} from {source}: {first}") from None
+        if offline:
+            from . import hub
+
+            raise ModelError(
+                f"cannot load '{source}': the Hugging Face hub ({hub.endpoint()}) cannot be reached and it is not in "
+                f"the local cache; download it where there is network (`hf download {source} --local-dir DIR`) and "
+                "set model.name_or_path=DIR"
+            ) from None
         raise ModelError(
             f"cannot load '{source}' from the Hugging Face hub (offline or not found): download it where there is "
             f"network (`hf download {source} --local-dir DIR`) and set model.name_or_path=DIR"

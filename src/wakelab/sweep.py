@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import logs, registry, tracking
+from . import logs, registry, stopping, sweep_resume, tracking
 from .config import RunConfig, parse_value, resolve_key, set_in, validate
 from .errors import ConfigError, DataError, WakelabError
 from .logs import warn
@@ -86,6 +86,7 @@ class SweepPlan:
     constituents: dict[str, list[str]] = field(default_factory=dict)
     not_in_lexicon: list[str] = field(default_factory=list)
     top_k: int = 10
+    over: tuple[str, ...] = ()  # the --over specs as given (``--resume`` plans the sweep again from them)
 
 
 def split_values(text: str) -> list[str]:
@@ -284,7 +285,7 @@ def plan_sweep(base: RunConfig, over: str | list[str] | tuple[str, ...], *, cons
         children = crossed_configs(base, axes, root)
     check_init_methods(children, cwd)
     check_output_dirs(children, overwrite)
-    plan = SweepPlan(key, canonical, base, root, children, top_k=top_k)
+    plan = SweepPlan(key, canonical, base, root, children, top_k=top_k, over=tuple([over] if isinstance(over, str) else over))
     plan.constituents_path = resolve_constituents(base, constituents)
     if plan.constituents_path is not None:
         plan.constituents, plan.not_in_lexicon = load_constituents(plan.constituents_path, children, log)
@@ -350,20 +351,27 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run_child(client, child: Child, parent_id: str, experiment_id: str, *, overwrite: bool, progress: bool,
-              cwd: Path | None) -> None:
-    """Run one child inside its own MLflow run, nested under the parent; a failure is recorded, not raised."""
+              cwd: Path | None, resume_from: str | None = None) -> None:
+    """Run one child inside its own MLflow run, nested under the parent; a failure is recorded, not raised.
+
+    ``resume_from``: a checkpoint of the child's earlier, stopped run (``child.run_id``), continued in that run."""
     from . import engine
 
-    run = client.create_run(
-        experiment_id,
-        run_name=child.label,
-        tags={"mlflow.parentRunId": parent_id, SWEEP_TAG: "child", "wakelab.sweep.parent": parent_id,
-              "wakelab.sweep.key": child.label.split("=", 1)[0], "wakelab.sweep.value": child.text},
-    )
-    child.run_id = run.info.run_id
+    if resume_from is None or child.run_id is None:
+        run = client.create_run(
+            experiment_id,
+            run_name=child.label,
+            tags={"mlflow.parentRunId": parent_id, SWEEP_TAG: "child", "wakelab.sweep.parent": parent_id,
+                  "wakelab.sweep.key": child.label.split("=", 1)[0], "wakelab.sweep.value": child.text},
+        )
+        child.run_id, resume_from = run.info.run_id, None
     try:
-        result = engine.run(child.config, overwrite=overwrite, progress=progress, cwd=cwd, run_id=child.run_id)
-        child.status, child.metrics = "FINISHED", dict(result.metrics)
+        result = engine.run(child.config, overwrite=overwrite and resume_from is None, resume_from=resume_from,
+                            progress=progress, cwd=cwd, run_id=child.run_id)
+        # A resumed child's run holds what its first part logged too (held-out perplexity before, ...).
+        child.status = "FINISHED"
+        child.metrics = {**(dict(client.get_run(child.run_id).data.metrics) if resume_from else {}),
+                         **result.metrics}
     except KeyboardInterrupt:
         child.status, child.error = "KILLED", "interrupted"
         _close_child(client, child)
@@ -388,21 +396,37 @@ def _close_child(client, child: Child) -> None:
         warn(f"could not mark child run {child.run_id} {child.status}: {exc}")
 
 
+@stopping.handles_signals  # a stop signal ends the running child and the parent KILLED; --resume goes on
 def run_sweep(plan: SweepPlan, *, overwrite: bool = False, progress: bool = True, cwd: Path | None = None,
-              log: Log = logs.log) -> SweepResult:
-    """Run every child of ``plan`` under one parent run and log the comparison to the parent."""
+              log: Log = logs.log, resume: sweep_resume.SavedSweep | None = None) -> SweepResult:
+    """Run every child of ``plan`` under one parent run and log the comparison to the parent.
+
+    ``resume``: the saved sweep being resumed; its parent run is reopened, finished children are kept, a stopped
+    one continues from its checkpoint, the others run."""
     from mlflow import MlflowClient
 
     tracking.check_reachable()
     client = MlflowClient()
     started = time.monotonic()
-    parent_id, experiment_id, attached = _open_parent(client, plan, cwd)
+    if resume is None:
+        parent_id, experiment_id, attached = _open_parent(client, plan, cwd)
+    else:
+        parent_id, experiment_id, attached = resume.parent_run_id, resume.experiment_id, False
+        sweep_resume.reopen_parent(client, parent_id)
     status, failure = "FINISHED", None
     try:
+        sweep_resume.save_sweep_file(plan, parent_id, experiment_id)
         _log_parent_params(client, parent_id, plan)
         for number, child in enumerate(plan.children, start=1):
-            log(f"sweep: child {number}/{len(plan.children)}: {child.label} -> {child.output_dir}")
-            run_child(client, child, parent_id, experiment_id, overwrite=overwrite, progress=progress, cwd=cwd)
+            checkpoint = sweep_resume.prepare_child(client, child) if resume is not None else None
+            if child.status == "FINISHED":
+                log(f"sweep: child {number}/{len(plan.children)}: {child.label} finished before; kept")
+                continue
+            how = f" (continuing from {checkpoint})" if checkpoint else ""
+            log(f"sweep: child {number}/{len(plan.children)}: {child.label} -> {child.output_dir}{how}")
+            run_child(client, child, parent_id, experiment_id, overwrite=overwrite or resume is not None,
+                      progress=progress, cwd=cwd, resume_from=checkpoint)
+            stopping.current().raise_if_signalled(f"as {child.label} finished")  # it came after its last step
         comparison_dir, table = compare(client, plan, parent_id, log)
         if "train.precision" in plan.canonical.split(","):
             from .precision_report import compare_precision
@@ -417,8 +441,17 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, progress: bool = True
             status = "FAILED"
     except BaseException as exc:  # noqa: BLE001 - the parent must end FAILED or KILLED, never RUNNING
         status, failure = tracking.status_for(exc), exc
+        if isinstance(exc, KeyboardInterrupt):
+            running = next((c.label for c in plan.children if c.status == "KILLED"), None)
+            raise stopping.Stopped(
+                getattr(exc, "signum", 2),
+                f"sweep stopped{' by ' + stopping.signal_name(exc.signum) if hasattr(exc, 'signum') else ''}; "
+                f"{'the parent run and ' + running + ' are' if running else 'the parent run is'} marked KILLED; "
+                f"continue with: wakelab sweep --resume {parent_id}",
+            ) from None
         raise
     finally:
+        stopping.current().closing()  # a signal now must not leave the parent RUNNING
         _end_parent(client, parent_id, status, failure, attached)
     return SweepResult(parent_id, experiment_id, plan.children, comparison_dir, table, tracking.tracking_uri())
 

@@ -251,6 +251,8 @@ class HookBridge(TrainerCallback):
             self._progress.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else loss, refresh=False)
         trainer.step_loss = torch.zeros(())
         trainer.rows.release_grads()
+        if control.should_training_stop:
+            control.should_log = True  # the last step's loss, lr and grad norm, whatever logging_steps is
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or state.global_step == 0:
@@ -260,8 +262,8 @@ class HookBridge(TrainerCallback):
         for key, value in logs.items():
             if key in renames and isinstance(value, (int, float)):
                 metrics[renames[key]] = float(value)
-            elif key.startswith("eval_") and isinstance(value, (int, float)):
-                metrics[key] = float(value)
+            elif key.startswith(("eval_", "train_")) and isinstance(value, (int, float)):
+                metrics[key] = float(value)  # train_*: Trainer's end-of-training summary (mean loss, runtime, speed)
         if "loss" in metrics:
             metrics.update(self._extra_metrics())
         if metrics:

@@ -1,8 +1,15 @@
-"""Turning a lexicon into new tokens, and the report that says what happened to every word."""
+"""Turning a lexicon into new tokens, and the report that says what happened to every word.
+
+Lexicons come from many editors: a Windows one starts the file with a byte-order mark, a macOS one may write "café"
+decomposed (NFD) where another writes it composed (NFC). Both are the same word to a reader, so the BOM is dropped
+and words are compared (and added) in NFC unless ``vocab.normalize`` is ``none``. A word that cannot be a token a
+reader would type (inner whitespace, control characters, a runaway line) is rejected with its reason.
+"""
 
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +28,12 @@ class VocabReport:
     new_vocab_size: int
     already_in_vocab: list[str]
     duplicates: list[str]
-    rejected: list[str]
+    rejected: list[dict]
     add_as: str
     corpus: dict = field(default_factory=dict)
+    #: Words written in more than one Unicode form (NFC and NFD "café"): {"word": NFC form, "forms": [as written]}.
+    canonical_duplicates: list[dict] = field(default_factory=list)
+    normalize: str = "nfc"
 
     def summary(self) -> str:
         lines = [
@@ -31,6 +41,15 @@ class VocabReport:
             f"(as {self.add_as}), {len(self.already_in_vocab)} already single tokens, "
             f"{len(self.duplicates)} duplicates, {len(self.rejected)} rejected",
         ]
+        if self.rejected:
+            reasons = Counter(r["reason"].split(" (")[0] for r in self.rejected)
+            lines.append("rejected words (each with its reason in vocab_report.json): "
+                         + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()))
+        if self.canonical_duplicates:
+            shown = ", ".join(d["word"] for d in self.canonical_duplicates[:5])
+            how = "merged (vocab.normalize=nfc)" if self.normalize == "nfc" else "kept apart (vocab.normalize=none)"
+            lines.append(f"{len(self.canonical_duplicates)} words written in more than one Unicode form, {how}: "
+                         f"{shown}{' ...' if len(self.canonical_duplicates) > 5 else ''}")
         if self.corpus:
             c = self.corpus
             lines.append(
@@ -41,7 +60,7 @@ class VocabReport:
 
     def to_dict(self, examples: int = 20) -> dict:
         data = asdict(self)
-        for key in ("already_in_vocab", "duplicates", "rejected"):
+        for key in ("already_in_vocab", "duplicates", "rejected", "canonical_duplicates"):
             data[f"{key}_count"] = len(data[key])
             data[key] = data[key][:examples]
         return data
@@ -56,7 +75,7 @@ def read_lexicon(path: str | Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"lexicon not found: {path} (set vocab.lexicon to a UTF-8 file with one word per line)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not a word
     except UnicodeDecodeError as exc:
         raise DataError(f"lexicon {path} is not UTF-8 (byte {exc.start}); re-save it as UTF-8") from None
     words = [line.strip() for line in text.splitlines()]
@@ -66,16 +85,47 @@ def read_lexicon(path: str | Path) -> list[str]:
     return words
 
 
-def expand_vocabulary(tokenizer, words: list[str], add_as: str, lexicon: str) -> tuple[VocabReport, list[str]]:
+#: The longest word accepted by default: Finnegans Wake's thunderwords are 100 letters; a longer line is a mistake.
+DEFAULT_MAX_WORD_CHARS = 128
+
+
+def rejection_reason(word: str, max_chars: int = DEFAULT_MAX_WORD_CHARS) -> str | None:
+    """Why ``word`` cannot be a new token, or None. The first reason found is the one given."""
+    if len(word) > max_chars:
+        return f"longer than {max_chars} characters ({len(word)}; vocab.max_word_chars)"
+    for ch in word:
+        if ch.isspace():
+            return f"inner whitespace (U+{ord(ch):04X})"
+        if unicodedata.category(ch) in ("Cc", "Cf"):
+            return f"control character (U+{ord(ch):04X})"
+        if not ch.isprintable():
+            return f"unprintable character (U+{ord(ch):04X})"
+    return None
+
+
+def canonical_forms(words: list[str]) -> list[dict]:
+    """Words written in more than one Unicode form: each NFC word with the distinct forms it was written in."""
+    forms: dict[str, list[str]] = {}
+    for word in dict.fromkeys(words):
+        forms.setdefault(unicodedata.normalize("NFC", word), []).append(word)
+    return [{"word": nfc, "forms": written} for nfc, written in forms.items() if len(written) > 1]
+
+
+def expand_vocabulary(tokenizer, words: list[str], add_as: str, lexicon: str, *, normalize: str = "nfc",
+                      max_word_chars: int = DEFAULT_MAX_WORD_CHARS) -> tuple[VocabReport, list[str]]:
     """Add every new word to the tokenizer in ONE ``add_tokens`` call (one call per word is quadratic)."""
     from tokenizers import AddedToken
 
     base_size = len(tokenizer)
+    variants = canonical_forms(words)
+    if normalize == "nfc":
+        words = [unicodedata.normalize("NFC", w) for w in words]
     counts = Counter(words)
     duplicates = [w for w, n in counts.items() if n > 1]
     unique = list(counts)
-    rejected = [w for w in unique if any(ch.isspace() for ch in w) or not w.isprintable()]
-    candidates = [w for w in unique if w not in set(rejected)]
+    reasons = {w: rejection_reason(w, max_word_chars) for w in unique}
+    rejected = [{"word": _shown(w), "reason": reason} for w, reason in reasons.items() if reason]
+    candidates = [w for w in unique if not reasons[w]]
     vocab = tokenizer.get_vocab()
     already = [w for w in candidates if w in vocab or len(tokenizer.tokenize(" " + w)) == 1]
     already_set = set(already)
@@ -100,8 +150,15 @@ def expand_vocabulary(tokenizer, words: list[str], add_as: str, lexicon: str) ->
         duplicates=duplicates,
         rejected=rejected,
         add_as=add_as,
+        canonical_duplicates=variants,
+        normalize=normalize,
     )
     return report, new_words
+
+
+def _shown(word: str, limit: int = 80) -> str:
+    """A rejected word as the report shows it: a runaway line cut short."""
+    return word if len(word) <= limit else f"{word[:limit]}... ({len(word)} characters)"
 
 
 def corpus_stats(ids, num_base: int, tokenizer) -> dict:

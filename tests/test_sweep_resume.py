@@ -1,0 +1,41 @@
+"""``wakelab sweep --resume``: bad input is one line and exit 2, before anything runs.
+
+Stopping a real sweep with SIGTERM and resuming it is in test_stop_slow.py."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from wakelab.cli import main
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --over KEY=V1,V2,... (or --resume PARENT to finish a stopped sweep)"),
+    (["--resume", "sw", "--over", "lr=1e-3,2e-3", "--max-steps", "3"],
+     "--resume continues the sweep as it was planned; drop --over, --max-steps"),
+    (["--resume", "no-such-thing"], "--resume no-such-thing: neither a sweep folder nor a sweep's parent run id"),
+])
+def test_bad_resume_input_is_one_line(args, message):
+    result = CliRunner().invoke(main, ["sweep", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_resume_refuses_a_run_that_is_not_a_sweep_parent(tmp_path):
+    mlflow.set_experiment("tests")
+    with mlflow.start_run() as run:
+        pass
+    result = CliRunner().invoke(main, ["sweep", "--resume", run.info.run_id])
+    assert result.exit_code == 2
+    assert f"run {run.info.run_id} is not a sweep's parent run" in result.output
+
+
+def test_resume_of_a_folder_without_sweep_file_says_why(tmp_path):
+    (tmp_path / "sw").mkdir()
+    result = CliRunner().invoke(main, ["sweep", "--resume", "sw"])
+    assert result.exit_code == 2
+    assert "sw/sweep.json not found; only sweeps started by this wakelab version can be resumed" in result.output
+    assert len(result.output.strip().splitlines()) == 1
