@@ -21,7 +21,7 @@ import yaml
 
 from . import data as data_mod
 from . import model as model_mod
-from . import checkpoints, registry, tracking
+from . import checkpoints, logged_model, merge, registry, tracking
 from .config import RunConfig
 from .context import InitContext, RunContext
 from .errors import ConfigError, PluginError, WakelabError
@@ -137,7 +137,7 @@ def load_phase_matrix(path: str, shape: tuple[int, int], tokenizer) -> tuple[tor
     if token_ids is not None:
         vocab = tokenizer.get_vocab()
         for token, index in token_ids.items():
-            if vocab.get(token) != index:
+            if vocab.get(token, vocab.get(" " + token)) != index:  # word mode adds " word" (see vocab.py)
                 raise ConfigError(
                     f"init.from_embeddings {path}: token '{token}' has id {index} there but "
                     f"{vocab.get(token)} in this tokenizer; it was saved for another lexicon order"
@@ -236,6 +236,8 @@ def run(
         log(f"loading {what}" + (" in 4-bit nf4" if config.model.load_in_4bit else ""))
         model = model_mod.load_model(config.model, source)
         embedding_rows = model.get_input_embeddings().weight.shape[0]
+        # Which base the rows belong to, so an export can refuse a base that changed since (see merge.check_base).
+        checkpoint_info.update(revision=config.model.revision, base_checksum=merge.embedding_checksum(model, num_base))
         tracked.log_params({"base_vocab_size": num_base, "hidden_size": model.get_input_embeddings().weight.shape[1]})
         if report is not None:
             model_mod.expand_embeddings(model, len(tokenizer))
@@ -309,8 +311,9 @@ def run(
         if rank == 0:
             final.mkdir(exist_ok=True)
         if (new_words or rows.strategy == "full") and rank == 0:
-            _save_final_rows(rows, final, tracked.run_id)
+            _save_final_rows(rows, final, tracked.run_id, merge.head_rows(model, rows.new_ids))
             tracked.log_artifact(final / "new_rows.safetensors", "final")
+            tracked.log_artifact(merge.write_base_info(final, checkpoint_info), "final")
         if config.tracking.log_tokenizer and rank == 0:
             tokenizer.save_pretrained(final / "tokenizer")
             tracked.log_artifact(final / "tokenizer", "final/tokenizer")
@@ -322,6 +325,8 @@ def run(
         result_metrics.update(new_row_metrics(rows, initial_new))
         result_metrics["train_seconds"] = time.monotonic() - started
         tracked.log_metrics({"train_seconds": result_metrics["train_seconds"]}, trainer.state.global_step)
+        if rank == 0 and (final / "new_rows.safetensors").exists():
+            logged_model.log_run_model(config, tracked, final, checkpoint_info, tokenizer, log)
     except BaseException as exc:  # noqa: BLE001 - every exit must close the MLflow run with the right status
         error = exc
         raise
@@ -494,12 +499,13 @@ def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, track
     return trainer
 
 
-def _save_final_rows(rows: RowAccess, folder: Path, run_id: str) -> None:
+def _save_final_rows(rows: RowAccess, folder: Path, run_id: str, head_rows: torch.Tensor | None = None) -> None:
     from safetensors.torch import save_file
 
     ids = rows.trained_ids if rows.strategy == "full" else rows.new_ids
+    head = {"head_rows": head_rows} if head_rows is not None and rows.strategy != "full" else {}
     save_file(
-        {"token_ids": ids, "rows": rows.values(ids).contiguous().cpu()},
+        {"token_ids": ids, "rows": rows.values(ids).contiguous().cpu(), **head},
         str(folder / "new_rows.safetensors"),
         metadata={"run_id": run_id, "strategy": rows.strategy, "num_base": str(rows.num_base)},
     )

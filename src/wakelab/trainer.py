@@ -119,7 +119,11 @@ class WakelabTrainer(Trainer):
 
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(self.rows.trained_rows(), str(out / ROWS_FILE), metadata={"strategy": self.rows.strategy})
+        from .merge import head_rows
+
+        head = head_rows(self.model, self.rows.trained_ids)  # an untied head's own new rows
+        save_file({**self.rows.trained_rows(), **({"head_rows": head} if head is not None else {})},
+                  str(out / ROWS_FILE), metadata={"strategy": self.rows.strategy})
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
 
