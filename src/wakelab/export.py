@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -237,7 +238,10 @@ def write_peft(model, trained: TrainedRows, tokenizer, folder: Path, base_path: 
     if not tied and trained.head_rows is not None:
         targets.append(_module_name(model, model.get_output_embeddings()))
     config = TrainableTokensConfig(target_modules=targets, token_indices=ids, base_model_name_or_path=base_path)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT warns that it cannot tie adapters in general; TrainableTokens ties the head to the embedding's delta.
+        warnings.filterwarnings("ignore", message=".*tied layer is part of the adapter.*")
+        peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, module in peft_model.named_modules():
             delta = getattr(module, "trainable_tokens_delta", None)
@@ -245,7 +249,8 @@ def write_peft(model, trained: TrainedRows, tokenizer, folder: Path, base_path: 
                 continue
             values = trained.head_rows if name.endswith(targets[-1]) and len(targets) > 1 else trained.rows
             delta["default"].copy_(values.to(delta["default"].dtype))
-    peft_model.save_pretrained(folder)
+    # Only the deltas: the user resizes the base (README), so the resized matrix need not travel with the adapter.
+    peft_model.save_pretrained(folder, save_embedding_layers=False)
     tokenizer.save_pretrained(folder)
     (folder / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 

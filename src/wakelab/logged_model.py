@@ -79,11 +79,20 @@ def log_full_model(model, tokenizer, run_id: str | None, *, registered_model_nam
                                             params={k: str(v) for k, v in flat.items()}, tags={KIND_TAG: "full"})
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer}, task="text-generation", name=FULL_NAME,
-        model_id=logged.model_id, registered_model_name=registered_model_name,
+        model_id=logged.model_id, registered_model_name=registered_model_name, pip_requirements=_requirements(),
     )
     if run_id:
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
     return info.model_uri
+
+
+def _requirements() -> list[str]:
+    """The model's pip requirements, stated (MLflow's inference would load the model again in a subprocess)."""
+    from .tracking import library_versions
+
+    versions = library_versions()
+    return [f"{name}=={versions[name]}" for name in ("torch", "transformers", "accelerate", "safetensors")
+            if name in versions]
 
 
 def log_run_model(config: RunConfig, tracked, final_dir: Path, base: dict[str, Any], tokenizer,
