@@ -36,7 +36,7 @@ def runs(tiny_model, texts, tmp_path_factory, empty_mlflow_db):
     specs = {
         "M": {"train.trainable": "mask", "train.max_steps": 30, "train.lr": 0.1, "train.save_steps": 10,
               "plugins": ["mask"]},
-        "T": {"train.max_steps": 4, "train.eval_perplexity": False},
+        "T": {"train.max_steps": 4, "train.eval_perplexity": False, "tracking.log_model": "none"},
     }
     out = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -147,6 +147,45 @@ def test_each_finished_run_has_a_small_logged_delta_model(store):
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 1_000_000
     outputs = mlflow.get_run(run.run_id).outputs.model_outputs
     assert mine[0].model_id in {o.model_id for o in outputs}
+    assert not [m for m in models if m.source_run_id == store["T"].run_id]  # tracking.log_model=none
+
+
+def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_model(tiny_model, texts, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    untied = tmp_path / "untied"
+    shutil.copytree(tiny_model, untied)
+    base = AutoModelForCausalLM.from_pretrained(untied, tie_word_embeddings=False)
+    base.config.tie_word_embeddings = False
+    with torch.no_grad():
+        base.lm_head.weight = torch.nn.Parameter(base.model.embed_tokens.weight.clone() * 0.5)
+    base.save_pretrained(untied)
+    overrides = tiny_overrides(untied, texts, **{"train.max_steps": 4, "train.lr": 0.05, "train.save_steps": 2,
+                                                  "train.eval_perplexity": False, "tracking.log_model": "full"})
+    result = engine.run(build_config(None, None, overrides), progress=False)
+    saved = load_file(str(result.output_dir / "final" / "new_rows.safetensors"))
+    assert "head_rows" in saved and not torch.equal(saved["head_rows"], saved["rows"])
+    assert "head_rows" in load_file(str(result.output_dir / "checkpoint-4" / "trained_rows.safetensors"))
+    export(str(result.output_dir), str(tmp_path / "hf"), "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.weight[saved["token_ids"]], saved["head_rows"])
+    assert torch.equal(model.get_input_embeddings().weight[saved["token_ids"]], saved["rows"])
+    state = load_trained(result.output_dir)
+    assert torch.allclose(logits(state.model, state.tokenizer)[0], logits(model, tokenizer)[0], atol=1e-5, rtol=0)
+    export(str(result.output_dir), str(tmp_path / "peft"), "peft")
+    resized = AutoModelForCausalLM.from_pretrained(untied)
+    resized.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    adapter = PeftModel.from_pretrained(resized, tmp_path / "peft")
+    assert torch.equal(logits(adapter, tokenizer)[0], logits(model, tokenizer)[0])
+    full = [m for m in mlflow.search_logged_models(experiment_ids=[result.experiment_id], output_format="list")
+            if m.source_run_id == result.run_id]
+    assert [m.name for m in full] == ["wakelab-model"]
+    loaded = mlflow.transformers.load_model(full[0].model_uri, return_type="components")["model"]
+    assert torch.equal(logits(loaded, tokenizer)[0], logits(model, tokenizer)[0])
 
 
 def test_export_to_mlflow_logs_a_loadable_transformers_model(store, tmp_path):
