@@ -339,3 +339,19 @@ def test_the_exported_tokenizer_round_trips_with_plain_autotokenizer(runs, tmp_p
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in (texts["heldout"].read_text(), make_text(7, 20)):
         assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_analyze_logs_text_samples_from_heldout_prompts_with_new_words(store):
+    from conftest import COINED
+
+    run = store["M"]
+    result = CliRunner().invoke(main, ["analyze", str(run.output_dir), "--no-eval", "--sample-size", "50",
+                                       "--samples", "2"])
+    assert result.exit_code == 0, result.output
+    assert "samples    2 continuations" in result.stdout
+    rows = json.loads((run.output_dir / "analysis" / "final" / "samples.json").read_text())
+    assert len(rows) == 2
+    for row in rows:
+        assert any(f" {w}" in row["prompt"] for w in COINED) and row["continuation"]
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.run_id, "analysis/final")}
+    assert {"analysis/final/samples.json", "analysis/final/samples.txt"} <= logged
