@@ -574,11 +574,10 @@ def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, rec
         report.results["static"] = static
         report.results["state"] = {"label": label, "step": step}
         state_lines += _static_lines(static, state.rows.num_base, state.rows.num_total)
+        samples = _samples(state, opts, sink, label, warn) if opts.samples else []  # before perplexity frees the model
         ppl = _perplexity(run, state, state_target, opts, sink, label, step, warn)
         report.results["perplexity"] = ppl
-        state_lines += ppl.pop("lines")
-        if opts.samples:
-            state_lines += _samples(state, opts, sink, label, warn)
+        state_lines += ppl.pop("lines") + samples
         tokenizer = state.tokenizer
         del state
     else:
