@@ -6,7 +6,7 @@ nothing downloaded), then the three ways out, timed side by side in this one pro
 - demo-like: SmolLM2-135M's shape (49,152 base tokens, d = 576, 30 layers, tied) + 223 new words (the demo's count);
 - P1: base 128,256 tokens + 44,195 new rows, d = 2048, a 2-layer Llama (tied), as the P1 notebook's expansion.
 
-The base tokenizer is a word-level one with the base's exact size (built offline); the lexicon is coined words.
+The base tokenizer is a byte-level one with the base's exact size (built offline); the lexicon is coined words.
 
 - hf: `wakelab.export.export(run, DIR, "hf")`: load base, check, resize, write rows, `save_pretrained`;
 - peft: the same with `"peft"`: a TrainableTokens adapter (deltas only) + tokenizer;
@@ -41,17 +41,18 @@ def folder_mib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / MiB
 
 
-def word_tokenizer(folder: Path, size: int) -> Path:
-    """A word-level tokenizer with exactly ``size`` tokens (the base's vocabulary size), saved offline."""
+def byte_tokenizer(folder: Path, size: int) -> Path:
+    """A byte-level tokenizer with exactly ``size`` tokens (the base's vocabulary size), saved offline: the 256 byte
+    symbols and filler tokens, no merges, so a coined word is several tokens until it is added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    common = "the river ran past hill and town slept while a bird sang over water".split()
-    vocab = {"<|endoftext|>": 0, **{w: i + 1 for i, w in enumerate(common)}}
-    vocab.update({f"w{i}": i for i in range(len(vocab), size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(sorted(alphabet))}}
+    vocab.update({f"<f{i}>": i for i in range(len(vocab), size)})
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(folder)
     return folder
@@ -71,7 +72,7 @@ def bench(name: str, shape: dict, root: Path) -> dict:
 
     work = root / name
     work.mkdir()
-    tok = word_tokenizer(work / "tokenizer", shape["num_base"])
+    tok = byte_tokenizer(work / "tokenizer", shape["num_base"])
     (work / "lexicon.txt").write_text("\n".join(coined(shape["num_new"])) + "\n")
     words = coined(shape["num_new"])
     (work / "corpus.txt").write_text(" ".join(f"the river {words[i % len(words)]} ran" for i in range(400)) + "\n")
