@@ -355,3 +355,29 @@ def test_analyze_logs_text_samples_from_heldout_prompts_with_new_words(store):
         assert any(f" {w}" in row["prompt"] for w in COINED) and row["continuation"]
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.run_id, "analysis/final")}
     assert {"analysis/final/samples.json", "analysis/final/samples.txt"} <= logged
+
+
+def test_a_4bit_run_exports_in_its_compute_dtype_or_kept_4bit(tiny_model, texts, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    wide = tmp_path / "wide"  # bitsandbytes' CPU kernels need rows of at least one 64-value block
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(wide)
+    tokenizer.save_pretrained(wide)
+    overrides = tiny_overrides(wide, texts, **{"model.load_in_4bit": True, "train.max_steps": 2,
+                                               "train.eval_perplexity": False})
+    result = engine.run(build_config(None, None, overrides), progress=False)
+    notes = []
+    export(str(result.output_dir), str(tmp_path / "bf16"), "hf", say=notes.append)
+    assert any("4-bit nf4: exported unquantized in its compute dtype (bfloat16)" in n for n in notes)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert plain.dtype == torch.bfloat16 and not getattr(plain, "is_quantized", False)
+    export(str(result.output_dir), str(tmp_path / "nf4"), "hf", quantized=True)
+    kept = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
+    assert type(kept.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    state = load_trained(result.output_dir)
+    assert torch.equal(logits(kept, tokenizer)[0], logits(state.model, tokenizer)[0])
