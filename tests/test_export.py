@@ -311,6 +311,16 @@ def test_a_run_id_or_path_that_is_not_a_run_is_one_line(tmp_path):
         export(str(tmp_path), str(tmp_path / "x"), "hf")
 
 
+def test_options_that_do_not_fit_are_refused_before_anything_is_written(runs, tmp_path):
+    with pytest.raises(ExportError, match="this run's base is not 4-bit"):
+        export(str(runs["T"].output_dir), str(tmp_path / "x"), "hf", quantized=True)
+    with pytest.raises(ExportError, match="--quantized applies to --format hf"):
+        export(str(runs["T"].output_dir), str(tmp_path / "x"), "peft", quantized=True)
+    with pytest.raises(ExportError, match="use it with --to mlflow"):
+        export(str(runs["T"].output_dir), str(tmp_path / "x"), "hf", registered_model_name="wake")
+    assert not (tmp_path / "x").exists()
+
+
 # -- decode round trip ----------------------------------------------------------------------------------------------
 
 

@@ -52,11 +52,6 @@ class ExportSource:
     def rows(self) -> TrainedRows:
         return TrainedRows.read(self.rows_path, self.base)
 
-    @property
-    def label(self) -> str:
-        where = self.rows_path.parent.name
-        return f"{where} (step {self.step})" if self.step is not None else where
-
 
 def _run_status(run_id: str | None) -> str | None:
     if run_id is None:
@@ -180,10 +175,15 @@ def export(target: str, dest: str | None, fmt: str = "hf", *, overwrite: bool = 
         raise ExportError("--quantized applies to --format hf (a PEFT adapter holds only the new rows)")
     if not dest:
         raise ExportError("give the destination: --to DIR (a new or empty folder) or --to mlflow")
+    if registered_model_name and not to_mlflow:
+        raise ExportError("--registered-model-name registers an MLflow model: use it with --to mlflow")
     out = None if to_mlflow else Path(dest)
     if out is not None:
         check_destination(out, overwrite)
     source = find_source(target)
+    if quantized and not source.config.model.load_in_4bit:
+        raise ExportError("--quantized keeps a 4-bit base 4-bit, but this run's base is not 4-bit "
+                          f"(model.dtype={source.config.model.dtype}); drop --quantized")
     base_path = base_source(source.config, base)
     trained = source.rows()
     tokenizer = expanded_tokenizer(source, base_path)
