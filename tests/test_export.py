@@ -150,7 +150,8 @@ def test_each_finished_run_has_a_small_logged_delta_model(store):
     assert not [m for m in models if m.source_run_id == store["T"].run_id]  # tracking.log_model=none
 
 
-def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_model(tiny_model, texts, tmp_path):
+def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_model(tiny_model, texts, tmp_path,
+                                                                                     capsys):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,6 +166,7 @@ def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_mo
     overrides = tiny_overrides(untied, texts, **{"train.max_steps": 4, "train.lr": 0.05, "train.save_steps": 2,
                                                   "train.eval_perplexity": False, "tracking.log_model": "full"})
     result = engine.run(build_config(None, None, overrides), progress=False)
+    assert "could not log the run's model" not in capsys.readouterr().err
     saved = load_file(str(result.output_dir / "final" / "new_rows.safetensors"))
     assert "head_rows" in saved and not torch.equal(saved["head_rows"], saved["rows"])
     assert "head_rows" in load_file(str(result.output_dir / "checkpoint-4" / "trained_rows.safetensors"))
@@ -186,6 +188,15 @@ def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_mo
     assert [m.name for m in full] == ["wakelab-model"]
     loaded = mlflow.transformers.load_model(full[0].model_uri, return_type="components")["model"]
     assert torch.equal(logits(loaded, tokenizer)[0], logits(model, tokenizer)[0])
+    # A resumed run takes the head's rows from the checkpoint (here with nothing left to train: they pass through).
+    with pytest.raises(RuntimeError, match="power cut"):
+        engine.run(build_config(None, None, {**overrides, "output_dir": "split", "tracking.log_model": "none",
+                                             "plugins": [str(raising_plugin(tmp_path, step=3))]}), progress=False)
+    resumed = engine.run(build_config(None, None, {**overrides, "output_dir": "split", "tracking.log_model": "none",
+                                                   "train.max_steps": 2}), progress=False, resume_from="split/checkpoint-2")
+    again = load_file(str(resumed.output_dir / "final" / "new_rows.safetensors"))
+    saved = load_file(str(resumed.output_dir / "checkpoint-2" / "trained_rows.safetensors"))
+    assert torch.equal(again["head_rows"], saved["head_rows"]) and torch.equal(again["rows"], saved["rows"])
 
 
 def test_export_to_mlflow_logs_a_loadable_transformers_model(store, tmp_path):

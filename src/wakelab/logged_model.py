@@ -81,7 +81,8 @@ def log_full_model(model, tokenizer, run_id: str | None, *, registered_model_nam
         transformers_model={"model": model, "tokenizer": tokenizer}, task="text-generation", name=FULL_NAME,
         model_id=logged.model_id, registered_model_name=registered_model_name, pip_requirements=_requirements(),
     )
-    if run_id:
+    active = mlflow.active_run()
+    if run_id and not (active and active.info.run_id == run_id):  # log_model links it to the active run itself
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
     return info.model_uri
 

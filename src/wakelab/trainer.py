@@ -135,6 +135,10 @@ class WakelabTrainer(Trainer):
 
         saved = load_file(str(path))
         self.rows.load_rows(saved["token_ids"], saved["rows"])
+        if "head_rows" in saved:  # an untied head's own new rows
+            from .merge import load_head_rows
+
+            load_head_rows(self.model, saved["token_ids"].long(), saved["head_rows"])
 
 
 @contextlib.contextmanager
