@@ -203,8 +203,9 @@ def test_export_to_mlflow_logs_a_loadable_transformers_model(store, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = store["M"]
-    result = CliRunner().invoke(main, ["export", run.run_id, "--to", "mlflow"])
+    result = CliRunner().invoke(main, ["export", run.run_id, "--to", "mlflow", "--registered-model-name", "wake"])
     assert result.exit_code == 0, result.output
+    assert str(mlflow.MlflowClient().get_latest_versions("wake")[0].version) == "1"  # in the model registry
     uri = result.output.split("logged the full model: ")[1].split()[0]
     components = mlflow.transformers.load_model(uri, return_type="components")
     export(str(run.output_dir), str(tmp_path / "hf"), "hf")
