@@ -18,6 +18,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/wakelab run
+	@echo "take the trained model out (a from_pretrained folder):  $(BIN)/wakelab export runs/demo --to exported/demo"
 
 test: setup
 	$(BIN)/python -m pytest -q

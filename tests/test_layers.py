@@ -22,10 +22,10 @@ LAYERS = {
     },
     "storage": {"checkpoints", "recording"},
     "tracking": {"tracking"},
-    "run": {"engine", "build", "trainer", "evaluation", "state", "stopping", "ranks"},
+    "run": {"engine", "build", "trainer", "evaluation", "state", "stopping", "ranks", "merge", "logged_model"},
     "apps": {
         "cli", "cli_config", "__main__", "analyze_cli", "recording_cli", "sweep", "sweep_cli", "ui", "analysis",
-        "precision_report", "sweep_resume",
+        "precision_report", "sweep_resume", "export", "export_cli", "generate",
         "testing",
     },
 }  # fmt: skip

@@ -43,8 +43,10 @@ from .logs import warn
 @click.option("--no-mlflow", is_flag=True, help="Write the files locally only; log nothing to MLflow.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Local folder for the files (default: <run_dir>/analysis).")
+@click.option("--samples", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Text samples: greedy continuations of held-out prompts that hold new words (0: none).")
 def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, top_k, no_eval, eval_max_blocks,
-            no_static, recording, from_step, to_step, freeze_threshold, nested, no_mlflow, out):
+            no_static, recording, from_step, to_step, freeze_threshold, nested, no_mlflow, out, samples):
     """Analyse a run: embedding norms, isotropy, nearest neighbours, loss, held-out perplexity, and with
     --recording the training dynamics (displacement, freeze verdict and onset, bf16 lattice hops, centroid).
 
@@ -62,7 +64,7 @@ def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, to
       summary.txt                      the printed summary
       loss/loss_curve.{png,json,csv}
       <state>/                         final, initial or checkpoint-N: norms, norm_histogram, isotropy,
-                                       neighbours, perplexity
+                                       neighbours, perplexity, samples (text from held-out prompts)
       dynamics/                        displacement, displacement_per_token, displacement_histogram,
                                        freeze_verdict, freeze_onset, lattice_hops, centroid
 
@@ -96,7 +98,7 @@ def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, to
         checkpoint=checkpoint, initial=initial, sample_size=sample_size, seed=seed, probes=tuple(probes),
         num_probes=num_probes, top_k=top_k, evaluate=not no_eval, eval_max_blocks=eval_max_blocks,
         static=not no_static, recording=recording, from_step=from_step, to_step=to_step,
-        freeze_threshold=freeze_threshold, nested=nested, mlflow=not no_mlflow, out=out,
+        freeze_threshold=freeze_threshold, nested=nested, mlflow=not no_mlflow, out=out, samples=samples,
     )
     report = analyze_run(runs[0], opts, warn) if len(runs) == 1 else compare_runs(runs, opts, warn)
     click.echo(report.text)

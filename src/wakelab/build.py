@@ -24,6 +24,7 @@ from .context import InitContext
 from .data import resolve_lexicon
 from .errors import ConfigError, PluginError
 from .logs import log
+from .merge import embedding_checksum
 from .vocab import VocabReport, expand_vocabulary, read_lexicon
 
 
@@ -39,6 +40,7 @@ class Prepared:
     report: VocabReport | None = None
     new_words: list[str] = field(default_factory=list)
     phase: tuple[torch.Tensor, dict[str, Any]] | None = None
+    base_checksum: str | None = None  # sha256 of the loaded base rows: an export refuses a base that changed since
 
     @property
     def hidden_size(self) -> int | None:
@@ -82,6 +84,7 @@ def build_model(
     log(f"loading {what}" + (" in 4-bit nf4" if config.model.load_in_4bit else ""))
     model = model_mod.load_model(config.model, prepared.source)
     tokenizer, num_base = prepared.tokenizer, prepared.num_base
+    prepared.base_checksum = embedding_checksum(model, num_base)
     weight = model.get_input_embeddings().weight
     log_params({"base_vocab_size": num_base, "hidden_size": weight.shape[1]})
     if prepared.report is not None or weight.shape[0] < len(tokenizer):
@@ -152,7 +155,7 @@ def load_phase_matrix(path: str, shape: tuple[int, int], tokenizer) -> tuple[tor
     if token_ids is not None:
         vocab = tokenizer.get_vocab()
         for token, index in token_ids.items():
-            if vocab.get(token) != index:
+            if vocab.get(token, vocab.get(" " + token)) != index:  # word mode adds " word" (see vocab.py)
                 raise ConfigError(
                     f"init.from_embeddings {path}: token '{token}' has id {index} there but "
                     f"{vocab.get(token)} in this tokenizer; it was saved for another lexicon order"

@@ -207,7 +207,8 @@ def _register_command_modules() -> None:
 
 
 #: (module, click command attribute) pairs; each module owns one command or group.
-COMMAND_MODULES: list[tuple[str, str]] = [("recording_cli", "recording"), ("analyze_cli", "analyze"), ("ui", "ui"), ("sweep_cli", "sweep")]
+COMMAND_MODULES: list[tuple[str, str]] = [("recording_cli", "recording"), ("analyze_cli", "analyze"), ("ui", "ui"), ("sweep_cli", "sweep"),
+                                           ("export_cli", "export"), ("generate", "generate")]
 
 _register_command_modules()
 

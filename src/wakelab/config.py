@@ -80,8 +80,9 @@ class VocabConfig(_Section):
     add_as: Literal["word", "plain"] = Field(
         "word",
         description=(
-            "`word`: AddedToken(lstrip=True, single_word=True), so ' riverrun' is one token with no stray space "
-            "token; `plain`: the bare string, as `add_tokens(list_of_str)` does."
+            "`word`: the word with its leading space, AddedToken(' riverrun'), so ' riverrun' is one token with no "
+            "stray space token and decodes back with its space; `plain`: the bare string, as "
+            "`add_tokens(list_of_str)` does."
         ),
     )
     normalize: Literal["nfc", "none"] = Field(
@@ -249,6 +250,13 @@ class TrackingConfig(_Section):
     experiment: str = Field("wakelab", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name; None: `<preset>-<time>`.")
     log_tokenizer: bool = Field(True, description="Log the expanded tokenizer as an artifact.")
+    log_model: Literal["delta", "full", "none"] = Field(
+        "delta",
+        description=(
+            "The run's logged model in MLflow: `delta` (new rows, ids, tokenizer and the base's name and checksum; "
+            "small), `full` (the merged model, transformers flavour), `none`."
+        ),
+    )
 
 
 class RunConfig(_Section):

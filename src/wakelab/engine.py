@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from . import data as data_mod
-from . import build, checkpoints, ranks, stopping, tracking
+from . import build, checkpoints, logged_model, merge, ranks, stopping, tracking
 from .build import expand_for_config, load_phase_matrix  # noqa: F401 - their home is build; kept importable here
 from .config import RunConfig
 from .context import RunContext
@@ -164,6 +164,8 @@ def run(
             tracked.log_artifact(output_dir / "config.yaml")
 
         model = build.build_model(config, prepared, log_params=tracked.log_params, set_tags=tracked.set_tags)
+        # Which base the rows belong to, so an export can refuse a base that changed since (see merge.check_base).
+        checkpoint_info.update(revision=config.model.revision, base_checksum=prepared.base_checksum)
 
         rows = setup_trainable_rows(model, num_base, config.train.trainable, config.train.rows_dtype)
         tracked.log_params({"rows.dtype": str(rows.dtype).removeprefix("torch."), "rows.strategy": rows.strategy})
@@ -219,8 +221,9 @@ def run(
         if rank == 0:
             final.mkdir(exist_ok=True)
         if (new_words or rows.strategy == "full") and rank == 0:
-            _save_final_rows(rows, final, tracked.run_id)
+            _save_final_rows(rows, final, tracked.run_id, merge.head_rows(model, rows.new_ids))
             tracked.log_artifact(final / "new_rows.safetensors", "final")
+            tracked.log_artifact(merge.write_base_info(final, checkpoint_info), "final")
         if config.tracking.log_tokenizer and rank == 0:
             tokenizer.save_pretrained(final / "tokenizer")
             tracked.log_artifact(final / "tokenizer", "final/tokenizer")
@@ -233,6 +236,8 @@ def run(
         result_metrics.update(new_row_metrics(rows, initial_new))
         result_metrics["train_seconds"] = time.monotonic() - started
         tracked.log_metrics({"train_seconds": result_metrics["train_seconds"]}, trainer.state.global_step)
+        if rank == 0 and (final / "new_rows.safetensors").exists():
+            logged_model.log_run_model(config, tracked, final, checkpoint_info, tokenizer, log)
     except BaseException as exc:  # noqa: BLE001 - every exit must close the MLflow run with the right status
         error = exc
         raise
@@ -365,12 +370,13 @@ def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, track
     return trainer
 
 
-def _save_final_rows(rows: RowAccess, folder: Path, run_id: str) -> None:
+def _save_final_rows(rows: RowAccess, folder: Path, run_id: str, head_rows: torch.Tensor | None = None) -> None:
     from safetensors.torch import save_file
 
     ids = rows.trained_ids if rows.strategy == "full" else rows.new_ids
+    head = {"head_rows": head_rows} if head_rows is not None and rows.strategy != "full" else {}
     save_file(
-        {"token_ids": ids, "rows": rows.values(ids).contiguous().cpu()},
+        {"token_ids": ids, "rows": rows.values(ids).contiguous().cpu(), **head},
         str(folder / "new_rows.safetensors"),
         metadata={"run_id": run_id, "strategy": rows.strategy, "num_base": str(rows.num_base)},
     )

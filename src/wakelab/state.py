@@ -114,6 +114,10 @@ def load_trained(target: str | Path, *, initial: bool = False) -> TrainedState:
         path, step = rows_file(source_path)
         saved = load_file(str(path))
         rows.load_rows(saved["token_ids"], saved["rows"])
+        if "head_rows" in saved:  # an untied head's own new rows
+            from .merge import load_head_rows
+
+            load_head_rows(model, saved["token_ids"].long(), saved["head_rows"])
         if config.train.trainable == "full" and path.name == "trained_rows.safetensors":
             raise WakelabError("full-model checkpoints are read with transformers' from_pretrained on the folder")
     model.eval()

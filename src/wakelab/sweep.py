@@ -481,10 +481,11 @@ def hit_rates(weight: torch.Tensor, tokenizer, num_base: int, constituents: dict
     from .analysis.embeddings import nearest_neighbours
 
     vocab = tokenizer.get_vocab()
-    words = [w for w in constituents if vocab.get(w, -1) >= num_base]
+    token_of = {w: vocab.get(w, vocab.get(" " + w, -1)) for w in constituents}  # word mode adds " word"
+    words = [w for w in constituents if token_of[w] >= num_base]
     if not words:
         return {"words": 0, "skipped": len(constituents), "hit_meaning": None, "hit_any": None, "details": []}
-    ids = [vocab[w] for w in words]
+    ids = [token_of[w] for w in words]
     neighbours = nearest_neighbours(weight, ids, range(num_base), k=k)
     details, meaning_hits, any_hits = [], 0, 0
     for word, found in zip(words, neighbours, strict=True):

@@ -165,7 +165,11 @@ class WakelabTrainer(Trainer):
 
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(self.rows.trained_rows(), str(out / ROWS_FILE), metadata={"strategy": self.rows.strategy})
+        from .merge import head_rows
+
+        head = head_rows(self.model, self.rows.trained_ids)  # an untied head's own new rows
+        save_file({**self.rows.trained_rows(), **({"head_rows": head} if head is not None else {})},
+                  str(out / ROWS_FILE), metadata={"strategy": self.rows.strategy})
         crashpoint.reached("rows-written")
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
@@ -178,6 +182,10 @@ class WakelabTrainer(Trainer):
 
         saved = load_file(str(path))
         self.rows.load_rows(saved["token_ids"], saved["rows"])
+        if "head_rows" in saved:  # an untied head's own new rows
+            from .merge import load_head_rows
+
+            load_head_rows(self.model, saved["token_ids"].long(), saved["head_rows"])
 
 
 @contextlib.contextmanager

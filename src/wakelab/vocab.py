@@ -136,7 +136,11 @@ def expand_vocabulary(tokenizer, words: list[str], add_as: str, lexicon: str, *,
             "(or rejected); nothing to add"
         )
     if add_as == "word":
-        tokens = [AddedToken(w, lstrip=True, single_word=True, normalized=False) for w in new_words]
+        # The token is the word with the space before it, as a byte-level BPE word token is: " riverrun" is one token
+        # (no stray space token) and decodes back to " riverrun". AddedToken(lstrip=True) matched the same text but
+        # dropped every whitespace it swallowed on decode ("Theriverrun"). A word with no space before it (start of a
+        # line or text, after a quote) stays in base sub-tokens.
+        tokens = [AddedToken(" " + w, normalized=False) for w in new_words]
     else:
         tokens = new_words
     added = tokenizer.add_tokens(tokens)

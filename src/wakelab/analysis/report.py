@@ -75,6 +75,7 @@ class AnalyzeOptions:
     nested: bool = False
     mlflow: bool = True
     out: str | None = None
+    samples: int = 3  # text samples from held-out prompts with new words (0: none)
 
 
 @dataclass
@@ -590,9 +591,10 @@ def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, rec
         report.results["static"] = static
         report.results["state"] = {"label": label, "step": step}
         state_lines += _static_lines(static, state.rows.num_base, state.rows.num_total)
+        samples = _samples(state, opts, sink, label, warn) if opts.samples else []  # before perplexity frees the model
         ppl = _perplexity(run, state, state_target, opts, sink, label, step, warn)
         report.results["perplexity"] = ppl
-        state_lines += ppl.pop("lines")
+        state_lines += ppl.pop("lines") + samples
         tokenizer = state.tokenizer
         del state
     else:
@@ -634,6 +636,26 @@ def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, rec
     sink.text("summary.txt", report.text)
     sink.tags({"wakelab.analysis.last": time.strftime("%Y-%m-%dT%H:%M:%S")})
     report.metric_names = sink.metric_names
+
+
+def _samples(state, opts: AnalyzeOptions, sink: AnalysisSink, label: str, warn: Warn) -> list[str]:
+    """A few continuations of held-out prompts that hold new words: a table (and text) the MLflow UI shows."""
+    from ..engine import resolve_data_paths
+    from ..generate import samples
+
+    heldout = resolve_data_paths(state.config)[2]
+    if heldout is None or not Path(heldout).is_file():
+        warn("no held-out text to cut sample prompts from; no samples")
+        return []
+    rows = samples(state.model, state.tokenizer, state.rows.num_base, Path(heldout).read_text(encoding="utf-8"),
+                   count=opts.samples, seed=opts.seed)
+    if not rows:
+        warn("the held-out text holds no new words; no samples")
+        return []
+    sink.table(f"{label}/samples", rows)
+    sink.text(f"{label}/samples.txt", "\n\n".join(f"{r['prompt']}[...]{r['continuation']}" for r in rows))
+    return [f"samples    {len(rows)} continuations of held-out prompts with new words "
+            f"({sum(r['new_tokens_generated'] for r in rows)} new-word tokens generated) -> {label}/samples"]
 
 
 def _saved_tokenizer(run_dir: Path):

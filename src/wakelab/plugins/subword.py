@@ -45,8 +45,11 @@ def base_encoder(ctx) -> Callable[[str], list[int]]:
 
 
 def surface_form(tokenizer, token_id: int, word: str) -> str:
-    """The text the word stands for in running text: `` word`` after a space when added with lstrip, else ``word``."""
+    """The text the word stands for in running text: `` word`` when added with its space (or with lstrip), else
+    ``word``."""
     added = getattr(tokenizer, "added_tokens_decoder", {}).get(int(token_id))
+    if added is not None and str(getattr(added, "content", "")) == " " + word:
+        return " " + word
     return " " + word if getattr(added, "lstrip", False) else word
 
 
