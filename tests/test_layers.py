@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "wakelab"
 LAYERS = {
     "core": {
         "errors", "config", "paths", "logs", "durable", "hookspecs", "registry", "plugin_config", "rows", "context",
-        "data", "vocab", "model", "bpe", "demo", "demo_text", "phase", "gaussian",
+        "data", "vocab", "model", "bpe", "demo", "demo_text", "phase", "gaussian", "hookdocs",
     },
     "storage": {"checkpoints", "recording"},
     "tracking": {"tracking"},
