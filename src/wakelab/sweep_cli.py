@@ -15,8 +15,9 @@ from .logs import log
 
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--over", "over", required=True, metavar="KEY=V1,V2,...",
-              help="The key to vary and its values: a config key or short name (init, lr, max_steps, ...) "
-                   "and comma-separated values, each typed as --set would read it.")
+              help="The key to vary and its values: a config key or short name (init, lr, max_steps, ...) or an "
+                   "active plugin's key (recorder.every), and comma-separated values, each typed as --set would "
+                   "read it.")
 @config_options
 @click.option("--constituents", default=None, metavar="PATH|demo",
               help="Constituents file (word<TAB>meaning<TAB>parts) for the neighbour hit rates; default: "
@@ -47,6 +48,7 @@ def sweep(over, preset, config_file, overrides, plugins, max_steps, output_dir, 
       wakelab sweep --over lr=1e-3,5e-3,2e-2 --max-steps 100 --output-dir runs/lr-sweep
       wakelab sweep --config my.yaml --over init.scale=0.01,0.1,1 --set init.method=mean
       wakelab sweep --over init=spherical,subword --constituents my_constituents.tsv --top-k 20
+      wakelab sweep --over recorder.every=1,5 --plugin recorder      # a plugin's own config key
     """
     from .sweep import plan_sweep, run_sweep
 
