@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import loaded_plugin, tiny_overrides
 
 import wakelab
-from conftest import loaded_plugin, tiny_overrides
 from wakelab import engine
 from wakelab.cli import main
 from wakelab.config import build_config
@@ -59,8 +59,12 @@ def test_hookspecs_refer_to_the_contexts_instead_of_listing_fields():
     for name in hook_names():
         function = getattr(hookspecs, name)
         arguments = set(inspect.signature(function).parameters)
-        listed = [f for cls in CONTEXTS for f in dataclasses.fields(cls)
-                  if f"``{f.name}``" in function.__doc__ and f.name not in arguments]
+        listed = [
+            f
+            for cls in CONTEXTS
+            for f in dataclasses.fields(cls)
+            if f"``{f.name}``" in function.__doc__ and f.name not in arguments
+        ]
         assert not listed, f"hookspecs.{name} re-lists context fields {[f.name for f in listed]}; link the type"
 
 
@@ -75,7 +79,8 @@ def test_main_process_defaults_to_the_rank(monkeypatch):
 
 def test_every_hook_context_says_main_process_in_a_single_process(tiny_model, texts, tmp_path):
     plugin = tmp_path / "who_speaks.py"
-    plugin.write_text(textwrap.dedent("""
+    plugin.write_text(
+        textwrap.dedent("""
         import wakelab
         SEEN = {}
 
@@ -101,7 +106,8 @@ def test_every_hook_context_says_main_process_in_a_single_process(tiny_model, te
         @wakelab.hookimpl
         def on_run_start(run):
             note("run", run)
-    """))
+    """)
+    )
     overrides = tiny_overrides(tiny_model, texts, **{"train.max_steps": 2, "train.save_steps": 2})
     overrides["plugins"] = [str(plugin)]
     engine.run(build_config(None, None, overrides), progress=False)
@@ -112,8 +118,15 @@ def test_recorder_records_nothing_outside_the_main_process(tmp_path):
     from wakelab.plugins import recorder
 
     recorder._active = object()  # whatever an earlier run left
-    run = wakelab.RunContext(config=None, output_dir=tmp_path / "run", run_id=None, model=None, tokenizer=None, rows=None,
-                             is_main_process=False)
+    run = wakelab.RunContext(
+        config=None,
+        output_dir=tmp_path / "run",
+        run_id=None,
+        model=None,
+        tokenizer=None,
+        rows=None,
+        is_main_process=False,
+    )
     recorder.on_run_start(run)
     assert recorder._active is None
     assert not (tmp_path / "run").exists()

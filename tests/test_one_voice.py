@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 import wakelab
-from wakelab import registry
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "wakelab"
 
@@ -27,20 +26,16 @@ def test_no_module_hand_writes_the_warning_prefix():
 
 
 def test_init_context_talks_on_stderr_by_default(capsys):
-    ctx = wakelab.InitContext(method="x", weight=torch.zeros(2, 2), num_base=1, new_ids=torch.tensor([1]),
-                              new_words=["w"], tokenizer=None, options={}, generator=torch.Generator())
+    ctx = wakelab.InitContext(
+        method="x",
+        weight=torch.zeros(2, 2),
+        num_base=1,
+        new_ids=torch.tensor([1]),
+        new_words=["w"],
+        tokenizer=None,
+        options={},
+        generator=torch.Generator(),
+    )
     ctx.log("filled 1 row")
     out, err = capsys.readouterr()
     assert out == "" and err == "wakelab: filled 1 row\n"
-
-
-def test_mean_init_warns_on_stderr_about_a_tiny_scale(capsys):
-    weight = torch.cat([torch.randn(50, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(3, 4)])
-    ctx = wakelab.InitContext(method="mean", weight=weight, num_base=50, new_ids=torch.arange(50, 53),
-                              new_words=["a", "b", "c"], tokenizer=None, options={"scale": 1e-6},
-                              generator=torch.Generator().manual_seed(0), log=lambda line: None)
-    with torch.no_grad():
-        registry.build_manager(["mean"]).hook.init_embeddings(ctx=ctx)
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert "wakelab: warning: mean init: init.scale=1e-06 spreads the new rows" in err

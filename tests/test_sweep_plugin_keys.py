@@ -1,12 +1,12 @@
-"""``wakelab sweep --over`` takes a plugin's config key like a core one, with the same checks before any child starts."""
+"""`wakelab sweep --over` takes a plugin's config key like a core one, with the same checks before any child starts."""
 
 from __future__ import annotations
 
 import mlflow
 import pytest
 from click.testing import CliRunner
-
 from conftest import tiny_overrides
+
 from wakelab.cli import main
 from wakelab.config import build_config
 from wakelab.sweep import plan_sweep
@@ -33,16 +33,29 @@ def test_plan_over_an_active_plugins_key(tiny_model, texts):
     assert all(c.config.recorder.fields == base.recorder.fields for c in plan.children)  # the rest is the base's
 
 
-@pytest.mark.parametrize("over, plugins, message", [
-    ("recorder.every=1,5", [], "--over recorder.every=1: config key 'recorder.every' belongs to plugin 'recorder', "
-                               "which is not active, so it would be ignored; activate it with --plugin recorder"),
-    ("recorder.evry=1,5", ["--plugin", "recorder"], "plugin 'recorder': unknown config key 'recorder.evry'; did you "
-                                                    "mean recorder.every?"),
-    ("recorder.every=1,zero", ["--plugin", "recorder"], "--over recorder.every=zero: plugin 'recorder': config key "
-                                                        "'recorder.every': got \"zero\""),
-    ("recorder.every=1,1.0", ["--plugin", "recorder"], "are the same value"),
-    ("nosuch.every=1,2", [], "neither wakelab nor any plugin found has a section 'nosuch'"),
-])
+@pytest.mark.parametrize(
+    "over, plugins, message",
+    [
+        (
+            "recorder.every=1,5",
+            [],
+            "--over recorder.every=1: config key 'recorder.every' belongs to plugin 'recorder', "
+            "which is not active, so it would be ignored; activate it with --plugin recorder",
+        ),
+        (
+            "recorder.evry=1,5",
+            ["--plugin", "recorder"],
+            "plugin 'recorder': unknown config key 'recorder.evry'; did you mean recorder.every?",
+        ),
+        (
+            "recorder.every=1,zero",
+            ["--plugin", "recorder"],
+            "--over recorder.every=zero: plugin 'recorder': config key 'recorder.every': got \"zero\"",
+        ),
+        ("recorder.every=1,1.0", ["--plugin", "recorder"], "are the same value"),
+        ("nosuch.every=1,2", [], "neither wakelab nor any plugin found has a section 'nosuch'"),
+    ],
+)
 def test_bad_plugin_key_is_one_line_exit_2_before_any_child(tiny_model, texts, over, plugins, message):
     result = CliRunner().invoke(main, ["sweep", "--over", over, *sweep_args(tiny_model, texts, *plugins)])
     assert result.exit_code == 2, result.output
@@ -53,8 +66,17 @@ def test_bad_plugin_key_is_one_line_exit_2_before_any_child(tiny_model, texts, o
 
 @pytest.mark.slow
 def test_sweep_over_a_plugin_key_runs_each_child_with_its_value(tiny_model, texts, tmp_path):
-    result = CliRunner().invoke(main, ["sweep", "--over", "recorder.every=1,2", "--output-dir", str(tmp_path / "out"),
-                                       *sweep_args(tiny_model, texts, "--plugin", "recorder")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            "--over",
+            "recorder.every=1,2",
+            "--output-dir",
+            str(tmp_path / "out"),
+            *sweep_args(tiny_model, texts, "--plugin", "recorder"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     children = {r.data.tags["mlflow.runName"]: r for r in runs_in_store() if "mlflow.parentRunId" in r.data.tags}
     assert sorted(children) == ["recorder.every=1", "recorder.every=2"]
