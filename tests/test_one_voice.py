@@ -1,4 +1,4 @@
-"""What issue 12 left over: one home for the MLflow UI address, and warnings through ``wakelab.warn`` on stderr."""
+"""What issue 12 left over: one home for the UI address and for the rank, warnings through `wakelab.warn`."""
 
 from __future__ import annotations
 
@@ -39,3 +39,8 @@ def test_init_context_talks_on_stderr_by_default(capsys):
     ctx.log("filled 1 row")
     out, err = capsys.readouterr()
     assert out == "" and err == "wakelab: filled 1 row\n"
+
+
+def test_only_logs_reads_the_rank():
+    readers = sorted(name for name, text in sources().items() if '"RANK"' in text)
+    assert readers == ["logs.py"], f"ask logs.is_main_process() or a context's is_main_process instead: {readers}"

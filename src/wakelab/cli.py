@@ -104,7 +104,9 @@ def resume(run_dir, checkpoint, max_steps, overrides, no_progress):
 
 def _print_result(result) -> None:
     """Where to look, once per job (torchrun's other ranks stay quiet)."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    from .logs import is_main_process
+
+    if not is_main_process():
         return
     click.echo(f"run {result.run_id} {result.status} (experiment {result.experiment_id})")
     for key, value in result.metrics.items():
