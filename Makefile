@@ -32,6 +32,7 @@ test-slow: setup
 
 docs: setup
 	$(BIN)/wakelab config-keys --markdown > docs/configuration.md
+	$(BIN)/wakelab plugins --contexts-markdown > docs/hooks.md
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts

@@ -35,6 +35,9 @@ def config_section():
 @wakelab.hookimpl
 def on_run_start(run):
     global _run, _start
+    _run, _start = None, None
+    if not run.is_main_process:  # torchrun: one process writes top_movers.json
+        return
     _run = run
     _start = run.rows.values(run.rows.new_ids).float().clone()
 

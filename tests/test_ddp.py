@@ -31,13 +31,28 @@ from safetensors.torch import save_file
 import wakelab
 
 
+MAIN = {}
+
+
+@wakelab.hookimpl
+def mask_grads(ctx):
+    MAIN.setdefault("grad", set()).add(ctx.is_main_process)
+
+
+@wakelab.hookimpl
+def on_step_end(state):
+    MAIN.setdefault("step", set()).add(state.is_main_process)
+
+
 @wakelab.hookimpl
 def on_run_end(run, status):
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get("RANK", "0")  # only to name this test's files: plugins ask run.is_main_process
     ids = run.rows.new_ids
     save_file({"token_ids": ids, "rows": run.rows.values(ids).contiguous().cpu()}, f"rows-rank{rank}.safetensors")
+    main = {kind: sorted(seen) for kind, seen in MAIN.items()} | {"run": [run.is_main_process]}
     with open(f"seen-rank{rank}.json", "w") as handle:
-        json.dump({"run_id": run.run_id, "status": status, "world_size": os.environ.get("WORLD_SIZE")}, handle)
+        json.dump({"run_id": run.run_id, "status": status, "world_size": os.environ.get("WORLD_SIZE"),
+                   "main": main}, handle)
 '''
 
 
@@ -86,6 +101,8 @@ def test_torchrun_two_processes_one_run_same_rows(tiny_model, texts, tmp_path):
     seen = [json.loads((tmp_path / f"seen-rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["run_id"] for s in seen] == [run_id, run_id]
     assert {s["status"] for s in seen} == {"FINISHED"} and {s["world_size"] for s in seen} == {"2"}
+    # Every context answers "am I the main process" the same way on a rank: yes on rank 0, no on rank 1.
+    assert [s["main"] for s in seen] == [{k: [main] for k in ("grad", "step", "run")} for main in (True, False)]
     rank0, rank1 = (load_file(str(tmp_path / f"rows-rank{r}.safetensors")) for r in (0, 1))
     assert rank0["rows"].equal(rank1["rows"]) and rank0["token_ids"].equal(rank1["token_ids"])
     final = load_file(str(tmp_path / "out" / "final" / "new_rows.safetensors"))

@@ -18,7 +18,7 @@ LAYERS = {
     "core": {
         "errors", "config", "paths", "logs", "durable", "hookspecs", "registry", "plugin_config", "rows", "context",
         "data", "vocab", "model", "bpe", "demo", "demo_text", "phase", "gaussian", "precision", "loss",
-        "crashpoint", "quantized", "hub",
+        "crashpoint", "quantized", "hub", "hookdocs",
     },
     "storage": {"checkpoints", "recording"},
     "tracking": {"tracking"},

@@ -35,8 +35,10 @@ def config_section():
 
 @wakelab.hookimpl
 def on_run_start(run: wakelab.RunContext):
-    base = run.rows.values(torch.arange(run.rows.num_base)).float().norm(dim=1).mean().item()
     _state.clear()
+    if not run.is_main_process:  # torchrun: one process logs and writes norm_watch.json
+        return
+    base = run.rows.values(torch.arange(run.rows.num_base)).float().norm(dim=1).mean().item()
     _state.update(run=run, base=base, history=[])
     run.log_params({"norm_watch.base_norm": round(base, 6)})
 

@@ -105,7 +105,9 @@ def resume(run_dir, checkpoint, max_steps, overrides, no_progress):
 
 def _print_result(result) -> None:
     """Where to look, once per job (torchrun's other ranks stay quiet)."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    from .logs import is_main_process
+
+    if not is_main_process():
         return
     click.echo(f"run {result.run_id} {result.status} (experiment {result.experiment_id})")
     for key, value in result.metrics.items():
@@ -120,14 +122,21 @@ def _print_result(result) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins(as_json):
+@click.option("--contexts-markdown", is_flag=True, help="The hooks and their contexts as Markdown (docs/hooks.md).")
+def plugins(as_json, contexts_markdown):
     """List every plugin found: where it comes from, its version, the hooks it implements and its config keys.
 
     \b
     Example:
       wakelab plugins
       wakelab plugins --json | jq '.[].name'
+      wakelab plugins --contexts-markdown > docs/hooks.md
     """
+    if contexts_markdown:
+        from .hookdocs import reference_markdown
+
+        click.echo(reference_markdown(), nl=False)
+        return
     from .registry import describe
 
     rows = describe()

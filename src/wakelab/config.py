@@ -394,6 +394,12 @@ def resolve_key(key: str) -> str:
     raise ConfigError(f"unknown config key '{key}'{hint}")
 
 
+def plugin_section(key: str) -> str | None:
+    """The section a dotted key names when it is no core section (a plugin's, checked once the active ones are known)."""
+    section = key.strip().split(".", 1)[0]
+    return section if "." in key and section not in RunConfig.model_fields else None
+
+
 def parse_value(text: str) -> Any:
     """A `--set` value: YAML scalars and lists (`1e-3`, `true`, `null`, `[a, b]`), else the string itself."""
     try:
@@ -483,8 +489,8 @@ def build_config(
             pairs.append((key, parse_value(text)))
     explicit = set()
     for key, value in pairs:
-        section = key.strip().split(".", 1)[0]
-        if "." in key and section not in RunConfig.model_fields:
+        section = plugin_section(key)
+        if section:
             explicit.add(section)  # a plugin's section: checked against the plugin once the active ones are known
             set_in(tree, key.strip(), value)
             continue

@@ -200,6 +200,7 @@ def run(
             log_metrics=tracked.log_metrics,
             set_tags=tracked.set_tags,
             corpus_ids=corpus.train_ids,
+            is_main_process=rank == 0,
         )
         checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
         trainer = _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new,

@@ -13,6 +13,7 @@ import click
 import torch
 
 from .errors import WakelabError
+from .logs import warn
 from .model import max_positions
 
 
@@ -83,10 +84,6 @@ def samples(model, tokenizer, num_base: int, heldout_text: str, *, count: int = 
     return rows
 
 
-def _warn(message: str) -> None:
-    click.echo(f"wakelab: warning: {message}", err=True)
-
-
 @click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run", metavar="RUN")
 @click.argument("prompt")
@@ -114,7 +111,7 @@ def generate(run, prompt, max_new_tokens, temperature, seed, base):
     tokenizer = expanded_tokenizer(source, base_path)
     trained = source.rows()
     for note in source.notes:
-        _warn(note)
+        warn(note)
     model = merged_model(source.config, trained, tokenizer, source=base_path)
     num_base = int(trained.base.get("num_base") or len(tokenizer) - trained.token_ids.numel())
     result = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -1,7 +1,9 @@
 """The hooks a wakelab plugin may implement.
 
-Every hook takes one small context object (see ``wakelab.context``) so a hook's signature never has to change when
-the engine learns to pass more. A plugin implements a hook with ``@wakelab.hookimpl`` on a function of the same name.
+Every hook takes one small context object so a hook's signature never has to change when the engine learns to pass
+more. The contexts' fields are documented once, on the dataclasses in ``wakelab.context``; these docstrings say when
+each hook runs and what it may do. A plugin implements a hook with ``@wakelab.hookimpl`` on a function of the same
+name. docs/hooks.md is generated from both (``wakelab plugins --contexts-markdown``).
 """
 
 from __future__ import annotations
@@ -15,14 +17,10 @@ hookspec = pluggy.HookspecMarker("wakelab")
 def init_embeddings(ctx):
     """Fill the new tokens' embedding rows, once, after the vocabulary is expanded and before training.
 
-    ``ctx`` is an ``InitContext``: ``ctx.method`` is the initialiser the config asks for (``init.method``);
-    ``ctx.weight`` is the full ``[vocab, d]`` embedding matrix (writable, no grad); ``ctx.new_ids`` the ids of the
-    added tokens, ``ctx.new_words`` their words, ``ctx.num_base`` the base vocabulary size, ``ctx.tokenizer`` the
-    expanded tokenizer, ``ctx.options`` the ``init`` config section and ``ctx.generator`` a seeded generator.
-
-    Answer only when ``ctx.method`` is your name: write the rows ``ctx.weight[ctx.new_ids]`` in place and return a
-    dict of what you did (radius, scale, fall-backs...), which is logged as run params. Return ``None`` to let
-    another plugin answer. The first answer wins; base rows must not be touched.
+    ``ctx`` is an ``InitContext``. Answer only when ``ctx.method`` is your name: write the rows
+    ``ctx.weight[ctx.new_ids]`` in place and return a dict of what you did (radius, scale, fall-backs...), which is
+    logged as run params. Return ``None`` to let another plugin answer. Stops at the first non-None result; base
+    rows must not be touched. Runs in every process (each fills its own copy of the rows, from the same seed).
     """
 
 
@@ -30,9 +28,8 @@ def init_embeddings(ctx):
 def mask_grads(ctx):
     """Change gradients after backward and before gradient clipping and the optimizer step.
 
-    ``ctx`` is a ``GradContext``: ``ctx.step`` (the optimizer step about to happen), ``ctx.rows`` (a ``RowAccess``:
-    ``ctx.rows.strategy``, ``ctx.rows.num_base``, ``ctx.rows.grad_matrix()``) and ``ctx.model``. Edit gradients
-    in place; the clipping, the logged grad norm and the optimizer then see the edited gradients.
+    ``ctx`` is a ``GradContext``. Edit gradients in place; the clipping, the logged grad norm and the optimizer
+    then see the edited gradients. Runs in every process (each holds its own gradients).
     """
 
 
@@ -40,12 +37,8 @@ def mask_grads(ctx):
 def on_step_end(state):
     """Observe the run after each optimizer step (and the learning-rate scheduler) has happened.
 
-    ``state`` is a ``StepState``: ``step`` (optimizer steps done), ``loss`` (this step's mean training loss),
-    ``lr`` (the rate this step used), ``logits`` (last position of the first sequence of the step's last
-    micro-batch, detached), ``model``, ``optimizer`` and ``rows`` (``RowAccess``: values, gradients and Adam state
-    of any rows, whatever holds them; ``rows.grads()`` gives the gradients this step's optimizer update used, after
-    masking and clipping, although Trainer has already zeroed the parameters' ``.grad``). Read only: do not modify
-    the model or the optimizer here.
+    ``state`` is a ``StepState``. Read only: do not modify the model or the optimizer here. Runs in every process;
+    write files only where ``state.is_main_process``.
     """
 
 
@@ -53,11 +46,10 @@ def on_step_end(state):
 def on_save(ctx):
     """React to a checkpoint that is complete on disk.
 
-    ``ctx`` is a ``SaveContext``: ``checkpoint_dir`` (a complete checkpoint: its manifest is written),
-    ``step``, ``output_dir`` (the run's directory) and ``run_id`` (the MLflow run). Copy or read it; never
-    modify it. A failure here is a warning on stderr; training, and the other plugins' ``on_save``, go on.
-    A stop signal's checkpoint comes here too (a second signal can interrupt this hook: the run then ends KILLED at
-    once).
+    ``ctx`` is a ``SaveContext``. Copy or read the checkpoint; never modify it. A failure here is a warning on stderr;
+    training, and the other plugins' ``on_save``, go on. A stop signal's checkpoint comes here too (a second signal can
+    interrupt this hook: the run then ends KILLED at once). Runs in the main process only (one checkpoint, one set of
+    copies).
     """
 
 
@@ -65,10 +57,8 @@ def on_save(ctx):
 def on_run_start(run):
     """Prepare for a run, after the model, vocabulary and trainable rows are set up, before the first step.
 
-    ``run`` is a ``RunContext``: ``config`` (the resolved ``RunConfig``), ``output_dir``, ``run_id``, ``model``,
-    ``tokenizer``, ``rows`` (``RowAccess``), ``optimizer`` (``None`` until Trainer creates it) and
-    ``start_step`` (0, or the checkpoint's step when resuming), plus ``log_artifact(path, artifact_path)`` and
-    ``log_params(dict)`` for what the plugin wants in MLflow.
+    ``run`` is a ``RunContext``: keep it to read the run (and log to MLflow) from later hooks. Runs in every
+    process; a plugin that writes files does so only where ``run.is_main_process``.
     """
 
 

@@ -15,6 +15,11 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def is_main_process() -> bool:
+    """Whether this process speaks for the run: always in a single process, rank 0 under torchrun."""
+    return _rank() == 0
+
+
 def log(message: str) -> None:
     """Progress: what is happening now (rank 0 only)."""
     if _rank() != 0:

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from .logs import is_main_process
+
 #: The signals that mean "please stop": schedulers and containers (TERM), a terminal (INT, HUP).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -233,7 +235,7 @@ class StopCallback(TrainerCallback):
 
 def _say(message: str) -> None:
     """From a signal handler: one write, no buffered print (which a signal can interrupt mid-call)."""
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main_process():
         return
     try:
         os.write(2, f"\nwakelab: {message}\n".encode())

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from . import logs, registry, stopping, sweep_resume, tracking
-from .config import RunConfig, parse_value, resolve_key, set_in, validate
+from .config import RunConfig, parse_value, plugin_section, resolve_key, set_in, validate
 from .errors import ConfigError, DataError, WakelabError
 from .logs import warn
 
@@ -139,7 +139,8 @@ def child_configs(base: RunConfig, key: str, canonical: str, texts: list[str], r
         tree["output_dir"] = str(root / _dir_name(label))
         tree.setdefault("tracking", {})["run_name"] = label
         try:
-            config = validate(tree)
+            # explicit: a plugin key whose plugin is not active is an error (it would be ignored), as with --set
+            config = validate(tree, explicit={canonical.split(".", 1)[0]})
         except ConfigError as exc:
             raise ConfigError(f"--over {label}: {exc}") from None
         resolved = json.dumps(config.flat().get(canonical), default=str)
@@ -264,7 +265,7 @@ def plan_sweep(base: RunConfig, over: str | list[str] | tuple[str, ...], *, cons
     for spec in [over] if isinstance(over, str) else list(over):
         key, texts = parse_over(spec)
         try:
-            canonical = resolve_key(key)
+            canonical = key.strip() if plugin_section(key) else resolve_key(key)  # a plugin's key: checked per child
         except ConfigError as exc:
             raise ConfigError(f"--over {spec}: {exc}") from None
         if canonical in FIXED_KEYS:

@@ -15,8 +15,9 @@ from .logs import log
 
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--over", "over", multiple=True, metavar="KEY=V1,V2,...",
-              help="The key to vary and its values: a config key or short name (init, lr, max_steps, ...) "
-                   "and comma-separated values, each typed as --set would read it. Repeat to cross several keys.")
+              help="The key to vary and its values: a config key or short name (init, lr, max_steps, ...) or an "
+                   "active plugin's key (recorder.every), and comma-separated values, each typed as --set would "
+                   "read it. Repeat to cross several keys.")
 @config_options
 @click.option("--constituents", default=None, metavar="PATH|demo",
               help="Constituents file (word<TAB>meaning<TAB>parts) for the neighbour hit rates; default: "
@@ -53,6 +54,7 @@ def sweep(over, preset, config_file, overrides, plugins, max_steps, output_dir, 
       wakelab sweep --preset wordybird_precision --over train.precision=bf16,fp32-master,stochastic,kahan \\
           --over train.scheduler=linear,constant   # the Wordybird question: children x schedule, with a verdict
       wakelab sweep --resume 3f2c9a...                          # after a SIGTERM: finish the stopped sweep
+      wakelab sweep --over recorder.every=1,5 --plugin recorder      # a plugin's own config key
     """
     from .errors import ConfigError
     from .sweep import plan_sweep, run_sweep

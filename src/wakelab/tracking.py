@@ -428,9 +428,6 @@ class TrackedRun:
         path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         return path
 
-    def ui_url(self) -> str:
-        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
-
 
 class RankRun:
     """The tracker of every process but the first under torchrun / accelerate launch: it logs nothing.
@@ -468,9 +465,6 @@ class RankRun:
 
     def end(self, status: str, error: BaseException | None = None) -> None:
         pass
-
-    def ui_url(self) -> str:
-        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
 
 def _reason(exc: BaseException) -> str:

@@ -83,7 +83,8 @@ class WakelabTrainer(Trainer):
         if self._masked_at_step == self.state.global_step:
             return
         self._masked_at_step = self.state.global_step
-        self.pm.hook.mask_grads(ctx=GradContext(step=self.state.global_step + 1, rows=self.rows, model=self.model))
+        self.pm.hook.mask_grads(ctx=GradContext(step=self.state.global_step + 1, rows=self.rows, model=self.model,
+                                                 is_main_process=self.is_world_process_zero()))
 
     def _clip_grad_norm(self, model):
         self._mask_once()
@@ -251,6 +252,7 @@ class HookBridge(TrainerCallback):
             model=trainer.model,
             optimizer=trainer.optimizer,
             rows=trainer.rows,
+            is_main_process=state.is_world_process_zero,
         )
         trainer.pm.hook.on_step_end(state=step_state)
         if self._progress is not None:
@@ -282,7 +284,8 @@ class HookBridge(TrainerCallback):
             return  # several processes: one checkpoint, so one on_save (one set of mirrors), on rank 0 that wrote it
         trainer = self._trainer()
         checkpoint = self._output_dir / f"checkpoint-{state.global_step}"
-        ctx = SaveContext(checkpoint_dir=checkpoint, step=state.global_step, output_dir=self._output_dir, run_id=self._run_id)
+        ctx = SaveContext(checkpoint_dir=checkpoint, step=state.global_step, output_dir=self._output_dir,
+                          run_id=self._run_id, is_main_process=state.is_world_process_zero)
         # One plugin at a time (pluggy's order): one that fails is reported and the others, a Sentry mirror, still run.
         for impl in reversed(trainer.pm.hook.on_save.get_hookimpls()):
             try:

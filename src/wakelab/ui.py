@@ -21,6 +21,7 @@ import urllib.request
 import click
 
 from .errors import WakelabError
+from .logs import warn
 from .tracking import ui_page
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -116,8 +117,7 @@ def ui(host: str, port: int, workers: int, backend_store_uri: str | None) -> Non
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
                "--port", str(port), "--workers", str(workers)]
     if host not in LOOPBACK:
-        click.echo(f"wakelab: warning: listening on {host}: anyone who can reach this machine on port {port} can "
-                   "read and change these runs", err=True)
+        warn(f"listening on {host}: anyone who can reach this machine on port {port} can read and change these runs")
     click.echo(f"starting the MLflow UI for {uri} (one moment) ...", err=True)
     # Its own process group, so stopping it stops uvicorn's worker with it; no GenAI job runner (a dozen processes).
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}

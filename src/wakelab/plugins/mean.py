@@ -56,6 +56,6 @@ def init_embeddings(ctx):
         f"vs base {summary['base_mean_norm']:.4f}, |mean| {summary['mean_vector_norm']:.4f}"
     )
     if scale < 1e-4:
-        ctx.log(f"mean init: warning: init.scale={scale:g} spreads the new rows at {scale ** 0.5:.1e} x the base "
-                "rows' spread, so they start nearly identical")
+        wakelab.warn(f"mean init: init.scale={scale:g} spreads the new rows at {scale ** 0.5:.1e} x the base "
+                     "rows' spread, so they start nearly identical")
     return {"method": "mean", **summary}

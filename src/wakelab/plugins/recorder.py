@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,7 +389,7 @@ def on_run_start(run):
     """Check the rows against the vocabulary, open the recording and record the starting state."""
     global _active
     _active = None
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one recording, from the first process
+    if not run.is_main_process:  # torchrun: one recording, from the first process
         return
     cfg = run.config.recorder
     fields = tuple(f for f in cfg.fields if not (f == "logits" and cfg.logits == "none"))
