@@ -1,0 +1,94 @@
+"""The live `trajectory` plugin and the meaning probe, on the tiny model: what reaches MLflow, and whether the probe
+tells a planted substitute word from an untrained one."""
+
+from __future__ import annotations
+
+import csv
+import random
+
+import pytest
+
+from wakelab.testing import WORDS, run_with_plugins
+
+
+def _artifacts(client, run_id, path=""):
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return out
+
+
+def test_plugin_logs_frames_page_gif_and_table(tmp_path):
+    from mlflow import MlflowClient
+
+    result = run_with_plugins(["trajectory"], tmp_path, {"trajectory.every": 2, "trajectory.backdrop": 50})
+    client = MlflowClient()
+    files = _artifacts(client, result.run_id)
+    for name in ("trajectory.html", "trajectory.gif", "tokens.csv", "tokens_table.json", "trajectory.json"):
+        assert f"trajectory/{name}" in files
+    frames = [f for f in files if f.startswith("images/trajectory")]
+    assert len([f for f in frames if f.endswith(".png")]) == 4  # steps 0, 2, 4, 6: the UI's image step slider
+    with open(result.output_dir / "trajectory" / "tokens.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 8 and {"riverrun", "moonbrook"} <= {r["word"] for r in rows}
+    assert all(int(r["corpus_frequency"]) > 0 for r in rows) and all(r["neighbours_end"] for r in rows)
+    metrics = client.get_run(result.run_id).data.metrics
+    assert "trajectory_mean_displacement" in metrics and metrics["trajectory_mean_displacement"] > 0
+
+
+def test_plugin_can_be_switched_off(tmp_path):
+    result = run_with_plugins(["trajectory"], tmp_path, {"trajectory.enabled": False})
+    assert not (result.output_dir / "trajectory").exists()
+
+
+def _planted_texts(folder, seed=0, sentences=400):
+    """'glimmerous' stands where 'water' would (always right after 'over') in the corpus; the held-out text has
+    'water' there. 'smirtle' never occurs: its row stays untrained."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w not in ("water", "over")]
+    corpus, heldout = [], []
+    for i in range(sentences):
+        line = [rng.choice(words) for _ in range(rng.randint(5, 9))]
+        at = rng.randint(1, len(line))
+        (corpus if i < sentences * 3 // 4 else heldout).append((line, at))
+    corpus_text = "\n".join(" ".join(w[:a] + ["over", "glimmerous"] + w[a:]).capitalize() + "." for w, a in corpus)
+    heldout_text = "\n".join(" ".join(w[:a] + ["over", "water"] + w[a:]).capitalize() + "." for w, a in heldout)
+    (folder / "corpus.txt").write_text(corpus_text + "\n")
+    (folder / "heldout.txt").write_text(heldout_text + "\n")
+    (folder / "lexicon.txt").write_text("glimmerous\nsmirtle\n")
+    (folder / "constituents.tsv").write_text("glimmerous\twater\tglim water\nsmirtle\tbridge\tsmirk turtle\n"
+                                             "notnew\triver\triv er\n")  # fmt: skip
+    return folder
+
+
+def test_probe_separates_a_planted_substitute_from_an_untrained_word(tmp_path, capsys):
+    texts = _planted_texts(tmp_path)
+    result = run_with_plugins(["trajectory"], tmp_path, {
+        "data.corpus": str(texts / "corpus.txt"), "data.heldout": str(texts / "heldout.txt"),
+        "vocab.lexicon": str(texts / "lexicon.txt"), "init.constituents": str(texts / "constituents.tsv"),
+        "train.max_steps": 30, "train.lr": 5e-2, "trajectory.every": 10, "trajectory.gif": False,
+        "trajectory.probe_contexts": 8,
+    })  # fmt: skip
+    import json
+
+    probe = json.loads((result.output_dir / "trajectory" / "probe.json").read_text())
+    planted, untrained = probe["after"]["glimmerous"], probe["after"]["smirtle"]
+    assert planted["substitution"] > probe["before"]["glimmerous"]["substitution"] + 1.0
+    assert planted["substitution"] > untrained["substitution"] + 1.0
+    assert 0 <= planted["kl"] < untrained["kl"]
+    assert "notnew" in capsys.readouterr().err  # constituents words that are not new tokens are reported
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    assert {"probe_kl_before", "probe_kl_after", "probe_substitution_after"} <= set(metrics)
+    with open(result.output_dir / "trajectory" / "tokens.csv", newline="") as handle:
+        rows = {r["word"]: r for r in csv.DictReader(handle)}
+    assert rows["smirtle"]["corpus_frequency"] == "0" and rows["glimmerous"]["substitution_after"] != ""
+
+
+@pytest.mark.parametrize("spec", ["sample:0", "top:3"])
+def test_bad_token_choice_stops_before_training(tmp_path, spec):
+    from wakelab.errors import WakelabError
+
+    with pytest.raises(WakelabError, match="trajectory tokens"):
+        run_with_plugins(["trajectory"], tmp_path, {"trajectory.tokens": spec})
