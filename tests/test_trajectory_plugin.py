@@ -4,6 +4,7 @@ tells a planted substitute word from an untrained one."""
 from __future__ import annotations
 
 import csv
+import json
 import random
 
 import pytest
@@ -18,11 +19,22 @@ def _artifacts(client, run_id, path=""):
     return out
 
 
-def test_plugin_logs_frames_page_gif_and_table(tmp_path):
+def test_plugin_logs_frames_page_gif_and_table(tmp_path, monkeypatch):
+    import mlflow
     from mlflow import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     result = run_with_plugins(["trajectory"], tmp_path, {"trajectory.every": 2, "trajectory.backdrop": 50})
     client = MlflowClient()
+    # The run's texts are its datasets (the runs table's Dataset column), with digests and counts.
+    inputs = client.get_run(result.run_id).inputs.dataset_inputs
+    contexts = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(contexts) == {"training", "evaluation", "lexicon"}
+    assert json.loads(contexts["training"].profile)["tokens"] > 0 and len(contexts["lexicon"].digest) == 8
+    assert json.loads(contexts["lexicon"].profile)["added_tokens"] == 8
+    assert any(name.startswith("system/") for name in client.get_run(result.run_id).data.metrics), "system metrics"
+    assert mlflow.active_run() is None
     files = _artifacts(client, result.run_id)
     for name in ("trajectory.html", "trajectory.gif", "tokens.csv", "tokens_table.json", "trajectory.json"):
         assert f"trajectory/{name}" in files
@@ -69,8 +81,6 @@ def test_probe_separates_a_planted_substitute_from_an_untrained_word(tmp_path, c
         "train.max_steps": 30, "train.lr": 5e-2, "trajectory.every": 10, "trajectory.gif": False,
         "trajectory.probe_contexts": 8,
     })  # fmt: skip
-    import json
-
     probe = json.loads((result.output_dir / "trajectory" / "probe.json").read_text())
     planted, untrained = probe["after"]["glimmerous"], probe["after"]["smirtle"]
     assert planted["substitution"] > probe["before"]["glimmerous"]["substitution"] + 1.0

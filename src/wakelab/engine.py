@@ -212,7 +212,8 @@ def run(
     run_name = config.tracking.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if rank == 0:
         tracked = tracking.TrackedRun(
-            config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id")
+            config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id"),
+            system_metrics=config.tracking.system_metrics,
         )
         _write_run_file(output_dir, tracked, config)
         tracked.set_tags({"wakelab.output_dir": str(output_dir.resolve())})
@@ -269,6 +270,11 @@ def run(
             report.write(output_dir / "vocab_report.json")
             tracked.log_artifact(output_dir / "vocab_report.json")
             tracked.log_metrics({"corpus_new_token_share": report.corpus["new_token_share"]}, 0)
+        if rank == 0 and config.tracking.log_datasets:
+            from .datasets import try_log_run_datasets
+
+            try_log_run_datasets(tracked.run_id, log, corpus=corpus_path, heldout=heldout_path, lexicon=lexicon_path,
+                                 corpus_tokens=len(corpus.train_ids), lexicon_added=len(new_words))
 
         # Held-out perplexity: rank 0 alone (the ranks hold the same model; the others would repeat the work).
         eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and resume_from is None and rank == 0
