@@ -500,6 +500,8 @@ def summarise_child(client, child: Child, plan: SweepPlan, log: Log) -> dict[str
     summary["base_mean_norm"] = float(initial[:num_base].norm(dim=1).mean())
     summary["new_row_norm_init"] = init_norm
     summary["new_row_norm_final"] = child.metrics.get("new_row_norm", float(final[num_base:].norm(dim=1).mean()))
+    logged = client.get_run(child.run_id).data.metrics  # the trajectory plugin's meaning probe, when it ran
+    summary["probe"] = {k: logged[k] for k in PROBE_KEYS if k in logged}
     if child.config.init.from_embeddings:
         log(f"warning: {child.label}: init.from_embeddings is set; step-0 values are those of the init before the "
             "restore")
@@ -537,10 +539,16 @@ COLUMNS = (
     ("hit_any_step0", "meaning/part@k step 0"),
     ("hit_any_final", "meaning/part@k end"),
     ("hit_words", "words scored"),
+    ("probe_kl_before", "probe KL step 0"),
+    ("probe_kl_after", "probe KL end"),
+    ("probe_substitution_after", "substitution end"),
     ("train_seconds", "seconds"),
     ("run_id", "run id"),
     ("error", "error"),
 )
+
+
+PROBE_KEYS = ("probe_kl_before", "probe_kl_after", "probe_substitution_after")
 
 
 def comparison_row(child: Child) -> dict[str, Any]:
@@ -553,6 +561,7 @@ def comparison_row(child: Child) -> dict[str, Any]:
         row["final_loss"] = summary["loss"][1][-1]
     for key in ("new_row_norm_init", "new_row_norm_final", "base_mean_norm"):
         row[key] = summary.get(key)
+    row.update(summary.get("probe") or {})
     hits = summary.get("hits")
     if hits:
         for when in ("step0", "final"):
