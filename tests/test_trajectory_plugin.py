@@ -96,9 +96,12 @@ def test_probe_separates_a_planted_substitute_from_an_untrained_word(tmp_path, c
     assert rows["smirtle"]["corpus_frequency"] == "0" and rows["glimmerous"]["substitution_after"] != ""
 
 
-@pytest.mark.parametrize("spec", ["sample:0", "top:3"])
-def test_bad_token_choice_stops_before_training(tmp_path, spec):
-    from wakelab.errors import WakelabError
+@pytest.mark.parametrize(("spec", "message"), [("sample:0", "K must be a whole number"),
+                                               ("top:3", "top movers are known only once training is over"),
+                                               ("nofile.txt", "not auto, all, sample:K or an existing words file")])
+def test_bad_token_choice_stops_before_anything_is_written(tmp_path, spec, message):
+    from wakelab.errors import ConfigError
 
-    with pytest.raises(WakelabError, match="trajectory tokens"):
+    with pytest.raises(ConfigError, match=message):
         run_with_plugins(["trajectory"], tmp_path, {"trajectory.tokens": spec})
+    assert not (tmp_path / "out").exists()

@@ -247,6 +247,8 @@ class TrajectoryBuilder:
         self.density: list[np.ndarray] = []
         self.untracked = 0
         self.extent: tuple[float, float, float, float] | None = None
+        self.all_words: list[str] = list(tracked_words)  # every new token's text (the per-token table's rows)
+        self.new_ids: list[int] = list(tracked)
 
     def nearest(self, rows: torch.Tensor) -> list[list[str]]:
         """The ``k`` nearest base tokens (cosine) of each row."""

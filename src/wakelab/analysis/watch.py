@@ -71,7 +71,7 @@ def start_watch(
         seed=seed,
         title=title,
     )
-    builder.all_words = words  # for the table
+    builder.all_words = words
     builder.new_ids = [int(i) for i in new_ids]
     builder.add(step, new_rows)
     return builder

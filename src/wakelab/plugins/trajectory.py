@@ -46,14 +46,36 @@ class TrajectoryConfig(wakelab.PluginConfig):
     html: bool = Field(True, description="Write and log trajectory.html.")
     gif: bool = Field(True, description="Write and log trajectory.gif.")
     probe: bool = Field(True, description="Run the meaning probe before and after training (needs constituents).")
-    probe_contexts: int = Field(4, ge=1, description="Held-out contexts per probed word.")
-    probe_words: int = Field(64, ge=1, description="At most this many constituents words are probed.")
+    probe_contexts: int = Field(3, ge=1, description="Held-out contexts per probed word.")
+    probe_words: int = Field(32, ge=1, description="At most this many constituents words are probed.")
     max_frames: int = Field(400, ge=2, description="Frames kept in the HTML page (evenly spread when there are more).")
 
 
 @wakelab.hookimpl
 def config_section():
     return "trajectory", TrajectoryConfig
+
+
+@wakelab.hookimpl
+def check_config(config):
+    """Refuse a token choice the plugin cannot draw, before anything is written."""
+    spec = str(config.trajectory.tokens).strip()
+    if not config.trajectory.enabled or spec in ("auto", "all"):
+        return
+    kind, _, count = spec.partition(":")
+    if kind == "top":
+        raise wakelab.ConfigError(
+            f"trajectory.tokens={spec}: the top movers are known only once training is over; use sample:K or a words "
+            "file live, or top:K with `wakelab analyze RUN --recording --tokens top:K`"
+        )
+    if kind == "sample":
+        if not count.isdigit() or int(count) < 1:
+            raise wakelab.ConfigError(f"trajectory.tokens={spec}: K must be a whole number >= 1 (e.g. sample:20)")
+        return
+    if not os.path.isfile(os.path.expanduser(spec)):
+        raise wakelab.ConfigError(
+            f"trajectory.tokens={spec}: not auto, all, sample:K or an existing words file (one word a line)"
+        )
 
 
 def _log(message: str) -> None:
