@@ -51,8 +51,8 @@ def _warn(message: str) -> None:
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Local folder for the files (default: <run_dir>/analysis).")
 def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, top_k, no_eval, eval_max_blocks,
-            no_static, recording, from_step, to_step, freeze_threshold, trajectory_tokens, no_trajectory, nested, no_mlflow,
-            out):
+            no_static, recording, from_step, to_step, freeze_threshold, trajectory_tokens, no_trajectory, nested,
+            no_mlflow, out):
     """Analyse a run: embedding norms, isotropy, nearest neighbours, loss, held-out perplexity, and with
     --recording the training dynamics (displacement, freeze verdict and onset, bf16 lattice hops, centroid).
 

@@ -208,7 +208,8 @@ class TrackingConfig(_Section):
     run_name: str | None = Field(None, description="MLflow run name; None: `<preset>-<time>`.")
     log_tokenizer: bool = Field(True, description="Log the expanded tokenizer as an artifact.")
     log_datasets: bool = Field(
-        True, description="Log the corpus, held-out text and lexicon as MLflow datasets (the runs table's Dataset column)."
+        True,
+        description="Log the corpus, held-out text and lexicon as MLflow datasets (the runs table's Dataset column).",
     )
     system_metrics: bool = Field(
         True, description="Log MLflow system metrics (CPU, memory, GPU when there is one) every 10 s during the run."

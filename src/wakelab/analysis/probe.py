@@ -49,9 +49,10 @@ class Probe:
     def report(self) -> list[str]:
         """Warnings, one line each, for what the probe left out."""
         lines = []
-        for label, items in (("are not new tokens of this run", self.not_new),
-                             ("have a meaning word that is not in the base vocabulary", self.not_in_base),
-                             ("have a meaning word that never occurs in the held-out text", self.no_context)):  # fmt: skip
+        left_out = (("are not new tokens of this run", self.not_new),
+                    ("have a meaning word that is not in the base vocabulary", self.not_in_base),
+                    ("have a meaning word that never occurs in the held-out text", self.no_context))  # fmt: skip
+        for label, items in left_out:
             if items:
                 shown = ", ".join(items[:10]) + (f" and {len(items) - 10} more" if len(items) > 10 else "")
                 lines.append(f"meaning probe: {len(items)} constituents words {label} and are left out: {shown}")
@@ -123,7 +124,8 @@ def _next_word(text: str, at: int) -> str:
 
 
 @torch.no_grad()
-def _last_logprobs(model, sequences: list[list[int]], positions: list[list[int]], batch_size: int) -> list[torch.Tensor]:
+def _last_logprobs(model, sequences: list[list[int]], positions: list[list[int]], batch_size: int,
+                   ) -> list[torch.Tensor]:  # fmt: skip
     """For each sequence, log-softmax of the logits at each of its ``positions``: ``[len(positions), vocab]``."""
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []

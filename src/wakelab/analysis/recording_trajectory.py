@@ -23,8 +23,9 @@ __all__ = ["IMAGE_FRAMES", "recording_trajectory"]
 IMAGE_FRAMES = 100  # frames logged as MLflow images (each is a PNG artifact); the HTML page keeps up to MAX_FRAMES
 
 
-def recording_trajectory(recording_path: Path, run_target: str, sink: AnalysisSink, prefix: str, *, tokens: str = "auto",
-                         max_tokens: int = 40, seed: int = 0, warn: Callable[[str], None] = print) -> dict[str, Any]:
+def recording_trajectory(recording_path: Path, run_target: str, sink: AnalysisSink, prefix: str, *,
+                         tokens: str = "auto", max_tokens: int = 40, seed: int = 0, from_step: int | None = None,
+                         to_step: int | None = None, warn: Callable[[str], None] = print) -> dict[str, Any]:
     """Draw the recording's new rows; files go to ``sink`` under ``prefix``; returns the summary values."""
     from ..data import read_text, tokenize
     from ..engine import resolve_data_paths
@@ -35,8 +36,9 @@ def recording_trajectory(recording_path: Path, run_target: str, sink: AnalysisSi
     try:
         if "embeddings" not in rec.fields:
             raise WakelabError(
-                f"recording {recording_path} has no embeddings (it has {', '.join(rec.fields) or 'none'}); a trajectory "
-                "needs them: record with --plugin recorder --set recorder.fields=embeddings (or the default fields)"
+                f"recording {recording_path} has no embeddings (it has {', '.join(rec.fields) or 'none'}); a "
+                "trajectory needs them: record with --plugin recorder --set recorder.fields=embeddings (or the default "
+                "fields)"
             )
         if len(rec) == 0:
             raise WakelabError(f"recording {recording_path} has no complete step to draw")
@@ -49,15 +51,20 @@ def recording_trajectory(recording_path: Path, run_target: str, sink: AnalysisSi
                 f"recording {recording_path} holds no new-token rows; record them with --set recorder.rows=new"
             )
         new_ids = [ids[i] for i in positions]
-        steps = [int(s) for s in rec.steps]
-        keep, message = cap_frames(steps, MAX_FRAMES, "give --from-step/--to-step or record with a larger recorder.every")
+        lo, hi = from_step if from_step is not None else -1, to_step if to_step is not None else int(rec.steps[-1])
+        steps = [int(s) for s in rec.steps if lo <= s <= hi]
+        if not steps:
+            raise WakelabError(f"recording {recording_path} has no step between --from-step and --to-step")
+        hint = "give --from-step/--to-step or record with a larger recorder.every"
+        keep, message = cap_frames(steps, MAX_FRAMES, hint)
         if message:
             warn(message)
         view = rec["embeddings"]
         first, last = view.at_step(steps[0])[positions].float(), view.at_step(steps[-1])[positions].float()
         base_rows = state.rows.values(torch.arange(num_base))
-        builder = start_watch(base_rows, state.tokenizer, new_ids, first, steps[0], tokens=tokens, max_tokens=max_tokens,
-                              seed=seed, movement=(last - first).norm(dim=1).tolist(), warn=warn)  # fmt: skip
+        builder = start_watch(base_rows, state.tokenizer, new_ids, first, steps[0], tokens=tokens,
+                              max_tokens=max_tokens, seed=seed, movement=(last - first).norm(dim=1).tolist(),
+                              warn=warn)  # fmt: skip
         for index in keep[1:]:
             builder.add(steps[index], view.at_step(steps[index])[positions])
         try:

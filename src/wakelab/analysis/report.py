@@ -617,10 +617,11 @@ def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, rec
 
             traj_prefix = prefix.replace("dynamics", "trajectory", 1)
             drawn = recording_trajectory(recording_path, run.target, sink, traj_prefix, tokens=opts.trajectory_tokens,
-                                         seed=opts.seed, warn=warn)  # fmt: skip
+                                         seed=opts.seed, from_step=opts.from_step, to_step=opts.to_step,
+                                         warn=warn)  # fmt: skip
             report.results["trajectory"] = drawn
-            lines.append(f"trajectory {drawn['tracked']} of {drawn['new_rows']} new rows over {drawn['frames']} frames: "
-                         f"{drawn['folder']}/trajectory.html, .gif, tokens.csv")  # fmt: skip
+            lines.append(f"trajectory {drawn['tracked']} of {drawn['new_rows']} new rows over {drawn['frames']} "
+                         f"frames: {drawn['folder']}/trajectory.html, .gif, tokens.csv")  # fmt: skip
 
     for message in report.warnings:
         lines.append(f"warning    {message}")

@@ -205,7 +205,8 @@ def on_run_end(run, status):
         try:
             from mlflow import MlflowClient
 
-            wakelab.log_token_table(watch.client or MlflowClient(), run.run_id, out.table, "trajectory/tokens_table.json")
+            client = watch.client or MlflowClient()
+            wakelab.log_token_table(client, run.run_id, out.table, "trajectory/tokens_table.json")
         except Exception as exc:  # noqa: BLE001 - the CSV is logged; the UI table is a convenience
             _log(f"warning: the per-token table was not logged as an MLflow table: {exc}")
     _log(f"wrote {', '.join(p.name for p in out.files)} to {out.folder}")
