@@ -25,7 +25,7 @@ def test_plugin_logs_frames_page_gif_and_table(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
-    result = run_with_plugins(["trajectory"], tmp_path, {"trajectory.every": 2, "trajectory.backdrop": 50})
+    result = run_with_plugins(["trajectory", "recorder"], tmp_path, {"trajectory.every": 2, "trajectory.backdrop": 50})
     client = MlflowClient()
     # The run's texts are its datasets (the runs table's Dataset column), with digests and counts.
     inputs = client.get_run(result.run_id).inputs.dataset_inputs
@@ -49,7 +49,7 @@ def test_plugin_logs_frames_page_gif_and_table(tmp_path, monkeypatch):
 
 
 def test_plugin_can_be_switched_off(tmp_path):
-    result = run_with_plugins(["trajectory"], tmp_path, {"trajectory.enabled": False})
+    result = run_with_plugins(["trajectory", "recorder"], tmp_path, {"trajectory.enabled": False})
     assert not (result.output_dir / "trajectory").exists()
 
 
@@ -75,11 +75,11 @@ def _planted_texts(folder, seed=0, sentences=400):
 
 def test_probe_separates_a_planted_substitute_from_an_untrained_word(tmp_path, capsys):
     texts = _planted_texts(tmp_path)
-    result = run_with_plugins(["trajectory"], tmp_path, {
+    result = run_with_plugins(["trajectory", "recorder"], tmp_path, {
         "data.corpus": str(texts / "corpus.txt"), "data.heldout": str(texts / "heldout.txt"),
         "vocab.lexicon": str(texts / "lexicon.txt"), "init.constituents": str(texts / "constituents.tsv"),
         "train.max_steps": 30, "train.lr": 5e-2, "trajectory.every": 10, "trajectory.gif": False,
-        "trajectory.probe_contexts": 8,
+        "trajectory.probe_contexts": 8, "recorder.fields": "embeddings", "recorder.every": 5,
     })  # fmt: skip
     probe = json.loads((result.output_dir / "trajectory" / "probe.json").read_text())
     planted, untrained = probe["after"]["glimmerous"], probe["after"]["smirtle"]
@@ -94,6 +94,15 @@ def test_probe_separates_a_planted_substitute_from_an_untrained_word(tmp_path, c
     with open(result.output_dir / "trajectory" / "tokens.csv", newline="") as handle:
         rows = {r["word"]: r for r in csv.DictReader(handle)}
     assert rows["smirtle"]["corpus_frequency"] == "0" and rows["glimmerous"]["substitution_after"] != ""
+
+    # From the recording: the probe at recorded steps (the recorded rows put back into the model), as metric histories.
+    from wakelab.analysis.report import AnalyzeOptions, analyze_run
+
+    analyze_run(str(result.output_dir), AnalyzeOptions(static=False, recording=""), warn=lambda m: None)
+    history = MlflowClient().get_metric_history(result.run_id, "analysis/probe_substitution")
+    by_step = {m.step: m.value for m in history}
+    assert sorted(by_step) == [0, 5, 10, 20, 25, 30]  # 7 recorded steps, evenly thinned to PROBE_STEPS=6
+    assert by_step[30] > by_step[0] + 1.0
 
 
 @pytest.mark.parametrize(("spec", "message"), [("sample:0", "K must be a whole number"),

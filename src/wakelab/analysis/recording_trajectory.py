@@ -14,13 +14,45 @@ from typing import Any
 import torch
 
 from ..errors import WakelabError
+from .probe import probe
 from .sink import AnalysisSink
 from .trajectory import MAX_FRAMES, cap_frames, frame_image
-from .watch import finish_watch, log_frame, log_table, start_watch
+from .watch import finish_watch, log_frame, log_table, probe_setup, start_watch
 
-__all__ = ["IMAGE_FRAMES", "recording_trajectory"]
+__all__ = ["IMAGE_FRAMES", "PROBE_STEPS", "recording_trajectory"]
 
 IMAGE_FRAMES = 100  # frames logged as MLflow images (each is a PNG artifact); the HTML page keeps up to MAX_FRAMES
+PROBE_STEPS = 6  # recorded steps the meaning probe runs at (evenly spread, first and last included)
+
+
+def _probe_over_steps(state, rec, positions, new_ids, steps, sink: AnalysisSink, warn,
+                      ) -> tuple[dict | None, dict | None]:  # fmt: skip
+    """The meaning probe at a few recorded steps (the recorded rows put into the model): metrics
+    ``analysis/probe_kl`` and ``analysis/probe_substitution`` by step; the first and last step's scores."""
+    prepared = probe_setup(state.config, state.tokenizer, state.rows.num_base, warn=warn)
+    if prepared is None:
+        return None, None
+    recorded = set(new_ids)
+    missing = [w.word for w in prepared.words if w.token_id not in recorded]
+    prepared.words = [w for w in prepared.words if w.token_id in recorded]
+    if missing:
+        warn(f"meaning probe: {len(missing)} words have no rows in the recording and are left out: "
+             f"{', '.join(missing[:10])}")  # fmt: skip
+    if not prepared.words:
+        return None, None
+    ids = torch.tensor(new_ids)
+    view = rec["embeddings"]
+    chosen, _ = cap_frames(steps, PROBE_STEPS)
+    results = {}
+    for index in chosen:
+        step = steps[index]
+        state.rows.load_rows(ids, view.at_step(step)[positions])
+        results[step] = probe(state.model, prepared)
+        values = list(results[step].values())
+        if values:
+            kl, substitution = [v["kl"] for v in values], [v["substitution"] for v in values]
+            sink.metrics({"probe_kl": sum(kl) / len(kl), "probe_substitution": sum(substitution) / len(kl)}, step)
+    return results[steps[chosen[0]]], results[steps[chosen[-1]]]
 
 
 def recording_trajectory(recording_path: Path, run_target: str, sink: AnalysisSink, prefix: str, *,
@@ -67,6 +99,7 @@ def recording_trajectory(recording_path: Path, run_target: str, sink: AnalysisSi
                               warn=warn)  # fmt: skip
         for index in keep[1:]:
             builder.add(steps[index], view.at_step(steps[index])[positions])
+        probe_before, probe_after = _probe_over_steps(state, rec, positions, new_ids, steps, sink, warn)
         try:
             corpus = resolve_data_paths(state.config)[1]
             corpus_ids = tokenize(read_text(corpus, "corpus"), state.tokenizer)
@@ -76,7 +109,7 @@ def recording_trajectory(recording_path: Path, run_target: str, sink: AnalysisSi
     finally:
         rec.close()
     out = finish_watch(builder, sink.local_dir / prefix, start_rows=first, end_rows=last, corpus_ids=corpus_ids,
-                       max_frames=MAX_FRAMES)  # fmt: skip
+                       probe_before=probe_before, probe_after=probe_after, max_frames=MAX_FRAMES)  # fmt: skip
     sink.files += [p for p in out.files if p not in sink.files]
     sink.metrics(out.metrics, steps[-1])
     if sink.client is not None and sink.run_id is not None:
