@@ -267,18 +267,29 @@ def test_ui_shows_the_trajectory_page_and_scrubs_its_frames(tiny_model, texts, t
             frame.locator("#slider").evaluate("s => { s.value = 3; s.dispatchEvent(new Event('input')); }")
             page.screenshot(path=str(screenshots / "ui-trajectory.png"))
 
-            # The frames, logged with mlflow.log_image(key="trajectory", step=...): an image card with a step slider.
-            page.get_by_role("tab", name="Model metrics").click()
+            # The frames, logged with mlflow.log_image(key="trajectory", step=...): the runs' chart view takes an
+            # "Image grid" chart of the key, whose step slider scrubs through training.
+            page.goto(f"{base}/#/experiments/{result.experiment_id}/runs?workflowType=machine_learning"
+                      "&compareRunsMode=CHART", wait_until="load")
             _close_assistant(page)
-            card = page.get_by_test_id("experiment-view-compare-runs-card").filter(has_text="trajectory").first
-            expect(card).to_be_visible()
-            slider = card.get_by_role("slider").first
-            expect(slider).to_be_visible()
-            slider.focus()
-            slider.press("Home")
-            expect(card).to_contain_text("0")
-            slider.press("End")
-            expect(card).to_contain_text("6")
+            page.get_by_role("button", name="Add chart").first.click()
+            page.get_by_role("menuitem", name="Image grid").click()
+            dialog = page.get_by_role("dialog", name="Add new chart")
+            dialog.get_by_role("combobox", name=re.compile("Images")).click()
+            page.get_by_role("option", name="trajectory").click()
+            page.keyboard.press("Escape")
+            slider = dialog.get_by_role("slider").first
+            expect(slider).to_be_enabled()
+            step = dialog.get_by_role("spinbutton").first
+            expect(step).to_have_attribute("max", "6")  # frames at steps 0, 2, 4, 6
+            box = slider.bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 600, box["y"] + box["height"] / 2, steps=8)  # drag the thumb to the end
+            page.mouse.up()
+            expect(step).to_have_value("6")
+            dialog.get_by_role("switch", name="Show run parameters").click()  # the frame, not 80 params, on screen
+            expect(dialog.locator("img").first).to_be_visible()
             page.screenshot(path=str(screenshots / "ui-trajectory-frames.png"))
             browser.close()
     finally:
