@@ -220,6 +220,30 @@ def test_recording_dynamics_are_logged(store):
     assert again.exit_code == 2 and "--to-step 9 is not a recorded step" in again.stderr
 
 
+def test_recording_trajectory_page_table_and_image_frames(store):
+    run = store["R2"]
+    result = invoke(run.output_dir, "--no-static", "--recording", "--tokens", "top:3")
+    assert result.exit_code == 0, result.output
+    logged = artifacts(run.run_id)
+    assert {"trajectory.html", "trajectory.gif", "tokens.csv", "tokens_table.json"} <= names_in(logged,
+                                                                                              "analysis/trajectory")
+    frames = {p for p in artifacts(run.run_id, "images") if p.endswith(".png")}
+    assert len(frames) == STEPS + 1  # the starting state and every recorded step: the UI's image slider
+    drawn = json.loads((run.output_dir / "analysis" / "trajectory" / "trajectory.json").read_text())
+    assert drawn["tracked"] == 3 and drawn["untracked_as_density"] == 5 and drawn["frames"] == STEPS + 1
+    table = (run.output_dir / "analysis" / "trajectory" / "tokens.csv").read_text().splitlines()
+    assert table[0].startswith("word,token_id,corpus_frequency") and len(table) == 1 + 8
+    assert "trajectory 3 of 8 new rows over 5 frames" in result.stdout
+
+
+def test_recording_without_embeddings_names_the_recorder_setting(store, tmp_path):
+    with recording.RecordingWriter(tmp_path / "rec", {"loss": recording.FieldSpec((), torch.float32)},
+                                   token_ids=[0]) as writer:  # fmt: skip
+        writer.append(0, {"loss": torch.tensor(1.0)})
+    result = invoke(store["R1"].output_dir, "--no-static", "--no-mlflow", "--recording", tmp_path / "rec")
+    assert result.exit_code == 2 and "no embeddings" in result.stderr and "recorder.fields" in result.stderr
+
+
 def test_missing_recording_is_a_clear_error(store):
     result = invoke(store["P"].output_dir, "--recording")
     assert result.exit_code == 2

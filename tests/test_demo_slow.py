@@ -44,7 +44,12 @@ def test_demo_runs_end_to_end(tmp_path, shared_cache):
     after = run.data.metrics["heldout_perplexity_after"]
     assert after < before / 10, (before, after)  # the new rows learned something real
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "vocab_report.json", "final"} <= artifacts
+    assert {"config.yaml", "vocab_report.json", "final", "trajectory", "images"} <= artifacts
+    # The first visit to the UI shows pictures, the per-token table, the datasets and system metrics.
+    drawn = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "trajectory")}
+    assert {"trajectory/trajectory.html", "trajectory/trajectory.gif", "trajectory/tokens_table.json"} <= drawn
+    assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"training", "evaluation", "lexicon"}
+    assert "probe_substitution_after" in run.data.metrics
     print(f"demo end to end: {seconds:.0f} s, perplexity {before:.0f} -> {after:.0f}")
 
 
@@ -56,4 +61,4 @@ def test_demo_with_mask_strategy(tmp_path, shared_cache):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert list(runs["status"]) == ["FINISHED"]
-    assert runs.iloc[0]["params.plugins.active"] == "spherical,mask"
+    assert set(runs.iloc[0]["params.plugins.active"].split(",")) == {"trajectory", "spherical", "mask"}

@@ -21,7 +21,7 @@ LAYERS = {
         "crashpoint", "quantized", "hub", "hookdocs",
     },
     "storage": {"checkpoints", "recording"},
-    "tracking": {"tracking"},
+    "tracking": {"tracking", "datasets"},
     "run": {"engine", "build", "trainer", "evaluation", "state", "stopping", "ranks", "merge", "logged_model"},
     "apps": {
         "cli", "cli_config", "__main__", "analyze_cli", "recording_cli", "sweep", "sweep_cli", "ui", "analysis",

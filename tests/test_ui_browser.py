@@ -227,3 +227,70 @@ def _close_assistant(page) -> None:
     close = page.get_by_role("button", name="Close")
     if close.count():
         close.first.click()
+
+
+@pytest.mark.slow
+def test_ui_shows_the_trajectory_page_and_scrubs_its_frames(tiny_model, texts, tmp_path, screenshots):
+    """The trajectory plugin's page opens in MLflow's artifact viewer (offline, scripts run) and its slider moves;
+    the frames logged with a step get the UI's image step slider."""
+    _need_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    from wakelab import engine
+    from wakelab.config import build_config
+
+    overrides = tiny_overrides(tiny_model, texts, **{"train.max_steps": 6, "plugins": ["trajectory"],
+                                                     "trajectory.every": 2})  # fmt: skip
+    result = engine.run(build_config(None, None, overrides), progress=False)
+    ui = UiProcess(tmp_path, free_port())
+    try:
+        url = ui.wait_for_url(UI_START_TIMEOUT_S)
+        base = url.split("#", 1)[0].rstrip("/")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            expect.set_options(timeout=PAGE_TIMEOUT_MS)
+            page.route(re.compile(r"^https?://(?!127\.0\.0\.1)"), lambda route: route.abort())  # offline, provably
+            page.goto(f"{base}/#/experiments/{result.experiment_id}/runs/{result.run_id}"
+                      "?workflowType=machine_learning", wait_until="load")
+            expect(page.get_by_role("tab", name="Artifacts")).to_be_visible()
+            _close_assistant(page)
+            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("trajectory", exact=True).first.click()
+            page.get_by_text("trajectory.html", exact=True).click()
+            frame = page.frame_locator("iframe").first
+            expect(frame.locator("canvas#c")).to_be_visible()
+            expect(frame.locator("#step")).to_contain_text("6 (4/4)")  # the last frame is drawn first
+            frame.locator("#slider").evaluate("s => { s.value = 0; s.dispatchEvent(new Event('input')); }")
+            expect(frame.locator("#step")).to_contain_text("0 (1/4)")
+            frame.locator("#slider").evaluate("s => { s.value = 3; s.dispatchEvent(new Event('input')); }")
+            page.screenshot(path=str(screenshots / "ui-trajectory.png"))
+
+            # The frames, logged with mlflow.log_image(key="trajectory", step=...): the runs' chart view takes an
+            # "Image grid" chart of the key, whose step slider scrubs through training.
+            page.goto(f"{base}/#/experiments/{result.experiment_id}/runs?workflowType=machine_learning"
+                      "&compareRunsMode=CHART", wait_until="load")
+            _close_assistant(page)
+            page.get_by_role("button", name="Add chart").first.click()
+            page.get_by_role("menuitem", name="Image grid").click()
+            dialog = page.get_by_role("dialog", name="Add new chart")
+            dialog.get_by_role("combobox", name=re.compile("Images")).click()
+            page.get_by_role("option", name="trajectory").click()
+            page.keyboard.press("Escape")
+            slider = dialog.get_by_role("slider").first
+            expect(slider).to_be_enabled()
+            step = dialog.get_by_role("spinbutton").first
+            expect(step).to_have_attribute("max", "6")  # frames at steps 0, 2, 4, 6
+            box = slider.bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 600, box["y"] + box["height"] / 2, steps=8)  # drag the thumb to the end
+            page.mouse.up()
+            expect(step).to_have_value("6")
+            dialog.get_by_role("switch", name="Show run parameters").click()  # the frame, not 80 params, on screen
+            expect(dialog.locator("img").first).to_be_visible()
+            page.screenshot(path=str(screenshots / "ui-trajectory-frames.png"))
+            browser.close()
+    finally:
+        ui.stop()

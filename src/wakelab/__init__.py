@@ -55,6 +55,14 @@ _LAZY: dict[str, tuple[str, str]] = {
     "RecordingError": ("recording", "RecordingError"),
     "open_recording": ("recording", "open"),
     "recording_summary": ("recording", "summary"),
+    # Watching new tokens: a fixed-projection trajectory, the per-token table and the meaning probe.
+    "start_watch": ("analysis.watch", "start_watch"),
+    "finish_watch": ("analysis.watch", "finish_watch"),
+    "probe_setup": ("analysis.watch", "probe_setup"),
+    "meaning_probe": ("analysis.probe", "probe"),
+    "trajectory_frame": ("analysis.trajectory", "frame_image"),
+    "log_trajectory_frame": ("analysis.watch", "log_frame"),
+    "log_token_table": ("analysis.watch", "log_table"),
 }
 
 __all__ = [

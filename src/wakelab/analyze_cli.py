@@ -39,6 +39,10 @@ from .logs import warn
 @click.option("--to-step", type=int, default=None, help="Displacement to this recorded step (default: the last).")
 @click.option("--freeze-threshold", type=float, default=1e-6, show_default=True,
               help="Rows whose mean displacement is below this are called frozen.")
+@click.option("--tokens", "trajectory_tokens", default="auto", show_default=True, metavar="SPEC",
+              help="With --recording: tokens drawn with labels and trails in the trajectory: auto, all, sample:K, "
+                   "top:K (the largest movers) or a words file; the rest are drawn as a density.")
+@click.option("--no-trajectory", is_flag=True, help="With --recording: skip the trajectory and the per-token table.")
 @click.option("--nested", is_flag=True, help="Log to a new run nested under the analysed run instead of into it.")
 @click.option("--no-mlflow", is_flag=True, help="Write the files locally only; log nothing to MLflow.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
@@ -46,7 +50,8 @@ from .logs import warn
 @click.option("--samples", type=click.IntRange(min=0), default=3, show_default=True,
               help="Text samples: greedy continuations of held-out prompts that hold new words (0: none).")
 def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, top_k, no_eval, eval_max_blocks,
-            no_static, recording, from_step, to_step, freeze_threshold, nested, no_mlflow, out, samples):
+            no_static, recording, from_step, to_step, freeze_threshold, trajectory_tokens, no_trajectory, nested,
+            no_mlflow, out, samples):
     """Analyse a run: embedding norms, isotropy, nearest neighbours, loss, held-out perplexity, and with
     --recording the training dynamics (displacement, freeze verdict and onset, bf16 lattice hops, centroid).
 
@@ -67,6 +72,9 @@ def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, to
                                        neighbours, perplexity, samples (text from held-out prompts)
       dynamics/                        displacement, displacement_per_token, displacement_histogram,
                                        freeze_verdict, freeze_onset, lattice_hops, centroid
+      trajectory/                      trajectory.html (step slider, hover), trajectory.gif, tokens.{csv,json}
+                                       (per new word: frequency, norm, displacement, neighbours, frozen); frames
+                                       as MLflow images under the key `trajectory` (the UI's image step slider)
 
     \b
     Example:
@@ -74,6 +82,7 @@ def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, to
       wakelab analyze runs/demo --probe riverrun --probe moonbrook --top-k 5
       wakelab analyze runs/demo --checkpoint 600 --no-eval
       wakelab analyze runs/wordybird --no-static --recording
+      wakelab analyze runs/demo --recording --tokens top:20
       wakelab analyze runs/wordybird --recording runs/wordybird/recording --from-step 10 --to-step 100
       wakelab analyze runs/lr-1e-3 runs/lr-1e-4 --recording
     """
@@ -98,7 +107,8 @@ def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, to
         checkpoint=checkpoint, initial=initial, sample_size=sample_size, seed=seed, probes=tuple(probes),
         num_probes=num_probes, top_k=top_k, evaluate=not no_eval, eval_max_blocks=eval_max_blocks,
         static=not no_static, recording=recording, from_step=from_step, to_step=to_step,
-        freeze_threshold=freeze_threshold, nested=nested, mlflow=not no_mlflow, out=out, samples=samples,
+        freeze_threshold=freeze_threshold, trajectory=not no_trajectory, trajectory_tokens=trajectory_tokens,
+        nested=nested, mlflow=not no_mlflow, out=out, samples=samples,
     )
     report = analyze_run(runs[0], opts, warn) if len(runs) == 1 else compare_runs(runs, opts, warn)
     click.echo(report.text)

@@ -25,7 +25,7 @@ from .data import resolve_lexicon
 from .errors import ConfigError, PluginError
 from .logs import log
 from .merge import embedding_checksum
-from .vocab import VocabReport, expand_vocabulary, read_lexicon
+from .vocab import VocabReport, expand_vocabulary, read_lexicon, word_token_id
 
 
 @dataclass
@@ -155,7 +155,7 @@ def load_phase_matrix(path: str, shape: tuple[int, int], tokenizer) -> tuple[tor
     if token_ids is not None:
         vocab = tokenizer.get_vocab()
         for token, index in token_ids.items():
-            if vocab.get(token, vocab.get(" " + token)) != index:  # word mode adds " word" (see vocab.py)
+            if word_token_id(vocab, token) != index:
                 raise ConfigError(
                     f"init.from_embeddings {path}: token '{token}' has id {index} there but "
                     f"{vocab.get(token)} in this tokenizer; it was saved for another lexicon order"

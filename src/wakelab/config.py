@@ -257,6 +257,13 @@ class TrackingConfig(_Section):
             "small), `full` (the merged model, transformers flavour), `none`."
         ),
     )
+    log_datasets: bool = Field(
+        True,
+        description="Log the corpus, held-out text and lexicon as MLflow datasets (the runs table's Dataset column).",
+    )
+    system_metrics: bool = Field(
+        True, description="Log MLflow system metrics (CPU, memory, GPU when there is one) every 10 s during the run."
+    )
 
 
 class RunConfig(_Section):

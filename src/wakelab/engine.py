@@ -100,7 +100,7 @@ def run(
     rank = _join_process_group()
     if rank != 0:
         ranks.agree()  # wait for rank 0's pre-flight (and fail with its error)
-    _, corpus_path, heldout_path = resolve_data_paths(config)
+    lexicon_path, corpus_path, heldout_path = resolve_data_paths(config)
 
     # Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched.
     prepared = build.prepare(config, cwd)
@@ -144,7 +144,8 @@ def run(
     ranks.agree(last=True)  # every rank's pre-flight passed: only now does rank 0 open the MLflow run
     if rank == 0:
         tracked = tracking.TrackedRun(
-            config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id") or run_id
+            config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id") or run_id,
+            system_metrics=config.tracking.system_metrics,
         )
         _write_run_file(output_dir, tracked, config)
         tracked.set_tags({"wakelab.output_dir": str(output_dir.resolve())})
@@ -178,6 +179,11 @@ def run(
             report.write(output_dir / "vocab_report.json")
             tracked.log_artifact(output_dir / "vocab_report.json")
             tracked.log_metrics({"corpus_new_token_share": report.corpus["new_token_share"]}, 0)
+        if rank == 0 and config.tracking.log_datasets:
+            from .datasets import try_log_run_datasets
+
+            try_log_run_datasets(tracked.run_id, log, corpus=corpus_path, heldout=heldout_path, lexicon=lexicon_path,
+                                 corpus_tokens=len(corpus.train_ids), lexicon_added=len(new_words))
 
         # Held-out perplexity: rank 0 alone (the ranks hold the same model; the others would repeat the work).
         eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and rank == 0

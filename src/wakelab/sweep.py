@@ -39,6 +39,7 @@ from . import logs, registry, stopping, sweep_resume, tracking
 from .config import RunConfig, parse_value, plugin_section, resolve_key, set_in, validate
 from .errors import ConfigError, DataError, WakelabError
 from .logs import warn
+from .vocab import word_token_id
 
 #: Keys a sweep cannot vary, and why.
 FIXED_KEYS = {
@@ -482,8 +483,8 @@ def hit_rates(weight: torch.Tensor, tokenizer, num_base: int, constituents: dict
     from .analysis.embeddings import nearest_neighbours
 
     vocab = tokenizer.get_vocab()
-    token_of = {w: vocab.get(w, vocab.get(" " + w, -1)) for w in constituents}  # word mode adds " word"
-    words = [w for w in constituents if token_of[w] >= num_base]
+    token_of = {w: word_token_id(vocab, w) for w in constituents}
+    words = [w for w in constituents if token_of[w] is not None and token_of[w] >= num_base]
     if not words:
         return {"words": 0, "skipped": len(constituents), "hit_meaning": None, "hit_any": None, "details": []}
     ids = [token_of[w] for w in words]
@@ -545,6 +546,8 @@ def summarise_child(client, child: Child, plan: SweepPlan, log: Log) -> dict[str
     summary["base_mean_norm"] = float(initial[:num_base].norm(dim=1).mean())
     summary["new_row_norm_init"] = init_norm
     summary["new_row_norm_final"] = child.metrics.get("new_row_norm", float(final[num_base:].norm(dim=1).mean()))
+    logged = client.get_run(child.run_id).data.metrics  # the trajectory plugin's meaning probe, when it ran
+    summary["probe"] = {k: logged[k] for k in PROBE_KEYS if k in logged}
     if child.config.init.from_embeddings:
         log(f"warning: {child.label}: init.from_embeddings is set; step-0 values are those of the init before the "
             "restore")
@@ -582,10 +585,16 @@ COLUMNS = (
     ("hit_any_step0", "meaning/part@k step 0"),
     ("hit_any_final", "meaning/part@k end"),
     ("hit_words", "words scored"),
+    ("probe_kl_before", "probe KL step 0"),
+    ("probe_kl_after", "probe KL end"),
+    ("probe_substitution_after", "substitution end"),
     ("train_seconds", "seconds"),
     ("run_id", "run id"),
     ("error", "error"),
 )
+
+
+PROBE_KEYS = ("probe_kl_before", "probe_kl_after", "probe_substitution_after")
 
 
 def comparison_row(child: Child) -> dict[str, Any]:
@@ -598,6 +607,7 @@ def comparison_row(child: Child) -> dict[str, Any]:
         row["final_loss"] = summary["loss"][1][-1]
     for key in ("new_row_norm_init", "new_row_norm_final", "base_mean_norm"):
         row[key] = summary.get(key)
+    row.update(summary.get("probe") or {})
     hits = summary.get("hits")
     if hits:
         for when in ("step0", "final"):

@@ -224,7 +224,8 @@ class TrackedRun:
     :meth:`save_unlogged`. ``end`` never hangs on a dead server.
     """
 
-    def __init__(self, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None):
+    def __init__(self, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None,
+                 system_metrics: bool = False):
         import mlflow
 
         self._mlflow = mlflow
@@ -233,11 +234,11 @@ class TrackedRun:
         try:
             attach_to = run_id or os.environ.get("MLFLOW_RUN_ID")
             if attach_to:
-                self.run = mlflow.start_run(run_id=attach_to)
+                self.run = mlflow.start_run(run_id=attach_to, log_system_metrics=system_metrics or None)
                 self.attached = True
             else:
                 _open_experiment(mlflow, experiment)
-                self.run = mlflow.start_run(run_name=run_name)
+                self.run = mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics or None)
                 self.attached = False
             mlflow.set_tags(tags)
         except BaseException:

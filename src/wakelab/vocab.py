@@ -160,6 +160,11 @@ def expand_vocabulary(tokenizer, words: list[str], add_as: str, lexicon: str, *,
     return report, new_words
 
 
+def word_token_id(vocab: dict[str, int], word: str) -> int | None:
+    """The id of a lexicon word's own token: `word` mode adds " word" (with its space), `plain` the bare word."""
+    return vocab.get(word, vocab.get(" " + word))
+
+
 def _shown(word: str, limit: int = 80) -> str:
     """A rejected word as the report shows it: a runaway line cut short."""
     return word if len(word) <= limit else f"{word[:limit]}... ({len(word)} characters)"

@@ -72,6 +72,8 @@ class AnalyzeOptions:
     from_step: int | None = None
     to_step: int | None = None
     freeze_threshold: float = 1e-6
+    trajectory: bool = True  # with a recording: the trajectory page, GIF, image frames and per-token table
+    trajectory_tokens: str = "auto"
     nested: bool = False
     mlflow: bool = True
     out: str | None = None
@@ -628,6 +630,16 @@ def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, rec
         if not result.complete:
             warn(f"recording {recording_path} was cut short (its writer did not finish); analysed its "
                  f"{len(result.steps)} complete steps")  # fmt: skip
+        if opts.trajectory:
+            from .recording_trajectory import recording_trajectory
+
+            traj_prefix = prefix.replace("dynamics", "trajectory", 1)
+            drawn = recording_trajectory(recording_path, run.target, sink, traj_prefix, tokens=opts.trajectory_tokens,
+                                         seed=opts.seed, from_step=opts.from_step, to_step=opts.to_step,
+                                         warn=warn)  # fmt: skip
+            report.results["trajectory"] = drawn
+            lines.append(f"trajectory {drawn['tracked']} of {drawn['new_rows']} new rows over {drawn['frames']} "
+                         f"frames: {drawn['folder']}/trajectory.html, .gif, tokens.csv")  # fmt: skip
 
     for message in report.warnings:
         lines.append(f"warning    {message}")
