@@ -55,8 +55,18 @@ def build(path: Path, steps: int, rows: int, dim: int, steps_per_shard: int) -> 
         "lr": FieldSpec((), torch.float64),
     }
     trained = min(TRAINED, rows)
-    meta = {"strategy": "full", "num_base": rows, "vocab_size": rows, "dtype": "bfloat16", "param_dtype": "bfloat16",
-            "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0, "synthetic": True}
+    meta = {
+        "strategy": "full",
+        "num_base": rows,
+        "vocab_size": rows,
+        "dtype": "bfloat16",
+        "param_dtype": "bfloat16",
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "weight_decay": 0.0,
+        "synthetic": True,
+    }
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(rows, dim, generator=g) * 0.05).to(bf16)  # bf16 parameters, as in Wordybird
     m = torch.zeros(rows, dim)
@@ -176,8 +186,10 @@ def main() -> None:
         print()
         print(f"{'':34} {'wall s':>8} {'peak RSS MiB':>13}")
         print(f"{'(c) imports only':34} {'':>8} {baseline['peak_rss_mib']:13.0f}")
-        print(f"{'(a) streaming analysis + outputs':34} {stream['seconds']:8.1f} {stream['peak_rss_mib']:13.0f}"
-              f"   (analysis alone {stream['analyse_seconds']:.1f} s, {stream['rss_after_analyse_mib']:.0f} MiB)")
+        print(
+            f"{'(a) streaming analysis + outputs':34} {stream['seconds']:8.1f} {stream['peak_rss_mib']:13.0f}"
+            f"   (analysis alone {stream['analyse_seconds']:.1f} s, {stream['rss_after_analyse_mib']:.0f} MiB)"
+        )
         print(f"{'(b) load_file every shard + cat':34} {load['seconds']:8.1f} {load['peak_rss_mib']:13.0f}")
         print(f"ratios (a)/(b): wall {stream['seconds'] / load['seconds']:.2f}, "
               f"peak RSS {stream['peak_rss_mib'] / load['peak_rss_mib']:.2f}; above imports: "

@@ -265,6 +265,7 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
 
     overrides = dict(base_overrides, output_dir=f"out-{run_index}", **{"tracking.run_name": f"pair-{run_index}"})
     config = config_mod.build_config(preset=None, overrides=overrides)
+
     def run_engine():
         try:
             engine.run(config, overwrite=True, progress=progress)
@@ -274,6 +275,7 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
 
     # The engine runs in a thread of its own too, so neither side is the main thread.
     engine._build_trainer = build
+
     def on_gc(phase, info):
         if not gc_counting.is_set():
             return
@@ -311,7 +313,9 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
             for kind, thread in (("wakelab", "wakelab-engine"), ("plain", "plain-trainer"))
         },
         "wakelab_code_s_per_step": spent["seconds"] / max(1, side["trainer"].state.global_step),
-        "wakelab_code_ms_by_event": {k: v * 1000 / max(1, side["trainer"].state.global_step) for k, v in by_event.items()},
+        "wakelab_code_ms_by_event": {
+            k: v * 1000 / max(1, side["trainer"].state.global_step) for k, v in by_event.items()
+        },
     }
 
 
@@ -327,8 +331,11 @@ def main() -> int:
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--no-progress", action="store_true", help="run wakelab without its progress bar")
     parser.add_argument("--dump", type=Path, help="write every step's wall and CPU times to this JSON file")
-    parser.add_argument("--control", action="store_true",
-                        help="A/A check of the harness: the engine's side trains with a plain Trainer as well")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="A/A check of the harness: the engine's side trains with a plain Trainer as well",
+    )
     args = parser.parse_args()
     if args.steps <= args.warmup + 1:
         parser.error("--steps must exceed --warmup + 1")
@@ -373,11 +380,15 @@ def measure(args, tmp: Path) -> int:
         "tracking.experiment": "engine-overhead",
     }
 
-    print(f"engine_overhead: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {platform.machine()}")
-    print(f"model: tiny Llama hidden={args.hidden} layers={args.layers} tied; seq_len={args.seq_len} "
-          f"batch={args.batch}; {args.steps} steps per run, first {args.warmup} untimed; "
-          f"logging every {args.logging_steps}; progress bar {'off' if args.no_progress else 'on'} (to /dev/null)")
+    print(
+        f"engine_overhead: torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {platform.machine()}"
+    )
+    print(
+        f"model: tiny Llama hidden={args.hidden} layers={args.layers} tied; seq_len={args.seq_len} "
+        f"batch={args.batch}; {args.steps} steps per run, first {args.warmup} untimed; "
+        f"logging every {args.logging_steps}; progress bar {'off' if args.no_progress else 'on'} (to /dev/null)"
+    )
     if args.control:
         print("CONTROL RUN (A/A): the 'wakelab' side below is a plain Trainer in the engine's run; expect ratio ~1.0")
 
@@ -394,23 +405,26 @@ def measure(args, tmp: Path) -> int:
                 print(f"{kind:7s} side: {got['classes'][kind]}, callbacks {got['callbacks'][kind]}")
         assert got["steps"]["wakelab"] == got["steps"]["plain"] == args.steps, got["steps"]
         dump.append({"pair": pair, "first": first, "wall_s": got["durations"], "cpu_s": got["cpu"]})
-        timed = {kind: got["durations"][kind][args.warmup:] for kind in ("wakelab", "plain")}
+        timed = {kind: got["durations"][kind][args.warmup :] for kind in ("wakelab", "plain")}
         sps = {kind: len(d) / sum(d) for kind, d in timed.items()}
         med_ms = {kind: statistics.median(d) * 1000 for kind, d in timed.items()}
         ratio = sps["wakelab"] / sps["plain"]
         step_ratio = statistics.median(p / w for w, p in zip(timed["wakelab"], timed["plain"], strict=True))
-        cpu = {kind: sum(got["cpu"][kind][args.warmup:]) for kind in ("wakelab", "plain")}
+        cpu = {kind: sum(got["cpu"][kind][args.warmup :]) for kind in ("wakelab", "plain")}
         cpu_ratios.append(cpu["plain"] / cpu["wakelab"])
         rows.append((sps, ratio, step_ratio))
         own_ms = got["wakelab_code_s_per_step"] * 1000
         own_share.append(own_ms / med_ms["wakelab"])
         for event, ms in got["wakelab_code_ms_by_event"].items():
             own_events.setdefault(event, []).append(ms)
-        print(f"pair {pair}: {first:>7s} first | wakelab {sps['wakelab']:6.2f} steps/s ({med_ms['wakelab']:6.1f} ms "
-              f"median) | plain {sps['plain']:6.2f} steps/s ({med_ms['plain']:6.1f} ms median) | ratio {ratio:.3f} "
-              f"(median step-pair ratio {step_ratio:.3f}, CPU-time ratio {cpu_ratios[-1]:.3f})"
-              + ("" if args.control else f" | in wakelab code {own_ms:.2f} ms/step")
-              + f" | GC in training: wakelab {got['gc_ms']['wakelab']:.0f} ms, plain {got['gc_ms']['plain']:.0f} ms", flush=True)
+        print(
+            f"pair {pair}: {first:>7s} first | wakelab {sps['wakelab']:6.2f} steps/s ({med_ms['wakelab']:6.1f} ms "
+            f"median) | plain {sps['plain']:6.2f} steps/s ({med_ms['plain']:6.1f} ms median) | ratio {ratio:.3f} "
+            f"(median step-pair ratio {step_ratio:.3f}, CPU-time ratio {cpu_ratios[-1]:.3f})"
+            + ("" if args.control else f" | in wakelab code {own_ms:.2f} ms/step")
+            + f" | GC in training: wakelab {got['gc_ms']['wakelab']:.0f} ms, plain {got['gc_ms']['plain']:.0f} ms",
+            flush=True,
+        )
 
     if args.dump:
         args.dump.write_text(json.dumps(dump))
@@ -423,15 +437,20 @@ def measure(args, tmp: Path) -> int:
     print(f"plain   steps/s : median {statistics.median(pl):.2f} (min {min(pl):.2f}, max {max(pl):.2f})")
     print(f"paired ratios   : {', '.join(f'{r:.3f}' for r in ratios)}")
     print(f"median of per-step paired ratios: {statistics.median(r for _, _, r in rows):.3f}")
-    print(f"median CPU-time ratio (plain CPU s / wakelab CPU s over the timed steps): "
-          f"{statistics.median(cpu_ratios):.3f}")
+    print(
+        f"median CPU-time ratio (plain CPU s / wakelab CPU s over the timed steps): {statistics.median(cpu_ratios):.3f}"
+    )
     if not args.control:
-        print(f"time in wakelab's per-step code (HookBridge events incl. MLflow logging, masking seam): median "
-              f"{statistics.median(own_share):.2%} of a median step; ms/step by event: "
-              + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in own_events.items()))
+        print(
+            f"time in wakelab's per-step code (HookBridge events incl. MLflow logging, masking seam): median "
+            f"{statistics.median(own_share):.2%} of a median step; ms/step by event: "
+            + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in own_events.items())
+        )
     verdict = "PASS" if median_ratio >= TARGET else "FAIL"
-    print(f"engine overhead: median paired ratio wakelab/plain steps/s = {median_ratio:.3f} "
-          f"(target >= {TARGET}) {verdict}")
+    print(
+        f"engine overhead: median paired ratio wakelab/plain steps/s = {median_ratio:.3f} "
+        f"(target >= {TARGET}) {verdict}"
+    )
     return 0
 
 

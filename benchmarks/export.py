@@ -15,7 +15,8 @@ The base tokenizer is a byte-level one with the base's exact size (built offline
 Printed per shape: seconds and MiB of each, the ratios to hf (size and time), and each size over the raw bytes of
 the new rows (num_new x d x 4). Targets: the delta holds nothing of the base (<= 1.1x the raw rows); the adapter
 <= 2.2x (PEFT writes a tied head's delta again, next to the embedding's). At P1's shape the new rows are 345 MiB
-in fp32 whatever the format: only the hf folder carries the base. Run:  .venv/bin/python benchmarks/export.py [--only demo|p1]   (about 3-6 min on 2 busy CPU cores; ~6 GiB RAM)
+in fp32 whatever the format: only the hf folder carries the base.
+Run:  .venv/bin/python benchmarks/export.py [--only demo|p1]   (about 3-6 min on 2 busy CPU cores; ~6 GiB RAM)
 """
 
 from __future__ import annotations
@@ -29,10 +30,24 @@ import time
 from pathlib import Path
 
 SHAPES = {
-    "demo": {"num_base": 49_152, "num_new": 223, "hidden_size": 576, "intermediate_size": 1536,
-             "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3},
-    "p1": {"num_base": 128_256, "num_new": 44_195, "hidden_size": 2048, "intermediate_size": 8192,
-           "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 8},
+    "demo": {
+        "num_base": 49_152,
+        "num_new": 223,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+    },
+    "p1": {
+        "num_base": 128_256,
+        "num_new": 44_195,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
 }
 TARGET_DELTA, TARGET_PEFT = 1.1, 2.2
 MiB = 1024 * 1024
@@ -77,12 +92,23 @@ def bench(name: str, shape: dict, root: Path) -> dict:
     (work / "lexicon.txt").write_text("\n".join(coined(shape["num_new"])) + "\n")
     words = coined(shape["num_new"])
     (work / "corpus.txt").write_text(" ".join(f"the river {words[i % len(words)]} ran" for i in range(400)) + "\n")
-    arch = {"model_type": "llama", "tie_word_embeddings": True, "max_position_embeddings": 256,
-            **{k: v for k, v in shape.items() if k not in ("num_base", "num_new")}}
+    arch = {
+        "model_type": "llama",
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 256,
+        **{k: v for k, v in shape.items() if k not in ("num_base", "num_new")},
+    }
     overrides = {
-        "model.architecture": arch, "model.tokenizer": str(tok), "vocab.lexicon": str(work / "lexicon.txt"),
-        "data.corpus": str(work / "corpus.txt"), "data.seq_len": 16, "train.max_steps": 1, "train.batch_size": 1,
-        "train.eval_perplexity": False, "tracking.experiment": "bench-export", "output_dir": str(work / "run"),
+        "model.architecture": arch,
+        "model.tokenizer": str(tok),
+        "vocab.lexicon": str(work / "lexicon.txt"),
+        "data.corpus": str(work / "corpus.txt"),
+        "data.seq_len": 16,
+        "train.max_steps": 1,
+        "train.batch_size": 1,
+        "train.eval_perplexity": False,
+        "tracking.experiment": "bench-export",
+        "output_dir": str(work / "run"),
         "tracking.log_tokenizer": False,
     }
     t0 = time.perf_counter()
@@ -100,8 +126,9 @@ def bench(name: str, shape: dict, root: Path) -> dict:
 
     tokenizer = expanded_tokenizer(source, base_source(source.config))
     t0 = time.perf_counter()
-    model_id = log_delta_model(result.run_id, result.experiment_id, result.output_dir / "final", source.base,
-                               tokenizer, "word")
+    model_id = log_delta_model(
+        result.run_id, result.experiment_id, result.output_dir / "final", source.base, tokenizer, "word"
+    )
     figures["delta_s"] = time.perf_counter() - t0
     import mlflow
 
@@ -128,17 +155,23 @@ def main() -> int:
             if args.only and name != args.only:
                 continue
             f = bench(name, shape, root)
-            print(f"\n{name}: base {shape['num_base']:,} + {shape['num_new']:,} new rows, d={shape['hidden_size']}, "
-                  f"{shape['num_hidden_layers']} layers (1-step run: {f['run_s']:.1f} s)")
+            print(
+                f"\n{name}: base {shape['num_base']:,} + {shape['num_new']:,} new rows, d={shape['hidden_size']}, "
+                f"{shape['num_hidden_layers']} layers (1-step run: {f['run_s']:.1f} s)"
+            )
             raw = shape["num_new"] * shape["hidden_size"] * 4 / MiB
             print(f"  {'':6} {'seconds':>8} {'MiB':>10} {'time/hf':>8} {'size/hf':>8} {'size/rows':>9}")
             for kind in ("hf", "peft", "delta"):
-                print(f"  {kind:6} {f[kind + '_s']:8.2f} {f[kind + '_mib']:10.2f} {f[kind + '_s'] / f['hf_s']:8.3f} "
-                      f"{f[kind + '_mib'] / f['hf_mib']:8.4f} {f[kind + '_mib'] / raw:9.3f}")
+                print(
+                    f"  {kind:6} {f[kind + '_s']:8.2f} {f[kind + '_mib']:10.2f} {f[kind + '_s'] / f['hf_s']:8.3f} "
+                    f"{f[kind + '_mib'] / f['hf_mib']:8.4f} {f[kind + '_mib'] / raw:9.3f}"
+                )
             ok = f["delta_mib"] <= TARGET_DELTA * raw + 2 and f["peft_mib"] <= TARGET_PEFT * raw + 2  # + tokenizer
             verdict &= ok
-            print(f"  target: delta <= {TARGET_DELTA}x and peft <= {TARGET_PEFT}x the raw new rows ({raw:.1f} MiB) "
-                  f"+ the tokenizer: {'PASS' if ok else 'FAIL'}")
+            print(
+                f"  target: delta <= {TARGET_DELTA}x and peft <= {TARGET_PEFT}x the raw new rows ({raw:.1f} MiB) "
+                f"+ the tokenizer: {'PASS' if ok else 'FAIL'}"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if verdict else 1

@@ -1,4 +1,4 @@
-"""P1 at Llama-3.2-1B's width: `tokens` with the chunked loss against `tokens` as before, `mask` and PEFT's TrainableTokens.
+"""P1 at Llama-3.2-1B's width: `tokens` with the chunked loss against `tokens` as before, `mask`, PEFT TrainableTokens.
 
 P1 adds 44,195 new rows to Llama-3.2-1B's 128,256. Here a Llama is built from a ``LlamaConfig`` of that width
 (hidden 2048, MLP 8192, 32 heads / 8 KV heads, tied embeddings, ``vocab_size = 172,451``) with 2 layers, fp32 on
@@ -76,9 +76,14 @@ def worker(variant: str, args, scratch: str) -> dict:
     from wakelab.data import BlockDataset, collate
 
     config = LlamaConfig(
-        vocab_size=NUM_BASE + NUM_NEW, hidden_size=args.hidden, intermediate_size=args.hidden * 4,
-        num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8,
-        max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=True,
+        vocab_size=NUM_BASE + NUM_NEW,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=max(2048, args.seq_len),
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -103,16 +108,30 @@ def worker(variant: str, args, scratch: str) -> dict:
             self.durations.append(time.perf_counter() - self._start)
 
     targs = TrainingArguments(
-        output_dir=os.path.join(scratch, "out"), report_to="none", use_cpu=True, max_steps=steps,
-        per_device_train_batch_size=args.batch, learning_rate=5e-3, optim="adamw_torch", save_strategy="no",
-        logging_steps=10_000, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=42,
+        output_dir=os.path.join(scratch, "out"),
+        report_to="none",
+        use_cpu=True,
+        max_steps=steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=5e-3,
+        optim="adamw_torch",
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=42,
     )
     timer = StepTimer()
     if variant == "peft":
         from peft import TrainableTokensConfig, get_peft_model
 
-        model = get_peft_model(model, TrainableTokensConfig(
-            target_modules=["embed_tokens"], token_indices=list(range(NUM_BASE, NUM_BASE + NUM_NEW))))
+        model = get_peft_model(
+            model,
+            TrainableTokensConfig(
+                target_modules=["embed_tokens"], token_indices=list(range(NUM_BASE, NUM_BASE + NUM_NEW))
+            ),
+        )
         trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[timer])
     else:
         from wakelab.registry import build_manager
@@ -121,12 +140,22 @@ def worker(variant: str, args, scratch: str) -> dict:
 
         strategy = "mask" if variant == "mask" else "tokens"
         rows = setup_trainable_rows(model, num_base=NUM_BASE, strategy=strategy)
-        bridge = HookBridge(trainer_ref=lambda: trainer, on_start=lambda optimizer: None,
-                            log_metrics=lambda metrics, step: None, extra_metrics=lambda: {},
-                            output_dir=targs.output_dir, run_id=None)
+        bridge = HookBridge(
+            trainer_ref=lambda: trainer,
+            on_start=lambda optimizer: None,
+            log_metrics=lambda metrics, step: None,
+            extra_metrics=lambda: {},
+            output_dir=targs.output_dir,
+            run_id=None,
+        )
         trainer = WakelabTrainer(
-            model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[bridge, timer],
-            rows=rows, pm=build_manager(["mask"] if strategy == "mask" else []),
+            model=model,
+            args=targs,
+            train_dataset=dataset,
+            data_collator=collate,
+            callbacks=[bridge, timer],
+            rows=rows,
+            pm=build_manager(["mask"] if strategy == "mask" else []),
             loss_chunk_tokens=args.chunk if variant == "tokens+chunked" else None,
         )
     trainer.remove_callback(PrinterCallback)
@@ -144,9 +173,13 @@ def worker(variant: str, args, scratch: str) -> dict:
     optimizer = trainer.optimizer
     while hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
-    state_bytes = sum(s[k].numel() * s[k].element_size()
-                      for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq") if k in s)
-    timed = timer.durations[args.warmup:]
+    state_bytes = sum(
+        s[k].numel() * s[k].element_size()
+        for s in optimizer.state.values()
+        for k in ("exp_avg", "exp_avg_sq")
+        if k in s
+    )
+    timed = timer.durations[args.warmup :]
     return {
         "variant": variant,
         "trainable": trainable,
@@ -164,10 +197,10 @@ def worker(variant: str, args, scratch: str) -> dict:
 
 def run_worker(variant: str, argv: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, *argv]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     sys.stderr.write(proc.stderr[-4000:])
     raise SystemExit(f"worker {variant} exited with {proc.returncode} and no result")
 
@@ -203,13 +236,27 @@ def measure_wakelab_run(args) -> None:
         for label, chunk in (("before (loss_chunk_tokens=null)", "null"), ("now (chunked, default)", None)):
             out = os.path.join(folder, f"out-{chunk}")
             sets = {
-                "model.architecture": json.dumps({"model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-                                                  "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                  "num_key_value_heads": 2, "max_position_embeddings": 1024,
-                                                  "tie_word_embeddings": True}),
-                "model.tokenizer": "offline-bpe", "vocab.lexicon": lexicon, "data.corpus": corpus,
-                "data.seq_len": 512, "train.batch_size": 4, "train.max_steps": 3, "train.trainable": "tokens",
-                "output_dir": out, "tracking.log_tokenizer": "false",
+                "model.architecture": json.dumps(
+                    {
+                        "model_type": "llama",
+                        "hidden_size": 256,
+                        "intermediate_size": 512,
+                        "num_hidden_layers": 2,
+                        "num_attention_heads": 4,
+                        "num_key_value_heads": 2,
+                        "max_position_embeddings": 1024,
+                        "tie_word_embeddings": True,
+                    }
+                ),
+                "model.tokenizer": "offline-bpe",
+                "vocab.lexicon": lexicon,
+                "data.corpus": corpus,
+                "data.seq_len": 512,
+                "train.batch_size": 4,
+                "train.max_steps": 3,
+                "train.trainable": "tokens",
+                "output_dir": out,
+                "tracking.log_tokenizer": "false",
             }
             if chunk is not None:
                 sets["train.loss_chunk_tokens"] = chunk
@@ -225,12 +272,16 @@ def measure_wakelab_run(args) -> None:
                 sys.stderr.write(output[-3000:])
                 raise SystemExit(f"wakelab run ({label}) failed")
             figures[label] = usage.ru_maxrss
-            print(f"wakelab run, {label}: peak RSS {usage.ru_maxrss / 1024:.0f} MiB "
-                  f"({time.monotonic() - started:.0f} s)", flush=True)
+            print(
+                f"wakelab run, {label}: peak RSS {usage.ru_maxrss / 1024:.0f} MiB ({time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
         before, now = figures.values()
         ratio = now / before
-        print(f"wakelab run batch 4 x 512 peak RSS now/before = {ratio:.3f} (target <= {TARGET_RSS}) "
-              f"{'PASS' if ratio <= TARGET_RSS else 'FAIL'}")
+        print(
+            f"wakelab run batch 4 x 512 peak RSS now/before = {ratio:.3f} (target <= {TARGET_RSS}) "
+            f"{'PASS' if ratio <= TARGET_RSS else 'FAIL'}"
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -248,8 +299,11 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--wakelab-run", action="store_true", help="also re-measure the issue's `wakelab run` figure")
     parser.add_argument("--only-wakelab-run", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--cache", default=os.path.expanduser("~/.cache/wakelab-bench"),
-                        help="WAKELAB_CACHE for --wakelab-run (the offline BPE is built there once)")
+    parser.add_argument(
+        "--cache",
+        default=os.path.expanduser("~/.cache/wakelab-bench"),
+        help="WAKELAB_CACHE for --wakelab-run (the offline BPE is built there once)",
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -266,46 +320,66 @@ def main() -> int:
     import torch
     import transformers
 
-    print(f"full_width: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"full_width: torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
     if not args.only_wakelab_run:
         variants = [v for v in args.variants.split(",") if v]
-        argv = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--hidden={args.hidden}",
-                f"--layers={args.layers}", f"--seq-len={args.seq_len}", f"--batch={args.batch}",
-                f"--chunk={args.chunk}"]
-        print(f"vocab {NUM_BASE:,} base + {NUM_NEW:,} new = {NUM_BASE + NUM_NEW:,} rows, d={args.hidden}, "
-              f"{args.layers} layers, tied, fp32; seq_len={args.seq_len} batch={args.batch}; {args.warmup} warm-up + "
-              f"{args.steps} measured steps; {args.rounds} round(s); chunk {args.chunk} tokens", flush=True)
+        argv = [
+            f"--steps={args.steps}",
+            f"--warmup={args.warmup}",
+            f"--hidden={args.hidden}",
+            f"--layers={args.layers}",
+            f"--seq-len={args.seq_len}",
+            f"--batch={args.batch}",
+            f"--chunk={args.chunk}",
+        ]
+        print(
+            f"vocab {NUM_BASE:,} base + {NUM_NEW:,} new = {NUM_BASE + NUM_NEW:,} rows, d={args.hidden}, "
+            f"{args.layers} layers, tied, fp32; seq_len={args.seq_len} batch={args.batch}; {args.warmup} warm-up + "
+            f"{args.steps} measured steps; {args.rounds} round(s); chunk {args.chunk} tokens",
+            flush=True,
+        )
         results: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            for variant in (variants if r % 2 == 0 else variants[::-1]):
+            for variant in variants if r % 2 == 0 else variants[::-1]:
                 started = time.monotonic()
                 got = run_worker(variant, argv)
                 results[variant].append(got)
-                print(f"round {r + 1} {variant:15s} peak RSS {got['maxrss_kib'] / 1024:8.0f} MiB, "
-                      f"{got['steps_per_s']:.3f} steps/s (steps {', '.join(f'{s:.1f}' for s in got['step_s'])} s; "
-                      f"{time.monotonic() - started:.0f} s in all)", flush=True)
+                print(
+                    f"round {r + 1} {variant:15s} peak RSS {got['maxrss_kib'] / 1024:8.0f} MiB, "
+                    f"{got['steps_per_s']:.3f} steps/s (steps {', '.join(f'{s:.1f}' for s in got['step_s'])} s; "
+                    f"{time.monotonic() - started:.0f} s in all)",
+                    flush=True,
+                )
 
         def med(variant: str, key: str):
             values = [r[key] for r in results[variant] if r[key] is not None]
             return statistics.median(values) if values else None
 
         print()
-        header = (f"{'variant':15s} {'trainable':>11s} {'Adam MiB':>9s} {'setup peak':>10s} {'RSS@train MiB':>13s} "
-                  f"{'train peak MiB':>14s} {'peak RSS MiB':>12s} {'steps/s':>8s} {'s/step':>7s}")
+        header = (
+            f"{'variant':15s} {'trainable':>11s} {'Adam MiB':>9s} {'setup peak':>10s} {'RSS@train MiB':>13s} "
+            f"{'train peak MiB':>14s} {'peak RSS MiB':>12s} {'steps/s':>8s} {'s/step':>7s}"
+        )
         print(header)
         print("-" * len(header))
         for v in variants:
             peak_train = med(v, "peak_train_kib")
-            print(f"{v:15s} {results[v][0]['trainable']:>11,d} {med(v, 'opt_state_bytes') / MiB:9.1f} "
-                  f"{med(v, 'maxrss_setup_kib') / 1024:10.0f} "
-                  f"{med(v, 'rss_before_train_kib') / 1024:13.0f} "
-                  f"{(peak_train or 0) / 1024:14.0f} {med(v, 'maxrss_kib') / 1024:12.0f} "
-                  f"{med(v, 'steps_per_s'):8.3f} {1 / med(v, 'steps_per_s'):7.1f}")
-        print("(MiB, medians over rounds; setup peak: ru_maxrss right before training (model build, row split); "
-              "RSS@train: RSS then; train peak: high-water mark during training; peak RSS: the process's ru_maxrss, "
-              "judged)")
+            print(
+                f"{v:15s} {results[v][0]['trainable']:>11,d} {med(v, 'opt_state_bytes') / MiB:9.1f} "
+                f"{med(v, 'maxrss_setup_kib') / 1024:10.0f} "
+                f"{med(v, 'rss_before_train_kib') / 1024:13.0f} "
+                f"{(peak_train or 0) / 1024:14.0f} {med(v, 'maxrss_kib') / 1024:12.0f} "
+                f"{med(v, 'steps_per_s'):8.3f} {1 / med(v, 'steps_per_s'):7.1f}"
+            )
+        print(
+            "(MiB, medians over rounds; setup peak: ru_maxrss right before training (model build, row split); "
+            "RSS@train: RSS then; train peak: high-water mark during training; peak RSS: the process's ru_maxrss, "
+            "judged)"
+        )
         print()
         if "tokens+chunked" in variants:
             for peer in ("mask", "peft", "tokens"):
@@ -316,11 +390,13 @@ def main() -> int:
                 speed = med("tokens+chunked", "steps_per_s") / med(peer, "steps_per_s")
                 state = med("tokens+chunked", "opt_state_bytes") / med(peer, "opt_state_bytes")
                 judged = peer != "tokens"
-                print(f"tokens+chunked / {peer:6s}: peak RSS {rss:.3f}"
-                      + (f" (target <= {TARGET_RSS}) {'PASS' if rss <= TARGET_RSS else 'FAIL'}" if judged else "")
-                      + f" [training window {window:.3f}]; steps/s {speed:.3f}"
-                      + (f" (target >= {TARGET_SPEED}) {'PASS' if speed >= TARGET_SPEED else 'FAIL'}" if judged else "")
-                      + f"; optimizer state {state:.3f}")
+                print(
+                    f"tokens+chunked / {peer:6s}: peak RSS {rss:.3f}"
+                    + (f" (target <= {TARGET_RSS}) {'PASS' if rss <= TARGET_RSS else 'FAIL'}" if judged else "")
+                    + f" [training window {window:.3f}]; steps/s {speed:.3f}"
+                    + (f" (target >= {TARGET_SPEED}) {'PASS' if speed >= TARGET_SPEED else 'FAIL'}" if judged else "")
+                    + f"; optimizer state {state:.3f}"
+                )
     if args.wakelab_run or args.only_wakelab_run:
         print()
         measure_wakelab_run(args)

@@ -71,7 +71,7 @@ def main() -> None:
 
     def opt_step(setting: str) -> float:
         model, optimizer = runs[setting]
-        for p, g in zip(model.parameters(), grads):
+        for p, g in zip(model.parameters(), grads, strict=False):
             p.grad = g.clone()
         start = time.perf_counter()
         optimizer.step()
@@ -90,7 +90,7 @@ def main() -> None:
     def lock_step(rounds: int, step, warmup: int = 1) -> dict[str, list[float]]:
         ratios: dict[str, list[float]] = {s: [] for s in SETTINGS}
         for r in range(warmup + rounds):
-            order = SETTINGS[r % 4:] + SETTINGS[: r % 4]
+            order = SETTINGS[r % 4 :] + SETTINGS[: r % 4]
             batch = torch.randint(0, 50257, (args.batch, 128), generator=gen)
             times = {s: step(s, batch) if step is train_step else step(s) for s in order}
             if r >= warmup:
@@ -103,8 +103,10 @@ def main() -> None:
     sizes = {s: nbytes(*runs[s]) for s in SETTINGS}
 
     print(f"Wordybird GPT-2, {n_params:,} parameters in bf16; batch {args.batch} x 128 for the whole step")
-    print(f"{'setting':12} {'B/param':>8} {'documented':>10} {'bytes vs bf16':>14} {'opt steps/s vs bf16':>20} "
-          f"{'train steps/s vs bf16':>22}")
+    print(
+        f"{'setting':12} {'B/param':>8} {'documented':>10} {'bytes vs bf16':>14} {'opt steps/s vs bf16':>20} "
+        f"{'train steps/s vs bf16':>22}"
+    )
     failed = False
     for s in SETTINGS:
         per_param = sizes[s] / n_params
@@ -112,11 +114,15 @@ def main() -> None:
         opt_ratio = statistics.median(opt[s])
         ok_speed = s == "bf16" or 1 / opt_ratio <= TARGET_OPT_SLOWDOWN[s]
         failed |= not (ok_bytes and ok_speed)
-        print(f"{s:12} {per_param:8.2f} {DOCUMENTED_BYTES_PER_PARAM[s]:10d} {sizes[s] / sizes['bf16']:13.2f}x "
-              f"{opt_ratio:19.2f}x {statistics.median(whole[s]):21.2f}x")
+        print(
+            f"{s:12} {per_param:8.2f} {DOCUMENTED_BYTES_PER_PARAM[s]:10d} {sizes[s] / sizes['bf16']:13.2f}x "
+            f"{opt_ratio:19.2f}x {statistics.median(whole[s]):21.2f}x"
+        )
     limits = ", ".join(f"{s} {x:g}x" for s, x in TARGET_OPT_SLOWDOWN.items() if s != "bf16")
-    print("FAIL" if failed else "PASS", f"(bytes within 5% of documented; optimizer step slower than plain by at most: "
-          f"{limits})")
+    print(
+        "FAIL" if failed else "PASS",
+        f"(bytes within 5% of documented; optimizer step slower than plain by at most: {limits})",
+    )
 
 
 if __name__ == "__main__":

@@ -261,8 +261,12 @@ def simulated_step_share(workdir: Path, steps: int, step_s: float) -> dict:
             append_s.append(time.perf_counter() - started)
     shutil.rmtree(path, ignore_errors=True)
     timed = append_s[5:]  # after the first steps, which fill the writer's buffer pools
-    return {"median_ms": 1000 * statistics.median(timed), "mean_ms": 1000 * statistics.mean(timed),
-            "share": statistics.mean(timed) / step_s, "steps": len(timed)}
+    return {
+        "median_ms": 1000 * statistics.median(timed),
+        "mean_ms": 1000 * statistics.mean(timed),
+        "share": statistics.mean(timed) / step_s,
+        "steps": len(timed),
+    }
 
 
 def dd_throughput(workdir: Path) -> dict:
@@ -291,11 +295,18 @@ def main() -> None:
     parser.add_argument("--timed-steps", type=int, default=3, help="Timed steps per speed run (after 1 warm-up).")
     parser.add_argument("--batch", type=int, default=32, help="Blocks of 128 tokens per step for the speed runs.")
     parser.add_argument("--rss-steps", type=int, default=100)
-    parser.add_argument("--rss-batch", type=int, default=1, help="Batch of the RSS run (recorder memory is batch-free).")
+    parser.add_argument(
+        "--rss-batch", type=int, default=1, help="Batch of the RSS run (recorder memory is batch-free)."
+    )
     parser.add_argument("--throughput-steps", type=int, default=20)
-    parser.add_argument("--simulated-step-ms", type=float, default=140.0, help="Step time of the simulated-step figure.")
-    parser.add_argument("--writer-only", action="store_true",
-                        help="Only the writer's figures: throughput against dd, and the simulated-step share.")
+    parser.add_argument(
+        "--simulated-step-ms", type=float, default=140.0, help="Step time of the simulated-step figure."
+    )
+    parser.add_argument(
+        "--writer-only",
+        action="store_true",
+        help="Only the writer's figures: throughput against dd, and the simulated-step share.",
+    )
     parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rss-without-recorder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -314,7 +325,8 @@ def main() -> None:
         writer = writer_throughput(workdir, args.throughput_steps)
         dd = dd_throughput(workdir)
         sim = simulated_step_share(workdir, 45, args.simulated_step_ms / 1000)
-        print(f"writer throughput: {writer['mib_s']:.0f} MiB/s ({writer['steps']} steps of {writer['per_step_mib']:.1f} "
+        print(f"writer throughput: {writer['mib_s']:.0f} MiB/s "
+              f"({writer['steps']} steps of {writer['per_step_mib']:.1f} "
               f"MiB, fsynced); dd oflag=direct {dd['oflag=direct']:.0f} MiB/s, dd conv=fdatasync "
               f"{dd['conv=fdatasync']:.0f} MiB/s -> writer / dd(direct) = {writer['mib_s'] / dd['oflag=direct']:.2f}  "
               f"[target >= 0.6]")  # fmt: skip

@@ -195,7 +195,7 @@ def worker(strategy: str, args, scratch: str) -> dict:
         state_params += counted
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    timed = timer.durations[args.warmup:]
+    timed = timer.durations[args.warmup :]
     steps_per_s = len(timed) / sum(timed)
     step_ms = [d * 1000 for d in timed]
     return {
@@ -251,7 +251,7 @@ def run_pair(order: tuple[str, str], argv: list[str]) -> dict[str, dict]:
             if not line:
                 fail(strategy, f"exited (code {proc.wait()})")
             if line.startswith("RESULT "):
-                results[strategy] = json.loads(line[len("RESULT "):])
+                results[strategy] = json.loads(line[len("RESULT ") :])
                 return "RESULT"
             if line.startswith("@@WAIT"):
                 return "WAIT"
@@ -302,14 +302,23 @@ def main() -> int:
     import transformers
 
     argv = [
-        f"--steps={args.steps}", f"--warmup={args.warmup}", f"--hidden={args.hidden}", f"--layers={args.layers}",
-        f"--seq-len={args.seq_len}", f"--batch={args.batch}", f"--new-share={args.new_share}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--hidden={args.hidden}",
+        f"--layers={args.layers}",
+        f"--seq-len={args.seq_len}",
+        f"--batch={args.batch}",
+        f"--new-share={args.new_share}",
     ]
-    print(f"tokens_vs_mask: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus")
-    print(f"vocab {NUM_BASE:,} base + {NUM_NEW:,} new = {NUM_BASE + NUM_NEW:,} rows, d={args.hidden}, "
-          f"{args.layers} layers, tied; seq_len={args.seq_len} batch={args.batch}, {args.new_share:.0%} new ids; "
-          f"{args.warmup} warm-up + {args.steps} measured steps; {args.pairs} pairs")
+    print(
+        f"tokens_vs_mask: torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus"
+    )
+    print(
+        f"vocab {NUM_BASE:,} base + {NUM_NEW:,} new = {NUM_BASE + NUM_NEW:,} rows, d={args.hidden}, "
+        f"{args.layers} layers, tied; seq_len={args.seq_len} batch={args.batch}, {args.new_share:.0%} new ids; "
+        f"{args.warmup} warm-up + {args.steps} measured steps; {args.pairs} pairs"
+    )
     results: dict[str, list[dict]] = {"tokens": [], "mask": []}
     ratios = []
     for pair in range(1, args.pairs + 1):
@@ -319,30 +328,41 @@ def main() -> int:
             results[s].append(got[s])
         ratio = got["tokens"]["steps_per_s"] / got["mask"]["steps_per_s"]
         ratios.append(ratio)
-        step_ratio = statistics.median(m / t for t, m in zip(got["tokens"]["step_ms"], got["mask"]["step_ms"], strict=True))
-        print(f"pair {pair}: {order[0]:>6s} first  tokens {got['tokens']['steps_per_s']:.3f} steps/s "
-              f"({got['tokens']['median_step_ms']:.0f} ms median) | mask {got['mask']['steps_per_s']:.3f} steps/s "
-              f"({got['mask']['median_step_ms']:.0f} ms median) | ratio {ratio:.3f} (median step-pair ratio "
-              f"{step_ratio:.3f})", flush=True)
+        step_ratio = statistics.median(
+            m / t for t, m in zip(got["tokens"]["step_ms"], got["mask"]["step_ms"], strict=True)
+        )
+        print(
+            f"pair {pair}: {order[0]:>6s} first  tokens {got['tokens']['steps_per_s']:.3f} steps/s "
+            f"({got['tokens']['median_step_ms']:.0f} ms median) | mask {got['mask']['steps_per_s']:.3f} steps/s "
+            f"({got['mask']['median_step_ms']:.0f} ms median) | ratio {ratio:.3f} (median step-pair ratio "
+            f"{step_ratio:.3f})",
+            flush=True,
+        )
 
     def med(strategy: str, key: str):
         values = [r[key] for r in results[strategy] if r[key] is not None]
         return statistics.median(values) if values else None
 
     print()
-    header = (f"{'strategy':8s} {'trainable':>11s} {'Adam state MiB':>14s} {'RSS@model MiB':>13s} "
-              f"{'RSS@train MiB':>13s} {'train peak MiB':>14s} {'+during train':>13s} {'peak RSS MiB':>12s} "
-              f"{'steps/s':>8s} {'step ms':>8s}")
+    header = (
+        f"{'strategy':8s} {'trainable':>11s} {'Adam state MiB':>14s} {'RSS@model MiB':>13s} "
+        f"{'RSS@train MiB':>13s} {'train peak MiB':>14s} {'+during train':>13s} {'peak RSS MiB':>12s} "
+        f"{'steps/s':>8s} {'step ms':>8s}"
+    )
     print(header)
     print("-" * len(header))
     for s in ("tokens", "mask"):
         before, peak_train = med(s, "rss_before_train_kib"), med(s, "peak_train_kib")
         rise = None if peak_train is None else peak_train - before
-        print(f"{s:8s} {results[s][0]['trainable_params']:>11,d} {med(s, 'opt_state_bytes') / MiB:14.1f} "
-              f"{mib(med(s, 'rss_model_kib')):>13s} {mib(before):>13s} {mib(peak_train):>14s} {mib(rise):>13s} "
-              f"{mib(med(s, 'maxrss_kib')):>12s} {med(s, 'steps_per_s'):8.3f} {med(s, 'median_step_ms'):8.0f}")
-    print("(medians over the runs; RSS@train: right before trainer.train(); train peak: high-water mark during "
-          "training; peak RSS: the process's ru_maxrss)")
+        print(
+            f"{s:8s} {results[s][0]['trainable_params']:>11,d} {med(s, 'opt_state_bytes') / MiB:14.1f} "
+            f"{mib(med(s, 'rss_model_kib')):>13s} {mib(before):>13s} {mib(peak_train):>14s} {mib(rise):>13s} "
+            f"{mib(med(s, 'maxrss_kib')):>12s} {med(s, 'steps_per_s'):8.3f} {med(s, 'median_step_ms'):8.0f}"
+        )
+    print(
+        "(medians over the runs; RSS@train: right before trainer.train(); train peak: high-water mark during "
+        "training; peak RSS: the process's ru_maxrss)"
+    )
     checks = []
     for s in ("tokens", "mask"):
         moved = all(r["new_rows_moved"] for r in results[s])
@@ -355,14 +375,20 @@ def main() -> int:
     speed_ratio = statistics.median(ratios)
     train_peak_t, train_peak_m = med("tokens", "peak_train_kib"), med("mask", "peak_train_kib")
     print()
-    print(f"optimizer state tokens/mask = {state_ratio:.3f} (target <= {TARGET_STATE}) "
-          f"{'PASS' if state_ratio <= TARGET_STATE else 'FAIL'}")
-    print(f"peak RSS        tokens/mask = {rss_ratio:.3f} (target <= {TARGET_RSS}) "
-          f"{'PASS' if rss_ratio <= TARGET_RSS else 'FAIL'}"
-          + (f"  [training-window peak ratio {train_peak_t / train_peak_m:.3f}]" if train_peak_t and train_peak_m else ""))
-    print(f"steps/s         tokens/mask = {speed_ratio:.3f} (target >= {TARGET_SPEED}) "
-          f"{'PASS' if speed_ratio >= TARGET_SPEED else 'FAIL'}  [paired ratios: "
-          f"{', '.join(f'{r:.3f}' for r in ratios)}]")
+    print(
+        f"optimizer state tokens/mask = {state_ratio:.3f} (target <= {TARGET_STATE}) "
+        f"{'PASS' if state_ratio <= TARGET_STATE else 'FAIL'}"
+    )
+    print(
+        f"peak RSS        tokens/mask = {rss_ratio:.3f} (target <= {TARGET_RSS}) "
+        f"{'PASS' if rss_ratio <= TARGET_RSS else 'FAIL'}"
+        + (f"  [training-window peak ratio {train_peak_t / train_peak_m:.3f}]" if train_peak_t and train_peak_m else "")
+    )
+    print(
+        f"steps/s         tokens/mask = {speed_ratio:.3f} (target >= {TARGET_SPEED}) "
+        f"{'PASS' if speed_ratio >= TARGET_SPEED else 'FAIL'}  [paired ratios: "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}]"
+    )
     return 0
 
 

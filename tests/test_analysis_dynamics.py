@@ -64,7 +64,9 @@ def test_displacement_summary_with_and_without_mask():
 
 def test_freeze_verdict():
     assert freeze_verdict(torch.tensor([0.0, 1e-6]), threshold=1e-4) == {
-        "frozen": True, "mean": pytest.approx(5e-7), "threshold": 1e-4,
+        "frozen": True,
+        "mean": pytest.approx(5e-7),
+        "threshold": 1e-4,
     }
     assert freeze_verdict(torch.tensor([0.0, 1.0]), threshold=1e-4)["frozen"] is False
 
@@ -304,4 +306,3 @@ def test_lattice_hops_streams_without_materialising():
     assert values.pulled == exp_avgs.pulled == exp_avg_sqs.pulled == 50
     assert values.peak <= 2
     assert exp_avgs.peak <= 1 and exp_avg_sqs.peak <= 1
-

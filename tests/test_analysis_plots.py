@@ -34,8 +34,11 @@ def _assert_labelled(ax) -> None:
 def _line(ax, label_or_index):
     """(x, y) of one plotted line, by legend label or position, with NaN for gaps."""
     lines = ax.get_lines()
-    line = lines[label_or_index] if isinstance(label_or_index, int) else next(
-        ln for ln in lines if ln.get_label() == label_or_index)
+    line = (
+        lines[label_or_index]
+        if isinstance(label_or_index, int)
+        else next(ln for ln in lines if ln.get_label() == label_or_index)
+    )
     return np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
 
 
@@ -122,8 +125,13 @@ def test_freeze_onset_plot_from_real_records(tmp_path):
 
 def test_lattice_hops_plot_handles_missing_share(tmp_path):
     records = [
-        {"step": s, "coords_moved": 100 - s, "rounded_away": s, "nonzero_updates": 100,
-         "subhalf_ulp_share": s / 100 if s else None}
+        {
+            "step": s,
+            "coords_moved": 100 - s,
+            "rounded_away": s,
+            "nonzero_updates": 100,
+            "subhalf_ulp_share": s / 100 if s else None,
+        }
         for s in range(0, 40)
     ]
     fig = plots.lattice_hops_plot(records)

@@ -14,9 +14,9 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_overrides
 from safetensors.torch import save_file
 
-from conftest import tiny_overrides
 from wakelab import engine, recording
 from wakelab.analysis.recording_dynamics import analyse_recording
 from wakelab.analysis.report import AnalyzeOptions, compare_runs
@@ -26,8 +26,11 @@ from wakelab.config import build_config
 STEPS = 4
 STATIC_FILES = {"norms.json", "norms.csv", "norm_histogram.png", "isotropy.json", "isotropy.csv", "isotropy.png",
                 "neighbours.json", "neighbours.csv"}  # fmt: skip
-DYNAMICS_FILES = {f"{name}.{ext}" for name in ("displacement", "freeze_verdict", "displacement_per_token",
-                                                "freeze_onset", "lattice_hops", "centroid") for ext in ("json", "csv")}
+DYNAMICS_FILES = {
+    f"{name}.{ext}"
+    for name in ("displacement", "freeze_verdict", "displacement_per_token", "freeze_onset", "lattice_hops", "centroid")
+    for ext in ("json", "csv")
+}
 DYNAMICS_FILES |= {"recording.json", "displacement_histogram.png", "freeze_onset.png", "lattice_hops.png",
                    "centroid.png"}  # fmt: skip
 
@@ -41,8 +44,12 @@ def runs(tiny_model, texts, tmp_path_factory, empty_mlflow_db):
     specs = {
         "P": {"train.save_steps": 2},
         "R1": {"train.eval_perplexity": False, "recorder.dtype": "bfloat16", "recorder.steps_per_shard": 2},
-        "R2": {"train.eval_perplexity": False, "recorder.dtype": "bfloat16", "recorder.steps_per_shard": 2,
-               "train.lr": 3e-3},
+        "R2": {
+            "train.eval_perplexity": False,
+            "recorder.dtype": "bfloat16",
+            "recorder.steps_per_shard": 2,
+            "train.lr": 3e-3,
+        },
     }
     out = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -72,6 +79,7 @@ def invoke(*args):
     result = CliRunner().invoke(main, ["analyze", *map(str, args)])
     if result.exit_code not in (0, 2):
         import traceback
+
         traceback.print_exception(*result.exc_info)
     return result
 
@@ -119,8 +127,15 @@ def test_analyze_logs_plots_tables_and_metrics(store):
 
     data = mlflow.MlflowClient().get_run(run.run_id).data
     metrics = data.metrics
-    for name in ("norms/new/mean", "norms/base/q50", "isotropy/new/mean_cosine", "isotropy/base/ci_low",
-                 "neighbours/base_top1_cosine_mean", "perplexity/before", "perplexity/after"):
+    for name in (
+        "norms/new/mean",
+        "norms/base/q50",
+        "isotropy/new/mean_cosine",
+        "isotropy/base/ci_low",
+        "neighbours/base_top1_cosine_mean",
+        "perplexity/before",
+        "perplexity/after",
+    ):
         assert f"analysis/{name}" in metrics, name
     # Recomputed from the initial and the final state: the same numbers the run logged while training.
     assert metrics["analysis/perplexity/before"] == pytest.approx(metrics["heldout_perplexity_before"], rel=1e-4)
@@ -225,8 +240,9 @@ def test_recording_trajectory_page_table_and_image_frames(store):
     result = invoke(run.output_dir, "--no-static", "--recording", "--tokens", "top:3")
     assert result.exit_code == 0, result.output
     logged = artifacts(run.run_id)
-    assert {"trajectory.html", "trajectory.gif", "tokens.csv", "tokens_table.json"} <= names_in(logged,
-                                                                                              "analysis/trajectory")
+    assert {"trajectory.html", "trajectory.gif", "tokens.csv", "tokens_table.json"} <= names_in(
+        logged, "analysis/trajectory"
+    )
     frames = {p for p in artifacts(run.run_id, "images") if p.endswith(".png")}
     assert len(frames) == STEPS + 1  # the starting state and every recorded step: the UI's image slider
     drawn = json.loads((run.output_dir / "analysis" / "trajectory" / "trajectory.json").read_text())
@@ -324,8 +340,16 @@ def test_comparison_draws_two_runs_on_one_plot(store):
     assert comparison.data.tags["wakelab.analysis.compared_runs"] == f"{r1.run_id},{r2.run_id}"
     assert comparison.info.status == "FINISHED"
     logged = names_in(artifacts(report.run_id), "analysis/comparison")
-    assert {"loss_curves.png", "loss_curves.json", "loss_curves.csv", "displacement_per_step.png",
-            "freeze_onset.png", "runs.json", "runs.csv", "dynamics_per_step.csv"} <= logged
+    assert {
+        "loss_curves.png",
+        "loss_curves.json",
+        "loss_curves.csv",
+        "displacement_per_step.png",
+        "freeze_onset.png",
+        "runs.json",
+        "runs.csv",
+        "dynamics_per_step.csv",
+    } <= logged
     assert client.get_run(r1.run_id).data.tags["wakelab.analysis.comparison_run"] == report.run_id
 
     cli = invoke(r1.output_dir, r2.output_dir)

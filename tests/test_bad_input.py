@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import mlflow
-import pytest
 from click.testing import CliRunner
-
 from conftest import tiny_overrides
+
 from wakelab.cli import main
 
 

@@ -6,10 +6,10 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
-
 from conftest import TINY_HIDDEN, raising_plugin, tiny_overrides
 from optional import require
+from safetensors.torch import load_file, save_file
+
 from wakelab import engine
 from wakelab.checkpoints import CheckpointError, list_checkpoints, verify
 from wakelab.cli import main
@@ -39,8 +39,16 @@ def test_checkpoint_holds_what_a_restart_needs(tiny_model, texts, tmp_path):
     checkpoints = list_checkpoints(result.output_dir)
     assert [c.name for c in checkpoints] == ["checkpoint-4"]  # save_total_limit kept the latest only
     files = {p.name for p in checkpoints[0].iterdir()}
-    assert {"trained_rows.safetensors", "tokenizer.json", "wakelab_config.yaml", "optimizer.pt", "scheduler.pt",
-            "rng_state.pth", "trainer_state.json", "manifest.json"} <= files
+    assert {
+        "trained_rows.safetensors",
+        "tokenizer.json",
+        "wakelab_config.yaml",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "manifest.json",
+    } <= files
     manifest = verify(checkpoints[0])
     assert manifest["step"] == 4 and manifest["run_id"] == result.run_id
     assert set(manifest["files"]) == files - {"manifest.json"}
@@ -60,7 +68,7 @@ def assert_same_tensors(a, b, where: str) -> None:
             assert_same_tensors(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             assert_same_tensors(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
@@ -72,10 +80,16 @@ def assert_same_checkpoint(a, b) -> None:
     assert weights and weights == sorted(p.name for p in b.glob("*.safetensors"))
     for name in weights:
         assert_same_tensors(load_file(a / name), load_file(b / name), name)
-    assert_same_tensors(torch.load(a / "optimizer.pt", weights_only=True),
-                        torch.load(b / "optimizer.pt", weights_only=True), "optimizer")
-    assert_same_tensors(torch.load(a / "scheduler.pt", weights_only=True),
-                        torch.load(b / "scheduler.pt", weights_only=True), "scheduler")
+    assert_same_tensors(
+        torch.load(a / "optimizer.pt", weights_only=True),
+        torch.load(b / "optimizer.pt", weights_only=True),
+        "optimizer",
+    )
+    assert_same_tensors(
+        torch.load(a / "scheduler.pt", weights_only=True),
+        torch.load(b / "scheduler.pt", weights_only=True),
+        "scheduler",
+    )
 
 
 # P1 (p1_evolved): 4-bit base, `mask`, weight decay, several micro-batches per step, cosine schedule.
@@ -83,10 +97,22 @@ def assert_same_checkpoint(a, b) -> None:
 RESUME_CASES = {
     "fp32": {},
     "4bit": {"model.load_in_4bit": True},
-    "p1-mask-4bit-accum": {"model.load_in_4bit": True, "train.trainable": "mask", "train.grad_accum": 3,
-                           "train.batch_size": 1, "train.scheduler": "cosine", "train.warmup_steps": 2},
-    "wordybird-full-bf16": {"train.trainable": "full", "model.dtype": "bfloat16", "train.scheduler": "constant",
-                            "train.warmup_steps": 0, "train.max_grad_norm": 0.0, "train.lr": 1e-3},
+    "p1-mask-4bit-accum": {
+        "model.load_in_4bit": True,
+        "train.trainable": "mask",
+        "train.grad_accum": 3,
+        "train.batch_size": 1,
+        "train.scheduler": "cosine",
+        "train.warmup_steps": 2,
+    },
+    "wordybird-full-bf16": {
+        "train.trainable": "full",
+        "model.dtype": "bfloat16",
+        "train.scheduler": "constant",
+        "train.warmup_steps": 0,
+        "train.max_grad_norm": 0.0,
+        "train.lr": 1e-3,
+    },
 }
 
 
@@ -178,6 +204,7 @@ def test_incomplete_checkpoint_is_not_listed_or_resumed(tiny_model, texts):
 
 # -- phase restore (P1's step-700 reload) ----------------------------------------------------------------------------
 
+
 def _saved_matrix(tiny_model, texts, tmp_path):
     first = run(tiny_model, texts, **{"train.max_steps": 2, "train.save_steps": 0, "output_dir": "phase1"})
     rows = load_file(first.output_dir / "final" / "new_rows.safetensors")
@@ -197,8 +224,13 @@ def test_phase_restore_from_safetensors_and_pt(tiny_model, texts, tmp_path):
             "import wakelab\nSEEN = []\n@wakelab.hookimpl\ndef on_run_start(run):\n"
             "    SEEN.append(run.rows.values(run.rows.new_ids).clone())\n"
         )
-        result = run(tiny_model, texts, output_dir=f"phase2-{path.suffix[1:]}", plugins=[str(plugin)],
-                     **{"init.from_embeddings": str(path), "train.max_steps": 2})
+        result = run(
+            tiny_model,
+            texts,
+            output_dir=f"phase2-{path.suffix[1:]}",
+            plugins=[str(plugin)],
+            **{"init.from_embeddings": str(path), "train.max_steps": 2},
+        )
         from conftest import loaded_plugin
 
         assert torch.equal(loaded_plugin(plugin).SEEN[-1], matrix[367:])

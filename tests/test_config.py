@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from wakelab.config import all_keys, build_config, preset_names, reference_markdown, resolve_key
+from wakelab.config import build_config, preset_names, reference_markdown, resolve_key
 from wakelab.errors import ConfigError, PluginError
 
 
@@ -46,7 +46,9 @@ def test_unknown_key_in_file_is_named(tmp_path):
 
 
 def test_wrong_type_names_key_and_expected_form():
-    with pytest.raises(ConfigError, match=r"config key 'train.max_steps': got \"many\"; Input should be a valid integer"):
+    with pytest.raises(
+        ConfigError, match=r"config key 'train.max_steps': got \"many\"; Input should be a valid integer"
+    ):
         build_config("demo", overrides=["train.max_steps=many"])
 
 

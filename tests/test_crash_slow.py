@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -129,19 +128,31 @@ def crash_plan(seed: int = 1) -> list[list]:
 
 def test_sigkill_inside_checkpoint_writes_resumes_bit_exactly(tiny_model, texts, tmp_path, empty_mlflow_db):
     common = {
-        "train.max_steps": 12, "train.save_steps": 1, "train.save_total_limit": 3, "train.logging_steps": 1,
-        "train.eval_perplexity": False, "train.weight_decay": 0.1, "tracking.log_tokenizer": False,
+        "train.max_steps": 12,
+        "train.save_steps": 1,
+        "train.save_total_limit": 3,
+        "train.logging_steps": 1,
+        "train.eval_perplexity": False,
+        "train.weight_decay": 0.1,
+        "tracking.log_tokenizer": False,
     }
     overrides = {
         "tokens": tiny_overrides(tiny_model, texts, **common),
         # P1's way: the whole matrix trains, base grads masked, decay on new rows only, micro-batches accumulated.
-        "mask": tiny_overrides(tiny_model, texts, **common, **{
-            "train.trainable": "mask", "train.grad_accum": 2, "train.batch_size": 1, "train.scheduler": "cosine"}),
+        "mask": tiny_overrides(
+            tiny_model,
+            texts,
+            **common,
+            **{"train.trainable": "mask", "train.grad_accum": 2, "train.batch_size": 1, "train.scheduler": "cosine"},
+        ),
     }
     plan = crash_plan()
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(overrides), json.dumps(plan), str(empty_mlflow_db)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=1500,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -47,10 +47,12 @@ def test_heldout_split_leaves_a_gap(tiny_model, texts, tmp_path):
     train_last = corpus.train.blocks[-1]
     held_first = corpus.heldout.blocks[0]
     ids = corpus.train_ids.tolist()
+
     # Find where the last training block and the first held-out block start: they must not overlap.
     def start_of(block):
         block = block.tolist()
         return next(i for i in range(len(ids)) if ids[i : i + len(block)] == block)
+
     assert start_of(train_last) + 16 <= start_of(held_first)
 
 

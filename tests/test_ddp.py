@@ -15,9 +15,9 @@ import time
 import mlflow
 import pytest
 import yaml
+from conftest import tiny_overrides
 
 from wakelab.config import set_in
-from conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -71,20 +71,43 @@ def test_torchrun_two_processes_one_run_same_rows(tiny_model, texts, tmp_path):
     plugin = tmp_path / "rows_dump.py"
     plugin.write_text(ROWS_PLUGIN)
     mirrors = tmp_path / "mirrors"
-    overrides = tiny_overrides(tiny_model, texts, **{
-        "train.max_steps": 6, "train.save_steps": 3, "train.save_total_limit": 5,
-        "sentry.target": str(mirrors), "recorder.every": 1,
-        "plugins": ["spherical", "recorder", "sentry", str(plugin)],
-    })
+    overrides = tiny_overrides(
+        tiny_model,
+        texts,
+        **{
+            "train.max_steps": 6,
+            "train.save_steps": 3,
+            "train.save_total_limit": 5,
+            "sentry.target": str(mirrors),
+            "recorder.every": 1,
+            "plugins": ["spherical", "recorder", "sentry", str(plugin)],
+        },
+    )
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(nested(overrides)))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_RUN_ID", None)
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "wakelab", "run", "--config", "tiny.yaml", "--no-progress"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "wakelab",
+            "run",
+            "--config",
+            "tiny.yaml",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     seconds = time.monotonic() - started
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])

@@ -11,8 +11,8 @@ import time
 import mlflow
 import pytest
 import yaml
-
 from conftest import tiny_overrides
+
 from wakelab.config import set_in
 
 pytestmark = pytest.mark.slow
@@ -30,26 +30,44 @@ def torchrun(tmp_path, tiny_model, texts, plugin: str, timeout: int = 300, **ext
     env.pop("MLFLOW_RUN_ID", None)
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "wakelab", "run", "--config", "tiny.yaml", "--no-progress"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "wakelab",
+            "run",
+            "--config",
+            "tiny.yaml",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return proc, time.monotonic() - started
 
 
-RANK1_FAILS = '''
+RANK1_FAILS = """
 import os
 if os.environ.get("RANK") == "1":
     raise RuntimeError("the dataset disk is not mounted on this node")
 import wakelab
-'''
+"""
 
 
 def test_preflight_failure_on_rank_1_only_is_every_ranks_error(tiny_model, texts, tmp_path):
     proc, seconds = torchrun(tmp_path, tiny_model, texts, RANK1_FAILS)
     assert proc.returncode != 0
-    line = (f"wakelab: error: plugin file {tmp_path / 'rank_plugin.py'} failed to import: RuntimeError: the dataset "
-            "disk is not mounted on this node")
+    line = (
+        f"wakelab: error: plugin file {tmp_path / 'rank_plugin.py'} failed to import: RuntimeError: the dataset "
+        "disk is not mounted on this node"
+    )
     assert proc.stderr.count(line) == 2, proc.stderr[-4000:]  # rank 1's own error, and rank 0 with the same line
     assert "wakelab/engine.py" not in proc.stderr  # no worker traceback (torchrun's own summary has one)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []  # no run, so none RUNNING
@@ -57,7 +75,7 @@ def test_preflight_failure_on_rank_1_only_is_every_ranks_error(tiny_model, texts
     print(f"rank-1 pre-flight failure: both ranks out in {seconds:.0f} s")
 
 
-SIGTERM_RANK1_AT_3 = '''
+SIGTERM_RANK1_AT_3 = """
 import os, signal
 import wakelab
 
@@ -65,7 +83,7 @@ import wakelab
 def on_step_end(state):
     if state.step == 3 and os.environ.get("RANK") == "1":
         os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 hears it; the flag is all-reduced at the step's end
-'''
+"""
 
 
 def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tiny_model, texts, tmp_path):
@@ -73,8 +91,10 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tin
 
     proc, _ = torchrun(tmp_path, tiny_model, texts, SIGTERM_RANK1_AT_3, **{"train.max_steps": 6})
     assert proc.returncode != 0  # torchrun reports its workers' 143
-    hint = ("wakelab: stopped by SIGTERM after step 3; the MLflow run is marked KILLED; checkpoint out/checkpoint-3 "
-            "is complete; continue with: wakelab resume out")
+    hint = (
+        "wakelab: stopped by SIGTERM after step 3; the MLflow run is marked KILLED; checkpoint out/checkpoint-3 "
+        "is complete; continue with: wakelab resume out"
+    )
     assert proc.stderr.count(hint) == 2, proc.stderr[-4000:]  # both ranks stopped after step 3
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -54,8 +53,18 @@ def test_demo_runs_end_to_end(tmp_path, shared_cache):
 
 
 def test_demo_with_mask_strategy(tmp_path, shared_cache):
-    args = ["run", "--no-progress", "--plugin", "spherical", "--plugin", "mask", "--set", "train.trainable=mask",
-            "--max-steps", "4"]
+    args = [
+        "run",
+        "--no-progress",
+        "--plugin",
+        "spherical",
+        "--plugin",
+        "mask",
+        "--set",
+        "train.trainable=mask",
+        "--max-steps",
+        "4",
+    ]
     proc, _ = wakelab(args, tmp_path, shared_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

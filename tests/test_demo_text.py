@@ -137,7 +137,7 @@ def test_read_constituents_round_trips(tmp_path):
 def test_read_constituents_rejects_a_malformed_line(tmp_path, bad):
     path = tmp_path / "c.tsv"
     path.write_text(f"# header\nriverrun\triver\triver run\n{bad}\n")
-    with pytest.raises(DataError, match=rf"c\.tsv:3:"):
+    with pytest.raises(DataError, match=r"c\.tsv:3:"):
         read_constituents(path)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import tiny_overrides
+
 from wakelab import engine
 from wakelab.cli import main
 from wakelab.config import build_config, reference_markdown

@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import make_text, raising_plugin, tiny_overrides
 
-from conftest import build_tiny_llama, make_text, raising_plugin, tiny_overrides
 from wakelab import engine
 from wakelab.cli import main
 from wakelab.config import build_config
@@ -34,8 +34,13 @@ def runs(tiny_model, texts, tmp_path_factory, empty_mlflow_db):
     shutil.copy(empty_mlflow_db, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     specs = {
-        "M": {"train.trainable": "mask", "train.max_steps": 60, "train.lr": 0.1, "train.save_steps": 20,
-              "plugins": ["mask"]},
+        "M": {
+            "train.trainable": "mask",
+            "train.max_steps": 60,
+            "train.lr": 0.1,
+            "train.save_steps": 20,
+            "plugins": ["mask"],
+        },
         "T": {"train.max_steps": 4, "train.eval_perplexity": False, "tracking.log_model": "none"},
     }
     out = {}
@@ -81,18 +86,24 @@ def test_hf_export_loads_offline_with_identical_logits_and_generates_new_words(r
     state = load_trained(run.output_dir)
     num_base = state.rows.num_base
     assert model.config.vocab_size == len(tokenizer) == num_base + 8
-    assert model.config.tie_word_embeddings and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (
+        model.config.tie_word_embeddings and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
     ours, ids = logits(state.model, state.tokenizer)
     theirs, their_ids = logits(model, tokenizer)
     assert torch.equal(ids, their_ids) and (ids >= num_base).sum() == 3  # the prompt's three new words
     assert torch.equal(ours, theirs)  # bit-identical in fp32
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    new = out[0, ids.shape[1]:]
+    new = out[0, ids.shape[1] :]
     assert (new >= num_base).any(), tokenizer.decode(new)
     text = tokenizer.decode(out[0])
     assert text.startswith(PROMPT) and tokenizer.decode(tokenizer(text)["input_ids"]) == text
     info = json.loads((dest / "wakelab_export.json").read_text())
-    assert info["run_id"] == run.run_id and info["base"]["num_base"] == num_base and len(info["base"]["base_checksum"]) == 64
+    assert (
+        info["run_id"] == run.run_id
+        and info["base"]["num_base"] == num_base
+        and len(info["base"]["base_checksum"]) == 64
+    )
 
 
 def test_peft_adapter_loads_on_the_resized_base_with_the_same_logits(runs, tmp_path, tiny_model):
@@ -135,8 +146,9 @@ def test_tokens_strategy_export_holds_the_trained_rows(runs, tmp_path):
 
 def test_each_finished_run_has_a_small_logged_delta_model(store):
     run = store["M"]
-    models = mlflow.search_logged_models(experiment_ids=[run.experiment_id], filter_string="name = 'wakelab-delta'",
-                                         output_format="list")
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.experiment_id], filter_string="name = 'wakelab-delta'", output_format="list"
+    )
     mine = [m for m in models if m.source_run_id == run.run_id]
     assert len(mine) == 1 and mine[0].status.to_int() == mlflow.entities.LoggedModelStatus.READY.to_int()
     params = mine[0].params
@@ -150,8 +162,9 @@ def test_each_finished_run_has_a_small_logged_delta_model(store):
     assert not [m for m in models if m.source_run_id == store["T"].run_id]  # tracking.log_model=none
 
 
-def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_model(tiny_model, texts, tmp_path,
-                                                                                     capsys):
+def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_model(
+    tiny_model, texts, tmp_path, capsys
+):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -163,8 +176,17 @@ def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_mo
     with torch.no_grad():
         base.lm_head.weight = torch.nn.Parameter(base.model.embed_tokens.weight.clone() * 0.5)
     base.save_pretrained(untied)
-    overrides = tiny_overrides(untied, texts, **{"train.max_steps": 4, "train.lr": 0.05, "train.save_steps": 2,
-                                                  "train.eval_perplexity": False, "tracking.log_model": "full"})
+    overrides = tiny_overrides(
+        untied,
+        texts,
+        **{
+            "train.max_steps": 4,
+            "train.lr": 0.05,
+            "train.save_steps": 2,
+            "train.eval_perplexity": False,
+            "tracking.log_model": "full",
+        },
+    )
     result = engine.run(build_config(None, None, overrides), progress=False)
     assert "could not log the run's model" not in capsys.readouterr().err
     saved = load_file(str(result.output_dir / "final" / "new_rows.safetensors"))
@@ -183,17 +205,36 @@ def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_mo
     resized.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     adapter = PeftModel.from_pretrained(resized, tmp_path / "peft")
     assert torch.equal(logits(adapter, tokenizer)[0], logits(model, tokenizer)[0])
-    full = [m for m in mlflow.search_logged_models(experiment_ids=[result.experiment_id], output_format="list")
-            if m.source_run_id == result.run_id]
+    full = [
+        m
+        for m in mlflow.search_logged_models(experiment_ids=[result.experiment_id], output_format="list")
+        if m.source_run_id == result.run_id
+    ]
     assert [m.name for m in full] == ["wakelab-model"]
     loaded = mlflow.transformers.load_model(full[0].model_uri, return_type="components")["model"]
     assert torch.equal(logits(loaded, tokenizer)[0], logits(model, tokenizer)[0])
     # A resumed run takes the head's rows from the checkpoint (here with nothing left to train: they pass through).
     with pytest.raises(RuntimeError, match="power cut"):
-        engine.run(build_config(None, None, {**overrides, "output_dir": "split", "tracking.log_model": "none",
-                                             "plugins": [str(raising_plugin(tmp_path, step=3))]}), progress=False)
-    resumed = engine.run(build_config(None, None, {**overrides, "output_dir": "split", "tracking.log_model": "none",
-                                                   "train.max_steps": 2}), progress=False, resume_from="split/checkpoint-2")
+        engine.run(
+            build_config(
+                None,
+                None,
+                {
+                    **overrides,
+                    "output_dir": "split",
+                    "tracking.log_model": "none",
+                    "plugins": [str(raising_plugin(tmp_path, step=3))],
+                },
+            ),
+            progress=False,
+        )
+    resumed = engine.run(
+        build_config(
+            None, None, {**overrides, "output_dir": "split", "tracking.log_model": "none", "train.max_steps": 2}
+        ),
+        progress=False,
+        resume_from="split/checkpoint-2",
+    )
     again = load_file(str(resumed.output_dir / "final" / "new_rows.safetensors"))
     saved = load_file(str(resumed.output_dir / "checkpoint-2" / "trained_rows.safetensors"))
     assert torch.equal(again["head_rows"], saved["head_rows"]) and torch.equal(again["rows"], saved["rows"])
@@ -212,20 +253,35 @@ def test_export_to_mlflow_logs_a_loadable_transformers_model(store, tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert torch.equal(logits(components["model"], tokenizer)[0], logits(reference, tokenizer)[0])
-    full = [m for m in mlflow.search_logged_models(experiment_ids=[run.experiment_id], output_format="list")
-            if m.name == "wakelab-model"]
+    full = [
+        m
+        for m in mlflow.search_logged_models(experiment_ids=[run.experiment_id], output_format="list")
+        if m.name == "wakelab-model"
+    ]
     assert full and full[0].source_run_id == run.run_id
     assert mlflow.get_run(run.run_id).info.status == "FINISHED"  # linked, not reopened
 
 
 def test_generate_decodes_new_words_with_their_spaces(runs):
-    result = CliRunner().invoke(main, ["generate", str(runs["M"].output_dir), "The riverrun ran past the",
-                                       "--max-new-tokens", "12"])
+    result = CliRunner().invoke(
+        main, ["generate", str(runs["M"].output_dir), "The riverrun ran past the", "--max-new-tokens", "12"]
+    )
     assert result.exit_code == 0, result.output
     text = result.stdout.strip()
     assert text.startswith("The riverrun ran past the ")
-    assert any(f" {w}" in text[len("The riverrun ran past the"):] for w in
-               ("riverrun", "glimmerous", "smirtle", "moonbrook", "thundersome", "wendelight", "crumbledown", "mistwhorl"))
+    assert any(
+        f" {w}" in text[len("The riverrun ran past the") :]
+        for w in (
+            "riverrun",
+            "glimmerous",
+            "smirtle",
+            "moonbrook",
+            "thundersome",
+            "wendelight",
+            "crumbledown",
+            "mistwhorl",
+        )
+    )
 
 
 def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context(runs):
@@ -289,7 +345,9 @@ def test_a_base_that_moved_is_named_with_the_fix(runs, tmp_path, tiny_model):
     moved = _copy_run(runs["T"].output_dir, tmp_path / "run", name_or_path=str(tmp_path / "gone"))
     result = CliRunner().invoke(main, ["export", str(moved), "--to", str(tmp_path / "hf")])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert f"no longer at {tmp_path / 'gone'} (model.name_or_path); put it back there or pass --base DIR" in result.stderr
+    assert (
+        f"no longer at {tmp_path / 'gone'} (model.name_or_path); put it back there or pass --base DIR" in result.stderr
+    )
     assert not (tmp_path / "hf").exists()
     export(str(moved), str(tmp_path / "hf"), "hf", base=str(tiny_model))  # the fix works
     assert (tmp_path / "hf" / "model.safetensors").is_file()
@@ -367,8 +425,9 @@ def test_analyze_logs_text_samples_from_heldout_prompts_with_new_words(store):
     from conftest import COINED
 
     run = store["M"]
-    result = CliRunner().invoke(main, ["analyze", str(run.output_dir), "--no-eval", "--sample-size", "50",
-                                       "--samples", "2"])
+    result = CliRunner().invoke(
+        main, ["analyze", str(run.output_dir), "--no-eval", "--sample-size", "50", "--samples", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "samples    2 continuations" in result.stdout
     rows = json.loads((run.output_dir / "analysis" / "final" / "samples.json").read_text())
@@ -384,14 +443,22 @@ def test_a_4bit_run_exports_in_its_compute_dtype_or_kept_4bit(tiny_model, texts,
 
     wide = tmp_path / "wide"  # bitsandbytes' CPU kernels need rows of at least one 64-value block
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(wide)
     tokenizer.save_pretrained(wide)
-    overrides = tiny_overrides(wide, texts, **{"model.load_in_4bit": True, "train.max_steps": 2,
-                                               "train.eval_perplexity": False})
+    overrides = tiny_overrides(
+        wide, texts, **{"model.load_in_4bit": True, "train.max_steps": 2, "train.eval_perplexity": False}
+    )
     result = engine.run(build_config(None, None, overrides), progress=False)
     notes = []
     export(str(result.output_dir), str(tmp_path / "bf16"), "hf", say=notes.append)
@@ -405,6 +472,7 @@ def test_a_4bit_run_exports_in_its_compute_dtype_or_kept_4bit(tiny_model, texts,
     from wakelab.quantized import keep_training_path
 
     # wakelab evaluates 4-bit layers on their training path (see wakelab.quantized); on AVX512-BF16 CPUs a plain
-    # transformers load repacks them for bitsandbytes' inference kernel, which rounds differently. Same path, same logits:
+    # transformers load repacks them for bitsandbytes' inference kernel, which rounds differently. Same path, same
+    # logits:
     keep_training_path(kept)
     assert torch.equal(logits(kept, tokenizer)[0], logits(state.model, tokenizer)[0])

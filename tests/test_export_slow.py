@@ -41,13 +41,18 @@ def test_demo_texts_round_trip_through_the_expanded_demo_tokenizer(demo_cache, m
 def test_a_short_demo_run_exports_and_generates(tmp_path, demo_cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    env = {**os.environ, "WAKELAB_CACHE": demo_cache, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "WAKELAB_CACHE": demo_cache,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "HF_HUB_OFFLINE": "1",
+    }
     env.pop("MLFLOW_RUN_ID", None)
 
     def wakelab(*args):
-        proc = subprocess.run([sys.executable, "-m", "wakelab", *args], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-m", "wakelab", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 

@@ -12,8 +12,8 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import loaded_plugin, tiny_overrides
+
 from wakelab import engine, registry
 from wakelab.cli import main
 from wakelab.config import build_config
@@ -39,7 +39,10 @@ def test_every_hook_has_a_test():
 
 
 def test_hook_init_embeddings(tiny_model, texts, tmp_path):
-    plugin = plugin_file(tmp_path, "ones_init", """
+    plugin = plugin_file(
+        tmp_path,
+        "ones_init",
+        """
         @wakelab.hookimpl
         def init_embeddings(ctx):
             if ctx.method != "ones":
@@ -50,7 +53,8 @@ def test_hook_init_embeddings(tiny_model, texts, tmp_path):
         @wakelab.hookimpl
         def on_run_start(run):
             SEEN.append(run.rows.values(run.rows.new_ids).clone())
-    """)
+    """,
+    )
     result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"init.method": "ones"})
     num_base, words = module.SEEN[0]
     assert words == texts["lexicon"].read_text().split()[3:]  # the lexicon minus its comment line
@@ -67,13 +71,17 @@ def test_init_method_nobody_answers_is_an_error(tiny_model, texts):
 
 def test_hook_mask_grads(tiny_model, texts, tmp_path):
     """mask_grads runs once per optimizer step, before clipping: zeroing everything freezes the rows."""
-    plugin = plugin_file(tmp_path, "freeze_all", """
+    plugin = plugin_file(
+        tmp_path,
+        "freeze_all",
+        """
         @wakelab.hookimpl
         def mask_grads(ctx):
             SEEN.append(ctx.step)
             for p in ctx.rows.parameters():
                 p.grad.zero_()
-    """)
+    """,
+    )
     result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"train.max_steps": 4, "train.logging_steps": 1})
     assert module.SEEN == [1, 2, 3, 4]
     assert result.metrics["new_row_displacement"] == 0.0
@@ -82,13 +90,17 @@ def test_hook_mask_grads(tiny_model, texts, tmp_path):
 
 
 def test_hook_on_step_end(tiny_model, texts, tmp_path):
-    plugin = plugin_file(tmp_path, "watch_steps", """
+    plugin = plugin_file(
+        tmp_path,
+        "watch_steps",
+        """
         @wakelab.hookimpl
         def on_step_end(state):
             grads = state.rows.grads(state.rows.new_ids)
             SEEN.append((state.step, state.loss, state.lr, tuple(state.logits.shape), float(grads.abs().sum()),
                          state.rows.optimizer_step_count(state.optimizer)))
-    """)
+    """,
+    )
     result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"train.max_steps": 5})
     steps = [s[0] for s in module.SEEN]
     assert steps == [1, 2, 3, 4, 5]
@@ -105,12 +117,16 @@ def test_hook_on_step_end(tiny_model, texts, tmp_path):
 
 
 def test_hook_on_save(tiny_model, texts, tmp_path):
-    plugin = plugin_file(tmp_path, "watch_saves", """
+    plugin = plugin_file(
+        tmp_path,
+        "watch_saves",
+        """
         import os
         @wakelab.hookimpl
         def on_save(ctx):
             SEEN.append((ctx.step, ctx.checkpoint_dir.name, sorted(os.listdir(ctx.checkpoint_dir)), ctx.run_id))
-    """)
+    """,
+    )
     result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"train.save_steps": 2, "train.max_steps": 4})
     assert [s[:2] for s in module.SEEN] == [(2, "checkpoint-2"), (4, "checkpoint-4")]
     for _, _, files, run_id in module.SEEN:
@@ -119,26 +135,34 @@ def test_hook_on_save(tiny_model, texts, tmp_path):
 
 
 def test_hook_on_run_start(tiny_model, texts, tmp_path):
-    plugin = plugin_file(tmp_path, "watch_start", """
+    plugin = plugin_file(
+        tmp_path,
+        "watch_start",
+        """
         @wakelab.hookimpl
         def on_run_start(run):
             SEEN.append((run.start_step, run.optimizer is not None, run.rows.strategy, run.run_id))
             run.log_params({"watch_start.seen": "yes"})
-    """)
+    """,
+    )
     result, module = run_with(tmp_path, tiny_model, texts, plugin)
     assert module.SEEN == [(0, True, "tokens", result.run_id)]
     assert mlflow.get_run(result.run_id).data.params["watch_start.seen"] == "yes"
 
 
 def test_hook_on_run_end(tiny_model, texts, tmp_path):
-    plugin = plugin_file(tmp_path, "watch_end", """
+    plugin = plugin_file(
+        tmp_path,
+        "watch_end",
+        """
         @wakelab.hookimpl
         def on_run_end(run, status):
             SEEN.append(status)
             path = run.output_dir / "plugin-note.txt"
             path.write_text("done")
             run.log_artifact(path, "notes")
-    """)
+    """,
+    )
     result, module = run_with(tmp_path, tiny_model, texts, plugin)
     assert module.SEEN == ["FINISHED"]
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "notes")]
@@ -146,7 +170,10 @@ def test_hook_on_run_end(tiny_model, texts, tmp_path):
 
 
 def test_on_run_end_sees_failure(tiny_model, texts, tmp_path):
-    plugin = plugin_file(tmp_path, "boom", """
+    plugin = plugin_file(
+        tmp_path,
+        "boom",
+        """
         @wakelab.hookimpl
         def on_step_end(state):
             if state.step == 2:
@@ -154,7 +181,8 @@ def test_on_run_end_sees_failure(tiny_model, texts, tmp_path):
         @wakelab.hookimpl
         def on_run_end(run, status):
             SEEN.append(status)
-    """)
+    """,
+    )
     with pytest.raises(RuntimeError, match="boom"):
         run_with(tmp_path, tiny_model, texts, plugin)
     module = loaded_plugin(plugin)
@@ -162,21 +190,29 @@ def test_on_run_end_sees_failure(tiny_model, texts, tmp_path):
 
 
 def test_misspelt_hook_is_an_error(tmp_path):
-    plugin = plugin_file(tmp_path, "typo", """
+    plugin = plugin_file(
+        tmp_path,
+        "typo",
+        """
         @wakelab.hookimpl
         def on_step_ends(state):
             pass
-    """)
+    """,
+    )
     with pytest.raises(PluginError, match="on_step_ends"):
         registry.build_manager([str(plugin)])
 
 
 def test_hook_with_wrong_arguments_is_an_error(tmp_path):
-    plugin = plugin_file(tmp_path, "badargs", """
+    plugin = plugin_file(
+        tmp_path,
+        "badargs",
+        """
         @wakelab.hookimpl
         def on_step_end(step, loss):
             pass
-    """)
+    """,
+    )
     with pytest.raises(PluginError, match="badargs"):
         registry.build_manager([str(plugin)])
 
@@ -209,11 +245,15 @@ def test_local_plugin_activates_by_name(tiny_model, texts, tmp_path):
 
 
 def test_failing_on_run_end_fails_the_run(tiny_model, texts, tmp_path):
-    plugin = plugin_file(tmp_path, "bad_flush", """
+    plugin = plugin_file(
+        tmp_path,
+        "bad_flush",
+        """
         @wakelab.hookimpl
         def on_run_end(run, status):
             raise OSError("disk full while flushing")
-    """)
+    """,
+    )
     with pytest.raises(OSError, match="disk full"):
         run_with(tmp_path, tiny_model, texts, plugin)
     runs = mlflow.search_runs(search_all_experiments=True)
@@ -222,7 +262,10 @@ def test_failing_on_run_end_fails_the_run(tiny_model, texts, tmp_path):
 
 def test_hook_config_section(tiny_model, texts, tmp_path):
     """A plugin's own section is validated with the config, reaches the plugin as run.config.<name>, and is logged."""
-    plugin = plugin_file(tmp_path, "sectioned", """
+    plugin = plugin_file(
+        tmp_path,
+        "sectioned",
+        """
         from pydantic import Field
         class Settings(wakelab.PluginConfig):
             every: int = Field(3, ge=1, description="Steps between looks.")
@@ -237,19 +280,24 @@ def test_hook_config_section(tiny_model, texts, tmp_path):
         @wakelab.hookimpl
         def on_run_start(run):
             RUN.append(run)
-    """)
+    """,
+    )
     result, module = run_with(tmp_path, tiny_model, texts, plugin, **{"train.max_steps": 4, "sectioned.every": 2})
     assert module.SEEN == [2, 4]
     assert mlflow.get_run(result.run_id).data.params["sectioned.every"] == "2"
 
 
 def test_hook_check_config(tiny_model, texts, tmp_path):
-    plugin = plugin_file(tmp_path, "picky", """
+    plugin = plugin_file(
+        tmp_path,
+        "picky",
+        """
         @wakelab.hookimpl
         def check_config(config):
             if config.train.max_steps > 3:
                 raise wakelab.ConfigError("train.max_steps: picky runs at most 3 steps; set train.max_steps <= 3")
-    """)
+    """,
+    )
     overrides = tiny_overrides(tiny_model, texts, **{"train.max_steps": 4})
     overrides["plugins"] = [str(plugin)]
     with pytest.raises(ConfigError, match="picky runs at most 3 steps"):
@@ -258,20 +306,25 @@ def test_hook_check_config(tiny_model, texts, tmp_path):
 
 
 def test_failing_on_save_warns_while_training_and_mirroring_go_on(tiny_model, texts, tmp_path, capfd):
-    plugin = plugin_file(tmp_path, "bad_copy", """
+    plugin = plugin_file(
+        tmp_path,
+        "bad_copy",
+        """
         @wakelab.hookimpl
         def on_save(ctx):
             SEEN.append(ctx.step)
             raise OSError(f"snapshot disk gone at {ctx.step}")
-    """)
-    overrides = tiny_overrides(tiny_model, texts, **{"train.save_steps": 2, "train.max_steps": 4,
-                                                     "sentry.target": str(tmp_path / "mirror")})
+    """,
+    )
+    overrides = tiny_overrides(
+        tiny_model, texts, **{"train.save_steps": 2, "train.max_steps": 4, "sentry.target": str(tmp_path / "mirror")}
+    )
     overrides["plugins"] = [str(plugin), "sentry"]
     result = engine.run(build_config(None, None, overrides), progress=False)
     err = capfd.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("wakelab: warning: on_save of plugin")]
     assert len(warnings) == 2, err
-    for line, step in zip(warnings, (2, 4)):
+    for line, step in zip(warnings, (2, 4), strict=False):
         assert line.endswith(f"failed at step {step} (OSError: snapshot disk gone at {step}); training goes on")
     assert loaded_plugin(plugin).SEEN == [2, 4]
     assert mlflow.get_run(result.run_id).info.status == "FINISHED"
@@ -290,22 +343,32 @@ def test_ctrl_c_reaches_on_run_end_as_killed(tiny_model, texts, tmp_path):
     import sys
     import time
 
-    plugin = plugin_file(tmp_path, "wait_for_ctrl_c", f"""
+    plugin = plugin_file(
+        tmp_path,
+        "wait_for_ctrl_c",
+        f"""
         import pathlib, time
         @wakelab.hookimpl
         def on_step_end(state):
             if state.step == 2:
-                pathlib.Path({str(tmp_path / 'at-step-2')!r}).write_text("ready")
+                pathlib.Path({str(tmp_path / "at-step-2")!r}).write_text("ready")
                 time.sleep(10)  # Ctrl-C lands while this step is in flight: the run stops after it
         @wakelab.hookimpl
         def on_run_end(run, status):
-            pathlib.Path({str(tmp_path / 'status')!r}).write_text(status)
-    """)
+            pathlib.Path({str(tmp_path / "status")!r}).write_text(status)
+    """,
+    )
     args = ["run", "--no-progress", "--plugin", str(plugin)]
     for key, value in tiny_overrides(tiny_model, texts, **{"train.max_steps": 50}).items():
         args += ["--set", f"{key}={value}"]
-    proc = subprocess.Popen([sys.executable, "-m", "wakelab", *args], cwd=tmp_path, env=os.environ.copy(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wakelab", *args],
+        cwd=tmp_path,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (tmp_path / "at-step-2").exists():

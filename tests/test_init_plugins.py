@@ -9,8 +9,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
-
 from conftest import COINED, tiny_overrides
+
 from wakelab import engine, registry
 from wakelab.config import build_config
 from wakelab.context import InitContext
@@ -63,8 +63,9 @@ def base_matrix(num_new: int = NUM_NEW) -> torch.Tensor:
 def test_spherical_rows_sit_at_radius_scale_times_the_mean_base_norm(radius_scale):
     weight = base_matrix()
     base = weight[:NUM_BASE].clone()
-    summary, lines = init_with("spherical", weight, NUM_BASE, [f"w{i}" for i in range(NUM_NEW)],
-                               radius_scale=radius_scale)
+    summary, lines = init_with(
+        "spherical", weight, NUM_BASE, [f"w{i}" for i in range(NUM_NEW)], radius_scale=radius_scale
+    )
     expected = radius_scale * base.norm(dim=1).mean().item()
     assert summary["radius"] == pytest.approx(expected)
     assert torch.allclose(weight[NUM_BASE:].norm(dim=1), torch.full((NUM_NEW,), expected), rtol=1e-5)
@@ -81,7 +82,7 @@ def test_mean_rows_have_the_base_mean_and_covariance():
     draws = 20000
     weight = torch.cat([base, torch.zeros(draws, DIM)])
     summary, lines = init_with("mean", weight, base.shape[0], [f"w{i}" for i in range(draws)])
-    new = weight[base.shape[0]:].double()
+    new = weight[base.shape[0] :].double()
     base_mean, base_cov = base.double().mean(0), torch.cov(base.double().T, correction=0)
     spread = base_cov.diagonal().sqrt()
     assert torch.all((new.mean(0) - base_mean).abs() < 0.05 * spread)
@@ -99,7 +100,7 @@ def test_mean_scale_multiplies_the_covariance():
     draws = 20000
     weight = torch.cat([base, torch.zeros(draws, DIM)])
     init_with("mean", weight, base.shape[0], [f"w{i}" for i in range(draws)], scale=0.01)
-    new = weight[base.shape[0]:].double()
+    new = weight[base.shape[0] :].double()
     base_cov = torch.cov(base.double().T, correction=0)
     relative = torch.linalg.matrix_norm(torch.cov(new.T) - 0.01 * base_cov) / torch.linalg.matrix_norm(0.01 * base_cov)
     assert relative < 0.05

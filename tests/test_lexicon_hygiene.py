@@ -10,9 +10,9 @@ import time
 import unicodedata
 
 import pytest
+from conftest import tiny_overrides
 from transformers import AutoTokenizer
 
-from conftest import tiny_overrides
 from wakelab import engine, hub
 from wakelab.config import build_config
 from wakelab.data import read_text
@@ -77,8 +77,10 @@ def test_rejected_words_carry_their_reason_and_the_console_counts_them(tokenizer
     assert shown.endswith("... (5000 characters)") and len(shown) < 120  # the report is not flooded
     summary = report.summary()
     assert "5 rejected" in summary
-    assert "rejected words (each with its reason in vocab_report.json): control character: 2, longer than 16 " \
-           "characters: 2, inner whitespace: 1" in summary
+    assert (
+        "rejected words (each with its reason in vocab_report.json): control character: 2, longer than 16 "
+        "characters: 2, inner whitespace: 1" in summary
+    )
 
 
 def test_default_limit_rejects_a_runaway_line_but_keeps_a_thunderword(tokenizer):
@@ -92,8 +94,9 @@ def test_default_limit_rejects_a_runaway_line_but_keeps_a_thunderword(tokenizer)
 def test_run_uses_the_vocab_options_and_reports_reasons(tiny_model, texts, tmp_path):
     lexicon = tmp_path / "lexicon.txt"
     lexicon.write_bytes((BOM + "\n".join(["riverrun", NFD, NFC, "two words"]) + "\n").encode("utf-8"))
-    config = build_config(None, None, tiny_overrides(tiny_model, texts, **{
-        "vocab.lexicon": str(lexicon), "train.max_steps": 1}))
+    config = build_config(
+        None, None, tiny_overrides(tiny_model, texts, **{"vocab.lexicon": str(lexicon), "train.max_steps": 1})
+    )
     engine.run(config, progress=False)
     report = json.loads((tmp_path / "out" / "vocab_report.json").read_text(encoding="utf-8"))
     assert report["added"] == 2 and report["rejected_count"] == 1
@@ -115,8 +118,11 @@ def test_unreachable_hub_fails_in_seconds(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
     hub.reachable.cache_clear()
     started = time.monotonic()
-    with pytest.raises(ModelError, match=r"the Hugging Face hub \(http://127.0.0.1:9\) cannot be reached and it is "
-                                         r"not in the local cache"):
+    with pytest.raises(
+        ModelError,
+        match=r"the Hugging Face hub \(http://127.0.0.1:9\) cannot be reached and it is "
+        r"not in the local cache",
+    ):
         load_model_config("wakelab-tests/no-such-model")
     assert time.monotonic() - started < 10
     hub.reachable.cache_clear()

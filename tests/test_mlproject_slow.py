@@ -16,8 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def mlflow_run(entry, params, tmp_path, cache):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "WAKELAB_CACHE": cache,
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "WAKELAB_CACHE": cache,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     env.pop("MLFLOW_RUN_ID", None)
     args = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local"]
     for key, value in params.items():
@@ -58,8 +62,9 @@ def test_main_then_analyze_entry_points(tmp_path, cache):
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
     # The precision question from the same step-2 checkpoint: 8 children (4 settings x 2 schedules) and a verdict.
-    proc = mlflow_run("wordybird_precision", {"max_steps": 4, "batch_size": 2, "output_dir": tmp_path / "wbp"},
-                      tmp_path, cache)
+    proc = mlflow_run(
+        "wordybird_precision", {"max_steps": 4, "batch_size": 2, "output_dir": tmp_path / "wbp"}, tmp_path, cache
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True)
     parent = runs[runs["tags.wakelab.sweep"] == "parent"].iloc[0]
@@ -75,8 +80,16 @@ def test_main_then_analyze_entry_points(tmp_path, cache):
 
 
 def test_p1_evolved_entry_point_through_4bit(tmp_path, cache, tiny_model, texts):
-    params = {"model": tiny_model, "lexicon": texts["lexicon"], "corpus": texts["corpus"], "phase1": "null",
-              "max_steps": 20, "seq_len": 32, "sentry": tmp_path / "sentry", "output_dir": tmp_path / "p1"}
+    params = {
+        "model": tiny_model,
+        "lexicon": texts["lexicon"],
+        "corpus": texts["corpus"],
+        "phase1": "null",
+        "max_steps": 20,
+        "seq_len": 32,
+        "sentry": tmp_path / "sentry",
+        "output_dir": tmp_path / "p1",
+    }
     proc = mlflow_run("p1_evolved", params, tmp_path, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(tmp_path)
@@ -96,8 +109,9 @@ def test_wordybird_then_wordybird3_entry_points(tmp_path, cache):
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
     # The precision question from the same step-2 checkpoint: 8 children (4 settings x 2 schedules) and a verdict.
-    proc = mlflow_run("wordybird_precision", {"max_steps": 4, "batch_size": 2, "output_dir": tmp_path / "wbp"},
-                      tmp_path, cache)
+    proc = mlflow_run(
+        "wordybird_precision", {"max_steps": 4, "batch_size": 2, "output_dir": tmp_path / "wbp"}, tmp_path, cache
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True)
     parent = runs[runs["tags.wakelab.sweep"] == "parent"].iloc[0]
@@ -116,8 +130,11 @@ def test_bad_parameter_is_a_clear_error(tmp_path, cache):
 
 
 def test_a_folder_without_mlproject_is_refused_by_mlflow(tmp_path, cache):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     args = [str(Path(sys.executable).parent / "mlflow"), "run", str(tmp_path), "-e", "main", "--env-manager", "local"]
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "Could not find main among entry points" in proc.stderr

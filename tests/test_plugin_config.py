@@ -118,4 +118,3 @@ def test_bad_plugin_key_on_the_command_line_writes_nothing(tiny_model, texts, tm
     assert_refused(result, "plugin 'recorder': config key 'recorder.every': got \"often\"", tmp_path)
     result = invoke(tiny_model, texts, **{"recorder.every": 2})
     assert_refused(result, "belongs to plugin 'recorder', which is not active", tmp_path)
-

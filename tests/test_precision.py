@@ -6,9 +6,9 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import raising_plugin, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import raising_plugin, tiny_overrides
 from wakelab import engine
 from wakelab.config import build_config
 from wakelab.data import BlockDataset
@@ -107,8 +107,13 @@ def test_a_plain_adamw_state_loads_into_each_setting():
 
 
 def _run(tiny_model, texts, resume_from=None, **extra):
-    values = {"train.save_steps": 2, "train.logging_steps": 1, "train.max_steps": 6, "train.rows_dtype": "bfloat16",
-              "train.lr": 1e-3}
+    values = {
+        "train.save_steps": 2,
+        "train.logging_steps": 1,
+        "train.max_steps": 6,
+        "train.rows_dtype": "bfloat16",
+        "train.lr": 1e-3,
+    }
     values.update(extra)
     config = build_config(None, None, tiny_overrides(tiny_model, texts, **values))
     return engine.run(config, progress=False, resume_from=resume_from)
@@ -118,10 +123,16 @@ def _run(tiny_model, texts, resume_from=None, **extra):
 def test_resume_is_bit_exact_under_each_setting(tiny_model, texts, tmp_path, setting):
     straight = _run(tiny_model, texts, **{"train.precision": setting}, output_dir="straight")
     with pytest.raises(RuntimeError, match="power cut"):  # the same run, killed after its step-4 checkpoint
-        _run(tiny_model, texts, **{"train.precision": setting}, output_dir="split",
-             plugins=[str(raising_plugin(tmp_path, step=5))])
-    resumed = _run(tiny_model, texts, **{"train.precision": setting}, output_dir="split",
-                   resume_from="split/checkpoint-4")
+        _run(
+            tiny_model,
+            texts,
+            **{"train.precision": setting},
+            output_dir="split",
+            plugins=[str(raising_plugin(tmp_path, step=5))],
+        )
+    resumed = _run(
+        tiny_model, texts, **{"train.precision": setting}, output_dir="split", resume_from="split/checkpoint-4"
+    )
     a = load_file(straight.output_dir / "checkpoint-6" / "trained_rows.safetensors")["rows"]
     b = load_file(resumed.output_dir / "checkpoint-6" / "trained_rows.safetensors")["rows"]
     assert a.dtype == torch.bfloat16 and torch.equal(a.view(torch.int16), b.view(torch.int16))
@@ -139,8 +150,11 @@ def test_bad_precision_values_are_one_line_errors(tiny_model, texts):
     with pytest.raises(ConfigError, match=expected):
         build_config(None, None, tiny_overrides(tiny_model, texts, **{"train.precision": "fp16-master"}))
     overrides = tiny_overrides(tiny_model, texts, **{"train.precision": "stochastic", "train.rows_dtype": "float32"})
-    with pytest.raises(ConfigError, match=r"train.precision=stochastic: the trained parameters are float32.*"
-                                          r"train.rows_dtype=bfloat16"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.precision=stochastic: the trained parameters are float32.*"
+        r"train.rows_dtype=bfloat16",
+    ):
         build_config(None, None, overrides)
     overrides = tiny_overrides(tiny_model, texts, **{"train.precision": "kahan", "train.trainable": "full"})
     with pytest.raises(ConfigError, match=r"train.precision=kahan.*float32.*model.dtype=bfloat16"):
@@ -177,8 +191,15 @@ def test_mask_strategy_keeps_base_rows_bit_identical_under_each_setting(tiny_mod
 
     from wakelab.state import load_trained
 
-    values = {"train.trainable": "mask", "train.rows_dtype": "auto", "model.dtype": "bfloat16", "train.max_steps": 3,
-              "train.precision": setting, "train.weight_decay": 0.1, "train.save_steps": 0}
+    values = {
+        "train.trainable": "mask",
+        "train.rows_dtype": "auto",
+        "model.dtype": "bfloat16",
+        "train.max_steps": 3,
+        "train.precision": setting,
+        "train.weight_decay": 0.1,
+        "train.save_steps": 0,
+    }
     result = _run(tiny_model, texts, **values)
     original = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).get_input_embeddings().weight
     trained = load_trained(str(result.output_dir)).rows.values()

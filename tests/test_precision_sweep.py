@@ -21,15 +21,32 @@ TINY_GPT2 = "{model_type: gpt2, vocab_size: 400, n_embd: 16, n_layer: 1, n_head:
 
 
 def _tiny(tiny_model, texts) -> dict[str, str]:
-    return {"model.architecture": TINY_GPT2, "model.tokenizer": str(tiny_model), "data.corpus": str(texts["corpus"]),
-            "data.seq_len": 16, "train.batch_size": 4, "train.save_steps": 10, "recorder.rows": "all"}
+    return {
+        "model.architecture": TINY_GPT2,
+        "model.tokenizer": str(tiny_model),
+        "data.corpus": str(texts["corpus"]),
+        "data.seq_len": 16,
+        "train.batch_size": 4,
+        "train.save_steps": 10,
+        "recorder.rows": "all",
+    }
 
 
 def test_precision_by_schedule_sweep_logs_the_comparison_and_a_verdict(tiny_model, texts):
     values = {**_tiny(tiny_model, texts), "train.max_steps": 10, "output_dir": "wb1"}
     engine.run(build_config("wordybird", None, [f"{k}={v}" for k, v in values.items()]), progress=False)
-    args = ["sweep", "--preset", "wordybird_precision", "--no-progress", "--output-dir", "wbp",
-            "--over", "train.precision=bf16,fp32-master,stochastic,kahan", "--over", "train.scheduler=linear,constant"]
+    args = [
+        "sweep",
+        "--preset",
+        "wordybird_precision",
+        "--no-progress",
+        "--output-dir",
+        "wbp",
+        "--over",
+        "train.precision=bf16,fp32-master,stochastic,kahan",
+        "--over",
+        "train.scheduler=linear,constant",
+    ]
     for key, value in {**_tiny(tiny_model, texts), "train.max_steps": 16}.items():
         args += ["--set", f"{key}={value}"]
     result = CliRunner().invoke(main, args)
@@ -41,8 +58,10 @@ def test_precision_by_schedule_sweep_logs_the_comparison_and_a_verdict(tiny_mode
     parent = next(r for r in runs if r.data.tags.get("wakelab.sweep") == "parent")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == sorted(
-        f"train.precision={p},train.scheduler={s}" for p in ("bf16", "fp32-master", "stochastic", "kahan")
-        for s in ("linear", "constant"))
+        f"train.precision={p},train.scheduler={s}"
+        for p in ("bf16", "fp32-master", "stochastic", "kahan")
+        for s in ("linear", "constant")
+    )
     sentence = parent.data.tags["wakelab.precision.verdict"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert {"comparison/precision.md", "comparison/precision.json", "comparison/untrained_motion.png"} <= artifacts
@@ -55,8 +74,10 @@ def test_precision_by_schedule_sweep_logs_the_comparison_and_a_verdict(tiny_mode
         assert row["raw"] >= row["relative"] >= 0 and row["raw_per_lr"] > row["raw"]  # 6 steps: Σlr < 6e-3
         assert 0 <= row["rounded_away_share"] <= 1 and row["final_loss"] > 0
     # A constant rate spends more learning rate than the decay from the same start: per-lr figures say so.
-    assert rows[("bf16", "constant")]["raw"] / rows[("bf16", "constant")]["raw_per_lr"] > \
-        rows[("bf16", "linear")]["raw"] / rows[("bf16", "linear")]["raw_per_lr"]
+    assert (
+        rows[("bf16", "constant")]["raw"] / rows[("bf16", "constant")]["raw_per_lr"]
+        > rows[("bf16", "linear")]["raw"] / rows[("bf16", "linear")]["raw_per_lr"]
+    )
     assert sentence == verdict(report["children"])
 
 
@@ -65,19 +86,26 @@ def _row(precision, scheduler, changed):
 
 
 def test_verdict_separates_schedule_from_rounding():
-    frozen_all = [_row(p, s, 0.0) for p in ("bf16", "fp32-master", "stochastic", "kahan")
-                  for s in ("linear", "constant")]
+    frozen_all = [
+        _row(p, s, 0.0) for p in ("bf16", "fp32-master", "stochastic", "kahan") for s in ("linear", "constant")
+    ]
     assert "property of learning" in verdict(frozen_all)
     schedule = [_row("bf16", "linear", 0.0), _row("bf16", "constant", 0.4), _row("kahan", "linear", 0.0)]
     assert verdict(schedule).endswith("the freeze follows the schedule")
-    rounding = [_row("bf16", "linear", 0.0), _row("bf16", "constant", 0.0), _row("fp32-master", "linear", 0.3),
-                _row("stochastic", "linear", 0.0)]
+    rounding = [
+        _row("bf16", "linear", 0.0),
+        _row("bf16", "constant", 0.0),
+        _row("fp32-master", "linear", 0.3),
+        _row("stochastic", "linear", 0.0),
+    ]
     assert verdict(rounding).startswith("only fp32-master keep them moving") and "rounding" in verdict(rounding)
     assert verdict([_row("bf16", "linear", 0.2)]).startswith("no freeze to explain")
     assert verdict([_row("kahan", "linear", 0.2)]).startswith("no verdict")
     only_constant = [_row("bf16", "constant", 0.0), _row("kahan", "constant", 0.3)]
-    assert verdict(only_constant) == ("only kahan keep them moving (under the constant schedule bf16 freezes them "
-                                      "(0.0% change per step at the end)): the freeze is rounding")
+    assert verdict(only_constant) == (
+        "only kahan keep them moving (under the constant schedule bf16 freezes them "
+        "(0.0% change per step at the end)): the freeze is rounding"
+    )
 
 
 def test_displacement_splits_into_common_drift_and_relative_motion():
@@ -100,8 +128,14 @@ def test_the_recorder_keeps_fp32_masters_and_the_analysis_reads_them(tiny_model,
     from wakelab.analysis.group_motion import group_motion
     from wakelab.recording import open as open_recording
 
-    values = {**_tiny(tiny_model, texts), "train.max_steps": 8, "train.precision": "fp32-master", "train.lr": 1e-4,
-              "recorder.fields": "[embeddings, master, lr]", "output_dir": "wb"}
+    values = {
+        **_tiny(tiny_model, texts),
+        "train.max_steps": 8,
+        "train.precision": "fp32-master",
+        "train.lr": 1e-4,
+        "recorder.fields": "[embeddings, master, lr]",
+        "output_dir": "wb",
+    }
     result = engine.run(build_config("wordybird", None, [f"{k}={v}" for k, v in values.items()]), progress=False)
     rec = open_recording(result.output_dir / "recording")
     assert rec.fields["master"].dtype == torch.float32 and rec.fields["embeddings"].dtype == torch.bfloat16
@@ -117,10 +151,19 @@ def test_the_same_question_for_new_bf16_rows(tiny_model, texts):
     """P1-style rows (`tokens`, bf16 rows on an fp32 base): a sweep over the setting compares how they learn."""
     from conftest import tiny_overrides
 
-    args = ["sweep", "--no-progress", "--output-dir", "rows", "--plugin", "recorder",
-            "--over", "train.precision=bf16,fp32-master,stochastic,kahan"]
-    for key, value in tiny_overrides(tiny_model, texts, **{"train.rows_dtype": "bfloat16", "train.max_steps": 4,
-                                                           "train.lr": 1e-4}).items():
+    args = [
+        "sweep",
+        "--no-progress",
+        "--output-dir",
+        "rows",
+        "--plugin",
+        "recorder",
+        "--over",
+        "train.precision=bf16,fp32-master,stochastic,kahan",
+    ]
+    for key, value in tiny_overrides(
+        tiny_model, texts, **{"train.rows_dtype": "bfloat16", "train.max_steps": 4, "train.lr": 1e-4}
+    ).items():
         args += ["--set", f"{key}={value}"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output

@@ -94,12 +94,13 @@ def test_import_wakelab_is_cheap():
     assert out == "", f"`import wakelab` pulled in {out}"
 
 
-
 def test_the_testing_helper_runs_a_plugin_on_a_tiny_model(tmp_path):
     from wakelab.testing import loaded_plugin, run_with_plugins
 
     plugin = tmp_path / "counter.py"
-    plugin.write_text("import wakelab\nSEEN = []\n@wakelab.hookimpl\ndef on_step_end(state):\n    SEEN.append(state.step)\n")
+    plugin.write_text(
+        "import wakelab\nSEEN = []\n@wakelab.hookimpl\ndef on_step_end(state):\n    SEEN.append(state.step)\n"
+    )
     result = run_with_plugins([plugin], tmp_path / "work", {"train.max_steps": 3})
     assert result.status == "FINISHED" and result.output_dir == tmp_path / "work" / "out"
     assert loaded_plugin(plugin).SEEN == [1, 2, 3]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-
 from conftest import build_tiny_llama, tiny_overrides
 from optional import require
+
 from wakelab import engine
 from wakelab import model as model_mod
 from wakelab.config import ModelConfig, build_config

@@ -13,7 +13,9 @@ from wakelab.errors import ConfigError
 
 def test_a_user_error_travels_as_its_own_line_and_exit_status():
     assert ranks._outcome(ConfigError("data.seq_len=9999 is beyond the model's maximum\nmore")) == (
-        "data.seq_len=9999 is beyond the model's maximum", 2)
+        "data.seq_len=9999 is beyond the model's maximum",
+        2,
+    )
     assert ranks._outcome(None) is None
 
 

@@ -15,9 +15,9 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import COINED, TINY_HIDDEN, loaded_plugin, tiny_overrides
 from optional import require
+
 from wakelab import engine, recording
 from wakelab.analysis.dynamics import adam_update
 from wakelab.cli import main
@@ -110,7 +110,9 @@ def test_reader_cli_errors_are_one_line(tmp_path):
     runner = CliRunner()
     missing = runner.invoke(main, ["recording", "info", str(tmp_path / "nope")])
     assert missing.exit_code == 2
-    assert missing.stderr.strip().splitlines() == [f"wakelab: error: no recording at {tmp_path / 'nope'}: it does not exist"]
+    assert missing.stderr.strip().splitlines() == [
+        f"wakelab: error: no recording at {tmp_path / 'nope'}: it does not exist"
+    ]
     for command in (["info"], ["export", "--single-file", "x.safetensors"]):
         assert "Example:" in runner.invoke(main, ["recording", *command, "--help"]).output
 
@@ -121,11 +123,18 @@ def test_reader_cli_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     "strategy, weight_decay, rows, grad_accum, in_4bit",
-    [("tokens", 0.0, "new", 1, False), ("tokens", 0.1, "sample:5:new", 1, False), ("mask", 0.1, "new", 1, False),
-     ("mask", 0.1, "new", 3, False), ("tokens", 0.1, "new", 2, True), ("full", 0.1, "sample:6:all", 2, False)],
+    [
+        ("tokens", 0.0, "new", 1, False),
+        ("tokens", 0.1, "sample:5:new", 1, False),
+        ("mask", 0.1, "new", 1, False),
+        ("mask", 0.1, "new", 3, False),
+        ("tokens", 0.1, "new", 2, True),
+        ("full", 0.1, "sample:6:all", 2, False),
+    ],
 )
-def test_recorded_state_reproduces_the_adamw_update(tiny_model, texts, strategy, weight_decay, rows, grad_accum,
-                                                    in_4bit):
+def test_recorded_state_reproduces_the_adamw_update(
+    tiny_model, texts, strategy, weight_decay, rows, grad_accum, in_4bit
+):
     if in_4bit:
         require("bitsandbytes")  # a bf16 compute base; the new rows (and their Adam state) in float32 to check exactly
     extra = {
@@ -173,15 +182,29 @@ def test_grad_accum_masks_once_per_step_and_logs_the_mean_over_micro_batches(tin
     )
     runs = {}
     for accum, batch in ((3, 1), (1, 3)):
-        overrides = tiny_overrides(tiny_model, texts, **{
-            **FAST, "train.trainable": "mask", "train.weight_decay": 0.1, "train.grad_accum": accum,
-            "train.batch_size": batch, "train.max_steps": 4, "train.logging_steps": 1, "output_dir": f"out-{accum}"})
+        overrides = tiny_overrides(
+            tiny_model,
+            texts,
+            **{
+                **FAST,
+                "train.trainable": "mask",
+                "train.weight_decay": 0.1,
+                "train.grad_accum": accum,
+                "train.batch_size": batch,
+                "train.max_steps": 4,
+                "train.logging_steps": 1,
+                "output_dir": f"out-{accum}",
+            },
+        )
         overrides["plugins"] = ["recorder", str(counter)]
         result = engine.run(build_config(None, None, overrides), progress=False)
         history = mlflow.MlflowClient().get_metric_history(result.run_id, "loss")
         with recording.open(result.output_dir / "recording") as rec:
-            runs[accum] = {"logged": [m.value for m in sorted(history, key=lambda m: m.step)],
-                           "recorded": rec["loss"][1:].tolist(), "rows": rec["embeddings"][-1].clone()}
+            runs[accum] = {
+                "logged": [m.value for m in sorted(history, key=lambda m: m.step)],
+                "recorded": rec["loss"][1:].tolist(),
+                "rows": rec["embeddings"][-1].clone(),
+            }
         calls = loaded_plugin(counter).CALLS  # cached between runs: emptied after each
         assert calls == [1, 2, 3, 4], "mask_grads runs once per optimizer step, not per micro-batch"
         calls.clear()

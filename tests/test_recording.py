@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from optional import require
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from optional import require
 from wakelab import recording
 from wakelab.errors import WakelabError
 from wakelab.recording import FieldSpec, RecordingError, RecordingWriter

@@ -13,11 +13,17 @@ from wakelab.recording import FieldSpec, RecordingWriter
 
 
 def write(path: Path, steps: int = 7) -> dict[str, torch.Tensor]:
-    fields = {"embeddings": FieldSpec((1000, 33), torch.bfloat16), "logits": FieldSpec((517,), torch.float32),
-              "loss": FieldSpec((), torch.float32)}
+    fields = {
+        "embeddings": FieldSpec((1000, 33), torch.bfloat16),
+        "logits": FieldSpec((517,), torch.float32),
+        "loss": FieldSpec((), torch.float32),
+    }
     g = torch.Generator().manual_seed(0)
-    source = {"embeddings": torch.randn(1000, 33, generator=g), "logits": torch.randn(517, generator=g),
-              "loss": torch.tensor(1.5)}
+    source = {
+        "embeddings": torch.randn(1000, 33, generator=g),
+        "logits": torch.randn(517, generator=g),
+        "loss": torch.tensor(1.5),
+    }
     kept = []
     with RecordingWriter(path, fields, steps_per_shard=3, queue_size=2) as writer:
         for step in range(steps):

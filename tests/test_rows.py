@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import loaded_plugin, tiny_overrides
 from optional import require
+from safetensors.torch import load_file
+
 from wakelab import engine
 from wakelab.config import build_config
 from wakelab.rows import NewRowsEmbedding, NewRowsHead, setup_trainable_rows
@@ -115,11 +115,20 @@ def test_trainer_masks_every_step_without_the_hook_bridge(tiny_model, tmp_path):
     before = rows.values(torch.arange(num_base)).clone()
     ids = torch.randint(0, num_base + 4, (16, 16), generator=torch.Generator().manual_seed(0))
     dataset = [{"input_ids": row, "labels": row} for row in ids]
-    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=0.1, report_to="none", use_cpu=True, save_strategy="no",
-                             disable_tqdm=True, remove_unused_columns=False)
-    trainer = WakelabTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
-                             rows=rows, pm=build_manager(["mask"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "t"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=0.1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = WakelabTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collate, rows=rows, pm=build_manager(["mask"])
+    )
     trainer.train()
     assert torch.equal(rows.values(torch.arange(num_base)), before)
     assert not torch.equal(rows.values(rows.new_ids), torch.zeros_like(rows.values(rows.new_ids)))

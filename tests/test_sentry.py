@@ -11,9 +11,9 @@ import textwrap
 import mlflow
 import pytest
 import torch
+from conftest import tiny_overrides
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_overrides
 from wakelab import engine
 from wakelab.checkpoints import list_checkpoints, verify, write_manifest
 from wakelab.config import build_config
@@ -43,7 +43,8 @@ def test_p1_flow_restore_train_checkpoint_mirror_and_resume_from_mirror(tiny_mod
         verify(mirror)
         original = result.output_dir / mirror.name
         assert load_file(mirror / "trained_rows.safetensors")["rows"].equal(
-            load_file(original / "trained_rows.safetensors")["rows"])
+            load_file(original / "trained_rows.safetensors")["rows"]
+        )
     assert mlflow.get_run(result.run_id).data.tags["wakelab.sentry.latest"].endswith("checkpoint-6")
     assert not list((sentry / result.run_id).glob(".partial-*"))
     # Losing the run's own checkpoints: resume from the mirror of step 4 and reach step 6 again, identically.
@@ -52,8 +53,13 @@ def test_p1_flow_restore_train_checkpoint_mirror_and_resume_from_mirror(tiny_mod
         import shutil
 
         shutil.rmtree(checkpoint)
-    resumed = sentry_run(tiny_model, texts, sentry, resume_from=str(mirrors[0]),
-                         **{"init.from_embeddings": str(tmp_path / "embeddings.pt")})
+    resumed = sentry_run(
+        tiny_model,
+        texts,
+        sentry,
+        resume_from=str(mirrors[0]),
+        **{"init.from_embeddings": str(tmp_path / "embeddings.pt")},
+    )
     assert resumed.run_id == result.run_id
     again = load_file(result.output_dir / "checkpoint-6" / "trained_rows.safetensors")["rows"]
     assert torch.equal(again, final_rows)
@@ -72,14 +78,16 @@ def test_failed_mirror_warns_and_retries_at_next_save(tiny_model, texts, tmp_pat
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the backup disk should be")
     fixer = tmp_path / "fix_target.py"
-    fixer.write_text(textwrap.dedent(f"""
+    fixer.write_text(
+        textwrap.dedent(f"""
         import os, wakelab
         @wakelab.hookimpl
         def on_step_end(state):
             if state.step == 3:
                 os.remove({str(blocker)!r})
                 os.makedirs({str(blocker)!r})
-    """))
+    """)
+    )
     result = sentry_run(tiny_model, texts, blocker / "mirror", plugins=[str(fixer)])
     err = capfd.readouterr().err
     assert "wakelab: warning: sentry: mirror of checkpoint-2" in err and "FAILED" in err
@@ -130,11 +138,14 @@ def mirrors_are_whole(target) -> list[str]:
     return [c.name for c in list_checkpoints(target)]
 
 
-@pytest.mark.parametrize("point, after_kill, after_next", [
-    ("mirror-copying:2", [11, 12], [12, 14]),  # half of checkpoint-13 copied: it never appears
-    ("mirror-published", [11, 12, 13], [13, 14]),  # in place, not yet pruned
-    ("remove-aside", [12, 13], [13, 14]),  # checkpoint-11 renamed aside to be deleted
-])
+@pytest.mark.parametrize(
+    "point, after_kill, after_next",
+    [
+        ("mirror-copying:2", [11, 12], [12, 14]),  # half of checkpoint-13 copied: it never appears
+        ("mirror-published", [11, 12, 13], [13, 14]),  # in place, not yet pruned
+        ("remove-aside", [12, 13], [13, 14]),  # checkpoint-11 renamed aside to be deleted
+    ],
+)
 def test_kill_while_mirroring_a_new_checkpoint_and_pruning(tmp_path, point, after_kill, after_next):
     sources = {step: source_checkpoint(tmp_path / "run" / f"checkpoint-{step}", step) for step in (11, 12, 13, 14)}
     target = tmp_path / "mirror"
@@ -164,8 +175,9 @@ def test_resume_from_a_mirror_in_mlflow_artifacts(tiny_model, texts, tmp_path):
     """sentry.target=mlflow: download the mirror (as a user would), resume from it, reach the same rows."""
     result = sentry_run(tiny_model, texts, "mlflow", **{"sentry.keep": 2})
     final_rows = load_file(result.output_dir / "checkpoint-6" / "trained_rows.safetensors")["rows"]
-    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="sentry/checkpoint-4",
-                                                dst_path=str(tmp_path / "downloaded"))
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="sentry/checkpoint-4", dst_path=str(tmp_path / "downloaded")
+    )
     verify(local)
     import shutil
 

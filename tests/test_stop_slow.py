@@ -13,8 +13,8 @@ import textwrap
 import mlflow
 import pytest
 import yaml
-
 from conftest import tiny_overrides
+
 from wakelab.config import set_in
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 # and recorder flushes all take their share of the run. A throw-away plugin marks when the first step ended
 # (before it, a signal stops the run before any step, with nothing to resume). One driver process imports wakelab
 # once and forks a child per run (it runs no torch op itself, so forking is safe).
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import json, os, random, shutil, signal, sys, time
     from pathlib import Path
     import numpy as np
@@ -114,7 +114,7 @@ DRIVER = textwrap.dedent('''
         report.append(entry)
     print(json.dumps({"training_s": training, "total_s": time.monotonic() - started, "missed": missed,
                       "trials": report}))
-''')
+""")
 
 MARKS_PLUGIN = '''
 """Marks when the first and the last step ended, for the driver's timing."""
@@ -148,15 +148,30 @@ def on_step_end(state):
 def test_sigterm_at_20_random_moments_ends_killed_and_resumes_bit_identical(tiny_model, texts, tmp_path):
     marks = tmp_path / "marks.py"
     marks.write_text(MARKS_PLUGIN)
-    overrides = tiny_overrides(tiny_model, texts, **{
-        "train.max_steps": 10, "train.save_steps": 2, "train.save_total_limit": 2, "train.logging_steps": 1,
-        "train.eval_perplexity": False, "train.weight_decay": 0.1, "recorder.every": 1,
-        "plugins": ["sentry", "recorder", str(marks)],
-    })
+    overrides = tiny_overrides(
+        tiny_model,
+        texts,
+        **{
+            "train.max_steps": 10,
+            "train.save_steps": 2,
+            "train.save_total_limit": 2,
+            "train.logging_steps": 1,
+            "train.eval_perplexity": False,
+            "train.weight_decay": 0.1,
+            "recorder.every": 1,
+            "plugins": ["sentry", "recorder", str(marks)],
+        },
+    )
     trials = int(os.environ.get("WAKELAB_STOP_TRIALS", "20"))  # fewer only for a quick local look
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(overrides), str(trials), "7"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(overrides), str(trials), "7"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     (tmp_path / "report.json").write_text(json.dumps(result, indent=1))
@@ -169,8 +184,10 @@ def test_sigterm_at_20_random_moments_ends_killed_and_resumes_bit_identical(tiny
         assert entry["checkpoints"] and entry["identical"], entry
     # The signals landed at many different steps of the run.
     assert len({e["stopped_at"] for e in report}) >= 4, report
-    print(f"training {result['training_s']:.1f} s; {trials} trials in {result['total_s']:.0f} s "
-          f"({result['missed']} signals came after the last step and were tried again)")
+    print(
+        f"training {result['training_s']:.1f} s; {trials} trials in {result['total_s']:.0f} s "
+        f"({result['missed']} signals came after the last step and were tried again)"
+    )
 
 
 def write_config(tmp_path, tiny_model, texts, **extra) -> None:
@@ -183,11 +200,12 @@ def write_config(tmp_path, tiny_model, texts, **extra) -> None:
 def wakelab(tmp_path, *args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.run([sys.executable, "-m", "wakelab", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "wakelab", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
-SIGTERM_ONCE = '''
+SIGTERM_ONCE = """
 import os, signal
 from pathlib import Path
 import wakelab
@@ -198,7 +216,7 @@ def on_step_end(state):
     if state.step == 3 and {condition} and not marker.exists():
         marker.touch()
         os.kill(os.getpid(), signal.SIGTERM)
-'''
+"""
 
 
 def test_cli_sigterm_exits_143_and_prints_the_resume_command(tiny_model, texts, tmp_path):
@@ -207,8 +225,10 @@ def test_cli_sigterm_exits_143_and_prints_the_resume_command(tiny_model, texts, 
     stopped = wakelab(tmp_path, "run", "--config", "tiny.yaml", "--plugin", "term.py", "--no-progress")
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "wakelab: SIGTERM received: stopping after the current step" in stopped.stderr
-    assert ("wakelab: stopped by SIGTERM after step 3; the MLflow run is marked KILLED; checkpoint out/checkpoint-3 "
-            "is complete; continue with: wakelab resume out") in stopped.stderr
+    assert (
+        "wakelab: stopped by SIGTERM after step 3; the MLflow run is marked KILLED; checkpoint out/checkpoint-3 "
+        "is complete; continue with: wakelab resume out"
+    ) in stopped.stderr
     assert "Traceback" not in stopped.stderr
     resumed = wakelab(tmp_path, "resume", "out", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -220,12 +240,25 @@ def test_sigterm_to_a_sweep_then_resume(tiny_model, texts, tmp_path):
     # The signal comes in the second child's third step; the first child has finished, the third not started.
     (tmp_path / "term.py").write_text(SIGTERM_ONCE.format(condition='Path("sw/lr=0.02").is_dir()'))
     write_config(tmp_path, tiny_model, texts, **{"train.max_steps": 6, "train.eval_perplexity": False})
-    stopped = wakelab(tmp_path, "sweep", "--over", "lr=0.01,0.02,0.03", "--config", "tiny.yaml", "--plugin",
-                      "term.py", "--output-dir", "sw", "--no-progress")
+    stopped = wakelab(
+        tmp_path,
+        "sweep",
+        "--over",
+        "lr=0.01,0.02,0.03",
+        "--config",
+        "tiny.yaml",
+        "--plugin",
+        "term.py",
+        "--output-dir",
+        "sw",
+        "--no-progress",
+    )
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     parent = json.loads((tmp_path / "sw" / "sweep.json").read_text())["parent_run_id"]
-    assert (f"sweep stopped by SIGTERM; the parent run and lr=0.02 are marked KILLED; continue with: "
-            f"wakelab sweep --resume {parent}") in stopped.stderr
+    assert (
+        f"sweep stopped by SIGTERM; the parent run and lr=0.02 are marked KILLED; continue with: "
+        f"wakelab sweep --resume {parent}"
+    ) in stopped.stderr
     client = mlflow.MlflowClient()
 
     def statuses():
@@ -234,7 +267,9 @@ def test_sigterm_to_a_sweep_then_resume(tiny_model, texts, tmp_path):
 
     before = statuses()
     assert {name: status for name, (status, _) in before.items() if name.startswith("lr=")} == {
-        "lr=0.01": "FINISHED", "lr=0.02": "KILLED"}
+        "lr=0.01": "FINISHED",
+        "lr=0.02": "KILLED",
+    }
     assert client.get_run(parent).info.status == "KILLED"
     assert (tmp_path / "sw" / "lr=0.02" / "checkpoint-3").is_dir()
     first_rows = (tmp_path / "sw" / "lr=0.01" / "final" / "new_rows.safetensors").read_bytes()
@@ -246,7 +281,10 @@ def test_sigterm_to_a_sweep_then_resume(tiny_model, texts, tmp_path):
     after = statuses()
     assert client.get_run(parent).info.status == "FINISHED"
     assert {name: status for name, (status, _) in after.items() if name.startswith("lr=")} == {
-        "lr=0.01": "FINISHED", "lr=0.02": "FINISHED", "lr=0.03": "FINISHED"}
+        "lr=0.01": "FINISHED",
+        "lr=0.02": "FINISHED",
+        "lr=0.03": "FINISHED",
+    }
     # The finished child was kept (same run, same rows); the stopped one went on in its own run.
     assert after["lr=0.01"][1] == before["lr=0.01"][1] and after["lr=0.02"][1] == before["lr=0.02"][1]
     assert (tmp_path / "sw" / "lr=0.01" / "final" / "new_rows.safetensors").read_bytes() == first_rows

@@ -11,9 +11,9 @@ import time
 import mlflow
 import numpy as np
 import pytest
+from conftest import tiny_overrides
 from safetensors.numpy import load_file
 
-from conftest import tiny_overrides
 from wakelab import engine, stopping
 from wakelab.checkpoints import list_checkpoints, verify
 from wakelab.config import build_config
@@ -113,8 +113,11 @@ def test_sigterm_mid_run_checkpoints_mirrors_ends_killed_and_resumes_bit_exactly
     # save_steps beyond max_steps: no scheduled checkpoint, so the one found is the stop's (sentry needs save_steps).
     values = {"train.max_steps": 6, "train.save_steps": 100, "sentry.target": str(mirrors), "train.logging_steps": 5}
     config = build_config(None, None, {**tiny_overrides(tiny_model, texts, **values), "plugins": ["sentry", str(term)]})
-    with pytest.raises(Stopped, match=r"stopped by SIGTERM after step 3; the MLflow run is marked KILLED; checkpoint "
-                                      r"out/checkpoint-3 is complete; continue with: wakelab resume out") as info:
+    with pytest.raises(
+        Stopped,
+        match=r"stopped by SIGTERM after step 3; the MLflow run is marked KILLED; checkpoint "
+        r"out/checkpoint-3 is complete; continue with: wakelab resume out",
+    ) as info:
         engine.run(config, progress=False)
     assert info.value.exit_code == 143
 
@@ -131,26 +134,36 @@ def test_sigterm_mid_run_checkpoints_mirrors_ends_killed_and_resumes_bit_exactly
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")] == [3]
 
     plain = {k: v for k, v in values.items() if k != "sentry.target"}  # the resume and reference need no mirror
-    resumed = engine.run(build_config(None, None, tiny_overrides(tiny_model, texts, **plain)), progress=False,
-                         resume_from=str(out / "checkpoint-3"))
+    resumed = engine.run(
+        build_config(None, None, tiny_overrides(tiny_model, texts, **plain)),
+        progress=False,
+        resume_from=str(out / "checkpoint-3"),
+    )
     assert resumed.status == "FINISHED" and resumed.run_id == run.info.run_id
     metrics = mlflow.get_run(run.info.run_id).data.metrics  # the run's record is whole after the stop
     assert {"heldout_perplexity_before", "heldout_perplexity_after", "train_runtime"} <= set(metrics)
-    reference = engine.run(build_config(None, None, tiny_overrides(tiny_model, texts, **plain, output_dir="ref")),
-                           progress=False)
+    reference = engine.run(
+        build_config(None, None, tiny_overrides(tiny_model, texts, **plain, output_dir="ref")), progress=False
+    )
     assert reference.status == "FINISHED"
     assert np.array_equal(rows(out).view(np.uint8), rows(tmp_path / "ref").view(np.uint8))
 
 
 def test_second_signal_during_the_graceful_stop_ends_killed_at_once(tiny_model, texts, tmp_path):
-    twice = plugin(tmp_path, "term_twice", SIGTERM_AT_3 + """
+    twice = plugin(
+        tmp_path,
+        "term_twice",
+        SIGTERM_AT_3
+        + """
 @wakelab.hookimpl
 def on_save(ctx):
     os.kill(os.getpid(), signal.SIGTERM)  # the second signal, while the stop's checkpoint is being mirrored
     time.sleep(60)
-""")
-    config = build_config(None, None, {**tiny_overrides(tiny_model, texts, **{"train.max_steps": 6}),
-                                       "plugins": [str(twice)]})
+""",
+    )
+    config = build_config(
+        None, None, {**tiny_overrides(tiny_model, texts, **{"train.max_steps": 6}), "plugins": [str(twice)]}
+    )
     started = time.monotonic()
     with pytest.raises(Stopped, match=r"stopped at once by a second signal \(SIGTERM\)") as info:
         engine.run(config, progress=False)
@@ -162,8 +175,9 @@ def on_save(ctx):
 
 
 def test_last_step_and_trainer_summary_are_logged(tiny_model, texts):
-    config = build_config(None, None, tiny_overrides(tiny_model, texts, **{"train.max_steps": 6,
-                                                                            "train.logging_steps": 5}))
+    config = build_config(
+        None, None, tiny_overrides(tiny_model, texts, **{"train.max_steps": 6, "train.logging_steps": 5})
+    )
     result = engine.run(config, progress=False)
     client = mlflow.MlflowClient()
     for key in ("loss", "lr", "grad_norm"):

@@ -8,16 +8,23 @@ import textwrap
 import mlflow
 import pytest
 from click.testing import CliRunner
-
 from conftest import tiny_overrides
+
 from wakelab.cli import main
 from wakelab.config import build_config
 from wakelab.errors import ConfigError
 from wakelab.sweep import parse_over, plan_sweep, split_values
 
 ARTIFACTS = {
-    "comparison.csv", "comparison.json", "comparison.md", "comparison.html", "neighbours.json",
-    "loss_curves.png", "perplexity.png", "new_row_norm.png", "hit_rates.png",
+    "comparison.csv",
+    "comparison.json",
+    "comparison.md",
+    "comparison.html",
+    "neighbours.json",
+    "loss_curves.png",
+    "perplexity.png",
+    "new_row_norm.png",
+    "hit_rates.png",
 }
 
 
@@ -51,8 +58,18 @@ def runs_in_store():
 
 def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_model, texts, tmp_path):
     constituents = constituents_file(tmp_path, "notaword\tbird\tbird song\n")
-    result = sweep(["--over", "init=spherical,subword", "--constituents", constituents, "--top-k", "5",
-                    "--no-progress", *set_args(tiny_model, texts)])
+    result = sweep(
+        [
+            "--over",
+            "init=spherical,subword",
+            "--constituents",
+            constituents,
+            "--top-k",
+            "5",
+            "--no-progress",
+            *set_args(tiny_model, texts),
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert "not in the lexicon" in result.output and "notaword" in result.output
 
@@ -62,8 +79,10 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["sweep.key"] == "init.method"
-    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
-                      key=lambda r: r.data.tags["mlflow.runName"])
+    children = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+        key=lambda r: r.data.tags["mlflow.runName"],
+    )
     assert [c.data.tags["mlflow.runName"] for c in children] == ["init=spherical", "init=subword"]
     assert len(runs) == 3, "each child is exactly one run"
     for child, method in zip(children, ["spherical", "subword"], strict=True):
@@ -91,7 +110,8 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
             assert 0.0 <= row[key] <= 1.0
     # Step-0 norms are the init's: spherical at 1.5x the base norm, subword at sub-token means (shorter).
     assert by_child["init=spherical"]["new_row_norm_init"] == pytest.approx(
-        1.5 * by_child["init=spherical"]["base_mean_norm"], rel=1e-3)
+        1.5 * by_child["init=spherical"]["base_mean_norm"], rel=1e-3
+    )
     neighbours = json.loads((tmp_path / "out" / "comparison" / "neighbours.json").read_text())
     assert len(neighbours["init=subword"]["step0"][0]["neighbours"]) == 5
     markdown = (tmp_path / "out" / "comparison" / "comparison.md").read_text()
@@ -101,15 +121,18 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
 
 def test_a_failing_child_is_recorded_and_the_others_go_on(tiny_model, texts, tmp_path):
     plugin = tmp_path / "boom.py"
-    plugin.write_text(textwrap.dedent("""
+    plugin.write_text(
+        textwrap.dedent("""
         import wakelab
         @wakelab.hookimpl
         def init_embeddings(ctx):
             if ctx.method == "boom":
                 raise RuntimeError("boom in init")
-    """))
-    result = sweep(["--over", "init=boom,spherical", "--plugin", str(plugin), "--no-progress",
-                    *set_args(tiny_model, texts)])
+    """)
+    )
+    result = sweep(
+        ["--over", "init=boom,spherical", "--plugin", str(plugin), "--no-progress", *set_args(tiny_model, texts)]
+    )
     assert result.exit_code == 1, result.output
     assert "init=boom FAILED: RuntimeError: boom in init" in result.output
 
@@ -117,8 +140,9 @@ def test_a_failing_child_is_recorded_and_the_others_go_on(tiny_model, texts, tmp
     parent = next(r for r in runs if r.data.tags.get("wakelab.sweep") == "parent")
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["wakelab.sweep.failed_children"] == "init=boom"
-    children = {r.data.tags["mlflow.runName"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert children["init=boom"].info.status == "FAILED"
     assert children["init=boom"].data.tags["wakelab.sweep.status"] == "failed"
     assert children["init=spherical"].info.status == "FINISHED"
@@ -130,17 +154,20 @@ def test_a_failing_child_is_recorded_and_the_others_go_on(tiny_model, texts, tmp
     assert "missing (no results): init=boom" in (tmp_path / "out" / "comparison" / "comparison.md").read_text()
 
 
-@pytest.mark.parametrize("over, message", [
-    ("nosuchkey=1,2", "unknown config key 'nosuchkey'"),
-    ("lr=1e-3,abc", "--over lr=abc: config key 'train.lr': got \"abc\""),
-    ("max_steps=2,-1", "--over max_steps=-1: config key 'train.max_steps'"),
-    ("init=spherical,nosuch", "--over init=nosuch: init.method=nosuch: no plugin named 'nosuch'"),
-    ("init=spherical,mask", "plugin 'mask' has no init_embeddings hook"),
-    ("lr=1e-3,0.001", "are the same value"),
-    ("lr", "must be key=value1,value2"),
-    ("lr=1e-3,,2e-3", "comma-separated values"),
-    ("output_dir=a,b", "--output-dir"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ("nosuchkey=1,2", "unknown config key 'nosuchkey'"),
+        ("lr=1e-3,abc", "--over lr=abc: config key 'train.lr': got \"abc\""),
+        ("max_steps=2,-1", "--over max_steps=-1: config key 'train.max_steps'"),
+        ("init=spherical,nosuch", "--over init=nosuch: init.method=nosuch: no plugin named 'nosuch'"),
+        ("init=spherical,mask", "plugin 'mask' has no init_embeddings hook"),
+        ("lr=1e-3,0.001", "are the same value"),
+        ("lr", "must be key=value1,value2"),
+        ("lr=1e-3,,2e-3", "comma-separated values"),
+        ("output_dir=a,b", "--output-dir"),
+    ],
+)
 def test_bad_over_is_one_line_exit_2_before_any_child(tiny_model, texts, over, message):
     result = sweep(["--over", over, "--no-progress", *set_args(tiny_model, texts)])
     assert result.exit_code == 2, result.output
@@ -150,8 +177,9 @@ def test_bad_over_is_one_line_exit_2_before_any_child(tiny_model, texts, over, m
 
 
 def test_bad_constituents_stop_the_sweep_before_any_child(tiny_model, texts, tmp_path):
-    missing = sweep(["--over", "lr=1e-3,2e-3", "--constituents", str(tmp_path / "none.tsv"),
-                     *set_args(tiny_model, texts)])
+    missing = sweep(
+        ["--over", "lr=1e-3,2e-3", "--constituents", str(tmp_path / "none.tsv"), *set_args(tiny_model, texts)]
+    )
     assert missing.exit_code == 2 and "constituents file not found" in missing.output
     other = tmp_path / "other.tsv"
     other.write_text("zzz\tbird\tbird song\n")

@@ -11,12 +11,17 @@ from click.testing import CliRunner
 from wakelab.cli import main
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "give --over KEY=V1,V2,... (or --resume PARENT to finish a stopped sweep)"),
-    (["--resume", "sw", "--over", "lr=1e-3,2e-3", "--max-steps", "3"],
-     "--resume continues the sweep as it was planned; drop --over, --max-steps"),
-    (["--resume", "no-such-thing"], "--resume no-such-thing: neither a sweep folder nor a sweep's parent run id"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give --over KEY=V1,V2,... (or --resume PARENT to finish a stopped sweep)"),
+        (
+            ["--resume", "sw", "--over", "lr=1e-3,2e-3", "--max-steps", "3"],
+            "--resume continues the sweep as it was planned; drop --over, --max-steps",
+        ),
+        (["--resume", "no-such-thing"], "--resume no-such-thing: neither a sweep folder nor a sweep's parent run id"),
+    ],
+)
 def test_bad_resume_input_is_one_line(args, message):
     result = CliRunner().invoke(main, ["sweep", *args])
     assert result.exit_code == 2, result.output

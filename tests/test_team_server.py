@@ -22,9 +22,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import tiny_overrides
 
 from wakelab.config import set_in
-from conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -76,11 +76,21 @@ class Postgres:
         subprocess.run([*self.as_user, *args], check=True, capture_output=True, text=True, timeout=120)
 
     def start(self) -> str:
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "wakelab", "-E", "UTF8",
-                  "--no-sync")
+        self._run(
+            str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "wakelab", "-E", "UTF8", "--no-sync"
+        )
         options = f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-w",
-                  "-o", options, "start")
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "postgres.log"),
+            "-w",
+            "-o",
+            options,
+            "start",
+        )
         self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "wakelab", "mlflow")
         return f"postgresql+psycopg2://wakelab@127.0.0.1:{self.port}/mlflow"
 
@@ -102,13 +112,25 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
-                   "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1"]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "mlflow server exited:\n" + self.log.read_text()[-3000:]
@@ -172,8 +194,11 @@ def team(tmp_path_factory):
 
 
 def write_config(tmp_path: Path, tiny_model, texts, name: str, **extra) -> Path:
-    values = tiny_overrides(tiny_model, texts, **{"tracking.experiment": "team", "output_dir": f"out-{name}",
-                                                  "tracking.run_name": name, **extra})
+    values = tiny_overrides(
+        tiny_model,
+        texts,
+        **{"tracking.experiment": "team", "output_dir": f"out-{name}", "tracking.run_name": name, **extra},
+    )
     tree: dict = {}
     for key, value in values.items():
         set_in(tree, key, value)
@@ -187,8 +212,14 @@ def write_config(tmp_path: Path, tiny_model, texts, name: str, **extra) -> Path:
 def wakelab_run(tmp_path: Path, uri: str, config: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.Popen([sys.executable, "-m", "wakelab", "run", "--config", str(config), "--no-progress", *extra],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "wakelab", "run", "--config", str(config), "--no-progress", *extra],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_concurrent_runs_into_one_experiment_lose_nothing(team, tiny_model, texts, tmp_path):
@@ -214,13 +245,23 @@ def test_two_concurrent_runs_into_one_experiment_lose_nothing(team, tiny_model, 
         assert expected_params <= set(run.data.params), expected_params - set(run.data.params)
         assert {"added_tokens", "vocab_size", "plugins.active", "version.mlflow"} <= set(run.data.params)
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [2, 4, 6]
-        for key in ("lr", "grad_norm", "new_row_norm", "heldout_perplexity_before", "heldout_perplexity_after",
-                    "train_seconds", "corpus_new_token_share"):
+        for key in (
+            "lr",
+            "grad_norm",
+            "new_row_norm",
+            "heldout_perplexity_before",
+            "heldout_perplexity_after",
+            "train_seconds",
+            "corpus_new_token_share",
+        ):
             assert key in run.data.metrics, (name, key)
         # Every artifact, byte for byte, in the server's artifact root (not in this folder).
         local = tmp_path / f"out-{name}"
-        for artifact, path in (("config.yaml", local / "config.yaml"), ("vocab_report.json", local / "vocab_report.json"),
-                               ("final/new_rows.safetensors", local / "final" / "new_rows.safetensors")):
+        for artifact, path in (
+            ("config.yaml", local / "config.yaml"),
+            ("vocab_report.json", local / "vocab_report.json"),
+            ("final/new_rows.safetensors", local / "final" / "new_rows.safetensors"),
+        ):
             fetched = Path(client.download_artifacts(run.info.run_id, artifact, str(tmp_path / f"dl-{name}")))
             assert fetched.read_bytes() == path.read_bytes(), (name, artifact)
         tokenizer_files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "final/tokenizer")}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-
 from conftest import raising_plugin, tiny_overrides
+
 from wakelab import engine
 from wakelab.config import build_config
 from wakelab.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, TrackingError
@@ -21,8 +21,15 @@ def test_finished_run_has_params_metrics_artifacts(tiny_model, texts):
     assert params["base_vocab_size"] == "367" and params["added_tokens"] == "8"
     assert "version.torch" in params and "version.transformers" in params
     assert params["plugins.active"] == "spherical"
-    for key in ("loss", "lr", "grad_norm", "new_row_norm", "new_row_displacement", "heldout_perplexity_before",
-                "heldout_perplexity_after"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "new_row_norm",
+        "new_row_displacement",
+        "heldout_perplexity_before",
+        "heldout_perplexity_after",
+    ):
         assert key in run.data.metrics, key
     history = mlflow.MlflowClient().get_metric_history(result.run_id, "loss")
     assert sorted(m.step for m in history) == [2, 4]

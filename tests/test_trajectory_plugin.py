@@ -105,9 +105,14 @@ def test_probe_separates_a_planted_substitute_from_an_untrained_word(tmp_path, c
     assert by_step[30] > by_step[0] + 1.0
 
 
-@pytest.mark.parametrize(("spec", "message"), [("sample:0", "K must be a whole number"),
-                                               ("top:3", "top movers are known only once training is over"),
-                                               ("nofile.txt", "not auto, all, sample:K or an existing words file")])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("sample:0", "K must be a whole number"),
+        ("top:3", "top movers are known only once training is over"),
+        ("nofile.txt", "not auto, all, sample:K or an existing words file"),
+    ],
+)
 def test_bad_token_choice_stops_before_anything_is_written(tmp_path, spec, message):
     from wakelab.errors import ConfigError
 

@@ -18,12 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 UI_START_TIMEOUT_S = 240
 PAGE_TIMEOUT_MS = 60_000
@@ -57,8 +64,12 @@ class UiProcess:
     def __init__(self, cwd: Path, port: int):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wakelab", "ui", "--port", str(port)], cwd=cwd, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "wakelab", "ui", "--port", str(port)],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
@@ -172,8 +183,10 @@ def test_ui_shows_params_loss_chart_vocab_report_and_plots(tiny_model, texts, tm
             page.screenshot(path=str(screenshots / "ui-runs.png"))
 
             # The run page: params (the flattened config).
-            page.goto(f"{base}/#/experiments/{result.experiment_id}/runs/{result.run_id}"
-                      "?workflowType=machine_learning", wait_until="load")
+            page.goto(
+                f"{base}/#/experiments/{result.experiment_id}/runs/{result.run_id}?workflowType=machine_learning",
+                wait_until="load",
+            )
             expect(page.get_by_role("tab", name="Model metrics")).to_be_visible()
             _close_assistant(page)
             expect(page.get_by_text("Parameters (", exact=False)).to_be_visible()
@@ -212,8 +225,11 @@ def test_ui_shows_params_loss_chart_vocab_report_and_plots(tiny_model, texts, tm
     finally:
         ui.stop()
     assert ui.proc.returncode is not None
-    print("ui browser test timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-          + f"; screenshots in {screenshots}")
+    print(
+        "ui browser test timings: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+        + f"; screenshots in {screenshots}"
+    )
 
 
 def mlflow_run_name(run_id: str) -> str:
@@ -252,8 +268,10 @@ def test_ui_shows_the_trajectory_page_and_scrubs_its_frames(tiny_model, texts, t
             page.set_default_timeout(PAGE_TIMEOUT_MS)
             expect.set_options(timeout=PAGE_TIMEOUT_MS)
             page.route(re.compile(r"^https?://(?!127\.0\.0\.1)"), lambda route: route.abort())  # offline, provably
-            page.goto(f"{base}/#/experiments/{result.experiment_id}/runs/{result.run_id}"
-                      "?workflowType=machine_learning", wait_until="load")
+            page.goto(
+                f"{base}/#/experiments/{result.experiment_id}/runs/{result.run_id}?workflowType=machine_learning",
+                wait_until="load",
+            )
             expect(page.get_by_role("tab", name="Artifacts")).to_be_visible()
             _close_assistant(page)
             page.get_by_role("tab", name="Artifacts").click()
@@ -269,8 +287,10 @@ def test_ui_shows_the_trajectory_page_and_scrubs_its_frames(tiny_model, texts, t
 
             # The frames, logged with mlflow.log_image(key="trajectory", step=...): the runs' chart view takes an
             # "Image grid" chart of the key, whose step slider scrubs through training.
-            page.goto(f"{base}/#/experiments/{result.experiment_id}/runs?workflowType=machine_learning"
-                      "&compareRunsMode=CHART", wait_until="load")
+            page.goto(
+                f"{base}/#/experiments/{result.experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART",
+                wait_until="load",
+            )
             _close_assistant(page)
             page.get_by_role("button", name="Add chart").first.click()
             page.get_by_role("menuitem", name="Image grid").click()

@@ -13,45 +13,121 @@ from .logs import warn
 
 @click.command("analyze", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("runs", nargs=-1, metavar="RUN [RUN ...]")
-@click.option("--checkpoint", default=None, metavar="CKPT",
-              help="Analyse this checkpoint of RUN: a path, a name (checkpoint-600) or a step (600). "
-                   "Passing a checkpoint folder as RUN does the same.")
+@click.option(
+    "--checkpoint",
+    default=None,
+    metavar="CKPT",
+    help="Analyse this checkpoint of RUN: a path, a name (checkpoint-600) or a step (600). "
+    "Passing a checkpoint folder as RUN does the same.",
+)
 @click.option("--initial", is_flag=True, help="Analyse the state right after init (before any training).")
-@click.option("--sample-size", type=click.IntRange(min=2), default=1000, show_default=True,
-              help="Rows sampled (seeded) per group for isotropy.")
+@click.option(
+    "--sample-size",
+    type=click.IntRange(min=2),
+    default=1000,
+    show_default=True,
+    help="Rows sampled (seeded) per group for isotropy.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the isotropy and default-probe samples.")
-@click.option("--probe", "probes", multiple=True, metavar="WORD",
-              help="A token to probe for nearest neighbours (repeatable). Default: --num-probes seeded new tokens.")
-@click.option("--num-probes", type=click.IntRange(min=1), default=10, show_default=True,
-              help="How many new tokens to probe when no --probe is given.")
-@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Neighbours listed per probe, among base and among new tokens.")
-@click.option("--no-eval", is_flag=True,
-              help="Do not recompute held-out perplexity; report the values the run logged.")
-@click.option("--eval-max-blocks", type=click.IntRange(min=1), default=None,
-              help="Held-out blocks for perplexity (default: the run's train.eval_max_blocks).")
-@click.option("--no-static", is_flag=True,
-              help="Skip the model-loading analyses (norms, isotropy, neighbours, perplexity): loss and dynamics only.")
-@click.option("--recording", is_flag=False, flag_value="", default=None, metavar="[PATH]",
-              help="Also analyse the dynamics of a recording: PATH, or the run's own (<run_dir>/recording) when "
-                   "--recording comes last or is followed by another option.")
+@click.option(
+    "--probe",
+    "probes",
+    multiple=True,
+    metavar="WORD",
+    help="A token to probe for nearest neighbours (repeatable). Default: --num-probes seeded new tokens.",
+)
+@click.option(
+    "--num-probes",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="How many new tokens to probe when no --probe is given.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Neighbours listed per probe, among base and among new tokens.",
+)
+@click.option("--no-eval", is_flag=True, help="Do not recompute held-out perplexity; report the values the run logged.")
+@click.option(
+    "--eval-max-blocks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Held-out blocks for perplexity (default: the run's train.eval_max_blocks).",
+)
+@click.option(
+    "--no-static",
+    is_flag=True,
+    help="Skip the model-loading analyses (norms, isotropy, neighbours, perplexity): loss and dynamics only.",
+)
+@click.option(
+    "--recording",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[PATH]",
+    help="Also analyse the dynamics of a recording: PATH, or the run's own (<run_dir>/recording) when "
+    "--recording comes last or is followed by another option.",
+)
 @click.option("--from-step", type=int, default=None, help="Displacement from this recorded step (default: the first).")
 @click.option("--to-step", type=int, default=None, help="Displacement to this recorded step (default: the last).")
-@click.option("--freeze-threshold", type=float, default=1e-6, show_default=True,
-              help="Rows whose mean displacement is below this are called frozen.")
-@click.option("--tokens", "trajectory_tokens", default="auto", show_default=True, metavar="SPEC",
-              help="With --recording: tokens drawn with labels and trails in the trajectory: auto, all, sample:K, "
-                   "top:K (the largest movers) or a words file; the rest are drawn as a density.")
+@click.option(
+    "--freeze-threshold",
+    type=float,
+    default=1e-6,
+    show_default=True,
+    help="Rows whose mean displacement is below this are called frozen.",
+)
+@click.option(
+    "--tokens",
+    "trajectory_tokens",
+    default="auto",
+    show_default=True,
+    metavar="SPEC",
+    help="With --recording: tokens drawn with labels and trails in the trajectory: auto, all, sample:K, "
+    "top:K (the largest movers) or a words file; the rest are drawn as a density.",
+)
 @click.option("--no-trajectory", is_flag=True, help="With --recording: skip the trajectory and the per-token table.")
 @click.option("--nested", is_flag=True, help="Log to a new run nested under the analysed run instead of into it.")
 @click.option("--no-mlflow", is_flag=True, help="Write the files locally only; log nothing to MLflow.")
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Local folder for the files (default: <run_dir>/analysis).")
-@click.option("--samples", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Text samples: greedy continuations of held-out prompts that hold new words (0: none).")
-def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, top_k, no_eval, eval_max_blocks,
-            no_static, recording, from_step, to_step, freeze_threshold, trajectory_tokens, no_trajectory, nested,
-            no_mlflow, out, samples):
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Local folder for the files (default: <run_dir>/analysis).",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Text samples: greedy continuations of held-out prompts that hold new words (0: none).",
+)
+def analyze(
+    runs,
+    checkpoint,
+    initial,
+    sample_size,
+    seed,
+    probes,
+    num_probes,
+    top_k,
+    no_eval,
+    eval_max_blocks,
+    no_static,
+    recording,
+    from_step,
+    to_step,
+    freeze_threshold,
+    trajectory_tokens,
+    no_trajectory,
+    nested,
+    no_mlflow,
+    out,
+    samples,
+):
     """Analyse a run: embedding norms, isotropy, nearest neighbours, loss, held-out perplexity, and with
     --recording the training dynamics (displacement, freeze verdict and onset, bf16 lattice hops, centroid).
 
@@ -104,11 +180,26 @@ def analyze(runs, checkpoint, initial, sample_size, seed, probes, num_probes, to
         if ignored:
             warn(f"{', '.join(ignored)} apply to one run's analysis and are ignored when comparing runs")
     opts = AnalyzeOptions(
-        checkpoint=checkpoint, initial=initial, sample_size=sample_size, seed=seed, probes=tuple(probes),
-        num_probes=num_probes, top_k=top_k, evaluate=not no_eval, eval_max_blocks=eval_max_blocks,
-        static=not no_static, recording=recording, from_step=from_step, to_step=to_step,
-        freeze_threshold=freeze_threshold, trajectory=not no_trajectory, trajectory_tokens=trajectory_tokens,
-        nested=nested, mlflow=not no_mlflow, out=out, samples=samples,
+        checkpoint=checkpoint,
+        initial=initial,
+        sample_size=sample_size,
+        seed=seed,
+        probes=tuple(probes),
+        num_probes=num_probes,
+        top_k=top_k,
+        evaluate=not no_eval,
+        eval_max_blocks=eval_max_blocks,
+        static=not no_static,
+        recording=recording,
+        from_step=from_step,
+        to_step=to_step,
+        freeze_threshold=freeze_threshold,
+        trajectory=not no_trajectory,
+        trajectory_tokens=trajectory_tokens,
+        nested=nested,
+        mlflow=not no_mlflow,
+        out=out,
+        samples=samples,
     )
     report = analyze_run(runs[0], opts, warn) if len(runs) == 1 else compare_runs(runs, opts, warn)
     click.echo(report.text)

@@ -59,8 +59,12 @@ def prepare(config: RunConfig, cwd: Path | None = None, *, check_seq_len: bool =
     lexicon_path = resolve_lexicon(config)
     if lexicon_path is not None:
         prepared.report, prepared.new_words = expand_vocabulary(
-            tokenizer, read_lexicon(lexicon_path), config.vocab.add_as, lexicon_path,
-            normalize=config.vocab.normalize, max_word_chars=config.vocab.max_word_chars,
+            tokenizer,
+            read_lexicon(lexicon_path),
+            config.vocab.add_as,
+            lexicon_path,
+            normalize=config.vocab.normalize,
+            max_word_chars=config.vocab.max_word_chars,
         )
     if config.init.from_embeddings:
         shape = (len(tokenizer), prepared.hidden_size)

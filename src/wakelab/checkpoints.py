@@ -44,8 +44,6 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-
-
 def write_manifest(folder: Path, info: dict[str, Any]) -> None:
     """Checksum every file under ``folder`` and write the manifest last (tmp + fsync + rename)."""
     files = {}
@@ -131,7 +129,7 @@ def recover_interrupted(folder: Path) -> list[Path]:
     restored = []
     for prefix in (REPLACED, DELETING):
         for leftover in sorted(Path(folder).glob(f"{prefix}*")):
-            name, _, pid = leftover.name[len(prefix):].rpartition("-")
+            name, _, pid = leftover.name[len(prefix) :].rpartition("-")
             if not name or (pid.isdigit() and _other_process_alive(int(pid))):
                 continue
             original = leftover.with_name(name)
@@ -200,8 +198,16 @@ def latest_checkpoint(output_dir: Path) -> Path:
     return checkpoints[-1]
 
 
-def check_compatible(manifest: dict[str, Any], folder: Path, *, base_model: str, num_base: int, vocab_size: int,
-                     hidden_size: int, strategy: str) -> None:
+def check_compatible(
+    manifest: dict[str, Any],
+    folder: Path,
+    *,
+    base_model: str,
+    num_base: int,
+    vocab_size: int,
+    hidden_size: int,
+    strategy: str,
+) -> None:
     """A checkpoint from another base model or vocabulary is refused, naming the mismatch."""
     checks = [
         ("base vocabulary", manifest.get("num_base"), num_base),

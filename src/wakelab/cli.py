@@ -47,7 +47,9 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Reuse an output directory that holds another run's checkpoints.")
 @click.option("--resume", "resume", is_flag=True, help="Continue from the output directory's latest checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
-def run(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name, overwrite, resume, no_progress):
+def run(
+    preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name, overwrite, resume, no_progress
+):
     """Run an experiment: expand the vocabulary, train the new rows, track it all in MLflow.
 
     \b
@@ -71,8 +73,12 @@ def run(preset, config_file, overrides, plugins, max_steps, output_dir, experime
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--checkpoint", default=None, type=click.Path(file_okay=False),
-              help="Resume from this checkpoint (or a Sentry mirror of one) instead of the latest in RUN_DIR.")
+@click.option(
+    "--checkpoint",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Resume from this checkpoint (or a Sentry mirror of one) instead of the latest in RUN_DIR.",
+)
 @click.option("--max-steps", type=int, default=None, help="Train on to this many steps in all (e.g. 100 more).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of the run's config.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
@@ -216,8 +222,14 @@ def _register_command_modules() -> None:
 
 
 #: (module, click command attribute) pairs; each module owns one command or group.
-COMMAND_MODULES: list[tuple[str, str]] = [("recording_cli", "recording"), ("analyze_cli", "analyze"), ("ui", "ui"), ("sweep_cli", "sweep"),
-                                           ("export_cli", "export"), ("generate", "generate")]
+COMMAND_MODULES: list[tuple[str, str]] = [
+    ("recording_cli", "recording"),
+    ("analyze_cli", "analyze"),
+    ("ui", "ui"),
+    ("sweep_cli", "sweep"),
+    ("export_cli", "export"),
+    ("generate", "generate"),
+]
 
 _register_command_modules()
 

@@ -11,9 +11,23 @@ import click
 def config_options(fn):
     """The options every config-taking command shares: preset, file, --set, --plugin and the shortcuts."""
     fn = click.option("--preset", default=None, help="Packaged preset to start from (default: demo).")(fn)
-    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file layered on the preset.")(fn)
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one key, e.g. train.lr=1e-3 (repeatable).")(fn)
-    fn = click.option("--plugin", "plugins", multiple=True, metavar="NAME|PATH", help="Activate a plugin by name or .py path (repeatable).")(fn)
+    fn = click.option(
+        "--config", "config_file", type=click.Path(dir_okay=False), help="YAML file layered on the preset."
+    )(fn)
+    fn = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one key, e.g. train.lr=1e-3 (repeatable).",
+    )(fn)
+    fn = click.option(
+        "--plugin",
+        "plugins",
+        multiple=True,
+        metavar="NAME|PATH",
+        help="Activate a plugin by name or .py path (repeatable).",
+    )(fn)
     fn = click.option("--max-steps", type=int, default=None, help="Shortcut for --set train.max_steps=N.")(fn)
     fn = click.option("--output-dir", default=None, help="Shortcut for --set output_dir=DIR.")(fn)
     fn = click.option("--experiment", default=None, help="Shortcut for --set tracking.experiment=NAME.")(fn)

@@ -88,7 +88,7 @@ class VocabConfig(_Section):
     normalize: Literal["nfc", "none"] = Field(
         "nfc",
         description=(
-            "`nfc`: lexicon words are compared and added in Unicode NFC, so \"café\" typed composed or decomposed "
+            '`nfc`: lexicon words are compared and added in Unicode NFC, so "café" typed composed or decomposed '
             "is one word; `none`: as written (words in more than one form are still reported)."
         ),
     )
@@ -402,7 +402,7 @@ def resolve_key(key: str) -> str:
 
 
 def plugin_section(key: str) -> str | None:
-    """The section a dotted key names when it is no core section (a plugin's, checked once the active ones are known)."""
+    """The section a dotted key names outside the core sections (a plugin's, checked once the active ones are known)."""
     section = key.strip().split(".", 1)[0]
     return section if "." in key and section not in RunConfig.model_fields else None
 

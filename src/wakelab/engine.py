@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import yaml
 
-from . import data as data_mod
 from . import build, checkpoints, logged_model, merge, ranks, stopping, tracking
+from . import data as data_mod
 from .build import expand_for_config, load_phase_matrix  # noqa: F401 - their home is build; kept importable here
 from .config import RunConfig
 from .context import RunContext
@@ -105,7 +105,11 @@ def run(
     # Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched.
     prepared = build.prepare(config, cwd)
     pm, tokenizer, num_base, report, new_words = (
-        prepared.pm, prepared.tokenizer, prepared.num_base, prepared.report, prepared.new_words
+        prepared.pm,
+        prepared.tokenizer,
+        prepared.num_base,
+        prepared.report,
+        prepared.new_words,
     )
     starts_from_other_run = resume_from is None and bool(config.train.resume_from)
     if starts_from_other_run:
@@ -144,7 +148,10 @@ def run(
     ranks.agree(last=True)  # every rank's pre-flight passed: only now does rank 0 open the MLflow run
     if rank == 0:
         tracked = tracking.TrackedRun(
-            config.tracking.experiment, run_name, tags, run_id=(previous_run or {}).get("run_id") or run_id,
+            config.tracking.experiment,
+            run_name,
+            tags,
+            run_id=(previous_run or {}).get("run_id") or run_id,
             system_metrics=config.tracking.system_metrics,
         )
         _write_run_file(output_dir, tracked, config)
@@ -172,8 +179,10 @@ def run(
         tracked.log_params({"rows.dtype": str(rows.dtype).removeprefix("torch."), "rows.strategy": rows.strategy})
         initial_new = rows.values(rows.new_ids).clone() if new_words else None
 
-        log(f"corpus: {len(corpus.train_ids):,} tokens -> {len(corpus.train)} training blocks of {config.data.seq_len}"
-            + (f", {len(corpus.heldout)} held-out" if corpus.heldout is not None else ""))
+        log(
+            f"corpus: {len(corpus.train_ids):,} tokens -> {len(corpus.train)} training blocks of {config.data.seq_len}"
+            + (f", {len(corpus.heldout)} held-out" if corpus.heldout is not None else "")
+        )
         if report is not None and rank == 0:
             report.corpus = corpus_stats(corpus.train_ids, num_base, tokenizer)
             report.write(output_dir / "vocab_report.json")
@@ -182,14 +191,26 @@ def run(
         if rank == 0 and config.tracking.log_datasets:
             from .datasets import try_log_run_datasets
 
-            try_log_run_datasets(tracked.run_id, log, corpus=corpus_path, heldout=heldout_path, lexicon=lexicon_path,
-                                 corpus_tokens=len(corpus.train_ids), lexicon_added=len(new_words))
+            try_log_run_datasets(
+                tracked.run_id,
+                log,
+                corpus=corpus_path,
+                heldout=heldout_path,
+                lexicon=lexicon_path,
+                corpus_tokens=len(corpus.train_ids),
+                lexicon_added=len(new_words),
+            )
 
         # Held-out perplexity: rank 0 alone (the ranks hold the same model; the others would repeat the work).
         eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and rank == 0
         if eval_ppl and resume_from is None:  # a resumed run logged it in its first part; "after" comes either way
-            before = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks,
-                                config.train.loss_chunk_tokens)
+            before = perplexity(
+                model,
+                corpus.heldout,
+                config.train.batch_size,
+                config.train.eval_max_blocks,
+                config.train.loss_chunk_tokens,
+            )
             result_metrics["heldout_perplexity_before"] = before
             tracked.log_metrics({"heldout_perplexity_before": before}, 0)
             log(f"held-out perplexity before training: {before:.2f}")
@@ -209,14 +230,28 @@ def run(
             is_main_process=rank == 0,
         )
         checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
-        trainer = _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new,
-                                 progress and rank == 0, checkpoint_info,
-                                 fresh_schedule=starts_from_other_run and config.train.resume_schedule == "fresh")
+        trainer = _build_trainer(
+            config,
+            model,
+            tokenizer,
+            rows,
+            pm,
+            corpus,
+            output_dir,
+            tracked,
+            run_ctx,
+            initial_new,
+            progress and rank == 0,
+            checkpoint_info,
+            fresh_schedule=starts_from_other_run and config.train.resume_schedule == "fresh",
+        )
         if resume_from is not None and resume_step >= config.train.max_steps:
             # Nothing left to train (a crash after the last checkpoint): finish the run from that checkpoint's rows.
             # Trainer would otherwise take one step past max_steps.
-            log(f"{resume_from} is at step {resume_step} >= train.max_steps={config.train.max_steps}: nothing left "
-                "to train; finishing the run from it")
+            log(
+                f"{resume_from} is at step {resume_step} >= train.max_steps={config.train.max_steps}: nothing left "
+                "to train; finishing the run from it"
+            )
             trainer._load_from_checkpoint(resume_from)
             trainer.state.global_step = resume_step
         else:
@@ -235,8 +270,13 @@ def run(
             tokenizer.save_pretrained(final / "tokenizer")
             tracked.log_artifact(final / "tokenizer", "final/tokenizer")
         if eval_ppl:
-            after = perplexity(model, corpus.heldout, config.train.batch_size, config.train.eval_max_blocks,
-                               config.train.loss_chunk_tokens)
+            after = perplexity(
+                model,
+                corpus.heldout,
+                config.train.batch_size,
+                config.train.eval_max_blocks,
+                config.train.loss_chunk_tokens,
+            )
             result_metrics["heldout_perplexity_after"] = after
             tracked.log_metrics({"heldout_perplexity_after": after}, trainer.state.global_step)
             log(f"held-out perplexity after training: {after:.2f}")
@@ -273,8 +313,9 @@ def run(
                 warn(message)
         if end_error is not None:
             raise end_error
-    result = RunResult(tracked.run_id, tracked.experiment_id, output_dir, "FINISHED", result_metrics,
-                       tracking.tracking_uri())
+    result = RunResult(
+        tracked.run_id, tracked.experiment_id, output_dir, "FINISHED", result_metrics, tracking.tracking_uri()
+    )
     if incomplete is not None:
         incomplete.result = result
         raise incomplete  # exit status 3: finished locally, tracking incomplete
@@ -293,8 +334,21 @@ def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:
         pass
 
 
-def _build_trainer(config, model, tokenizer, rows, pm, corpus, output_dir, tracked, run_ctx, initial_new, progress,
-                   checkpoint_info, fresh_schedule=False):
+def _build_trainer(
+    config,
+    model,
+    tokenizer,
+    rows,
+    pm,
+    corpus,
+    output_dir,
+    tracked,
+    run_ctx,
+    initial_new,
+    progress,
+    checkpoint_info,
+    fresh_schedule=False,
+):
     from transformers import TrainingArguments
 
     from .trainer import HookBridge, WakelabTrainer

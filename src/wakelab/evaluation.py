@@ -14,7 +14,9 @@ from .data import collate
 from .loss import DEFAULT_CHUNK_TOKENS, ChunkedLoss
 
 
-def perplexity(model, dataset, batch_size: int, max_blocks: int, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> float:
+def perplexity(
+    model, dataset, batch_size: int, max_blocks: int, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+) -> float:
     """exp(mean token negative log-likelihood) over the first ``max_blocks`` held-out blocks.
 
     The loss is the training loss (chunked over the split head unless ``chunk_tokens`` is None), so evaluation never

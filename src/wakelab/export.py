@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -77,36 +78,59 @@ def find_source(target: str) -> ExportSource:
     run_dir, run_id = resolve_run(target)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise ExportError(f"{run_dir} is not a wakelab run directory (no config.yaml); give a run's output_dir, an "
-                          "MLflow run id or a checkpoint-N folder")
+        raise ExportError(
+            f"{run_dir} is not a wakelab run directory (no config.yaml); give a run's output_dir, an "
+            "MLflow run id or a checkpoint-N folder"
+        )
     config = validate(yaml.safe_load(config_path.read_text(encoding="utf-8")))
     if config.train.trainable == "full":
-        raise ExportError("train.trainable=full trains every weight: its checkpoint-N folders are transformers "
-                          "folders already (from_pretrained on one); export handles the new-rows strategies")
+        raise ExportError(
+            "train.trainable=full trains every weight: its checkpoint-N folders are transformers "
+            "folders already (from_pretrained on one); export handles the new-rows strategies"
+        )
     given = Path(target)
     notes: list[str] = []
     if given.is_dir() and (given / "manifest.json").exists():
         manifest = verify(given)
-        return ExportSource(run_dir, run_id, config, given / "trained_rows.safetensors", manifest.get("step"),
-                            manifest, given if (given / "tokenizer_config.json").exists() else None, notes)
+        return ExportSource(
+            run_dir,
+            run_id,
+            config,
+            given / "trained_rows.safetensors",
+            manifest.get("step"),
+            manifest,
+            given if (given / "tokenizer_config.json").exists() else None,
+            notes,
+        )
     status = _run_status(run_id)
     final = run_dir / "final" / "new_rows.safetensors"
     if final.exists() and status not in UNFINISHED:
         base_file = final.parent / BASE_INFO_FILE
         base = json.loads(base_file.read_text()) if base_file.exists() else {}
         tokenizer = final.parent / "tokenizer"
-        return ExportSource(run_dir, run_id, config, final, None, base, tokenizer if tokenizer.is_dir() else None,
-                            notes)
+        return ExportSource(
+            run_dir, run_id, config, final, None, base, tokenizer if tokenizer.is_dir() else None, notes
+        )
     why = f"run {run_id or run_dir} ended {status}" if status in UNFINISHED else f"{run_dir} has no final rows"
     try:
         checkpoint = latest_checkpoint(run_dir)
     except CheckpointError:
-        raise ExportError(f"{why} and left no complete checkpoint: nothing trained to export (train it again, "
-                          "with train.save_steps to keep checkpoints)") from None
+        raise ExportError(
+            f"{why} and left no complete checkpoint: nothing trained to export (train it again, "
+            "with train.save_steps to keep checkpoints)"
+        ) from None
     manifest = verify(checkpoint)
     notes.append(f"{why}: exporting its latest complete checkpoint, {checkpoint.name}")
-    return ExportSource(run_dir, run_id, config, checkpoint / "trained_rows.safetensors", manifest.get("step"),
-                        manifest, checkpoint if (checkpoint / "tokenizer_config.json").exists() else None, notes)
+    return ExportSource(
+        run_dir,
+        run_id,
+        config,
+        checkpoint / "trained_rows.safetensors",
+        manifest.get("step"),
+        manifest,
+        checkpoint if (checkpoint / "tokenizer_config.json").exists() else None,
+        notes,
+    )
 
 
 def expanded_tokenizer(source: ExportSource, base_path: str):
@@ -119,21 +143,33 @@ def expanded_tokenizer(source: ExportSource, base_path: str):
         tokenizer = model_mod.load_tokenizer(tok_source, config.model.revision)
         num_base = len(tokenizer)
         check_base(source.base, num_base, None, base_path)
-        expand_vocabulary(tokenizer, read_lexicon(lexicon), config.vocab.add_as, lexicon,
-                          normalize=config.vocab.normalize, max_word_chars=config.vocab.max_word_chars)
+        expand_vocabulary(
+            tokenizer,
+            read_lexicon(lexicon),
+            config.vocab.add_as,
+            lexicon,
+            normalize=config.vocab.normalize,
+            max_word_chars=config.vocab.max_word_chars,
+        )
         return tokenizer
     if source.saved_tokenizer is not None:
-        source.notes.append(f"lexicon {lexicon} not found: using the tokenizer the run saved ({source.saved_tokenizer})")
+        source.notes.append(
+            f"lexicon {lexicon} not found: using the tokenizer the run saved ({source.saved_tokenizer})"
+        )
         return model_mod.load_tokenizer(str(source.saved_tokenizer))
-    raise ExportError(f"cannot rebuild the run's tokenizer: lexicon {lexicon} is gone and the run saved no tokenizer; "
-                      "put the lexicon back (vocab.lexicon in the run's config.yaml)")
+    raise ExportError(
+        f"cannot rebuild the run's tokenizer: lexicon {lexicon} is gone and the run saved no tokenizer; "
+        "put the lexicon back (vocab.lexicon in the run's config.yaml)"
+    )
 
 
 def check_destination(dest: Path, overwrite: bool) -> None:
     if dest.exists() and not dest.is_dir():
         raise ExportError(f"--to {dest} is a file; give a folder")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise ExportError(f"--to {dest} exists and is not empty; pass --overwrite to replace it, or choose another folder")
+        raise ExportError(
+            f"--to {dest} exists and is not empty; pass --overwrite to replace it, or choose another folder"
+        )
 
 
 def _staging(dest: Path) -> Path:
@@ -147,11 +183,22 @@ def _staging(dest: Path) -> Path:
 def provenance(source: ExportSource, fmt: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     from . import __version__
 
-    base = {k: source.base.get(k) for k in ("base_model", "revision", "num_base", "vocab_size", "base_checksum")
-            if source.base.get(k) is not None}
-    return {"format": fmt, "run_id": source.run_id, "run_dir": str(source.run_dir.resolve()),
-            "rows": str(source.rows_path.resolve()), "step": source.step, "base": base,
-            "add_as": source.config.vocab.add_as, "wakelab_version": __version__, **(extra or {})}
+    base = {
+        k: source.base.get(k)
+        for k in ("base_model", "revision", "num_base", "vocab_size", "base_checksum")
+        if source.base.get(k) is not None
+    }
+    return {
+        "format": fmt,
+        "run_id": source.run_id,
+        "run_dir": str(source.run_dir.resolve()),
+        "rows": str(source.rows_path.resolve()),
+        "step": source.step,
+        "base": base,
+        "add_as": source.config.vocab.add_as,
+        "wakelab_version": __version__,
+        **(extra or {}),
+    }
 
 
 @dataclass
@@ -163,9 +210,17 @@ class ExportResult:
     vocab_size: int
 
 
-def export(target: str, dest: str | None, fmt: str = "hf", *, overwrite: bool = False, base: str | None = None,
-           quantized: bool = False, registered_model_name: str | None = None,
-           say: Callable[[str], None] = lambda _: None) -> ExportResult:
+def export(
+    target: str,
+    dest: str | None,
+    fmt: str = "hf",
+    *,
+    overwrite: bool = False,
+    base: str | None = None,
+    quantized: bool = False,
+    registered_model_name: str | None = None,
+    say: Callable[[str], None] = lambda _: None,
+) -> ExportResult:
     """Export ``target`` (run dir, MLflow run id or checkpoint) to ``dest`` as ``fmt`` (``hf``, ``peft``), or to
     MLflow as a full transformers model when ``dest`` is ``mlflow``."""
     to_mlflow = dest == "mlflow"
@@ -182,28 +237,38 @@ def export(target: str, dest: str | None, fmt: str = "hf", *, overwrite: bool = 
         check_destination(out, overwrite)
     source = find_source(target)
     if quantized and not source.config.model.load_in_4bit:
-        raise ExportError("--quantized keeps a 4-bit base 4-bit, but this run's base is not 4-bit "
-                          f"(model.dtype={source.config.model.dtype}); drop --quantized")
+        raise ExportError(
+            "--quantized keeps a 4-bit base 4-bit, but this run's base is not 4-bit "
+            f"(model.dtype={source.config.model.dtype}); drop --quantized"
+        )
     base_path = base_source(source.config, base)
     trained = source.rows()
     tokenizer = expanded_tokenizer(source, base_path)
     if source.config.model.load_in_4bit and not quantized:
-        source.notes.append(f"the run's base is 4-bit nf4: exported unquantized in its compute dtype "
-                            f"({source.config.model.compute_dtype}); --quantized keeps it 4-bit")
+        source.notes.append(
+            f"the run's base is 4-bit nf4: exported unquantized in its compute dtype "
+            f"({source.config.model.compute_dtype}); --quantized keeps it 4-bit"
+        )
     for note in source.notes:
         say(note)
     new_tokens = int((trained.token_ids >= int(trained.base.get("num_base", 0) or 0)).sum())
     if fmt == "peft" and not to_mlflow:
         model = prepared_base(source.config, trained, tokenizer, source=base_path)
-        _publish(out, lambda folder: write_peft(model, trained, tokenizer, folder, base_path,
-                                                provenance(source, "peft")))
+        _publish(
+            out, lambda folder: write_peft(model, trained, tokenizer, folder, base_path, provenance(source, "peft"))
+        )
         return ExportResult(out, fmt, source.notes, new_tokens, len(tokenizer))
     model = merged_model(source.config, trained, tokenizer, source=base_path, quantized=quantized)
     if to_mlflow:
         from .logged_model import log_full_model
 
-        uri = log_full_model(model, tokenizer, source.run_id, registered_model_name=registered_model_name,
-                             params=provenance(source, "mlflow"))
+        uri = log_full_model(
+            model,
+            tokenizer,
+            source.run_id,
+            registered_model_name=registered_model_name,
+            params=provenance(source, "mlflow"),
+        )
         return ExportResult(uri, "mlflow", source.notes, new_tokens, len(tokenizer))
     _publish(out, lambda folder: write_hf(model, tokenizer, folder, provenance(source, "hf", {"quantized": quantized})))
     return ExportResult(out, fmt, source.notes, new_tokens, len(tokenizer))
@@ -219,7 +284,8 @@ def _publish(dest: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_hf(model, tokenizer, folder: Path, info: dict[str, Any]) -> None:
-    """A standard transformers folder: config (expanded vocabulary), safetensors weights, tokenizer, generation config."""
+    """A standard transformers folder: config (expanded vocabulary), safetensors weights, tokenizer, generation
+    config."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -12,15 +12,33 @@ def _say(message: str) -> None:
 
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run", metavar="RUN|CHECKPOINT")
-@click.option("--to", "dest", required=True, metavar="DIR|mlflow",
-              help="A new or empty folder, or `mlflow` to log the full model (transformers flavour) to the run.")
-@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
-              help="hf: a from_pretrained folder with the merged model; peft: a TrainableTokens adapter + tokenizer.")
+@click.option(
+    "--to",
+    "dest",
+    required=True,
+    metavar="DIR|mlflow",
+    help="A new or empty folder, or `mlflow` to log the full model (transformers flavour) to the run.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "peft"]),
+    default="hf",
+    show_default=True,
+    help="hf: a from_pretrained folder with the merged model; peft: a TrainableTokens adapter + tokenizer.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --to folder.")
-@click.option("--base", default=None, type=click.Path(file_okay=False),
-              help="The base model's folder, when it is no longer where the run's model.name_or_path points.")
-@click.option("--quantized", is_flag=True,
-              help="Keep a 4-bit base 4-bit (bitsandbytes serialisation) instead of its compute dtype.")
+@click.option(
+    "--base",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="The base model's folder, when it is no longer where the run's model.name_or_path points.",
+)
+@click.option(
+    "--quantized",
+    is_flag=True,
+    help="Keep a 4-bit base 4-bit (bitsandbytes serialisation) instead of its compute dtype.",
+)
 @click.option("--registered-model-name", default=None, help="With --to mlflow: also register it under this name.")
 def export(run, dest, fmt, overwrite, base, quantized, registered_model_name):
     """Export a run's model so it loads without wakelab: RUN is a run's output directory, an MLflow run id, or a
@@ -41,14 +59,26 @@ def export(run, dest, fmt, overwrite, base, quantized, registered_model_name):
     """
     from .export import export as do_export
 
-    result = do_export(run, dest, fmt, overwrite=overwrite, base=base, quantized=quantized,
-                       registered_model_name=registered_model_name, say=_say)
+    result = do_export(
+        run,
+        dest,
+        fmt,
+        overwrite=overwrite,
+        base=base,
+        quantized=quantized,
+        registered_model_name=registered_model_name,
+        say=_say,
+    )
     if result.fmt == "mlflow":
         click.echo(f"logged the full model: {result.dest}")
         click.echo(f"  load it: mlflow.transformers.load_model('{result.dest}')")
         return
-    click.echo(f"exported {result.new_tokens:,} new tokens ({result.vocab_size:,} in all) as {result.fmt} to {result.dest}")
+    click.echo(
+        f"exported {result.new_tokens:,} new tokens ({result.vocab_size:,} in all) as {result.fmt} to {result.dest}"
+    )
     if result.fmt == "hf":
         click.echo(f"  load it: AutoModelForCausalLM.from_pretrained('{result.dest}')")
     else:
-        click.echo(f"  load it: PeftModel.from_pretrained(base resized to {result.vocab_size:,} tokens, '{result.dest}')")
+        click.echo(
+            f"  load it: PeftModel.from_pretrained(base resized to {result.vocab_size:,} tokens, '{result.dest}')"
+        )

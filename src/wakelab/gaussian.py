@@ -15,8 +15,9 @@ CHUNK_ROWS = 8192
 JITTER = 1e-6
 
 
-def base_moments(weight: torch.Tensor, num_base: int, chunk_rows: int = CHUNK_ROWS
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def base_moments(
+    weight: torch.Tensor, num_base: int, chunk_rows: int = CHUNK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``[d]`` and population covariance ``[d, d]`` of ``weight[:num_base]``, in float64 on the CPU.
 
     Two chunked passes (mean, then centred products), so no float64 copy of the whole matrix is ever made.

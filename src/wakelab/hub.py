@@ -15,7 +15,7 @@ import urllib.request
 PROBE_TIMEOUT_S = 3.0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reachable(endpoint: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """True when the hub answers (any HTTP status); False when offline, or told to be (``HF_HUB_OFFLINE``)."""
     from huggingface_hub import constants

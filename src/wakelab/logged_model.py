@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import model as model_mod
 from .config import RunConfig
@@ -31,8 +32,9 @@ def _params(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None}
 
 
-def log_delta_model(run_id: str, experiment_id: str, final_dir: Path, base: dict[str, Any], tokenizer,
-                    add_as: str, step: int = 0) -> str:
+def log_delta_model(
+    run_id: str, experiment_id: str, final_dir: Path, base: dict[str, Any], tokenizer, add_as: str, step: int = 0
+) -> str:
     """Log the run's delta (rows, ids, tokenizer, base record) as a logged model of the run; its model id."""
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
@@ -41,8 +43,12 @@ def log_delta_model(run_id: str, experiment_id: str, final_dir: Path, base: dict
     rows_file = final_dir / "new_rows.safetensors"
     new_tokens = int(TrainedRows.read(rows_file, base).token_ids.numel())
     model = client.create_logged_model(
-        experiment_id, name=DELTA_NAME, source_run_id=run_id, model_type="wakelab-delta",
-        params=_params(base, {"new_tokens": new_tokens, "add_as": add_as}), tags={KIND_TAG: "delta"},
+        experiment_id,
+        name=DELTA_NAME,
+        source_run_id=run_id,
+        model_type="wakelab-delta",
+        params=_params(base, {"new_tokens": new_tokens, "add_as": add_as}),
+        tags={KIND_TAG: "delta"},
     )
     with tempfile.TemporaryDirectory(prefix="wakelab-delta-") as tmp:
         folder = Path(tmp)
@@ -64,8 +70,15 @@ def log_delta_model(run_id: str, experiment_id: str, final_dir: Path, base: dict
     return model.model_id
 
 
-def log_full_model(model, tokenizer, run_id: str | None, *, registered_model_name: str | None = None,
-                   params: dict[str, Any] | None = None, step: int = 0) -> str:
+def log_full_model(
+    model,
+    tokenizer,
+    run_id: str | None,
+    *,
+    registered_model_name: str | None = None,
+    params: dict[str, Any] | None = None,
+    step: int = 0,
+) -> str:
     """Log the merged model in MLflow's transformers flavour, linked to ``run_id`` (without reopening it); the
     ``models:/`` URI to load it from."""
     import mlflow
@@ -75,11 +88,20 @@ def log_full_model(model, tokenizer, run_id: str | None, *, registered_model_nam
     client = MlflowClient()
     experiment_id = client.get_run(run_id).info.experiment_id if run_id else None
     flat = {k: (v if isinstance(v, (str, int, float)) else str(v)) for k, v in (params or {}).items() if v is not None}
-    logged = mlflow.initialize_logged_model(name=FULL_NAME, source_run_id=run_id, experiment_id=experiment_id,
-                                            params={k: str(v) for k, v in flat.items()}, tags={KIND_TAG: "full"})
+    logged = mlflow.initialize_logged_model(
+        name=FULL_NAME,
+        source_run_id=run_id,
+        experiment_id=experiment_id,
+        params={k: str(v) for k, v in flat.items()},
+        tags={KIND_TAG: "full"},
+    )
     info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer}, task="text-generation", name=FULL_NAME,
-        model_id=logged.model_id, registered_model_name=registered_model_name, pip_requirements=_requirements(),
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        task="text-generation",
+        name=FULL_NAME,
+        model_id=logged.model_id,
+        registered_model_name=registered_model_name,
+        pip_requirements=_requirements(),
     )
     active = mlflow.active_run()
     if run_id and not (active and active.info.run_id == run_id):  # log_model links it to the active run itself
@@ -92,12 +114,16 @@ def _requirements() -> list[str]:
     from .tracking import library_versions
 
     versions = library_versions()
-    return [f"{name}=={versions[name]}" for name in ("torch", "transformers", "accelerate", "safetensors")
-            if name in versions]
+    return [
+        f"{name}=={versions[name]}"
+        for name in ("torch", "transformers", "accelerate", "safetensors")
+        if name in versions
+    ]
 
 
-def log_run_model(config: RunConfig, tracked, final_dir: Path, base: dict[str, Any], tokenizer,
-                  log: Callable[[str], None]) -> str | None:
+def log_run_model(
+    config: RunConfig, tracked, final_dir: Path, base: dict[str, Any], tokenizer, log: Callable[[str], None]
+) -> str | None:
     """At the end of a run: its logged model as ``tracking.log_model`` asks (delta, full or none).
 
     A failure here is a warning, not a failed run: the rows are on disk and ``wakelab export`` makes the same
@@ -111,14 +137,19 @@ def log_run_model(config: RunConfig, tracked, final_dir: Path, base: dict[str, A
             trained = TrainedRows.read(final_dir / "new_rows.safetensors", base)
             source = model_mod.model_source(config.model, config.train.seed)
             model = merged_model(config, trained, tokenizer, source=source)
-            uri = log_full_model(model, tokenizer, tracked.run_id, params=_params(base, {"add_as": config.vocab.add_as}))
+            uri = log_full_model(
+                model, tokenizer, tracked.run_id, params=_params(base, {"add_as": config.vocab.add_as})
+            )
             log(f"logged the full model: {uri}")
             return uri
-        model_id = log_delta_model(tracked.run_id, tracked.experiment_id, final_dir, base, tokenizer,
-                                   config.vocab.add_as)
+        model_id = log_delta_model(
+            tracked.run_id, tracked.experiment_id, final_dir, base, tokenizer, config.vocab.add_as
+        )
         log(f"logged model models:/{model_id} (the new rows and tokenizer; base {base.get('base_model')})")
         return model_id
     except Exception as exc:  # noqa: BLE001 - the run's files are complete; the logged model can be made later
-        log(f"warning: could not log the run's model to MLflow ({str(exc).splitlines()[0][:200]}); "
-            f"`wakelab export {tracked.run_id} --to mlflow` logs it later")
+        log(
+            f"warning: could not log the run's model to MLflow ({str(exc).splitlines()[0][:200]}); "
+            f"`wakelab export {tracked.run_id} --to mlflow` logs it later"
+        )
         return None

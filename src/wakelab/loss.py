@@ -146,8 +146,10 @@ class ChunkedLoss:
                 expected = head(hidden[:, -1:]).float()
                 got = outputs["logits"][:, -1:].float()
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-6):
-                self._fall_back("the model's logits differ from its output head applied to its decoder's output "
-                                "(it post-processes them)")
+                self._fall_back(
+                    "the model's logits differ from its output head applied to its decoder's output "
+                    "(it post-processes them)"
+                )
                 return None
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -156,8 +158,9 @@ class ChunkedLoss:
         if targets.shape[0] != flat.shape[0]:
             raise ValueError(f"{targets.shape[0]} labels for {flat.shape[0]} positions")
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        total = chunked_cross_entropy(flat.index_select(0, keep), targets.index_select(0, keep), head_parts(head),
-                                      self.chunk_tokens)
+        total = chunked_cross_entropy(
+            flat.index_select(0, keep), targets.index_select(0, keep), head_parts(head), self.chunk_tokens
+        )
         if num_items_in_batch is None:
             loss = total / keep.numel()
         else:
@@ -177,8 +180,9 @@ def chunked_cross_entropy(
     """
     vocab = sum(p.shape[0] for p in parts)
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        raise IndexError(f"label ids must lie in [0, {vocab}) (or be {IGNORE_INDEX}); got "
-                         f"{int(targets.min())}..{int(targets.max())}")
+        raise IndexError(
+            f"label ids must lie in [0, {vocab}) (or be {IGNORE_INDEX}); got {int(targets.min())}..{int(targets.max())}"
+        )
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
@@ -202,8 +206,10 @@ class _ChunkedHeadCE(torch.autograd.Function):
         with torch.autocast(device.type, enabled=False):
             weights = [p.detach().to(compute_dtype) for p in parts]
             grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_hidden else None
-            grad_parts = [torch.zeros(p.shape, dtype=torch.float32, device=device) if need else None
-                          for p, need in zip(parts, need_part)]
+            grad_parts = [
+                torch.zeros(p.shape, dtype=torch.float32, device=device) if need else None
+                for p, need in zip(parts, need_part, strict=False)
+            ]
             total = torch.zeros((), dtype=torch.float32, device=device)
             for start in range(0, hidden.shape[0], chunk_tokens):
                 h = hidden[start : start + chunk_tokens].detach().to(compute_dtype)
@@ -211,7 +217,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
                 logits = [F.linear(h, w).float() for w in weights]  # [c, V_i] each, fp32 like the standard loss
                 picked = torch.empty(t.shape[0], dtype=torch.float32, device=device)
                 hits = []
-                for z, lo, hi in zip(logits, offsets, offsets[1:]):
+                for z, lo, hi in zip(logits, offsets, offsets[1:], strict=False):
                     rows = ((t >= lo) & (t < hi)).nonzero().squeeze(1)
                     cols = t.index_select(0, rows) - lo
                     picked[rows] = z[rows, cols]
@@ -225,7 +231,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
                 if not (need_hidden or any(need_part)):
                     continue
                 inverse = sums.reciprocal().unsqueeze(1)
-                for i, (z, (rows, cols)) in enumerate(zip(logits, hits)):
+                for i, (z, (rows, cols)) in enumerate(zip(logits, hits, strict=False)):
                     grad_z = z.mul_(inverse)  # softmax
                     grad_z[rows, cols] -= 1.0
                     grad_z = grad_z.to(compute_dtype)
@@ -254,5 +260,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
         ctx.grads = None
         scale = grad_total.float()
         out_hidden = None if grad_hidden is None else grad_hidden.mul_(scale).to(hidden_dtype)
-        out_parts = [None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(grad_parts, part_dtypes)]
+        out_parts = [
+            None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(grad_parts, part_dtypes, strict=True)
+        ]
         return (out_hidden, None, None, None, None, *out_parts)

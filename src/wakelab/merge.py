@@ -62,7 +62,7 @@ class TrainedRows:
     base: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, path: Path, base: dict[str, Any]) -> "TrainedRows":
+    def read(cls, path: Path, base: dict[str, Any]) -> TrainedRows:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:

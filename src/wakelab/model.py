@@ -74,7 +74,9 @@ def materialize_architecture(architecture: dict[str, Any], tokenizer_path: str |
         config = AutoConfig.for_model(model_type, **values)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model.architecture: {str(exc).splitlines()[0]}") from None
-    blob = json.dumps({"config": config.to_dict(), "tokenizer": tokenizer_path, "seed": seed}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"config": config.to_dict(), "tokenizer": tokenizer_path, "seed": seed}, sort_keys=True, default=str
+    )
     folder = cache_root() / "architectures" / hashlib.sha256(blob.encode()).hexdigest()[:16]
     if not (folder / "config.json").exists():
         torch.manual_seed(seed)

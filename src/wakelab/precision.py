@@ -46,8 +46,10 @@ def trained_dtype_problem(config: Any) -> str | None:
     if dtype in ("bfloat16", "auto"):
         return None  # `auto`: checked again on the loaded parameters (check_parameters)
     where = "train.rows_dtype" if strategy == "tokens" else "model.dtype"
-    return (f"train.precision={setting}: the trained parameters are {dtype}, and {setting} only changes how updates "
-            f"reach bf16 ones; set {where}=bfloat16 or train.precision=bf16")
+    return (
+        f"train.precision={setting}: the trained parameters are {dtype}, and {setting} only changes how updates "
+        f"reach bf16 ones; set {where}=bfloat16 or train.precision=bf16"
+    )
 
 
 def check_parameters(setting: str, params: list[torch.Tensor]) -> None:
@@ -57,9 +59,11 @@ def check_parameters(setting: str, params: list[torch.Tensor]) -> None:
     if setting in NEEDS_BF16:
         other = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype != torch.bfloat16})
         if other:
-            raise ConfigError(f"train.precision={setting}: the trained parameters are {', '.join(other)}, and "
-                              f"{setting} only changes how updates reach bf16 ones; load the model in bfloat16 "
-                              "(model.dtype=bfloat16) or set train.precision=bf16")
+            raise ConfigError(
+                f"train.precision={setting}: the trained parameters are {', '.join(other)}, and "
+                f"{setting} only changes how updates reach bf16 ones; load the model in bfloat16 "
+                "(model.dtype=bfloat16) or set train.precision=bf16"
+            )
 
 
 def build_optimizer(setting: str, optimizer: torch.optim.Optimizer, seed: int = 0) -> torch.optim.Optimizer:
@@ -70,8 +74,10 @@ def build_optimizer(setting: str, optimizer: torch.optim.Optimizer, seed: int = 
         from .errors import ConfigError
 
         raise ConfigError(f"train.precision: unknown setting '{setting}'; choose one of {', '.join(SETTINGS)}")
-    groups = [{k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay")}
-              for g in optimizer.param_groups]
+    groups = [
+        {k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay")}
+        for g in optimizer.param_groups
+    ]
     return RoundingAdamW(groups, lr=optimizer.defaults["lr"], mode=setting, seed=seed)
 
 
@@ -98,8 +104,16 @@ class RoundingAdamW(torch.optim.Optimizer):
     torch-optimi keep bf16 moments), so only the landing of the update differs from the `bf16` setting.
     """
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 mode: str = "fp32-master", seed: int = 0):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        mode: str = "fp32-master",
+        seed: int = 0,
+    ):
         if mode not in NEEDS_BF16:
             raise ValueError(f"mode must be one of {', '.join(NEEDS_BF16)}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -139,9 +153,21 @@ class RoundingAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 if self.master:
                     # torch's fused CPU/CUDA AdamW kernel on the fp32 master (it steps, we count)
-                    torch._fused_adamw_([state["master"]], [param.grad.float()], [state["exp_avg"]],
-                                        [state["exp_avg_sq"]], [], [state["step"]], lr=lr, beta1=beta1, beta2=beta2,
-                                        weight_decay=decay, eps=eps, amsgrad=False, maximize=False)
+                    torch._fused_adamw_(
+                        [state["master"]],
+                        [param.grad.float()],
+                        [state["exp_avg"]],
+                        [state["exp_avg_sq"]],
+                        [],
+                        [state["step"]],
+                        lr=lr,
+                        beta1=beta1,
+                        beta2=beta2,
+                        weight_decay=decay,
+                        eps=eps,
+                        amsgrad=False,
+                        maximize=False,
+                    )
                     param.copy_(state["master"])
                     continue
                 # bf16 storage: the moments exactly as plain AdamW keeps them; only how the update lands differs.
@@ -182,8 +208,8 @@ class RoundingAdamW(torch.optim.Optimizer):
         state_dict = _only_adamw_group_keys(state_dict, self)
         super().load_state_dict(state_dict)
         # torch casts loaded state to the parameter's dtype; master copies and fp32 moments must stay as saved.
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for index, param in zip(saved_group["params"], group["params"]):
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=False):
+            for index, param in zip(saved_group["params"], group["params"], strict=False):
                 for key, value in state_dict["state"].get(index, {}).items():
                     if key != "step" and isinstance(value, torch.Tensor):
                         self.state[param][key] = value.to(param.device).clone()
@@ -198,7 +224,7 @@ class RoundingAdamW(torch.optim.Optimizer):
 def _only_adamw_group_keys(state_dict: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """A saved optimizer's groups with this optimizer's own settings filled in (a plain AdamW checkpoint loads)."""
     groups = []
-    for saved, current in zip(state_dict["param_groups"], optimizer.param_groups):
+    for saved, current in zip(state_dict["param_groups"], optimizer.param_groups, strict=False):
         merged = {k: v for k, v in current.items() if k != "params"}
         merged.update({k: saved[k] for k in ("lr", "initial_lr", "betas", "eps", "weight_decay") if k in saved})
         merged["params"] = saved["params"]

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -42,8 +43,13 @@ def child_row(child) -> dict[str, Any]:
     from .recording import open as open_recording
 
     t = child.config.train
-    row: dict[str, Any] = {"child": child.label, "precision": t.precision, "scheduler": t.scheduler,
-                           "status": child.status, "run_id": child.run_id}
+    row: dict[str, Any] = {
+        "child": child.label,
+        "precision": t.precision,
+        "scheduler": t.scheduler,
+        "status": child.status,
+        "run_id": child.run_id,
+    }
     path = _recording_path(child)
     if child.status != "FINISHED" or not (path / "index.json").exists():
         row["note"] = "no recording" if child.status == "FINISHED" else child.error
@@ -64,8 +70,11 @@ def child_row(child) -> dict[str, Any]:
     nonzero = sum(h["nonzero_updates"] for h in hops)
     row.update(
         steps=f"{motion['steps'][0]}..{motion['steps'][-1]}",
-        raw=motion["raw"][-1], drift=motion["drift"][-1], relative=motion["relative"][-1],
-        raw_per_lr=motion["raw_per_lr"][-1], relative_per_lr=motion["relative_per_lr"][-1],
+        raw=motion["raw"][-1],
+        drift=motion["drift"][-1],
+        relative=motion["relative"][-1],
+        raw_per_lr=motion["raw_per_lr"][-1],
+        relative_per_lr=motion["relative_per_lr"][-1],
         master_relative=motion["master_relative"][-1] if "master_relative" in motion else None,
         late_changed_share=None if late is None else 1 - late,
         freeze_onset=freeze_onset_step(motion),
@@ -97,35 +106,49 @@ def verdict(rows: list[dict[str, Any]]) -> str:
         return f"no verdict: no bf16 child under {decay} finished (it is the notebook's setting)"
     who = "untrained rows" if base.get("group", "untrained") == "untrained" else "tracked rows"
     if base["moving"]:
-        return (f"no freeze to explain: under {decay} {_pct(base['late_changed_share'])} of the {who} "
-                "still change per step in bf16 at the end")
+        return (
+            f"no freeze to explain: under {decay} {_pct(base['late_changed_share'])} of the {who} "
+            "still change per step in bf16 at the end"
+        )
     constant = by.get(("bf16", "constant")) if main != "constant" else None
     schedule = constant is not None and constant["moving"]
     remedies = [p for p in REMEDIES if by.get((p, main), {}).get("moving")]
     remedies_constant = [p for p in REMEDIES if by.get((p, "constant"), {}).get("moving")]
     frozen = f"under {decay} bf16 freezes them ({_pct(base['late_changed_share'])} change per step at the end)"
     if schedule and remedies:
-        return (f"both: {frozen}, under a constant rate they keep moving in bf16 "
-                f"({_pct(constant['late_changed_share'])}), and under the decay {', '.join(remedies)} keep them "
-                "moving too: the decaying rate shrinks the updates below half a bf16 step, and rounding drops them")
+        return (
+            f"both: {frozen}, under a constant rate they keep moving in bf16 "
+            f"({_pct(constant['late_changed_share'])}), and under the decay {', '.join(remedies)} keep them "
+            "moving too: the decaying rate shrinks the updates below half a bf16 step, and rounding drops them"
+        )
     if schedule:
-        return (f"under a constant rate the {who} keep moving in bf16 "
-                f"({_pct(constant['late_changed_share'])} change per step at the end) while {frozen}: "
-                "the freeze follows the schedule")
+        return (
+            f"under a constant rate the {who} keep moving in bf16 "
+            f"({_pct(constant['late_changed_share'])} change per step at the end) while {frozen}: "
+            "the freeze follows the schedule"
+        )
     if remedies or remedies_constant:
         which = sorted(set(remedies) | set(remedies_constant), key=REMEDIES.index)
         also = "; bf16 freezes them under a constant rate too" if constant is not None else ""
         return f"only {', '.join(which)} keep them moving ({frozen}{also}): the freeze is rounding"
-    return (f"the {who} freeze under every setting and schedule swept: the freeze is a property of learning "
-            "(their updates vanish), not of the schedule or of bf16 rounding")
+    return (
+        f"the {who} freeze under every setting and schedule swept: the freeze is a property of learning "
+        "(their updates vanish), not of the schedule or of bf16 rounding"
+    )
 
 
 COLUMNS = (
-    ("child", "child"), ("raw", "displacement"), ("drift", "common drift"), ("relative", "relative motion"),
-    ("raw_per_lr", "displacement / Σlr"), ("relative_per_lr", "relative / Σlr"),
+    ("child", "child"),
+    ("raw", "displacement"),
+    ("drift", "common drift"),
+    ("relative", "relative motion"),
+    ("raw_per_lr", "displacement / Σlr"),
+    ("relative_per_lr", "relative / Σlr"),
     ("master_relative", "relative motion of the fp32 masters"),
-    ("late_changed_share", "rows changing per step (last quarter)"), ("freeze_onset", "freeze onset"),
-    ("rows_hopped_per_step", "rows hopped per step"), ("rounded_away_share", "updates rounded away"),
+    ("late_changed_share", "rows changing per step (last quarter)"),
+    ("freeze_onset", "freeze onset"),
+    ("rows_hopped_per_step", "rows hopped per step"),
+    ("rounded_away_share", "updates rounded away"),
     ("final_loss", "loss (last 10)"),
 )
 
@@ -156,8 +179,14 @@ def compare_precision(client, plan, parent_id: str, out: Path, log: Log) -> str:
             rows.append(child_row(child))
         except Exception as exc:  # noqa: BLE001 - one unreadable recording leaves a gap, not a lost comparison
             log(f"warning: could not analyse the recording of {child.label}: {exc}")
-            rows.append({"child": child.label, "precision": child.config.train.precision,
-                         "scheduler": child.config.train.scheduler, "note": f"unreadable recording: {exc}"})
+            rows.append(
+                {
+                    "child": child.label,
+                    "precision": child.config.train.precision,
+                    "scheduler": child.config.train.scheduler,
+                    "note": f"unreadable recording: {exc}",
+                }
+            )
     sentence = verdict(rows)
     group = next((r["group"] for r in rows if "group" in r), "untrained")
     notes = [
@@ -169,11 +198,13 @@ def compare_precision(client, plan, parent_id: str, out: Path, log: Log) -> str:
         "(what round-to-nearest bf16 would drop; the remedies keep those updates)",
     ]
     markdown = f"## The Wordybird question\n\n**Verdict:** {sentence}\n\n{table(rows)}\n" + "".join(
-        f"- {n}\n" for n in notes)
+        f"- {n}\n" for n in notes
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision.md").write_text(markdown)
-    (out / "precision.json").write_text(json.dumps({"verdict": sentence, "children": rows, "notes": notes},
-                                                   indent=1, default=str) + "\n")
+    (out / "precision.json").write_text(
+        json.dumps({"verdict": sentence, "children": rows, "notes": notes}, indent=1, default=str) + "\n"
+    )
     _plot(rows, out / "untrained_motion.png")
     client.set_tag(parent_id, "wakelab.precision.verdict", sentence[:5000])
     for name in ("precision.md", "precision.json", "untrained_motion.png"):
@@ -194,9 +225,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         c = row["curve"]
         style = "-" if row["scheduler"] == "linear" else "--"
         left.plot(c["steps"], c["relative"], style, label=row["child"])
-        shares = [(s, 1 - u) for s, u in zip(c["steps"], c["unchanged_share"]) if u is not None]
+        shares = [(s, 1 - u) for s, u in zip(c["steps"], c["unchanged_share"], strict=False) if u is not None]
         if shares:
-            right.plot(*zip(*shares), style, label=row["child"])
+            right.plot(*zip(*shares, strict=False), style, label=row["child"])
     left.set_title("untrained rows: motion relative to their common drift")
     left.set_xlabel("step")
     left.set_ylabel("mean L2 distance")

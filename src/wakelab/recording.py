@@ -338,8 +338,9 @@ class _DirectFile:
     """
 
     def __init__(self, path: Path, staging: tuple[mmap.mmap, mmap.mmap]) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0),
-                           0o644)
+        self._fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0), 0o644
+        )
         self._bufs = [memoryview(m) for m in staging]
         self._arrs = [np.frombuffer(m, dtype=np.uint8) for m in staging]  # numpy copies release the GIL
         self._pending: list[concurrent.futures.Future | None] = [None, None]
@@ -609,9 +610,7 @@ class RecordingWriter:
     def closed(self) -> bool:
         return self._closed
 
-    def append(
-        self, step: int, tensors: Mapping[str, torch.Tensor], flags: Mapping[str, bool] | None = None
-    ) -> None:
+    def append(self, step: int, tensors: Mapping[str, torch.Tensor], flags: Mapping[str, bool] | None = None) -> None:
         """Record ``tensors`` (one per field) for optimizer step ``step``; steps must strictly increase.
 
         Copies the tensors right away (the caller may change them as soon as this returns) and hands the copies to
@@ -902,9 +901,7 @@ class RecordingWriter:
 
     def _fail(self, exc: BaseException) -> None:
         last = self._indexed_last_step
-        intact = (
-            f"completed shards up to step {last} are intact" if last is not None else "no shard had been completed"
-        )
+        intact = f"completed shards up to step {last} are intact" if last is not None else "no shard had been completed"
         if isinstance(exc, _WriteFailure) and isinstance(exc.cause, OSError):
             cause = exc.cause
             if cause.errno == errno.ENOSPC:
@@ -960,9 +957,7 @@ def _read_header(file: Path, index_path: Path) -> tuple[dict[str, Any], int]:
                 raise RecordingError(f"{file} (listed in {index_path}) is truncated or not a safetensors file")
             header = json.loads(fh.read(n))
     except FileNotFoundError:
-        raise RecordingError(
-            f"{file.name} is listed in {index_path} but missing; the recording is damaged"
-        ) from None
+        raise RecordingError(f"{file.name} is listed in {index_path} but missing; the recording is damaged") from None
     except (ValueError, UnicodeDecodeError):
         raise RecordingError(f"{file} (listed in {index_path}) has a corrupt header") from None
     except OSError as exc:
@@ -973,9 +968,7 @@ def _read_header(file: Path, index_path: Path) -> tuple[dict[str, Any], int]:
     except (AttributeError, KeyError, IndexError, TypeError, ValueError):
         raise RecordingError(f"{file} (listed in {index_path}) has a corrupt header") from None
     if size < data_start + end:
-        raise RecordingError(
-            f"{file} (listed in {index_path}) is truncated: {size} bytes, expected {data_start + end}"
-        )
+        raise RecordingError(f"{file} (listed in {index_path}) is truncated: {size} bytes, expected {data_start + end}")
     if size > data_start + end:
         raise RecordingError(f"{file} (listed in {index_path}) is corrupt: {size - data_start - end} trailing bytes")
     return header, data_start

@@ -58,7 +58,8 @@ def export(path: Path, out: Path, overwrite: bool) -> None:
       wakelab recording export runs/demo/recording --single-file rec.safetensors
       wakelab recording export runs/demo/recording --single-file rec.safetensors --overwrite
     """
-    from .recording import export_single_file, open as open_recording
+    from .recording import export_single_file
+    from .recording import open as open_recording
 
     with open_recording(path) as rec:
         written = export_single_file(rec, out, overwrite=overwrite)

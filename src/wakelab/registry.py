@@ -13,11 +13,11 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable
 
 import pluggy
 
@@ -105,9 +105,7 @@ def make_manager() -> pluggy.PluginManager:
     return pm
 
 
-def build_manager(
-    specs: Iterable[str], cwd: Path | None = None, optional: Iterable[str] = ()
-) -> pluggy.PluginManager:
+def build_manager(specs: Iterable[str], cwd: Path | None = None, optional: Iterable[str] = ()) -> pluggy.PluginManager:
     """A PluginManager with exactly the named plugins registered and checked.
 
     ``optional`` names are activated when a plugin of that name exists (``init.method: spherical`` activates the

@@ -68,12 +68,16 @@ def resolve_checkpoint(spec: str) -> Path:
         preset = spec.split(":", 1)[1]
         experiments = [e.experiment_id for e in MlflowClient().search_experiments()]
         runs = MlflowClient().search_runs(
-            experiments, f"tags.`wakelab.preset` = '{preset}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1,
+            experiments,
+            f"tags.`wakelab.preset` = '{preset}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
         )
         if not runs:
-            raise WakelabError(f"no finished '{preset}' run in the tracking store to continue from; run it first "
-                               f"(wakelab run --preset {preset}) or give a checkpoint path")
+            raise WakelabError(
+                f"no finished '{preset}' run in the tracking store to continue from; run it first "
+                f"(wakelab run --preset {preset}) or give a checkpoint path"
+            )
         spec = runs[0].info.run_id
     run_dir, _ = resolve_run(spec)
     return latest_checkpoint(run_dir)
@@ -90,7 +94,9 @@ def rows_file(target: Path) -> tuple[Path, int | None]:
     try:
         checkpoint = latest_checkpoint(target)
     except CheckpointError:
-        raise WakelabError(f"{target} holds no trained rows (no final/new_rows.safetensors and no checkpoint)") from None
+        raise WakelabError(
+            f"{target} holds no trained rows (no final/new_rows.safetensors and no checkpoint)"
+        ) from None
     return checkpoint / "trained_rows.safetensors", verify(checkpoint).get("step")
 
 

@@ -25,8 +25,9 @@ import functools
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -98,11 +99,14 @@ class GracefulStop:
         if self.phase in ("training", "finishing") and self.signum is None:
             self.signum = signum
             if self.phase == "training":
-                _say(f"{name} received: stopping after the current step with a checkpoint; send it again to stop "
-                     "at once")
+                _say(
+                    f"{name} received: stopping after the current step with a checkpoint; send it again to stop at once"
+                )
             else:
-                _say(f"{name} received after the last step: finishing the run first (final rows, held-out "
-                     "perplexity); send it again to stop at once")
+                _say(
+                    f"{name} received after the last step: finishing the run first (final rows, held-out "
+                    "perplexity); send it again to stop at once"
+                )
             return
         first = self.signum
         self.signum = first or signum

@@ -29,9 +29,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -126,7 +127,7 @@ def parse_over(spec: str) -> tuple[str, list[str]]:
 
 
 def _dir_name(label: str) -> str:
-    return "".join("_" if ch in "/\\" or ch.isspace() or ch in ":*?\"<>|" else ch for ch in label)
+    return "".join("_" if ch in "/\\" or ch.isspace() or ch in ':*?"<>|' else ch for ch in label)
 
 
 def child_configs(base: RunConfig, key: str, canonical: str, texts: list[str], root: Path) -> list[Child]:
@@ -161,9 +162,9 @@ def crossed_configs(base: RunConfig, axes: list[tuple[str, str, list[str]]], roo
 
     children = []
     for combo in itertools.product(*(texts for _, _, texts in axes)):
-        label = ",".join(f"{key}={text}" for (key, _, _), text in zip(axes, combo))
+        label = ",".join(f"{key}={text}" for (key, _, _), text in zip(axes, combo, strict=False))
         tree = base.model_dump(mode="json")
-        for (_, canonical, _), text in zip(axes, combo):
+        for (_, canonical, _), text in zip(axes, combo, strict=False):
             set_in(tree, canonical, parse_value(text))
         tree["output_dir"] = str(root / _dir_name(label))
         tree.setdefault("tracking", {})["run_name"] = label
@@ -235,8 +236,8 @@ def resolve_constituents(base: RunConfig, given: str | None) -> Path | None:
 
 def load_constituents(path: Path, children: list[Child], log: Log) -> tuple[dict[str, list[str]], list[str]]:
     """The constituents of lexicon words, and the words of the file that no child's lexicon holds (reported)."""
-    from .demo_text import read_constituents
     from .data import resolve_lexicon
+    from .demo_text import read_constituents
     from .vocab import read_lexicon
 
     table = read_constituents(path)
@@ -252,13 +253,23 @@ def load_constituents(path: Path, children: list[Child], log: Log) -> tuple[dict
         )
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        log(f"warning: constituents file {path}: {len(missing)} of {len(table)} words are not in the lexicon and "
-            f"are left out of the hit rates: {shown}")
+        log(
+            f"warning: constituents file {path}: {len(missing)} of {len(table)} words are not in the lexicon and "
+            f"are left out of the hit rates: {shown}"
+        )
     return kept, missing
 
 
-def plan_sweep(base: RunConfig, over: str | list[str] | tuple[str, ...], *, constituents: str | None = None,
-               top_k: int = 10, overwrite: bool = False, cwd: Path | None = None, log: Log = logs.log) -> SweepPlan:
+def plan_sweep(
+    base: RunConfig,
+    over: str | list[str] | tuple[str, ...],
+    *,
+    constituents: str | None = None,
+    top_k: int = 10,
+    overwrite: bool = False,
+    cwd: Path | None = None,
+    log: Log = logs.log,
+) -> SweepPlan:
     """Resolve and check the whole sweep; raises a one-line ``WakelabError`` before anything runs.
 
     Several ``over`` specs cross their values: one child per combination."""
@@ -287,7 +298,9 @@ def plan_sweep(base: RunConfig, over: str | list[str] | tuple[str, ...], *, cons
         children = crossed_configs(base, axes, root)
     check_init_methods(children, cwd)
     check_output_dirs(children, overwrite)
-    plan = SweepPlan(key, canonical, base, root, children, top_k=top_k, over=tuple([over] if isinstance(over, str) else over))
+    plan = SweepPlan(
+        key, canonical, base, root, children, top_k=top_k, over=tuple([over] if isinstance(over, str) else over)
+    )
     plan.constituents_path = resolve_constituents(base, constituents)
     if plan.constituents_path is not None:
         plan.constituents, plan.not_in_lexicon = load_constituents(plan.constituents_path, children, log)
@@ -352,8 +365,17 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def run_child(client, child: Child, parent_id: str, experiment_id: str, *, overwrite: bool, progress: bool,
-              cwd: Path | None, resume_from: str | None = None) -> None:
+def run_child(
+    client,
+    child: Child,
+    parent_id: str,
+    experiment_id: str,
+    *,
+    overwrite: bool,
+    progress: bool,
+    cwd: Path | None,
+    resume_from: str | None = None,
+) -> None:
     """Run one child inside its own MLflow run, nested under the parent; a failure is recorded, not raised.
 
     ``resume_from``: a checkpoint of the child's earlier, stopped run (``child.run_id``), continued in that run."""
@@ -363,17 +385,27 @@ def run_child(client, child: Child, parent_id: str, experiment_id: str, *, overw
         run = client.create_run(
             experiment_id,
             run_name=child.label,
-            tags={"mlflow.parentRunId": parent_id, SWEEP_TAG: "child", "wakelab.sweep.parent": parent_id,
-                  "wakelab.sweep.key": child.label.split("=", 1)[0], "wakelab.sweep.value": child.text},
+            tags={
+                "mlflow.parentRunId": parent_id,
+                SWEEP_TAG: "child",
+                "wakelab.sweep.parent": parent_id,
+                "wakelab.sweep.key": child.label.split("=", 1)[0],
+                "wakelab.sweep.value": child.text,
+            },
         )
         child.run_id, resume_from = run.info.run_id, None
     try:
-        result = engine.run(child.config, overwrite=overwrite and resume_from is None, resume_from=resume_from,
-                            progress=progress, cwd=cwd, run_id=child.run_id)
+        result = engine.run(
+            child.config,
+            overwrite=overwrite and resume_from is None,
+            resume_from=resume_from,
+            progress=progress,
+            cwd=cwd,
+            run_id=child.run_id,
+        )
         # A resumed child's run holds what its first part logged too (held-out perplexity before, ...).
         child.status = "FINISHED"
-        child.metrics = {**(dict(client.get_run(child.run_id).data.metrics) if resume_from else {}),
-                         **result.metrics}
+        child.metrics = {**(dict(client.get_run(child.run_id).data.metrics) if resume_from else {}), **result.metrics}
     except KeyboardInterrupt:
         child.status, child.error = "KILLED", "interrupted"
         _close_child(client, child)
@@ -399,8 +431,15 @@ def _close_child(client, child: Child) -> None:
 
 
 @stopping.handles_signals  # a stop signal ends the running child and the parent KILLED; --resume goes on
-def run_sweep(plan: SweepPlan, *, overwrite: bool = False, progress: bool = True, cwd: Path | None = None,
-              log: Log = logs.log, resume: sweep_resume.SavedSweep | None = None) -> SweepResult:
+def run_sweep(
+    plan: SweepPlan,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    cwd: Path | None = None,
+    log: Log = logs.log,
+    resume: sweep_resume.SavedSweep | None = None,
+) -> SweepResult:
     """Run every child of ``plan`` under one parent run and log the comparison to the parent.
 
     ``resume``: the saved sweep being resumed; its parent run is reopened, finished children are kept, a stopped
@@ -426,8 +465,16 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, progress: bool = True
                 continue
             how = f" (continuing from {checkpoint})" if checkpoint else ""
             log(f"sweep: child {number}/{len(plan.children)}: {child.label} -> {child.output_dir}{how}")
-            run_child(client, child, parent_id, experiment_id, overwrite=overwrite or resume is not None,
-                      progress=progress, cwd=cwd, resume_from=checkpoint)
+            run_child(
+                client,
+                child,
+                parent_id,
+                experiment_id,
+                overwrite=overwrite or resume is not None,
+                progress=progress,
+                cwd=cwd,
+                resume_from=checkpoint,
+            )
             stopping.current().raise_if_signalled(f"as {child.label} finished")  # it came after its last step
         comparison_dir, table = compare(client, plan, parent_id, log)
         if "train.precision" in plan.canonical.split(","):
@@ -497,8 +544,16 @@ def hit_rates(weight: torch.Tensor, tokenizer, num_base: int, constituents: dict
         hit_any = hit_meaning or any(p in texts for p in parts)
         meaning_hits += hit_meaning
         any_hits += hit_any
-        details.append({"word": word, "meaning": meaning, "parts": parts, "neighbours": texts,
-                        "hit_meaning": hit_meaning, "hit_any": hit_any})
+        details.append(
+            {
+                "word": word,
+                "meaning": meaning,
+                "parts": parts,
+                "neighbours": texts,
+                "hit_meaning": hit_meaning,
+                "hit_any": hit_any,
+            }
+        )
     return {
         "words": len(words),
         "skipped": len(constituents) - len(words),
@@ -549,8 +604,10 @@ def summarise_child(client, child: Child, plan: SweepPlan, log: Log) -> dict[str
     logged = client.get_run(child.run_id).data.metrics  # the trajectory plugin's meaning probe, when it ran
     summary["probe"] = {k: logged[k] for k in PROBE_KEYS if k in logged}
     if child.config.init.from_embeddings:
-        log(f"warning: {child.label}: init.from_embeddings is set; step-0 values are those of the init before the "
-            "restore")
+        log(
+            f"warning: {child.label}: init.from_embeddings is set; step-0 values are those of the init before the "
+            "restore"
+        )
     if plan.constituents:
         at_init = hit_rates(initial, tokenizer, num_base, plan.constituents, plan.top_k)
         at_end = hit_rates(final, tokenizer, num_base, plan.constituents, plan.top_k)
@@ -558,8 +615,10 @@ def summarise_child(client, child: Child, plan: SweepPlan, log: Log) -> dict[str
         if at_init["words"]:
             client.log_batch(child.run_id, metrics=_hit_metrics(at_init, 0) + _hit_metrics(at_end, last_step))
         if at_init["skipped"]:
-            log(f"warning: {child.label}: {at_init['skipped']} constituents words are not new tokens of this run "
-                "(already single tokens) and are left out of its hit rates")
+            log(
+                f"warning: {child.label}: {at_init['skipped']} constituents words are not new tokens of this run "
+                "(already single tokens) and are left out of its hit rates"
+            )
     return summary
 
 
@@ -637,8 +696,9 @@ def table_markdown(rows: list[dict], plan: SweepPlan, shown: tuple[str, ...]) ->
 
 
 def table_html(rows: list[dict], plan: SweepPlan, shown: tuple[str, ...], notes: list[str]) -> str:
-    header = "".join(f"<th>{html.escape(label.replace('@k', f'@{plan.top_k}'))}</th>"
-                     for key, label in COLUMNS if key in shown)
+    header = "".join(
+        f"<th>{html.escape(label.replace('@k', f'@{plan.top_k}'))}</th>" for key, label in COLUMNS if key in shown
+    )
     body = []
     for row in rows:
         style = "" if row["status"] == "FINISHED" else ' style="color:#b00"'
@@ -687,8 +747,11 @@ def compare(client, plan: SweepPlan, parent_id: str, log: Log) -> tuple[Path, st
             log(f"warning: could not read back {child.label} for the comparison: {_one_line(exc)}")
             child.summary = {}
     rows = [comparison_row(c) for c in plan.children]
-    shown = tuple(key for key, _ in COLUMNS if key != "run_id" and (key in ("child", "status") or any(
-        r.get(key) is not None for r in rows)))
+    shown = tuple(
+        key
+        for key, _ in COLUMNS
+        if key != "run_id" and (key in ("child", "status") or any(r.get(key) is not None for r in rows))
+    )
     notes = notes_for(plan)
     markdown = table_markdown(rows, plan, shown)
     meta = {
@@ -707,11 +770,15 @@ def compare(client, plan: SweepPlan, parent_id: str, log: Log) -> tuple[Path, st
         writer = csv.DictWriter(handle, fieldnames=[key for key, _ in COLUMNS] + ["value"])
         writer.writeheader()
         writer.writerows(rows)
-    (out / "comparison.md").write_text(f"# Sweep over `{plan.canonical}`\n\n{markdown}\n"
-                                       + "".join(f"- {n}\n" for n in notes))
+    (out / "comparison.md").write_text(
+        f"# Sweep over `{plan.canonical}`\n\n{markdown}\n" + "".join(f"- {n}\n" for n in notes)
+    )
     (out / "comparison.html").write_text(table_html(rows, plan, shown, notes))
-    neighbours = {c.label: {when: c.summary["hits"][when]["details"] for when in ("step0", "final")}
-                  for c in plan.children if c.summary.get("hits")}
+    neighbours = {
+        c.label: {when: c.summary["hits"][when]["details"] for when in ("step0", "final")}
+        for c in plan.children
+        if c.summary.get("hits")
+    }
     (out / "neighbours.json").write_text(json.dumps(neighbours, indent=1, ensure_ascii=False) + "\n")
     write_plots(plan, out)
     client.log_artifacts(parent_id, str(out), COMPARISON_DIR)
@@ -725,12 +792,17 @@ def write_plots(plan: SweepPlan, out: Path) -> None:
     missing = [c.label for c in plan.children if c not in done]
     suffix = f"\n(missing: {', '.join(missing)})" if missing else ""
 
-    fig = plots.curves({c.label: c.summary["loss"] for c in done if c.summary.get("loss")},
-                       f"Training loss per child ({plan.canonical}){suffix}")
+    fig = plots.curves(
+        {c.label: c.summary["loss"] for c in done if c.summary.get("loss")},
+        f"Training loss per child ({plan.canonical}){suffix}",
+    )
     plots.save_figure(fig, out / "loss_curves.png")
 
-    fig = plots.curves({c.label: c.summary["norm_curve"] for c in done if c.summary.get("norm_curve")},
-                       f"Mean new-row norm (step 0 = right after init){suffix}", ylabel="mean L2 norm of the new rows")
+    fig = plots.curves(
+        {c.label: c.summary["norm_curve"] for c in done if c.summary.get("norm_curve")},
+        f"Mean new-row norm (step 0 = right after init){suffix}",
+        ylabel="mean L2 norm of the new rows",
+    )
     base = [c.summary["base_mean_norm"] for c in done if c.summary.get("base_mean_norm") is not None]
     if base:
         ax = fig.axes[0]
@@ -741,8 +813,13 @@ def write_plots(plan: SweepPlan, out: Path) -> None:
     labels = [c.label for c in done]
     before = [c.metrics.get("heldout_perplexity_before", math.nan) for c in done]
     after = [c.metrics.get("heldout_perplexity_after", math.nan) for c in done]
-    fig = _bars(labels, {"before training": before, "after training": after},
-                f"Held-out perplexity{suffix}", "perplexity (log scale)", log_scale=True)
+    fig = _bars(
+        labels,
+        {"before training": before, "after training": after},
+        f"Held-out perplexity{suffix}",
+        "perplexity (log scale)",
+        log_scale=True,
+    )
     plots.save_figure(fig, out / "perplexity.png")
 
     if plan.constituents:
@@ -752,13 +829,27 @@ def write_plots(plan: SweepPlan, out: Path) -> None:
                 series[f"{name}, {when_name}"] = [
                     (c.summary.get("hits") or {}).get(when, {}).get(f"hit_{kind}") or 0.0 for c in done
                 ]
-        fig = _bars(labels, series, f"Nearest-neighbour hit rate (top {plan.top_k} base tokens){suffix}",
-                    "share of words with a hit", ylim=(0, 1.05), percent=True)
+        fig = _bars(
+            labels,
+            series,
+            f"Nearest-neighbour hit rate (top {plan.top_k} base tokens){suffix}",
+            "share of words with a hit",
+            ylim=(0, 1.05),
+            percent=True,
+        )
         plots.save_figure(fig, out / "hit_rates.png")
 
 
-def _bars(labels: list[str], series: dict[str, list[float]], title: str, ylabel: str, *, log_scale: bool = False,
-          ylim: tuple[float, float] | None = None, percent: bool = False):
+def _bars(
+    labels: list[str],
+    series: dict[str, list[float]],
+    title: str,
+    ylabel: str,
+    *,
+    log_scale: bool = False,
+    ylim: tuple[float, float] | None = None,
+    percent: bool = False,
+):
     import numpy as np
 
     from .analysis.plots import new_figure
@@ -768,8 +859,12 @@ def _bars(labels: list[str], series: dict[str, list[float]], title: str, ylabel:
     width = 0.8 / max(len(series), 1)
     for index, (name, values) in enumerate(series.items()):
         bars = ax.bar(x + (index - (len(series) - 1) / 2) * width, values, width, label=name)
-        ax.bar_label(bars, labels=[("—" if math.isnan(v) else f"{v:.0%}" if percent else f"{v:.3g}") for v in values],
-                     fontsize=8, padding=2)
+        ax.bar_label(
+            bars,
+            labels=[("—" if math.isnan(v) else f"{v:.0%}" if percent else f"{v:.3g}") for v in values],
+            fontsize=8,
+            padding=2,
+        )
     ax.set_xticks(x, labels)
     ax.set_title(title)
     ax.set_xlabel("child run")

@@ -14,23 +14,56 @@ from .logs import log
 
 
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--over", "over", multiple=True, metavar="KEY=V1,V2,...",
-              help="The key to vary and its values: a config key or short name (init, lr, max_steps, ...) or an "
-                   "active plugin's key (recorder.every), and comma-separated values, each typed as --set would "
-                   "read it. Repeat to cross several keys.")
+@click.option(
+    "--over",
+    "over",
+    multiple=True,
+    metavar="KEY=V1,V2,...",
+    help="The key to vary and its values: a config key or short name (init, lr, max_steps, ...) or an "
+    "active plugin's key (recorder.every), and comma-separated values, each typed as --set would "
+    "read it. Repeat to cross several keys.",
+)
 @config_options
-@click.option("--constituents", default=None, metavar="PATH|demo",
-              help="Constituents file (word<TAB>meaning<TAB>parts) for the neighbour hit rates; default: "
-                   "init.constituents, or the demo's with the demo lexicon.")
-@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Base-token neighbours searched for the meaning word or a part.")
+@click.option(
+    "--constituents",
+    default=None,
+    metavar="PATH|demo",
+    help="Constituents file (word<TAB>meaning<TAB>parts) for the neighbour hit rates; default: "
+    "init.constituents, or the demo's with the demo lexicon.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Base-token neighbours searched for the meaning word or a part.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace earlier runs in the children's folders.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
-@click.option("--resume", "resume_parent", default=None, metavar="PARENT",
-              help="Finish a stopped sweep: its parent run id or folder. Finished children are kept, a stopped one "
-                   "continues from its checkpoint, the rest run.")
-def sweep(over, preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name, constituents,
-          top_k, overwrite, no_progress, resume_parent):
+@click.option(
+    "--resume",
+    "resume_parent",
+    default=None,
+    metavar="PARENT",
+    help="Finish a stopped sweep: its parent run id or folder. Finished children are kept, a stopped one "
+    "continues from its checkpoint, the rest run.",
+)
+def sweep(
+    over,
+    preset,
+    config_file,
+    overrides,
+    plugins,
+    max_steps,
+    output_dir,
+    experiment,
+    run_name,
+    constituents,
+    top_k,
+    overwrite,
+    no_progress,
+    resume_parent,
+):
     """Run one experiment under several values of one config key, each value a child MLflow run nested under one
     parent run, and log a side-by-side comparison to the parent.
 
@@ -63,22 +96,34 @@ def sweep(over, preset, config_file, overrides, plugins, max_steps, output_dir, 
     if resume_parent is not None:
         from .sweep_resume import load_sweep
 
-        given = [name for name, value in (("--over", over), ("--preset", preset), ("--config", config_file),
-                                          ("--set", overrides), ("--plugin", plugins), ("--max-steps", max_steps),
-                                          ("--output-dir", output_dir), ("--experiment", experiment),
-                                          ("--run-name", run_name), ("--constituents", constituents),
-                                          ("--overwrite", overwrite)) if value]
+        given = [
+            name
+            for name, value in (
+                ("--over", over),
+                ("--preset", preset),
+                ("--config", config_file),
+                ("--set", overrides),
+                ("--plugin", plugins),
+                ("--max-steps", max_steps),
+                ("--output-dir", output_dir),
+                ("--experiment", experiment),
+                ("--run-name", run_name),
+                ("--constituents", constituents),
+                ("--overwrite", overwrite),
+            )
+            if value
+        ]
         if given:
             raise ConfigError(f"--resume continues the sweep as it was planned; drop {', '.join(given)}")
         saved = load_sweep(resume_parent)
-        plan = plan_sweep(saved.base, saved.over, constituents=saved.constituents, top_k=saved.top_k,
-                          overwrite=True, log=log)
+        plan = plan_sweep(
+            saved.base, saved.over, constituents=saved.constituents, top_k=saved.top_k, overwrite=True, log=log
+        )
         log(f"resuming the sweep over {plan.canonical} (parent run {saved.parent_run_id}) in {plan.root}")
     elif not over:
         raise ConfigError("give --over KEY=V1,V2,... (or --resume PARENT to finish a stopped sweep)")
     else:
-        base = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment,
-                                  run_name)
+        base = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
         plan = plan_sweep(base, list(over), constituents=constituents, top_k=top_k, overwrite=overwrite, log=log)
         log(f"sweep over {plan.canonical}: {len(plan.children)} children in {plan.root}")
     result = run_sweep(plan, overwrite=overwrite, progress=not no_progress, log=log, resume=saved)
@@ -93,6 +138,7 @@ def sweep(over, preset, config_file, overrides, plugins, max_steps, output_dir, 
         click.echo(line)
     if result.failed:
         failed = "; ".join(f"{c.label} {c.status}: {c.error}" for c in result.failed)
-        click.echo(f"wakelab: error: {failed} ({len(result.failed)} of {len(result.children)} children failed)",
-                   err=True)
+        click.echo(
+            f"wakelab: error: {failed} ({len(result.failed)} of {len(result.children)} children failed)", err=True
+        )
         sys.exit(1)

@@ -47,16 +47,20 @@ def find_sweep_file(parent: str) -> Path:
         try:
             run = MlflowClient().get_run(parent)
         except Exception:  # noqa: BLE001 - not a run id this store knows
-            raise ConfigError(f"--resume {parent}: neither a sweep folder nor a sweep's parent run id in this "
-                              "tracking store; give the folder the sweep wrote (its --output-dir)") from None
+            raise ConfigError(
+                f"--resume {parent}: neither a sweep folder nor a sweep's parent run id in this "
+                "tracking store; give the folder the sweep wrote (its --output-dir)"
+            ) from None
         where = run.data.tags.get("wakelab.output_dir")
         if run.data.tags.get("wakelab.sweep") != "parent" or not where:
             raise ConfigError(f"--resume {parent}: run {parent} is not a sweep's parent run")
         folder = Path(where)
     path = folder / SWEEP_FILE
     if not path.is_file():
-        raise ConfigError(f"--resume {parent}: {path} not found; only sweeps started by this wakelab version can be "
-                          "resumed (run the sweep again with --overwrite)")
+        raise ConfigError(
+            f"--resume {parent}: {path} not found; only sweeps started by this wakelab version can be "
+            "resumed (run the sweep again with --overwrite)"
+        )
     return path
 
 
@@ -75,9 +79,14 @@ class SavedSweep:
 def load_sweep(parent: str) -> SavedSweep:
     path = find_sweep_file(parent)
     record = json.loads(path.read_text(encoding="utf-8"))
-    return SavedSweep(validate(record["base"]), list(record["over"]),
-                      record.get("constituents"), int(record.get("top_k", 10)), record["parent_run_id"],
-                      record["experiment_id"])
+    return SavedSweep(
+        validate(record["base"]),
+        list(record["over"]),
+        record.get("constituents"),
+        int(record.get("top_k", 10)),
+        record["parent_run_id"],
+        record["experiment_id"],
+    )
 
 
 def reopen_parent(client, parent_id: str) -> None:

@@ -14,8 +14,9 @@ import platform
 import subprocess
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import WakelabError
 from .logs import warn
@@ -172,8 +173,11 @@ class TrackingIncomplete(TrackingError):
 #: While a run is open, MLflow's HTTP calls retry briefly (MLflow's own default waits minutes on a dead server, and
 #: training would wait with it); once the server has failed, each call tries once, so training never stalls on it.
 #: Variables the user set are left alone.
-RUN_HTTP_POLICY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+RUN_HTTP_POLICY = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 OFFLINE_HTTP_POLICY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 #: At the end, what is still buffered gets this many more tries, this many seconds apart.
 FINAL_TRIES, FINAL_WAIT_S = 3, 2.0
@@ -224,8 +228,14 @@ class TrackedRun:
     :meth:`save_unlogged`. ``end`` never hangs on a dead server.
     """
 
-    def __init__(self, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None,
-                 system_metrics: bool = False):
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str],
+        run_id: str | None = None,
+        system_metrics: bool = False,
+    ):
         import mlflow
 
         self._mlflow = mlflow
@@ -272,8 +282,10 @@ class TrackedRun:
             if not self.offline:
                 reason = _reason(exc)
                 self.offline_since = (time.strftime("%H:%M:%S"), reason)
-                warn(f"cannot reach the MLflow tracking store at {tracking_uri()} while logging {what} ({reason}); "
-                      "training goes on, and what is not logged is kept and retried")
+                warn(
+                    f"cannot reach the MLflow tracking store at {tracking_uri()} while logging {what} ({reason}); "
+                    "training goes on, and what is not logged is kept and retried"
+                )
             return False
         if self.offline:
             self.offline_since = None
@@ -338,8 +350,13 @@ class TrackedRun:
 
     @property
     def has_unlogged(self) -> bool:
-        return bool(self._pending or self._pending_params or self._pending_tags or self._pending_artifacts
-                    or self.status_unlogged)
+        return bool(
+            self._pending
+            or self._pending_params
+            or self._pending_tags
+            or self._pending_artifacts
+            or self.status_unlogged
+        )
 
     # -- artifacts ---------------------------------------------------------------------------------------------
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -390,8 +407,10 @@ class TrackedRun:
         if self._pending:
             names = sorted({m.key for m in self._pending})
             steps = [m.step for m in self._pending]
-            parts.append(f"{len(self._pending)} metric values ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}; "
-                         f"steps {min(steps)}-{max(steps)})")
+            parts.append(
+                f"{len(self._pending)} metric values ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}; "
+                f"steps {min(steps)}-{max(steps)})"
+            )
         if self._pending_params:
             parts.append(f"{len(self._pending_params)} params")
         if self._pending_tags:
@@ -403,8 +422,10 @@ class TrackedRun:
         if self.status_unlogged:
             parts.append(f"the final status {self.status_unlogged} (the run shows RUNNING there)")
         since = f" since {self.offline_since[0]} ({self.offline_since[1]})" if self.offline_since else ""
-        message = f"the MLflow tracking store at {tracking_uri()} stopped answering{since}; not logged to run " \
-                  f"{self.run_id}: " + ", ".join(parts or ["nothing"])
+        message = (
+            f"the MLflow tracking store at {tracking_uri()} stopped answering{since}; not logged to run "
+            f"{self.run_id}: " + ", ".join(parts or ["nothing"])
+        )
         if output_dir is not None:
             message += f". Training went on: the run's files are in {output_dir}"
         if saved_to is not None:
@@ -420,8 +441,9 @@ class TrackedRun:
             "tracking_uri": tracking_uri(),
             "run_id": self.run_id,
             "status": self.status_unlogged,
-            "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
-                        for m in self._pending],
+            "metrics": [
+                {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self._pending
+            ],
             "params": self._pending_params,
             "tags": self._pending_tags,
             "artifacts": [{"path": str(Path(p).resolve()), "artifact_path": a} for p, a in self._pending_artifacts],
@@ -471,10 +493,15 @@ class RankRun:
 def _reason(exc: BaseException) -> str:
     """A few words for why a call to the store failed (urllib3's own message runs to hundreds of characters)."""
     text = str(exc)
-    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
-                          ("Name or service not known", "unknown host"), ("Failed to resolve", "unknown host"),
-                          ("Connection reset", "connection reset"), ("RemoteDisconnected", "connection closed"),
-                          ("Connection aborted", "connection closed")):
+    for needle, short in (
+        ("Connection refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("Name or service not known", "unknown host"),
+        ("Failed to resolve", "unknown host"),
+        ("Connection reset", "connection reset"),
+        ("RemoteDisconnected", "connection closed"),
+        ("Connection aborted", "connection closed"),
+    ):
         if needle in text:
             return short
     return (text.strip().splitlines() or [type(exc).__name__])[0][:160]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -29,9 +30,19 @@ ROWS_FILE = "trained_rows.safetensors"
 class WakelabTrainer(Trainer):
     """Trainer with the hooks' seams; everything else is Trainer's own."""
 
-    def __init__(self, *args, rows: RowAccess, pm, checkpoint_info: dict[str, Any] | None = None,
-                 config_yaml: str = "", precision: str = "bf16", schedule_start: int = 0,
-                 fresh_schedule: bool = False, loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, **kwargs):
+    def __init__(
+        self,
+        *args,
+        rows: RowAccess,
+        pm,
+        checkpoint_info: dict[str, Any] | None = None,
+        config_yaml: str = "",
+        precision: str = "bf16",
+        schedule_start: int = 0,
+        fresh_schedule: bool = False,
+        loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+        **kwargs,
+    ):
         self.rows = rows
         self.precision = precision
         self.schedule_start = schedule_start  # the schedule spans steps schedule_start..max_steps (a fresh one)
@@ -59,19 +70,27 @@ class WakelabTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chunked = None
-        if self.chunked_loss is not None and model.training and self.compute_loss_func is None \
-                and self.label_smoother is None:
+        if (
+            self.chunked_loss is not None
+            and model.training
+            and self.compute_loss_func is None
+            and self.label_smoother is None
+        ):
             chunked = self.chunked_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
         if chunked is not None:
             loss, outputs = chunked
-            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
-                    and num_items_in_batch is not None:
+            if (
+                self.args.average_tokens_across_devices
+                and self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None
+            ):
                 # As Trainer.compute_loss does for a loss normalised by num_items_in_batch.
                 scale = self.accelerator.num_processes // self.get_tp_size()
                 loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         else:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
         if model.training:
             self.step_logits = logits[0, -1].detach().float().clone()
@@ -83,8 +102,14 @@ class WakelabTrainer(Trainer):
         if self._masked_at_step == self.state.global_step:
             return
         self._masked_at_step = self.state.global_step
-        self.pm.hook.mask_grads(ctx=GradContext(step=self.state.global_step + 1, rows=self.rows, model=self.model,
-                                                 is_main_process=self.is_world_process_zero()))
+        self.pm.hook.mask_grads(
+            ctx=GradContext(
+                step=self.state.global_step + 1,
+                rows=self.rows,
+                model=self.model,
+                is_main_process=self.is_world_process_zero(),
+            )
+        )
 
     def _clip_grad_norm(self, model):
         self._mask_once()
@@ -123,7 +148,7 @@ class WakelabTrainer(Trainer):
         fresh = self.lr_scheduler.state_dict()
         super()._load_optimizer_and_scheduler(checkpoint)  # Adam's moments (and step count) carry over
         self.lr_scheduler.load_state_dict(fresh)
-        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=False):
             group["lr"] = lr
 
     # -- checkpoints: complete or absent ---------------------------------------------------------------------------
@@ -169,8 +194,11 @@ class WakelabTrainer(Trainer):
         from .merge import head_rows
 
         head = head_rows(self.model, self.rows.trained_ids)  # an untied head's own new rows
-        save_file({**self.rows.trained_rows(), **({"head_rows": head} if head is not None else {})},
-                  str(out / ROWS_FILE), metadata={"strategy": self.rows.strategy})
+        save_file(
+            {**self.rows.trained_rows(), **({"head_rows": head} if head is not None else {})},
+            str(out / ROWS_FILE),
+            metadata={"strategy": self.rows.strategy},
+        )
         crashpoint.reached("rows-written")
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
@@ -284,15 +312,22 @@ class HookBridge(TrainerCallback):
             return  # several processes: one checkpoint, so one on_save (one set of mirrors), on rank 0 that wrote it
         trainer = self._trainer()
         checkpoint = self._output_dir / f"checkpoint-{state.global_step}"
-        ctx = SaveContext(checkpoint_dir=checkpoint, step=state.global_step, output_dir=self._output_dir,
-                          run_id=self._run_id, is_main_process=state.is_world_process_zero)
+        ctx = SaveContext(
+            checkpoint_dir=checkpoint,
+            step=state.global_step,
+            output_dir=self._output_dir,
+            run_id=self._run_id,
+            is_main_process=state.is_world_process_zero,
+        )
         # One plugin at a time (pluggy's order): one that fails is reported and the others, a Sentry mirror, still run.
         for impl in reversed(trainer.pm.hook.on_save.get_hookimpls()):
             try:
                 impl.function(ctx=ctx)
             except Exception as exc:  # noqa: BLE001 - a plugin's failure to copy must not stop training
-                warn(f"on_save of plugin {impl.plugin_name} failed at step {state.global_step} "
-                     f"({type(exc).__name__}: {exc}); training goes on")
+                warn(
+                    f"on_save of plugin {impl.plugin_name} failed at step {state.global_step} "
+                    f"({type(exc).__name__}: {exc}); training goes on"
+                )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._progress is not None:

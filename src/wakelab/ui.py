@@ -47,8 +47,12 @@ def latest_wakelab_experiment(uri: str) -> str | None:
     experiment_ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
     if not experiment_ids:
         return None
-    runs = client.search_runs(experiment_ids, filter_string="tags.`wakelab.version` ILIKE '%'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string="tags.`wakelab.version` ILIKE '%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.experiment_id if runs else None
 
 
@@ -74,8 +78,9 @@ def wait_until_ready(url: str, proc: subprocess.Popen, timeout: float = READY_TI
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise WakelabError(f"the MLflow server exited with status {proc.returncode} before it answered; "
-                               "see its messages above")
+            raise WakelabError(
+                f"the MLflow server exited with status {proc.returncode} before it answered; see its messages above"
+            )
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -87,13 +92,26 @@ def wait_until_ready(url: str, proc: subprocess.Popen, timeout: float = READY_TI
 
 
 @click.command("ui", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to listen on. Only loopback by default; --host 0.0.0.0 opens it to the network.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on. Only loopback by default; --host 0.0.0.0 opens it to the network.",
+)
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port to listen on.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Server worker processes (each takes a few hundred MB).")
-@click.option("--backend-store-uri", default=None, metavar="URI",
-              help="The store to show (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server worker processes (each takes a few hundred MB).",
+)
+@click.option(
+    "--backend-store-uri",
+    default=None,
+    metavar="URI",
+    help="The store to show (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).",
+)
 def ui(host: str, port: int, workers: int, backend_store_uri: str | None) -> None:
     """Start the MLflow UI for the runs `wakelab run` tracked here, and print the runs view's URL.
 
@@ -114,8 +132,20 @@ def ui(host: str, port: int, workers: int, backend_store_uri: str | None) -> Non
         return
     check_port_free(host, port)
     experiment_id = _quiet_latest(uri)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-               "--port", str(port), "--workers", str(workers)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     if host not in LOOPBACK:
         warn(f"listening on {host}: anyone who can reach this machine on port {port} can read and change these runs")
     click.echo(f"starting the MLflow UI for {uri} (one moment) ...", err=True)

@@ -43,13 +43,17 @@ class VocabReport:
         ]
         if self.rejected:
             reasons = Counter(r["reason"].split(" (")[0] for r in self.rejected)
-            lines.append("rejected words (each with its reason in vocab_report.json): "
-                         + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()))
+            lines.append(
+                "rejected words (each with its reason in vocab_report.json): "
+                + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+            )
         if self.canonical_duplicates:
             shown = ", ".join(d["word"] for d in self.canonical_duplicates[:5])
             how = "merged (vocab.normalize=nfc)" if self.normalize == "nfc" else "kept apart (vocab.normalize=none)"
-            lines.append(f"{len(self.canonical_duplicates)} words written in more than one Unicode form, {how}: "
-                         f"{shown}{' ...' if len(self.canonical_duplicates) > 5 else ''}")
+            lines.append(
+                f"{len(self.canonical_duplicates)} words written in more than one Unicode form, {how}: "
+                f"{shown}{' ...' if len(self.canonical_duplicates) > 5 else ''}"
+            )
         if self.corpus:
             c = self.corpus
             lines.append(
@@ -111,8 +115,15 @@ def canonical_forms(words: list[str]) -> list[dict]:
     return [{"word": nfc, "forms": written} for nfc, written in forms.items() if len(written) > 1]
 
 
-def expand_vocabulary(tokenizer, words: list[str], add_as: str, lexicon: str, *, normalize: str = "nfc",
-                      max_word_chars: int = DEFAULT_MAX_WORD_CHARS) -> tuple[VocabReport, list[str]]:
+def expand_vocabulary(
+    tokenizer,
+    words: list[str],
+    add_as: str,
+    lexicon: str,
+    *,
+    normalize: str = "nfc",
+    max_word_chars: int = DEFAULT_MAX_WORD_CHARS,
+) -> tuple[VocabReport, list[str]]:
     """Add every new word to the tokenizer in ONE ``add_tokens`` call (one call per word is quadratic)."""
     from tokenizers import AddedToken
 
@@ -176,7 +187,9 @@ def corpus_stats(ids, num_base: int, tokenizer) -> dict:
 
     ids = np.asarray(ids)
     is_new = ids >= num_base
-    space_ids = [i for i in {tokenizer.convert_tokens_to_ids(t) for t in ("Ġ", "▁", " ")} if isinstance(i, int) and i >= 0]
+    space_ids = [
+        i for i in {tokenizer.convert_tokens_to_ids(t) for t in ("Ġ", "▁", " ")} if isinstance(i, int) and i >= 0
+    ]
     space_ids = [i for i in space_ids if i != tokenizer.unk_token_id]
     before_new = np.zeros_like(is_new)
     before_new[:-1] = is_new[1:]

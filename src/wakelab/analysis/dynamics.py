@@ -150,9 +150,7 @@ def _unchanged_rows(prev: Tensor, cur: Tensor) -> Tensor:
     away keeps exactly the same bits; any real movement, however small, changes at least one bit.
     """
     if prev.dtype != cur.dtype or prev.shape != cur.shape:
-        raise ValueError(
-            f"steps differ: {prev.dtype} {tuple(prev.shape)} vs {cur.dtype} {tuple(cur.shape)}"
-        )
+        raise ValueError(f"steps differ: {prev.dtype} {tuple(prev.shape)} vs {cur.dtype} {tuple(cur.shape)}")
     same = _bits(prev.detach().contiguous()) == _bits(cur.detach().contiguous())
     return _per_row(same).all(dim=1)
 
@@ -255,9 +253,7 @@ def _lr_stream(lr_iter: Iterable[float] | float | Tensor) -> Iterator[float]:
     return (float(lr) for lr in lr_iter)
 
 
-def _hop_record(
-    step: int, prev: Tensor, cur: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: float, **adam
-) -> dict:
+def _hop_record(step: int, prev: Tensor, cur: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: float, **adam) -> dict:
     """Lattice statistics for one step pair (see :func:`lattice_hops`)."""
     prev_bf16 = prev.detach().to(torch.bfloat16).contiguous()
     moved = _bits(prev_bf16) != _bits(cur.detach().to(torch.bfloat16).contiguous())

@@ -72,7 +72,7 @@ def group_motion(rec: Recording, rows: torch.Tensor | None = None) -> dict[str, 
         out["loss"].append(losses[position] if losses is not None else None)
         prev = cur
     for key in kinds:
-        out[f"{key}_per_lr"] = [v / s if s > 0 else None for v, s in zip(out[key], out["lr_sum"])]
+        out[f"{key}_per_lr"] = [v / s if s > 0 else None for v, s in zip(out[key], out["lr_sum"], strict=False)]
     return out
 
 
@@ -88,7 +88,7 @@ def late_unchanged_share(motion: dict[str, Any], tail: float = 0.25) -> float | 
 def freeze_onset_step(motion: dict[str, Any], share: float = 0.99) -> int | None:
     """The first step from which at least ``share`` of the group's rows stay bit-identical at every later step."""
     onset = None
-    for step, unchanged in zip(motion["steps"], motion["unchanged_share"]):
+    for step, unchanged in zip(motion["steps"], motion["unchanged_share"], strict=False):
         if unchanged is None:
             continue
         if unchanged >= share:

@@ -176,7 +176,10 @@ def lattice_hops_plot(records: Sequence[Mapping]) -> Figure:
     ax.set_ylabel("coordinates per step")
     right = ax.twinx()
     right.plot(
-        steps, _column(records, "subhalf_ulp_share"), color="tab:green", linestyle="--",
+        steps,
+        _column(records, "subhalf_ulp_share"),
+        color="tab:green",
+        linestyle="--",
         label="share of updates below half an ULP",
     )
     right.set_ylim(-0.02, 1.02)
@@ -195,8 +198,7 @@ def centroid_plot(records: Sequence[Mapping]) -> Figure:
     left.set_ylabel("centroid L2 norm")
     right.plot(steps, _column(records, "radius"), color="tab:brown", label="max distance (radius)")
     if any(record.get("mean_distance") is not None for record in records):
-        right.plot(steps, _column(records, "mean_distance"), color="tab:gray", linestyle="--",
-                   label="mean distance")
+        right.plot(steps, _column(records, "mean_distance"), color="tab:gray", linestyle="--", label="mean distance")
     right.set_title("Bounding radius of tracked rows")
     right.set_xlabel(STEP_LABEL)
     right.set_ylabel("L2 distance from centroid")

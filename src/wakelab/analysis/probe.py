@@ -199,8 +199,10 @@ def summarise(before: Mapping[str, Mapping[str, float]] | None, after: Mapping[s
 
 def by_word(before, after) -> Callable[[str], dict[str, float | None]]:
     """A per-word lookup of the probe scores, for the per-token table."""
+
     def scores(word: str) -> dict[str, float | None]:
         b, a = (before or {}).get(word, {}), (after or {}).get(word, {})
         return {"probe_kl_before": b.get("kl"), "probe_kl_after": a.get("kl"),
                 "substitution_before": b.get("substitution"), "substitution_after": a.get("substitution")}  # fmt: skip
+
     return scores

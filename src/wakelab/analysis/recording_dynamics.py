@@ -24,7 +24,6 @@ over the tracked rows or over the whole vocabulary (then they are matched throug
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +241,9 @@ def _analyse(rec: Recording, from_step, to_step, freeze_threshold, masks) -> Dyn
     missing = [f for f in HOP_FIELDS if f not in rec.fields]
     do_hops = not missing
     if missing:
-        notes.append(f"lattice hops skipped: the recording lacks {', '.join(missing)} (it needs {', '.join(HOP_FIELDS)})")
+        notes.append(
+            f"lattice hops skipped: the recording lacks {', '.join(missing)} (it needs {', '.join(HOP_FIELDS)})"
+        )
     else:
         param_dtype = str(rec.meta.get("param_dtype", ""))
         if param_dtype and param_dtype != "bfloat16":
@@ -281,7 +282,9 @@ def _analyse(rec: Recording, from_step, to_step, freeze_threshold, masks) -> Dyn
                 if step == prev_step + 1 and not math.isnan(lrs[position]):
                     state = (values["exp_avg"], values["exp_avg_sq"])
                     hops.extend(
-                        lattice_hops([prev, cur], [state[0]] * 2, [state[1]] * 2, lrs[position], [prev_step, step], **adam)
+                        lattice_hops(
+                            [prev, cur], [state[0]] * 2, [state[1]] * 2, lrs[position], [prev_step, step], **adam
+                        )
                     )
                 else:
                     gaps += 1

@@ -55,12 +55,21 @@ def _probe_over_steps(state, rec, positions, new_ids, steps, sink: AnalysisSink,
     return results[steps[chosen[0]]], results[steps[chosen[-1]]]
 
 
-def recording_trajectory(recording_path: Path, run_target: str, sink: AnalysisSink, prefix: str, *,
-                         tokens: str = "auto", max_tokens: int = 40, seed: int = 0, from_step: int | None = None,
-                         to_step: int | None = None, warn: Callable[[str], None] = print) -> dict[str, Any]:
+def recording_trajectory(
+    recording_path: Path,
+    run_target: str,
+    sink: AnalysisSink,
+    prefix: str,
+    *,
+    tokens: str = "auto",
+    max_tokens: int = 40,
+    seed: int = 0,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    warn: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Draw the recording's new rows; files go to ``sink`` under ``prefix``; returns the summary values."""
-    from ..data import read_text, tokenize
-    from ..data import resolve_data_paths
+    from ..data import read_text, resolve_data_paths, tokenize
     from ..recording import open as open_recording
     from ..state import load_trained
 

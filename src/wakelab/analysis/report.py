@@ -207,7 +207,9 @@ def default_recording(run_dir: Path, run_id: str | None = None, client=None) -> 
             return Path(tagged)
     if (run_dir / "recording" / "index.json").is_file():
         return run_dir / "recording"
-    resumed = sorted(run_dir.glob("recording-from-step-*/index.json"), key=lambda p: int(p.parent.name.rsplit("-", 1)[1]))
+    resumed = sorted(
+        run_dir.glob("recording-from-step-*/index.json"), key=lambda p: int(p.parent.name.rsplit("-", 1)[1])
+    )
     if resumed:
         return resumed[-1].parent
     raise WakelabError(
@@ -414,7 +416,9 @@ def dynamics_outputs(result: DynamicsResult, sink: AnalysisSink, prefix: str, to
     summary = result.displacement_summary
     sink.table(f"{prefix}/displacement", [{"group": g, "from_step": result.from_step, "to_step": result.to_step, **s}
                                           for g, s in summary.items()])  # fmt: skip
-    sink.table(f"{prefix}/freeze_verdict", [{**result.freeze, "from_step": result.from_step, "to_step": result.to_step}])
+    sink.table(
+        f"{prefix}/freeze_verdict", [{**result.freeze, "from_step": result.from_step, "to_step": result.to_step}]
+    )
     ids = result.token_ids if result.token_ids is not None else list(range(result.num_rows))
     trained = result.masks.trained if result.masks is not None else None
     per_token = []
@@ -455,13 +459,24 @@ def dynamics_outputs(result: DynamicsResult, sink: AnalysisSink, prefix: str, to
     if result.motion is not None:
         motion = result.motion
         kinds = [k for k in motion if k.endswith("_per_lr")]
-        rows = [{"step": step, "lr_sum": motion["lr_sum"][i], **{k: motion[k][i] for k in
-                 ("raw", "drift", "relative", "master_raw", "master_drift", "master_relative") if k in motion},
-                 **{k: motion[k][i] for k in kinds}} for i, step in enumerate(motion["steps"])]
+        rows = [
+            {
+                "step": step,
+                "lr_sum": motion["lr_sum"][i],
+                **{
+                    k: motion[k][i]
+                    for k in ("raw", "drift", "relative", "master_raw", "master_drift", "master_relative")
+                    if k in motion
+                },
+                **{k: motion[k][i] for k in kinds},
+            }
+            for i, step in enumerate(motion["steps"])
+        ]
         sink.table(f"{prefix}/group_motion", rows)
         for row in rows:
-            sink.metrics({f"dynamics/group/{k}": v for k, v in row.items() if k != "step" and v is not None},
-                         row["step"])
+            sink.metrics(
+                {f"dynamics/group/{k}": v for k, v in row.items() if k != "step" and v is not None}, row["step"]
+            )
     sink.tags({CUT_SHORT_TAG: str(not result.complete).lower()})
 
 
@@ -476,7 +491,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def dynamics_lines(result: DynamicsResult) -> list[str]:
     steps = result.steps
     status = "complete" if result.complete else "CUT SHORT (writer did not finish; analysed the complete steps)"
-    lines = [f"recording  {result.path}: steps {steps[0]}..{steps[-1]} ({len(steps)}), {result.num_rows} rows, {status}"]
+    lines = [
+        f"recording  {result.path}: steps {steps[0]}..{steps[-1]} ({len(steps)}), {result.num_rows} rows, {status}"
+    ]
     for group, s in result.displacement_summary.items():
         lines.append(f"  displacement {result.from_step}->{result.to_step} {group} (n={s['count']}): "
                      f"max {_fmt(s['max'])}, mean {_fmt(s['mean'])}, median {_fmt(s['median'])}")  # fmt: skip
@@ -498,16 +515,21 @@ def dynamics_lines(result: DynamicsResult) -> list[str]:
     if result.centroid:
         first, last = result.centroid[0], result.centroid[-1]
         lines.append(f"  centroid ({result.centroid_group}): norm {_fmt(first['centroid_norm'])} -> "
-                     f"{_fmt(last['centroid_norm'])}, radius {_fmt(first['radius'])} -> {_fmt(last['radius'])}")  # fmt: skip
+                     f"{_fmt(last['centroid_norm'])}, radius {_fmt(first['radius'])} -> "
+                     f"{_fmt(last['radius'])}")  # fmt: skip
     if result.motion is not None:
         m = result.motion
-        lines.append(f"  {result.centroid_group} rows {m['steps'][0]}->{m['steps'][-1]}: displacement "
-                     f"{_fmt(m['raw'][-1])} ({_fmt(m['raw_per_lr'][-1])} per unit of summed lr) = common drift "
-                     f"{_fmt(m['drift'][-1])} + "
-                     f"relative motion {_fmt(m['relative'][-1])} ({_fmt(m['relative_per_lr'][-1])} per unit lr)")
+        lines.append(
+            f"  {result.centroid_group} rows {m['steps'][0]}->{m['steps'][-1]}: displacement "
+            f"{_fmt(m['raw'][-1])} ({_fmt(m['raw_per_lr'][-1])} per unit of summed lr) = common drift "
+            f"{_fmt(m['drift'][-1])} + "
+            f"relative motion {_fmt(m['relative'][-1])} ({_fmt(m['relative_per_lr'][-1])} per unit lr)"
+        )
         if "master_raw" in m:
-            lines.append(f"  their fp32 masters: displacement {_fmt(m['master_raw'][-1])}, common drift "
-                         f"{_fmt(m['master_drift'][-1])}, relative motion {_fmt(m['master_relative'][-1])}")
+            lines.append(
+                f"  their fp32 masters: displacement {_fmt(m['master_raw'][-1])}, common drift "
+                f"{_fmt(m['master_drift'][-1])}, relative motion {_fmt(m['master_relative'][-1])}"
+            )
     lines += [f"  note: {note}" for note in result.notes]
     return lines
 
@@ -525,7 +547,9 @@ def _collecting(warn: Warn | None, into: list[str]) -> Warn:
     return _warn
 
 
-def _open_destination(run: _Run, opts: AnalyzeOptions, name: str, extra_tags: dict[str, str]) -> tuple[Any, str | None, bool]:
+def _open_destination(
+    run: _Run, opts: AnalyzeOptions, name: str, extra_tags: dict[str, str]
+) -> tuple[Any, str | None, bool]:
     """(client, run id to log to, whether the run was created here)."""
     if not opts.mlflow:
         return None, None, False
@@ -571,8 +595,15 @@ def analyze_run(target: str, opts: AnalyzeOptions | None = None, warn: Warn | No
     return report
 
 
-def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, recording_path: Path | None,
-                  sink: AnalysisSink, report: AnalysisReport, warn: Warn) -> None:
+def _analyze_into(
+    run: _Run,
+    opts: AnalyzeOptions,
+    state_target: str | None,
+    recording_path: Path | None,
+    sink: AnalysisSink,
+    report: AnalysisReport,
+    warn: Warn,
+) -> None:
     lines = report.summary
     history = loss_history(run.run_id, run.run_dir, run.client)
     final_step = history[0][-1] if history else None
@@ -587,7 +618,11 @@ def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, rec
         if final_step is None:
             final_step = state.config.train.max_steps
         step = 0 if opts.initial else (state.step if state.step is not None else final_step)
-        if label.startswith("checkpoint") and opts.checkpoint is None and not Path(run.target, "manifest.json").exists():
+        if (
+            label.startswith("checkpoint")
+            and opts.checkpoint is None
+            and not Path(run.target, "manifest.json").exists()
+        ):
             warn(f"{run.run_dir} has no final rows; analysed its latest checkpoint ({label})")
         static = static_analysis(state, opts, sink, label, step, warn)
         report.results["static"] = static
@@ -618,7 +653,9 @@ def _analyze_into(run: _Run, opts: AnalyzeOptions, state_target: str | None, rec
         lines.append(f"loss       {len(steps)} points, step {steps[0]}: {losses[0]:.4g} -> step {steps[-1]}: "
                      f"{losses[-1]:.4g} (from {source})")  # fmt: skip
     else:
-        lines.append("loss       no loss history (MLflow has no `loss` metric and no checkpoint has trainer_state.json)")
+        lines.append(
+            "loss       no loss history (MLflow has no `loss` metric and no checkpoint has trainer_state.json)"
+        )
 
     if recording_path is not None:
         result = analyse_recording(recording_path, from_step=opts.from_step, to_step=opts.to_step,
@@ -659,15 +696,23 @@ def _samples(state, opts: AnalyzeOptions, sink: AnalysisSink, label: str, warn: 
     if heldout is None or not Path(heldout).is_file():
         warn("no held-out text to cut sample prompts from; no samples")
         return []
-    rows = samples(state.model, state.tokenizer, state.rows.num_base, Path(heldout).read_text(encoding="utf-8"),
-                   count=opts.samples, seed=opts.seed)
+    rows = samples(
+        state.model,
+        state.tokenizer,
+        state.rows.num_base,
+        Path(heldout).read_text(encoding="utf-8"),
+        count=opts.samples,
+        seed=opts.seed,
+    )
     if not rows:
         warn("the held-out text holds no new words; no samples")
         return []
     sink.table(f"{label}/samples", rows)
     sink.text(f"{label}/samples.txt", "\n\n".join(f"{r['prompt']}[...]{r['continuation']}" for r in rows))
-    return [f"samples    {len(rows)} continuations of held-out prompts with new words "
-            f"({sum(r['new_tokens_generated'] for r in rows)} new-word tokens generated) -> {label}/samples"]
+    return [
+        f"samples    {len(rows)} continuations of held-out prompts with new words "
+        f"({sum(r['new_tokens_generated'] for r in rows)} new-word tokens generated) -> {label}/samples"
+    ]
 
 
 def _saved_tokenizer(run_dir: Path):
@@ -705,8 +750,9 @@ def _static_lines(static: dict, num_base: int, num_total: int) -> list[str]:
     return lines
 
 
-def _perplexity(run: _Run, state, state_target: str, opts: AnalyzeOptions, sink: AnalysisSink, label: str, step: int,
-                warn: Warn) -> dict:
+def _perplexity(
+    run: _Run, state, state_target: str, opts: AnalyzeOptions, sink: AnalysisSink, label: str, step: int, warn: Warn
+) -> dict:
     """Held-out perplexity of the initial and the analysed state (the final one when the initial is analysed)."""
     from ..evaluation import perplexity
     from ..state import load_trained
@@ -724,12 +770,17 @@ def _perplexity(run: _Run, state, state_target: str, opts: AnalyzeOptions, sink:
         if heldout is not None:
             train = state.config.train
             blocks = opts.eval_max_blocks or train.eval_max_blocks
-            measured = {label: (step, perplexity(state.model, heldout, train.batch_size, blocks, train.loss_chunk_tokens))}
+            measured = {
+                label: (step, perplexity(state.model, heldout, train.batch_size, blocks, train.loss_chunk_tokens))
+            }
             state.model = None  # one model in memory at a time
             other = load_trained(state_target, initial=not opts.initial)
             other_label = "initial" if not opts.initial else _state_label(other, False)
             other_step = 0 if not opts.initial else (other.step if other.step is not None else train.max_steps)
-            measured[other_label] = (other_step, perplexity(other.model, heldout, train.batch_size, blocks, train.loss_chunk_tokens))
+            measured[other_label] = (
+                other_step,
+                perplexity(other.model, heldout, train.batch_size, blocks, train.loss_chunk_tokens),
+            )
             del other
             before = measured["initial"]
             after_label = next(k for k in measured if k != "initial")
@@ -769,7 +820,9 @@ def compare_runs(targets: list[str], opts: AnalyzeOptions | None = None, warn: W
     warnings: list[str] = []
     warn = _collecting(warn, warnings)
     if opts.recording:
-        raise WakelabError("--recording PATH names one recording; to compare runs, give --recording alone (each run's own)")
+        raise WakelabError(
+            "--recording PATH names one recording; to compare runs, give --recording alone (each run's own)"
+        )
     runs = [_resolve(t, warn) for t in targets]
     labels: list[str] = []
     for run in runs:
@@ -807,8 +860,9 @@ def compare_runs(targets: list[str], opts: AnalyzeOptions | None = None, warn: W
     return report
 
 
-def _compare_into(runs: list[_Run], labels: list[str], opts: AnalyzeOptions, sink: AnalysisSink,
-                  report: AnalysisReport, warn: Warn) -> None:
+def _compare_into(
+    runs: list[_Run], labels: list[str], opts: AnalyzeOptions, sink: AnalysisSink, report: AnalysisReport, warn: Warn
+) -> None:
     lines = report.summary
     lines.append(f"comparison of {len(runs)} runs: " + ", ".join(labels))
     series, loss_rows, run_rows = {}, [], []
@@ -820,7 +874,9 @@ def _compare_into(runs: list[_Run], labels: list[str], opts: AnalyzeOptions, sin
         else:
             steps, losses, _ = history
             series[label] = (steps, losses)
-            loss_rows += [{"run": label, "run_id": run.run_id, "step": s, "loss": v} for s, v in zip(steps, losses, strict=True)]
+            loss_rows += [
+                {"run": label, "run_id": run.run_id, "step": s, "loss": v} for s, v in zip(steps, losses, strict=True)
+            ]
             row.update(final_step=steps[-1], final_loss=losses[-1])
             lines.append(f"  {label}: loss {losses[0]:.4g} -> {losses[-1]:.4g} over steps {steps[0]}..{steps[-1]}")
         run_rows.append(row)

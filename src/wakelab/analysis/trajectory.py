@@ -160,9 +160,7 @@ def select_tokens(
             return sorted(torch.randperm(count, generator=generator)[:k].tolist())
     path = Path(text).expanduser()
     if not path.is_file():
-        raise WakelabError(
-            f"trajectory tokens '{text}' is not auto, all, sample:K, top:K or an existing words file"
-        )
+        raise WakelabError(f"trajectory tokens '{text}' is not auto, all, sample:K, top:K or an existing words file")
     wanted = read_words_file(path)
     where = {w: i for i, w in enumerate(words)}
     missing = [w for w in wanted if w not in where]

@@ -159,14 +159,15 @@ def _write_table(rows: list[dict[str, Any]], stem: Path) -> None:
 # The meaning probe's inputs, from a run's config
 
 
-def probe_setup(config, tokenizer, num_base: int, *, contexts: int = 4, max_words: int = 64, seed: int = 0,
-                warn: Warn | None = None) -> probe_mod.Probe | None:
+def probe_setup(
+    config, tokenizer, num_base: int, *, contexts: int = 4, max_words: int = 64, seed: int = 0, warn: Warn | None = None
+) -> probe_mod.Probe | None:
     """The probe for this run, or None when it has no constituents file or no held-out text (said through ``warn``).
 
     The constituents file is ``init.constituents`` (``demo``: the demo's; unset with the demo lexicon: the demo's).
     """
-    from ..demo_text import read_constituents
     from ..data import resolve_data_paths
+    from ..demo_text import read_constituents
 
     name = config.init.constituents
     if name is None and config.vocab.lexicon == "demo":

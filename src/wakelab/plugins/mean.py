@@ -23,8 +23,9 @@ import wakelab
 from wakelab import base_moments, gaussian_rows, sampling_factor
 
 
-def mean_rows(weight: torch.Tensor, num_base: int, count: int, scale: float, generator: torch.Generator
-              ) -> tuple[torch.Tensor, dict]:
+def mean_rows(
+    weight: torch.Tensor, num_base: int, count: int, scale: float, generator: torch.Generator
+) -> tuple[torch.Tensor, dict]:
     """``count`` rows from N(mean, scale * cov) of the base rows, and a summary of what was done."""
     started = time.monotonic()
     mean, cov = base_moments(weight, num_base)
@@ -56,6 +57,8 @@ def init_embeddings(ctx):
         f"vs base {summary['base_mean_norm']:.4f}, |mean| {summary['mean_vector_norm']:.4f}"
     )
     if scale < 1e-4:
-        wakelab.warn(f"mean init: init.scale={scale:g} spreads the new rows at {scale ** 0.5:.1e} x the base "
-                     "rows' spread, so they start nearly identical")
+        wakelab.warn(
+            f"mean init: init.scale={scale:g} spreads the new rows at {scale**0.5:.1e} x the base "
+            "rows' spread, so they start nearly identical"
+        )
     return {"method": "mean", **summary}

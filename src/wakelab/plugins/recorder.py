@@ -198,7 +198,9 @@ def _checked_ids(values: list[Any], num_total: int, where: str) -> torch.Tensor:
         raise ConfigError(f"{where}: no token ids given")
     outside = sorted({i for i in ids if not 0 <= i < num_total})
     if outside:
-        shown = ", ".join(str(i) for i in outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
+        shown = ", ".join(str(i) for i in outside[:10]) + (
+            f" and {len(outside) - 10} more" if len(outside) > 10 else ""
+        )
         raise ConfigError(
             f"{where}: token id(s) {shown} are outside the vocabulary of {num_total} tokens "
             f"(valid ids: 0..{num_total - 1})"

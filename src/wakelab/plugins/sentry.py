@@ -50,14 +50,17 @@ def check_config(config):
     if not config.sentry.target:
         raise wakelab.ConfigError("sentry.target: the sentry plugin needs a backup location (a directory, or `mlflow`)")
     if not config.train.save_steps:
-        raise wakelab.ConfigError("train.save_steps: the sentry plugin mirrors checkpoints, so set train.save_steps > 0")
+        raise wakelab.ConfigError(
+            "train.save_steps: the sentry plugin mirrors checkpoints, so set train.save_steps > 0"
+        )
 
 
 @wakelab.hookimpl
 def on_run_start(run):
     _settings.clear()
-    _settings.update(target=run.config.sentry.target, keep=run.config.sentry.keep, run_id=run.run_id,
-                     set_tags=run.set_tags)
+    _settings.update(
+        target=run.config.sentry.target, keep=run.config.sentry.keep, run_id=run.run_id, set_tags=run.set_tags
+    )
 
 
 @wakelab.hookimpl
@@ -71,8 +74,10 @@ def on_save(ctx):
         else:
             where = mirror_to_directory(ctx.checkpoint_dir, Path(target) / (ctx.run_id or "run"), _settings["keep"])
     except Exception as exc:  # noqa: BLE001 - a backup's failure must never stop training
-        message = f"sentry: mirror of {ctx.checkpoint_dir.name} to {target} FAILED ({type(exc).__name__}: {exc}); " \
-                  "training goes on, the next checkpoint will be tried again"
+        message = (
+            f"sentry: mirror of {ctx.checkpoint_dir.name} to {target} FAILED ({type(exc).__name__}: {exc}); "
+            "training goes on, the next checkpoint will be tried again"
+        )
         wakelab.warn(message)
         _tag({"wakelab.sentry.last_error": message[:5000]})
         return

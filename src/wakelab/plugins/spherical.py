@@ -27,5 +27,7 @@ def init_embeddings(ctx):
     rows = sphere_rows(len(ctx.new_ids), weight.shape[1], radius, ctx.generator)
     weight[ctx.new_ids] = rows.to(weight.dtype)
     scale = ctx.options.get("radius_scale", 1.5)
-    ctx.log(f"spherical init: {len(ctx.new_ids)} rows at radius {radius:.4f} ({scale} x mean base norm {base_norm:.4f})")
+    ctx.log(
+        f"spherical init: {len(ctx.new_ids)} rows at radius {radius:.4f} ({scale} x mean base norm {base_norm:.4f})"
+    )
     return {"method": "spherical", "radius": radius, "base_mean_norm": base_norm}

@@ -14,7 +14,7 @@ many did is logged and returned.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -105,8 +105,12 @@ def init_embeddings(ctx):
     )
     ctx.log(
         f"subword init: {len(fallen)} word(s) had no usable sub-tokens"
-        + (f" and fell back to the mean init (scale {scale:g}): {', '.join(fallen[:10])}"
-           + (" ..." if len(fallen) > 10 else "") if fallen else "")
+        + (
+            f" and fell back to the mean init (scale {scale:g}): {', '.join(fallen[:10])}"
+            + (" ..." if len(fallen) > 10 else "")
+            if fallen
+            else ""
+        )
     )
     return {
         "method": "subword",

@@ -146,8 +146,15 @@ def on_run_start(run):
     )  # fmt: skip
     probe, before = None, None
     if cfg.probe:
-        probe = wakelab.probe_setup(run.config, run.tokenizer, rows.num_base, contexts=cfg.probe_contexts,
-                                    max_words=cfg.probe_words, seed=cfg.seed, warn=lambda m: _log(f"warning: {m}"))
+        probe = wakelab.probe_setup(
+            run.config,
+            run.tokenizer,
+            rows.num_base,
+            contexts=cfg.probe_contexts,
+            max_words=cfg.probe_words,
+            seed=cfg.seed,
+            warn=lambda m: _log(f"warning: {m}"),
+        )
         if probe is not None:
             before = wakelab.meaning_probe(run.model, probe)
     watch = _Watch(run, builder, _new_rows(rows).detach().float().clone(), probe, before)
