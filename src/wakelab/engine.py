@@ -1,7 +1,8 @@
 """A run, top to bottom: config -> model -> new tokens -> init -> trainable rows -> data -> Trainer, in MLflow.
 
-Read ``run`` from top to bottom; each step is one call into the module that owns it. The engine knows no plugin by
-name: it calls the hooks and lets the active plugins answer.
+Read ``run`` from top to bottom: its phases (prepare, open, build, train, finish, then close on every exit) are the
+methods of ``_Run`` in that order, and each step in them is one call into the module that owns it. The engine knows
+no plugin by name: it calls the hooks and lets the active plugins answer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import yaml
 
 from . import build, checkpoints, logged_model, merge, ranks, stopping, tracking
 from . import data as data_mod
-from .build import expand_for_config, load_phase_matrix  # noqa: F401 - their home is build; kept importable here
 from .config import RunConfig
 from .context import RunContext
 from .data import resolve_data_paths, token_cache_dir
@@ -94,232 +94,281 @@ def run(
     ``run_id`` attaches to an MLflow run that already exists (a sweep's child); without it the run is the one
     ``MLFLOW_RUN_ID`` names (``mlflow run``), the resumed run's, or a new one.
     """
-    started = time.monotonic()
-    # Several processes (torchrun / accelerate launch, WORLD_SIZE > 1): rank 0 does the pre-flight work first (demo
-    # conversion, token caches, the output directory) while the others wait here, then they reuse what it made.
-    rank = _join_process_group()
-    if rank != 0:
-        ranks.agree()  # wait for rank 0's pre-flight (and fail with its error)
-    lexicon_path, corpus_path, heldout_path = resolve_data_paths(config)
-
-    # Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched.
-    prepared = build.prepare(config, cwd)
-    pm, tokenizer, num_base, report, new_words = (
-        prepared.pm,
-        prepared.tokenizer,
-        prepared.num_base,
-        prepared.report,
-        prepared.new_words,
-    )
-    starts_from_other_run = resume_from is None and bool(config.train.resume_from)
-    if starts_from_other_run:
-        from .state import resolve_checkpoint
-
-        resume_from = str(resolve_checkpoint(config.train.resume_from))
-        log(f"continuing from {resume_from}")
-    corpus = data_mod.build_datasets(config.data, corpus_path, heldout_path, tokenizer, token_cache_dir(config.data))
-    checkpoint_info = {
-        "base_model": config.model.name_or_path,
-        "num_base": num_base,
-        "vocab_size": len(tokenizer),
-        "hidden_size": prepared.hidden_size,
-        "strategy": config.train.trainable,
-    }
-    resume_step = 0
-    if resume_from is not None:
-        manifest = checkpoints.verify(Path(resume_from))
-        checkpoints.check_compatible(manifest, Path(resume_from), **checkpoint_info)
-        resume_step = int(manifest.get("step") or 0)
-    # train.resume_schedule=fresh: a new schedule over this run's own steps, kept in the manifest for `wakelab resume`.
-    if starts_from_other_run:
-        checkpoint_info["schedule_start"] = resume_step if config.train.resume_schedule == "fresh" else 0
-    elif resume_from is not None:
-        checkpoint_info["schedule_start"] = int(manifest.get("schedule_start") or 0)
-    if rank == 0:
-        output_dir = prepare_output_dir(config, overwrite, resume=resume_from is not None)
-        tracking.check_reachable()
-        ranks.agree()  # pre-flight done: the other ranks go on (a no-op for a single process)
-    else:
-        output_dir = config.resolved_output_dir  # made by rank 0, which alone writes the run's own files
-
-    previous_run = _read_run_file(output_dir) if resume_from else None
-    tags = tracking.run_tags(config.preset, cwd)
-    run_name = config.tracking.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    ranks.agree(last=True)  # every rank's pre-flight passed: only now does rank 0 open the MLflow run
-    if rank == 0:
-        tracked = tracking.TrackedRun(
-            config.tracking.experiment,
-            run_name,
-            tags,
-            run_id=(previous_run or {}).get("run_id") or run_id,
-            system_metrics=config.tracking.system_metrics,
-        )
-        _write_run_file(output_dir, tracked, config)
-        tracked.set_tags({"wakelab.output_dir": str(output_dir.resolve())})
-        _from_rank_zero((tracked.run_id, tracked.experiment_id))
-    else:
-        tracked = tracking.RankRun(*_from_rank_zero(None))  # one MLflow run: only rank 0 logs
-    error: BaseException | None = None
-    incomplete: tracking.TrackingIncomplete | None = None
-    run_ctx: RunContext | None = None
-    result_metrics: dict[str, float] = {}
+    phases = _Run(config, cwd, progress)
+    phases.prepare(resume_from)  # every input checked; nothing written yet
+    phases.open(overwrite, run_id)  # the output directory and the MLflow run
     try:
+        phases.build()  # the model, its trainable rows and the data, logged; held-out perplexity before
+        phases.train()
+        phases.finish()  # final rows, held-out perplexity after, metrics, the logged model
+    except BaseException as exc:  # noqa: BLE001 - every exit must close the MLflow run with the right status
+        phases.error = exc
+        raise
+    finally:
+        phases.close()  # FINISHED, FAILED or KILLED, never RUNNING
+    return phases.result()
+
+
+class _Run:
+    """The phases of :func:`run`, in the order it calls them; what one phase makes, the next reads from ``self``.
+
+    Under torchrun every rank runs every phase; rank 0 alone writes the run's files and logs to MLflow.
+    """
+
+    def __init__(self, config: RunConfig, cwd: Path | None, progress: bool):
+        self.started = time.monotonic()
+        self.config = config
+        self.cwd = cwd
+        self.progress = progress
+        self.error: BaseException | None = None
+        self.incomplete: tracking.TrackingIncomplete | None = None
+        self.run_ctx: RunContext | None = None
+        self.result_metrics: dict[str, float] = {}
+
+    def prepare(self, resume_from: str | None) -> None:
+        """Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched."""
+        config = self.config
+        # Several processes (torchrun / accelerate launch, WORLD_SIZE > 1): rank 0 does the pre-flight work first
+        # (demo conversion, token caches, the output directory) while the others wait here, then they reuse what it
+        # made.
+        self.rank = _join_process_group()
+        if self.rank != 0:
+            ranks.agree()  # wait for rank 0's pre-flight (and fail with its error)
+        self.lexicon_path, self.corpus_path, self.heldout_path = resolve_data_paths(config)
+
+        self.prepared = prepared = build.prepare(config, self.cwd)
+        self.starts_from_other_run = resume_from is None and bool(config.train.resume_from)
+        if self.starts_from_other_run:
+            from .state import resolve_checkpoint
+
+            resume_from = str(resolve_checkpoint(config.train.resume_from))
+            log(f"continuing from {resume_from}")
+        self.resume_from = resume_from
+        self.corpus = data_mod.build_datasets(
+            config.data, self.corpus_path, self.heldout_path, prepared.tokenizer, token_cache_dir(config.data)
+        )
+        self.checkpoint_info = checkpoint_info = {
+            "base_model": config.model.name_or_path,
+            "num_base": prepared.num_base,
+            "vocab_size": len(prepared.tokenizer),
+            "hidden_size": prepared.hidden_size,
+            "strategy": config.train.trainable,
+        }
+        self.resume_step = 0
+        if resume_from is not None:
+            manifest = checkpoints.verify(Path(resume_from))
+            checkpoints.check_compatible(manifest, Path(resume_from), **checkpoint_info)
+            self.resume_step = int(manifest.get("step") or 0)
+        # train.resume_schedule=fresh: a new schedule over this run's own steps, kept in the manifest for `wakelab
+        # resume`.
+        if self.starts_from_other_run:
+            checkpoint_info["schedule_start"] = self.resume_step if config.train.resume_schedule == "fresh" else 0
+        elif resume_from is not None:
+            checkpoint_info["schedule_start"] = int(manifest.get("schedule_start") or 0)
+
+    def open(self, overwrite: bool, run_id: str | None) -> None:
+        """The output directory (rank 0 makes it), then, once every rank's pre-flight passed, the MLflow run."""
+        config = self.config
+        if self.rank == 0:
+            self.output_dir = prepare_output_dir(config, overwrite, resume=self.resume_from is not None)
+            tracking.check_reachable()
+            ranks.agree()  # pre-flight done: the other ranks go on (a no-op for a single process)
+        else:
+            self.output_dir = config.resolved_output_dir  # made by rank 0, which alone writes the run's own files
+
+        previous_run = _read_run_file(self.output_dir) if self.resume_from else None
+        tags = tracking.run_tags(config.preset, self.cwd)
+        run_name = config.tracking.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        ranks.agree(last=True)  # every rank's pre-flight passed: only now does rank 0 open the MLflow run
+        if self.rank == 0:
+            self.tracked = tracked = tracking.TrackedRun(
+                config.tracking.experiment,
+                run_name,
+                tags,
+                run_id=(previous_run or {}).get("run_id") or run_id,
+                system_metrics=config.tracking.system_metrics,
+            )
+            _write_run_file(self.output_dir, tracked, config)
+            tracked.set_tags({"wakelab.output_dir": str(self.output_dir.resolve())})
+            _from_rank_zero((tracked.run_id, tracked.experiment_id))
+        else:
+            self.tracked = tracking.RankRun(*_from_rank_zero(None))  # one MLflow run: only rank 0 logs
+
+    def build(self) -> None:
+        """Inside the MLflow run: the config and versions logged, the model built, its trainable rows set up."""
+        config, prepared, tracked, corpus, output_dir = (
+            self.config,
+            self.prepared,
+            self.tracked,
+            self.corpus,
+            self.output_dir,
+        )
         tracked.log_params(config.flat())
         tracked.log_params({f"version.{k}": v for k, v in tracking.library_versions().items()})
-        tracked.log_params({"plugins.active": ",".join(name for name, _ in pm.list_name_plugin())})
-        if rank == 0:
+        tracked.log_params({"plugins.active": ",".join(name for name, _ in prepared.pm.list_name_plugin())})
+        if self.rank == 0:
             (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
             tracked.log_artifact(output_dir / "config.yaml")
 
-        model = build.build_model(config, prepared, log_params=tracked.log_params, set_tags=tracked.set_tags)
+        self.model = build.build_model(config, prepared, log_params=tracked.log_params, set_tags=tracked.set_tags)
         # Which base the rows belong to, so an export can refuse a base that changed since (see merge.check_base).
-        checkpoint_info.update(revision=config.model.revision, base_checksum=prepared.base_checksum)
+        self.checkpoint_info.update(revision=config.model.revision, base_checksum=prepared.base_checksum)
 
-        rows = setup_trainable_rows(model, num_base, config.train.trainable, config.train.rows_dtype)
+        self.rows = rows = setup_trainable_rows(
+            self.model, prepared.num_base, config.train.trainable, config.train.rows_dtype
+        )
         tracked.log_params({"rows.dtype": str(rows.dtype).removeprefix("torch."), "rows.strategy": rows.strategy})
-        initial_new = rows.values(rows.new_ids).clone() if new_words else None
+        self.initial_new = rows.values(rows.new_ids).clone() if prepared.new_words else None
 
         log(
             f"corpus: {len(corpus.train_ids):,} tokens -> {len(corpus.train)} training blocks of {config.data.seq_len}"
             + (f", {len(corpus.heldout)} held-out" if corpus.heldout is not None else "")
         )
-        if report is not None and rank == 0:
-            report.corpus = corpus_stats(corpus.train_ids, num_base, tokenizer)
+        report = prepared.report
+        if report is not None and self.rank == 0:
+            report.corpus = corpus_stats(corpus.train_ids, prepared.num_base, prepared.tokenizer)
             report.write(output_dir / "vocab_report.json")
             tracked.log_artifact(output_dir / "vocab_report.json")
             tracked.log_metrics({"corpus_new_token_share": report.corpus["new_token_share"]}, 0)
-        if rank == 0 and config.tracking.log_datasets:
+        if self.rank == 0 and config.tracking.log_datasets:
             from .datasets import try_log_run_datasets
 
             try_log_run_datasets(
                 tracked.run_id,
                 log,
-                corpus=corpus_path,
-                heldout=heldout_path,
-                lexicon=lexicon_path,
+                corpus=self.corpus_path,
+                heldout=self.heldout_path,
+                lexicon=self.lexicon_path,
                 corpus_tokens=len(corpus.train_ids),
-                lexicon_added=len(new_words),
+                lexicon_added=len(prepared.new_words),
             )
 
         # Held-out perplexity: rank 0 alone (the ranks hold the same model; the others would repeat the work).
-        eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and rank == 0
-        if eval_ppl and resume_from is None:  # a resumed run logged it in its first part; "after" comes either way
-            before = perplexity(
-                model,
-                corpus.heldout,
-                config.train.batch_size,
-                config.train.eval_max_blocks,
-                config.train.loss_chunk_tokens,
-            )
-            result_metrics["heldout_perplexity_before"] = before
+        self.eval_ppl = config.train.eval_perplexity and corpus.heldout is not None and self.rank == 0
+        if self.eval_ppl and self.resume_from is None:  # a resumed run logged it in its first part; "after" either way
+            before = self._heldout_perplexity(self.model)
+            self.result_metrics["heldout_perplexity_before"] = before
             tracked.log_metrics({"heldout_perplexity_before": before}, 0)
             log(f"held-out perplexity before training: {before:.2f}")
 
-        run_ctx = RunContext(
+    def train(self) -> None:
+        """Trainer built with the hooks bridged to it and run (or, with nothing left to train, put at the end)."""
+        config, tracked, resume_from = self.config, self.tracked, self.resume_from
+        self.run_ctx = run_ctx = RunContext(
             config=config,
-            output_dir=output_dir,
+            output_dir=self.output_dir,
             run_id=tracked.run_id,
-            model=model,
-            tokenizer=tokenizer,
-            rows=rows,
+            model=self.model,
+            tokenizer=self.prepared.tokenizer,
+            rows=self.rows,
             log_artifact=tracked.log_artifact,
             log_params=tracked.log_params,
             log_metrics=tracked.log_metrics,
             set_tags=tracked.set_tags,
-            corpus_ids=corpus.train_ids,
-            is_main_process=rank == 0,
+            corpus_ids=self.corpus.train_ids,
+            is_main_process=self.rank == 0,
         )
-        checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
-        trainer = _build_trainer(
+        self.checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
+        self.trainer = trainer = _build_trainer(
             config,
-            model,
-            tokenizer,
-            rows,
-            pm,
-            corpus,
-            output_dir,
+            self.model,
+            self.prepared.tokenizer,
+            self.rows,
+            self.prepared.pm,
+            self.corpus,
+            self.output_dir,
             tracked,
             run_ctx,
-            initial_new,
-            progress and rank == 0,
-            checkpoint_info,
-            fresh_schedule=starts_from_other_run and config.train.resume_schedule == "fresh",
+            self.initial_new,
+            self.progress and self.rank == 0,
+            self.checkpoint_info,
+            fresh_schedule=self.starts_from_other_run and config.train.resume_schedule == "fresh",
         )
-        if resume_from is not None and resume_step >= config.train.max_steps:
+        if resume_from is not None and self.resume_step >= config.train.max_steps:
             # Nothing left to train (a crash after the last checkpoint): finish the run from that checkpoint's rows.
             # Trainer would otherwise take one step past max_steps.
             log(
-                f"{resume_from} is at step {resume_step} >= train.max_steps={config.train.max_steps}: nothing left "
-                "to train; finishing the run from it"
+                f"{resume_from} is at step {self.resume_step} >= train.max_steps={config.train.max_steps}: nothing "
+                "left to train; finishing the run from it"
             )
             trainer._load_from_checkpoint(resume_from)
-            trainer.state.global_step = resume_step
+            trainer.state.global_step = self.resume_step
         else:
             trainer.train(resume_from_checkpoint=resume_from)
         stopping.current().raise_if_requested()  # a stop signal: the checkpoint is written, the run ends KILLED
-        model = trainer.model
+        self.model = trainer.model
 
-        final = output_dir / "final"
-        if rank == 0:
+    def finish(self) -> None:
+        """The trained rows and tokenizer under ``final/``, held-out perplexity after, metrics, the logged model."""
+        config, tracked, rows, model = self.config, self.tracked, self.rows, self.model
+        final = self.output_dir / "final"
+        if self.rank == 0:
             final.mkdir(exist_ok=True)
-        if (new_words or rows.strategy == "full") and rank == 0:
+        if (self.prepared.new_words or rows.strategy == "full") and self.rank == 0:
             _save_final_rows(rows, final, tracked.run_id, merge.head_rows(model, rows.new_ids))
             tracked.log_artifact(final / "new_rows.safetensors", "final")
-            tracked.log_artifact(merge.write_base_info(final, checkpoint_info), "final")
-        if config.tracking.log_tokenizer and rank == 0:
-            tokenizer.save_pretrained(final / "tokenizer")
+            tracked.log_artifact(merge.write_base_info(final, self.checkpoint_info), "final")
+        if config.tracking.log_tokenizer and self.rank == 0:
+            self.prepared.tokenizer.save_pretrained(final / "tokenizer")
             tracked.log_artifact(final / "tokenizer", "final/tokenizer")
-        if eval_ppl:
-            after = perplexity(
-                model,
-                corpus.heldout,
-                config.train.batch_size,
-                config.train.eval_max_blocks,
-                config.train.loss_chunk_tokens,
-            )
-            result_metrics["heldout_perplexity_after"] = after
-            tracked.log_metrics({"heldout_perplexity_after": after}, trainer.state.global_step)
+        if self.eval_ppl:
+            after = self._heldout_perplexity(model)
+            self.result_metrics["heldout_perplexity_after"] = after
+            tracked.log_metrics({"heldout_perplexity_after": after}, self.trainer.state.global_step)
             log(f"held-out perplexity after training: {after:.2f}")
-        result_metrics.update(new_row_metrics(rows, initial_new))
-        result_metrics["train_seconds"] = time.monotonic() - started
-        tracked.log_metrics({"train_seconds": result_metrics["train_seconds"]}, trainer.state.global_step)
-        if rank == 0 and (final / "new_rows.safetensors").exists():
-            logged_model.log_run_model(config, tracked, final, checkpoint_info, tokenizer, log)
-    except BaseException as exc:  # noqa: BLE001 - every exit must close the MLflow run with the right status
-        error = exc
-        raise
-    finally:
+        self.result_metrics.update(new_row_metrics(rows, self.initial_new))
+        self.result_metrics["train_seconds"] = time.monotonic() - self.started
+        tracked.log_metrics({"train_seconds": self.result_metrics["train_seconds"]}, self.trainer.state.global_step)
+        if self.rank == 0 and (final / "new_rows.safetensors").exists():
+            logged_model.log_run_model(config, tracked, final, self.checkpoint_info, self.prepared.tokenizer, log)
+
+    def close(self) -> None:
+        """Every exit: plugins' ``on_run_end``, then the MLflow run closed with the status ``self.error`` implies."""
+        tracked, error = self.tracked, self.error
         stopping.current().closing(tracked.set_tags)  # a signal now must not leave the run RUNNING
         status = tracking.status_for(error)
         end_error: BaseException | None = None
-        if run_ctx is not None:
+        if self.run_ctx is not None:
             try:
-                pm.hook.on_run_end(run=run_ctx, status=status)
+                self.prepared.pm.hook.on_run_end(run=self.run_ctx, status=status)
             except Exception as hook_error:  # noqa: BLE001 - a failed flush fails the run, after closing it
                 warn(f"an on_run_end plugin failed: {hook_error}")
                 if error is None:
                     end_error, status = hook_error, "FAILED"
         failure = error or end_error
         tracked.end(status, failure if not isinstance(failure, (WakelabError, KeyboardInterrupt)) else None)
-        if isinstance(failure, WakelabError) and rank == 0:
+        if isinstance(failure, WakelabError) and self.rank == 0:
             _note_failure(tracked, failure)
         if tracked.has_unlogged:
             # The tracking server went away: training went on; say what it did not get and keep that on disk.
-            saved = tracked.save_unlogged(output_dir / tracking.UNLOGGED_FILE)
-            message = tracked.unlogged_message(output_dir, saved)
+            saved = tracked.save_unlogged(self.output_dir / tracking.UNLOGGED_FILE)
+            message = tracked.unlogged_message(self.output_dir, saved)
             if failure is None:
-                incomplete = tracking.TrackingIncomplete(message)
+                self.incomplete = tracking.TrackingIncomplete(message)
             else:
                 warn(message)
         if end_error is not None:
             raise end_error
-    result = RunResult(
-        tracked.run_id, tracked.experiment_id, output_dir, "FINISHED", result_metrics, tracking.tracking_uri()
-    )
-    if incomplete is not None:
-        incomplete.result = result
-        raise incomplete  # exit status 3: finished locally, tracking incomplete
-    return result
+
+    def result(self) -> RunResult:
+        """The finished run; a tracking store that went away mid-run raises it (exit status 3) instead."""
+        tracked = self.tracked
+        result = RunResult(
+            tracked.run_id,
+            tracked.experiment_id,
+            self.output_dir,
+            "FINISHED",
+            self.result_metrics,
+            tracking.tracking_uri(),
+        )
+        if self.incomplete is not None:
+            self.incomplete.result = result
+            raise self.incomplete  # exit status 3: finished locally, tracking incomplete
+        return result
+
+    def _heldout_perplexity(self, model) -> float:
+        t = self.config.train
+        return perplexity(model, self.corpus.heldout, t.batch_size, t.eval_max_blocks, t.loss_chunk_tokens)
 
 
 def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:
