@@ -120,6 +120,7 @@ MARKS_PLUGIN = '''
 """Marks when the first and the last step ended, for the driver's timing."""
 import json
 import os
+import time
 from pathlib import Path
 
 import wakelab

@@ -59,16 +59,22 @@ def run(
       wakelab run --config my.yaml --set train.lr=1e-3 --max-steps 200
       wakelab run --plugin recorder                 # record every step's rows
     """
-    from . import engine
+    from . import engine, ranks
 
-    config = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
-    resume_from = None
-    if resume:
-        from .checkpoints import latest_checkpoint
+    @ranks.one_error_for_all  # torchrun: a config that fails on one rank (a plugin's import, say) fails them all
+    def resolve_and_run():
+        ranks.join()
+        config = resolve_cli_config(
+            preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name
+        )
+        resume_from = None
+        if resume:
+            from .checkpoints import latest_checkpoint
 
-        resume_from = str(latest_checkpoint(config.resolved_output_dir))
-    result = engine.run(config, overwrite=overwrite, resume_from=resume_from, progress=not no_progress)
-    _print_result(result)
+            resume_from = str(latest_checkpoint(config.resolved_output_dir))
+        return engine.run(config, overwrite=overwrite, resume_from=resume_from, progress=not no_progress)
+
+    _print_result(resolve_and_run())
 
 
 @main.command()

@@ -131,7 +131,7 @@ class _Run:
         # Several processes (torchrun / accelerate launch, WORLD_SIZE > 1): rank 0 does the pre-flight work first
         # (demo conversion, token caches, the output directory) while the others wait here, then they reuse what it
         # made.
-        self.rank = _join_process_group()
+        self.rank = ranks.join()
         if self.rank != 0:
             ranks.agree()  # wait for rank 0's pre-flight (and fail with its error)
         self.lexicon_path, self.corpus_path, self.heldout_path = resolve_data_paths(config)
@@ -511,22 +511,6 @@ def _read_run_file(output_dir: Path) -> dict[str, Any] | None:
 # -- several processes: torchrun / accelerate launch ----------------------------------------------------------------
 # Trainer runs DDP by itself; wakelab only makes its own file and MLflow work happen once, on rank 0. These helpers
 # are no-ops in a single process.
-
-
-def _join_process_group() -> int:
-    """This process's global rank. Under a launcher (WORLD_SIZE > 1) join the process group now, so the pre-flight
-    work can wait on a barrier; Trainer (through accelerate) then reuses the group. gloo on CPU, nccl on CUDA."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("cuda:nccl,cpu:gloo")
-        else:
-            dist.init_process_group("gloo")
-    return dist.get_rank()
 
 
 def _from_rank_zero(value: Any) -> Any:

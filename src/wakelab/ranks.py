@@ -69,6 +69,27 @@ def _exchange(error: BaseException | None) -> None:
             raise RankError(message if exit_code == 2 else f"rank {rank}: {message}", exit_code)
 
 
+def join() -> int:
+    """This process's global rank. Under a launcher (WORLD_SIZE > 1) join the process group now, so the pre-flight
+    work can meet at :func:`agree`; Trainer (through accelerate) then reuses the group. gloo on CPU, nccl on CUDA.
+    Joining twice is harmless, so the CLI joins before it reads the config (a bad config is then every rank's error).
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("cuda:nccl,cpu:gloo")
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank()
+
+
 def agree(last: bool = False) -> None:
     """A meeting point of every rank before training (all must call it): raises another rank's failure here.
 
@@ -77,8 +98,9 @@ def agree(last: bool = False) -> None:
     token = _stack[-1] if _stack else None
     if token is not None and not token.open:
         return
-    if last and token is not None:
-        token.open = False
+    if last:
+        for outer in _stack:  # the CLI's and the engine's: once training starts, no rank waits for another's error
+            outer.open = False
     _exchange(None)
 
 
