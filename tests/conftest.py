@@ -67,3 +67,18 @@ def raising_plugin(tmp_path: Path, step: int, exc: str = "RuntimeError", message
         f"    if state.step == {step}:\n        raise {exc}({message!r})\n"
     )
     return plugin
+
+
+def torchrun_wakelab_run(cwd: Path, config: str, timeout: int) -> tuple:
+    """``torchrun --nproc_per_node 2 -m wakelab run --config CONFIG`` in ``cwd`` (gloo on CPU): (process, seconds)."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "wakelab", "run", "--config", config, "--no-progress"]
+    started = time.monotonic()
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - started

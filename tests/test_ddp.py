@@ -7,15 +7,11 @@ ranks: a throw-away plugin on each rank writes its final rows to rows-rank<R>.sa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import mlflow
 import pytest
 import yaml
-from conftest import tiny_overrides
+from conftest import tiny_overrides, torchrun_wakelab_run
 
 from wakelab.config import set_in
 
@@ -85,31 +81,7 @@ def test_torchrun_two_processes_one_run_same_rows(tiny_model, texts, tmp_path):
     )
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(nested(overrides)))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_RUN_ID", None)
-    started = time.monotonic()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "wakelab",
-            "run",
-            "--config",
-            "tiny.yaml",
-            "--no-progress",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    seconds = time.monotonic() - started
+    proc, seconds = torchrun_wakelab_run(tmp_path, "tiny.yaml", timeout=600)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
 
     # One MLflow run, with the loss Trainer averaged over both ranks.

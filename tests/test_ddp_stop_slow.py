@@ -3,15 +3,10 @@ any MLflow run; a SIGTERM that reaches one rank stops both after the same step, 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
 import mlflow
 import pytest
 import yaml
-from conftest import tiny_overrides
+from conftest import tiny_overrides, torchrun_wakelab_run
 
 from wakelab.config import set_in
 
@@ -26,31 +21,7 @@ def torchrun(tmp_path, tiny_model, texts, plugin: str, timeout: int = 300, **ext
     for key, value in values.items():
         set_in(tree, key, value)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_RUN_ID", None)
-    started = time.monotonic()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "wakelab",
-            "run",
-            "--config",
-            "tiny.yaml",
-            "--no-progress",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc, time.monotonic() - started
+    return torchrun_wakelab_run(tmp_path, "tiny.yaml", timeout=timeout)
 
 
 RANK1_FAILS = """
