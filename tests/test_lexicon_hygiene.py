@@ -128,7 +128,16 @@ def test_unreachable_hub_fails_in_seconds(monkeypatch):
     hub.reachable.cache_clear()
 
 
-def test_hub_probe_sees_a_server_that_answers():
+def test_hub_probe_sees_a_server_that_answers(monkeypatch):
+    from huggingface_hub import constants
+
+    # CI sets HF_HUB_OFFLINE=1 (the probe then answers False without asking), and a proxy in the environment would
+    # carry the loopback request away: this test is about the request itself, so neither may apply.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    hub.reachable.cache_clear()
+
     class NotFound(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):
             self.send_response(404)
