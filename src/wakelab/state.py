@@ -100,6 +100,22 @@ def rows_file(target: Path) -> tuple[Path, int | None]:
     return checkpoint / "trained_rows.safetensors", verify(checkpoint).get("step")
 
 
+def _reading_strategy(config: RunConfig, model) -> str:
+    """How a loaded run holds its rows: one embedding matrix where it loses nothing.
+
+    ``tokens`` trains a split head that computes the logits as two products (base rows, new rows); one product over
+    the whole matrix rounds differently in the last bit. Read back into one matrix, as an export holds it, the model
+    that analysis and generation use gives logits bit-identical to the exported model's. Rows held in another dtype
+    than the model's keep the split, so they are read at the precision they trained in.
+    """
+    strategy = config.train.trainable
+    if strategy == "tokens":
+        held = model.get_input_embeddings().weight.dtype
+        if config.train.rows_dtype in ("auto", str(held).removeprefix("torch.")):
+            return "mask"
+    return strategy
+
+
 def load_trained(target: str | Path, *, initial: bool = False) -> TrainedState:
     """The model with the trained rows in place (or, ``initial=True``, as the run started: after init)."""
     from safetensors.torch import load_file
@@ -114,7 +130,7 @@ def load_trained(target: str | Path, *, initial: bool = False) -> TrainedState:
     config = validate(yaml.safe_load(config_path.read_text()), strict=False)
     source_path = Path(target) if Path(target).exists() else run_dir
     model, tokenizer, num_base = expand_for_config(config)
-    rows = setup_trainable_rows(model, num_base, config.train.trainable, config.train.rows_dtype)
+    rows = setup_trainable_rows(model, num_base, _reading_strategy(config, model), config.train.rows_dtype)
     step = 0
     if not initial:
         path, step = rows_file(source_path)
