@@ -163,6 +163,32 @@ def test_each_finished_run_has_a_small_logged_delta_model(store):
     assert not [m for m in models if m.source_run_id == store["T"].run_id]  # tracking.log_model=none
 
 
+def untied_copy(tiny_model, folder):
+    """The tiny model with its own head (half the embedding), saved as a base."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_model, folder)
+    base = AutoModelForCausalLM.from_pretrained(folder, tie_word_embeddings=False)
+    base.config.tie_word_embeddings = False
+    with torch.no_grad():
+        base.lm_head.weight = torch.nn.Parameter(base.model.embed_tokens.weight.clone() * 0.5)
+    base.save_pretrained(folder)
+    return folder
+
+
+def test_an_untied_heads_new_rows_start_the_same_in_every_run(tiny_model, texts, tmp_path):
+    from wakelab.build import expand_for_config
+
+    config = build_config(None, None, tiny_overrides(untied_copy(tiny_model, tmp_path / "untied"), texts))
+    heads = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever the process drew before the run
+        model, _, num_base = expand_for_config(config)
+        heads.append(model.lm_head.weight[num_base:].detach().clone())
+    assert heads[0].shape[0] > 0 and heads[0].abs().sum() > 0
+    assert torch.equal(heads[0], heads[1])
+
+
 def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_model(
     tiny_model, texts, tmp_path, capsys
 ):
@@ -170,13 +196,7 @@ def test_an_untied_head_keeps_its_own_rows_through_run_export_and_full_logged_mo
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    untied = tmp_path / "untied"
-    shutil.copytree(tiny_model, untied)
-    base = AutoModelForCausalLM.from_pretrained(untied, tie_word_embeddings=False)
-    base.config.tie_word_embeddings = False
-    with torch.no_grad():
-        base.lm_head.weight = torch.nn.Parameter(base.model.embed_tokens.weight.clone() * 0.5)
-    base.save_pretrained(untied)
+    untied = untied_copy(tiny_model, tmp_path / "untied")
     overrides = tiny_overrides(
         untied,
         texts,

@@ -92,7 +92,11 @@ def build_model(
     weight = model.get_input_embeddings().weight
     log_params({"base_vocab_size": num_base, "hidden_size": weight.shape[1]})
     if prepared.report is not None or weight.shape[0] < len(tokenizer):
-        model_mod.expand_embeddings(model, len(tokenizer))
+        # The init plugin fills the embedding's new rows; an untied head's new rows are the ones transformers' resize
+        # draws. Seeded here, a run and its rerun start from the same head.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init.seed)
+            model_mod.expand_embeddings(model, len(tokenizer))
     if prepared.report is not None:
         log(prepared.report.summary())
     log_params({"added_tokens": len(prepared.new_words), "vocab_size": len(tokenizer)})
