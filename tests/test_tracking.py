@@ -67,6 +67,19 @@ def test_a_run_that_raises_ends_failed_with_traceback(tiny_model, texts, tmp_pat
     assert "ValueError: stop here" in text
 
 
+def test_a_failure_right_after_the_mlflow_run_opens_ends_it_failed(tiny_model, texts, monkeypatch):
+    """The first thing written after the run opens (its run file: a full disk, say) is inside the run's try."""
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine, "_write_run_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        engine.run(build_config(None, None, tiny_overrides(tiny_model, texts)), progress=False)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["status"]) == ["FAILED"]
+
+
 def test_ctrl_c_ends_killed(tiny_model, texts, tmp_path):
     overrides = tiny_overrides(tiny_model, texts)
     overrides["plugins"] = [str(raising_plugin(tmp_path, 2, "KeyboardInterrupt", "stop here"))]

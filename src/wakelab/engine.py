@@ -188,8 +188,6 @@ class _Run:
                 run_id=(previous_run or {}).get("run_id") or run_id,
                 system_metrics=config.tracking.system_metrics,
             )
-            _write_run_file(self.output_dir, tracked, config)
-            tracked.set_tags({"wakelab.output_dir": str(self.output_dir.resolve())})
             _from_rank_zero((tracked.run_id, tracked.experiment_id))
         else:
             self.tracked = tracking.RankRun(*_from_rank_zero(None))  # one MLflow run: only rank 0 logs
@@ -203,6 +201,9 @@ class _Run:
             self.corpus,
             self.output_dir,
         )
+        if self.rank == 0:  # inside run()'s try: whatever fails from here on closes the MLflow run FAILED
+            _write_run_file(output_dir, tracked, config)
+            tracked.set_tags({"wakelab.output_dir": str(output_dir.resolve())})
         tracked.log_params(config.flat())
         tracked.log_params({f"version.{k}": v for k, v in tracking.library_versions().items()})
         tracked.log_params({"plugins.active": ",".join(name for name, _ in prepared.pm.list_name_plugin())})
