@@ -72,11 +72,11 @@ def log_run_datasets(run_id: str, *, corpus: str | None, heldout: str | None, le
         MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
-def try_log_run_datasets(run_id: str | None, log, **kwargs: Any) -> None:
+def try_log_run_datasets(run_id: str | None, warn, **kwargs: Any) -> None:
     """:func:`log_run_datasets`, with a failure (an unreadable file, a store that is away) a warning, not an error."""
     if run_id is None:
         return
     try:
         log_run_datasets(run_id, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the Dataset column is a convenience; training goes on
-        log(f"warning: the corpus, held-out text and lexicon were not logged as MLflow datasets: {exc}")
+        warn(f"the corpus, held-out text and lexicon were not logged as MLflow datasets: {exc}")

@@ -236,7 +236,7 @@ class _Run:
 
             try_log_run_datasets(
                 tracked.run_id,
-                log,
+                warn,
                 corpus=self.corpus_path,
                 heldout=self.heldout_path,
                 lexicon=self.lexicon_path,

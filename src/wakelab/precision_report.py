@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .logs import warn
+
 MOVING_SHARE = 0.01  # at least this share of the untrained rows changes per step late in the run: still moving
 REMEDIES = ("fp32-master", "stochastic", "kahan")
 
@@ -178,7 +180,7 @@ def compare_precision(client, plan, parent_id: str, out: Path, log: Log) -> str:
         try:
             rows.append(child_row(child))
         except Exception as exc:  # noqa: BLE001 - one unreadable recording leaves a gap, not a lost comparison
-            log(f"warning: could not analyse the recording of {child.label}: {exc}")
+            warn(f"could not analyse the recording of {child.label}: {exc}")
             rows.append(
                 {
                     "child": child.label,

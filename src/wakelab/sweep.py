@@ -744,7 +744,7 @@ def compare(client, plan: SweepPlan, parent_id: str, log: Log) -> tuple[Path, st
         try:
             child.summary = summarise_child(client, child, plan, log)
         except Exception as exc:  # noqa: BLE001 - a child's analysis failing leaves a gap, not a lost sweep
-            log(f"warning: could not read back {child.label} for the comparison: {_one_line(exc)}")
+            warn(f"could not read back {child.label} for the comparison: {_one_line(exc)}")
             child.summary = {}
     rows = [comparison_row(c) for c in plan.children]
     shown = tuple(

@@ -81,6 +81,10 @@ def _log(message: str) -> None:
     wakelab.log(f"trajectory: {message}")
 
 
+def _warn(message: str) -> None:
+    wakelab.warn(f"trajectory: {message}")
+
+
 class _Watch:
     def __init__(self, run, builder, start_rows, probe, probe_before):
         self.run = run
@@ -142,7 +146,7 @@ def on_run_start(run):
     builder = wakelab.start_watch(
         base_rows, run.tokenizer, rows.new_ids.tolist(), _new_rows(rows), int(run.start_step), tokens=cfg.tokens,
         max_tokens=cfg.max_tokens, backdrop=cfg.backdrop, neighbours=cfg.neighbours, seed=cfg.seed,
-        warn=lambda m: _log(f"warning: {m}"),
+        warn=_warn,
     )  # fmt: skip
     probe, before = None, None
     if cfg.probe:
@@ -153,7 +157,7 @@ def on_run_start(run):
             contexts=cfg.probe_contexts,
             max_words=cfg.probe_words,
             seed=cfg.seed,
-            warn=lambda m: _log(f"warning: {m}"),
+            warn=_warn,
         )
         if probe is not None:
             before = wakelab.meaning_probe(run.model, probe)
@@ -214,5 +218,5 @@ def on_run_end(run, status):
             client = watch.client or MlflowClient()
             wakelab.log_token_table(client, run.run_id, out.table, "trajectory/tokens_table.json")
         except Exception as exc:  # noqa: BLE001 - the CSV is logged; the UI table is a convenience
-            _log(f"warning: the per-token table was not logged as an MLflow table: {exc}")
+            _warn(f"the per-token table was not logged as an MLflow table: {exc}")
     _log(f"wrote {', '.join(p.name for p in out.files)} to {out.folder}")
