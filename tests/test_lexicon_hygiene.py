@@ -105,6 +105,19 @@ def test_run_uses_the_vocab_options_and_reports_reasons(tiny_model, texts, tmp_p
     assert report["normalize"] == "nfc"
 
 
+@pytest.mark.parametrize(("normalize", "meetings"), [("nfc", 20), ("none", 0)])
+def test_a_decomposed_word_in_the_corpus_meets_its_token_under_nfc(tokenizer, tmp_path, normalize, meetings):
+    from wakelab.config import DataConfig
+    from wakelab.data import build_datasets
+    from wakelab.vocab import word_token_id
+
+    expand_vocabulary(tokenizer, [NFC], "word", "lex.txt", normalize=normalize)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(f"the river ran past the {NFD} by the hill\n" * 20, encoding="utf-8")
+    ids = build_datasets(DataConfig(seq_len=8), str(corpus), None, tokenizer, None, normalize).train_ids
+    assert (ids == word_token_id(tokenizer.get_vocab(), NFC)).sum() == meetings
+
+
 def test_vocab_options_are_validated():
     with pytest.raises(ConfigError, match="vocab.normalize"):
         build_config(None, None, {"vocab.normalize": "nfkc"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def token_cache_dir(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "tokens"
 
 
-def read_text(path: str | Path, what: str = "corpus") -> str:
+def read_text(path: str | Path, what: str = "corpus", normalize: str = "none") -> str:
+    """The file's text; ``normalize="nfc"`` reads it in the form the lexicon's words were added in
+    (``vocab.normalize``), so a word typed decomposed in the corpus still meets its token."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path} (set data.{what} to a UTF-8 text file)")
@@ -53,7 +56,7 @@ def read_text(path: str | Path, what: str = "corpus") -> str:
         raise DataError(f"{what} {path} is not UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8") from None
     if not text.strip():
         raise DataError(f"{what} {path} is empty; give a file with text in it")
-    return text
+    return unicodedata.normalize("NFC", text) if normalize == "nfc" else text
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -134,9 +137,16 @@ class CorpusData:
     corpus_bytes: int
 
 
-def build_datasets(cfg: DataConfig, corpus_path: str, heldout_path: str | None, tokenizer, cache_dir: Path | None):
+def build_datasets(
+    cfg: DataConfig,
+    corpus_path: str,
+    heldout_path: str | None,
+    tokenizer,
+    cache_dir: Path | None,
+    normalize: str = "none",
+):
     """Training and held-out block datasets; too short a corpus is an error that says how long it must be."""
-    text = read_text(corpus_path, "corpus")
+    text = read_text(corpus_path, "corpus", normalize)
     ids = tokenize(text, tokenizer, cache_dir)
     explicit, double = cfg.shift == "explicit", cfg.shift == "double"
     length = cfg.seq_len + 1 if explicit or double else cfg.seq_len
@@ -148,7 +158,7 @@ def build_datasets(cfg: DataConfig, corpus_path: str, heldout_path: str | None, 
         )
     heldout = None
     if heldout_path:
-        held_ids = tokenize(read_text(heldout_path, "heldout"), tokenizer, cache_dir)
+        held_ids = tokenize(read_text(heldout_path, "heldout", normalize), tokenizer, cache_dir)
         held_blocks = make_blocks(held_ids, length, length)
         if len(held_blocks) == 0:
             raise DataError(f"held-out text {heldout_path} is shorter than one block of {length} tokens")

@@ -145,7 +145,12 @@ class _Run:
             log(f"continuing from {resume_from}")
         self.resume_from = resume_from
         self.corpus = data_mod.build_datasets(
-            config.data, self.corpus_path, self.heldout_path, prepared.tokenizer, token_cache_dir(config.data)
+            config.data,
+            self.corpus_path,
+            self.heldout_path,
+            prepared.tokenizer,
+            token_cache_dir(config.data),
+            config.vocab.normalize,
         )
         self.checkpoint_info = checkpoint_info = {
             "base_model": config.model.name_or_path,

@@ -111,7 +111,7 @@ def recording_trajectory(
         probe_before, probe_after = _probe_over_steps(state, rec, positions, new_ids, steps, sink, warn)
         try:
             corpus = resolve_data_paths(state.config)[1]
-            corpus_ids = tokenize(read_text(corpus, "corpus"), state.tokenizer)
+            corpus_ids = tokenize(read_text(corpus, "corpus", state.config.vocab.normalize), state.tokenizer)
         except (WakelabError, OSError) as exc:
             warn(f"corpus frequencies left out of the token table: {exc}")
             corpus_ids = None

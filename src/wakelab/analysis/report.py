@@ -264,7 +264,9 @@ def _heldout_dataset(config, tokenizer):
     from ..data import build_datasets, resolve_data_paths, token_cache_dir
 
     _, corpus_path, heldout_path = resolve_data_paths(config)
-    return build_datasets(config.data, corpus_path, heldout_path, tokenizer, token_cache_dir(config.data)).heldout
+    return build_datasets(
+        config.data, corpus_path, heldout_path, tokenizer, token_cache_dir(config.data), config.vocab.normalize
+    ).heldout
 
 
 def _logged_perplexity(run: _Run) -> dict[str, float]:
