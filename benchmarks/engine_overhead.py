@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import sys
@@ -48,56 +47,9 @@ import threading
 import time
 from pathlib import Path
 
+from wakelab.testing import COINED, build_tiny_llama, make_text
+
 TARGET = 0.97
-
-WORDS = (
-    "the river ran past the hill and the town slept while a bird sang over the water "
-    "old men told stories of the sea and children laughed near the bridge at night"
-).split()
-COINED = ["riverrun", "glimmerous", "smirtle", "moonbrook", "thundersome", "wendelight", "crumbledown", "mistwhorl"]
-
-
-def make_text(seed: int, sentences: int, coined=COINED) -> str:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(sentences):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 12))]
-        words.insert(rng.randint(1, len(words)), rng.choice(coined))
-        lines.append(" ".join(words).capitalize() + ".")
-    return "\n".join(lines) + "\n"
-
-
-def build_model(folder: Path, hidden: int, layers: int, max_positions: int) -> Path:
-    """A byte-level BPE tokenizer (400 tokens) and a random tiny Llama with tied embeddings, saved to ``folder``."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([make_text(s, 200, coined=["the"]) for s in range(3)], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 class Baton:
@@ -361,7 +313,7 @@ def measure(args, tmp: Path) -> int:
     import torch
     import transformers
 
-    model_dir = build_model(tmp / "model", args.hidden, args.layers, max_positions=max(256, args.seq_len))
+    model_dir = build_tiny_llama(tmp / "model", max(256, args.seq_len), args.hidden, args.layers)
     (tmp / "corpus.txt").write_text(make_text(1, 4000), encoding="utf-8")
     (tmp / "heldout.txt").write_text(make_text(2, 100), encoding="utf-8")
     (tmp / "lexicon.txt").write_text("\n".join(COINED) + "\n", encoding="utf-8")

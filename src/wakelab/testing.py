@@ -63,8 +63,8 @@ def build_tokenizer(folder: Path):
 TINY_HIDDEN = 64
 
 
-def build_tiny_llama(folder: Path, max_positions: int = 128, hidden: int = TINY_HIDDEN) -> Path:
-    """A two-layer Llama (``hidden`` wide) with tied embeddings and its tokenizer, saved into ``folder``."""
+def build_tiny_llama(folder: Path, max_positions: int = 128, hidden: int = TINY_HIDDEN, layers: int = 2) -> Path:
+    """A small Llama (``hidden`` wide, ``layers`` deep), tied embeddings, and its tokenizer, saved into ``folder``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -74,7 +74,7 @@ def build_tiny_llama(folder: Path, max_positions: int = 128, hidden: int = TINY_
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
