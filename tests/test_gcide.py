@@ -74,6 +74,18 @@ def test_gcide_corpus_and_tokenizer_are_built_once_from_disjoint_entries(tmp_pat
     assert resolve_data_paths(config)[1] == corpus
 
 
+def test_a_tokenizer_another_process_saved_first_is_kept(tmp_path):
+    """Ranks of one torchrun may build the same tokenizer at once: each saves to its own folder, the first rename
+    wins, and the others discard theirs."""
+    from wakelab.bpe import _train
+
+    texts = [f"{w} {v} and the {w}s" for w in WORDS for v in WORDS]
+    first = _train(iter(texts), 300, tmp_path / "cache" / "tok")
+    before = (first / "tokenizer.json").read_bytes()
+    assert _train(iter(texts[::-1]), 280, tmp_path / "cache" / "tok") == first
+    assert (first / "tokenizer.json").read_bytes() == before and os.listdir(first.parent) == ["tok"]
+
+
 def test_missing_dictionary_is_one_line_naming_the_install(tmp_path, monkeypatch):
     monkeypatch.setenv("WAKELAB_GCIDE", str(tmp_path / "nowhere.dict.dz"))
     with pytest.raises(DataError, match=r"GCIDE dictionary text is missing .*`apt-get install dict-gcide`"):
