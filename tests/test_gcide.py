@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 
+import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -58,7 +59,7 @@ def test_split_is_a_fixed_disjoint_sample_of_about_the_asked_size(tmp_path):
     assert gcide.split(list(reversed(entries)), corpus_bytes=10_000)[0] == list(reversed(corpus))
 
 
-def test_gcide_corpus_and_tokenizer_are_built_once_from_disjoint_entries(tmp_path, monkeypatch):
+def test_gcide_names_a_cached_corpus_slice_and_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("WAKELAB_GCIDE", str(_dictionary(tmp_path, 30_000)))
     config = build_config("wordybird", None, ["model.tokenizer_vocab_size=400"])
     _, corpus, _ = resolve_data_paths(config)
@@ -94,6 +95,7 @@ def test_missing_dictionary_is_one_line_naming_the_install(tmp_path, monkeypatch
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "apt-get install dict-gcide" in lines[0] and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() and mlflow.search_runs(search_all_experiments=True).empty
 
 
 @pytest.mark.slow
