@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "wakelab"
 LAYERS = {
     "core": {
         "errors", "config", "paths", "logs", "durable", "hookspecs", "registry", "plugin_config", "rows", "context",
-        "data", "vocab", "model", "bpe", "demo", "demo_text", "phase", "gaussian", "precision", "loss",
+        "data", "vocab", "model", "bpe", "gcide", "demo", "demo_text", "phase", "gaussian", "precision", "loss",
         "crashpoint", "quantized", "hub", "hookdocs",
     },
     "storage": {"checkpoints", "recording"},

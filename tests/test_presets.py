@@ -44,7 +44,7 @@ def test_wordybird_has_the_notebooks_values():
         arch["n_head"],
         arch["n_positions"],
     ) == ("gpt2", 50257, 64, 2, 2, 128)
-    assert c.model.dtype == "bfloat16" and c.model.tokenizer == "offline-bpe"
+    assert c.model.dtype == "bfloat16" and c.model.tokenizer == "gcide-bpe"
     t = c.train
     assert (t.batch_size, t.lr, t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.weight_decay, t.seed) == (
         32,

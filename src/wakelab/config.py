@@ -59,9 +59,14 @@ class ModelConfig(_Section):
     )
     tokenizer: str | None = Field(
         None,
-        description="Tokenizer folder or hub id (None: the model's); `offline-bpe` builds a byte-level BPE offline.",
+        description=(
+            "Tokenizer folder or hub id (None: the model's); `gcide-bpe` or `offline-bpe` builds a byte-level BPE "
+            "offline (docs/presets.md)."
+        ),
     )
-    tokenizer_vocab_size: int = Field(50257, ge=260, description="Size of the `offline-bpe` tokenizer.")
+    tokenizer_vocab_size: int = Field(
+        50257, ge=260, description="Size of the `gcide-bpe` and `offline-bpe` tokenizers."
+    )
 
     @field_validator("architecture")
     @classmethod
@@ -101,7 +106,13 @@ class VocabConfig(_Section):
 class DataConfig(_Section):
     """The corpus and how it is cut into training blocks."""
 
-    corpus: str | None = Field(None, description="UTF-8 training text; `demo` uses the embedded demo corpus.")
+    corpus: str | None = Field(
+        None,
+        description=(
+            "UTF-8 training text; `demo` uses the embedded demo corpus, `gcide` a ~2 MB slice of the GCIDE dictionary "
+            "(`apt-get install dict-gcide`)."
+        ),
+    )
     heldout: str | None = Field(None, description="UTF-8 held-out text for perplexity; None: split off the corpus.")
     heldout_fraction: float = Field(
         0.05, ge=0.0, lt=0.5, description="Share of the corpus's blocks held out when no `heldout` file is given."

@@ -25,7 +25,7 @@ def resolve_lexicon(config: RunConfig) -> str | None:
 
 
 def resolve_data_paths(config: RunConfig) -> tuple[str | None, str | None, str | None]:
-    """Lexicon, corpus and held-out paths; `demo` names the embedded demo texts."""
+    """Lexicon, corpus and held-out paths; `demo` names the embedded demo texts, `gcide` the GCIDE corpus slice."""
     corpus, heldout = config.data.corpus, config.data.heldout
     if "demo" in (corpus, heldout):
         from .demo import ensure_demo_texts
@@ -33,8 +33,12 @@ def resolve_data_paths(config: RunConfig) -> tuple[str | None, str | None, str |
         texts = ensure_demo_texts()
         corpus = str(texts.corpus) if corpus == "demo" else corpus
         heldout = str(texts.heldout) if heldout == "demo" else heldout
+    if corpus == "gcide":
+        from .gcide import ensure_corpus
+
+        corpus = str(ensure_corpus())
     if corpus is None:
-        raise ConfigError("data.corpus: no corpus given; set data.corpus to a UTF-8 text file (or `demo`)")
+        raise ConfigError("data.corpus: no corpus given; set data.corpus to a UTF-8 text file (or `demo`, `gcide`)")
     return resolve_lexicon(config), corpus, heldout
 
 

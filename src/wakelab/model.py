@@ -40,10 +40,11 @@ def load_tokenizer(source: str, revision: str | None = None):
 
 def tokenizer_source(cfg: ModelConfig) -> str | None:
     """Where the tokenizer loads from when it is not the model's own."""
-    if cfg.tokenizer == "offline-bpe":
-        from .bpe import build_offline_bpe
+    if cfg.tokenizer in ("offline-bpe", "gcide-bpe"):
+        from . import bpe
 
-        return str(build_offline_bpe(cfg.tokenizer_vocab_size))
+        build = bpe.build_gcide_bpe if cfg.tokenizer == "gcide-bpe" else bpe.build_offline_bpe
+        return str(build(cfg.tokenizer_vocab_size))
     return cfg.tokenizer
 
 
