@@ -94,8 +94,8 @@ class VocabConfig(_Section):
         "nfc",
         description=(
             '`nfc`: lexicon words are compared and added in Unicode NFC, so "café" typed composed or decomposed '
-            "is one word, and the corpus and held-out text are read in NFC too, so the word meets its token in "
-            "either form; `none`: as written (words in more than one form are still reported)."
+            "is one word, and a run with a lexicon reads its corpus and held-out text in NFC too, so the word meets "
+            "its token in either form; `none`: as written (words in more than one form are still reported)."
         ),
     )
     max_word_chars: int = Field(

@@ -24,6 +24,12 @@ def resolve_lexicon(config: RunConfig) -> str | None:
     return config.vocab.lexicon
 
 
+def text_form(config: RunConfig) -> str:
+    """How the corpus and held-out text are read: in the lexicon's form (``vocab.normalize``) when the run adds
+    words, as written otherwise (Wordybird's corpus is the notebook's bytes)."""
+    return config.vocab.normalize if config.vocab.lexicon else "none"
+
+
 def resolve_data_paths(config: RunConfig) -> tuple[str | None, str | None, str | None]:
     """Lexicon, corpus and held-out paths; `demo` names the embedded demo texts, `gcide` the GCIDE corpus slice."""
     corpus, heldout = config.data.corpus, config.data.heldout

@@ -150,7 +150,7 @@ class _Run:
             self.heldout_path,
             prepared.tokenizer,
             token_cache_dir(config.data),
-            config.vocab.normalize,
+            data_mod.text_form(config),
         )
         self.checkpoint_info = checkpoint_info = {
             "base_model": config.model.name_or_path,

@@ -69,7 +69,7 @@ def recording_trajectory(
     warn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Draw the recording's new rows; files go to ``sink`` under ``prefix``; returns the summary values."""
-    from ..data import read_text, resolve_data_paths, tokenize
+    from ..data import read_text, resolve_data_paths, text_form, tokenize
     from ..recording import open as open_recording
     from ..state import load_trained
 
@@ -111,7 +111,7 @@ def recording_trajectory(
         probe_before, probe_after = _probe_over_steps(state, rec, positions, new_ids, steps, sink, warn)
         try:
             corpus = resolve_data_paths(state.config)[1]
-            corpus_ids = tokenize(read_text(corpus, "corpus", state.config.vocab.normalize), state.tokenizer)
+            corpus_ids = tokenize(read_text(corpus, "corpus", text_form(state.config)), state.tokenizer)
         except (WakelabError, OSError) as exc:
             warn(f"corpus frequencies left out of the token table: {exc}")
             corpus_ids = None

@@ -261,11 +261,11 @@ def loss_history(run_id: str | None, run_dir: Path, client=None) -> tuple[list[i
 
 
 def _heldout_dataset(config, tokenizer):
-    from ..data import build_datasets, resolve_data_paths, token_cache_dir
+    from ..data import build_datasets, resolve_data_paths, text_form, token_cache_dir
 
     _, corpus_path, heldout_path = resolve_data_paths(config)
     return build_datasets(
-        config.data, corpus_path, heldout_path, tokenizer, token_cache_dir(config.data), config.vocab.normalize
+        config.data, corpus_path, heldout_path, tokenizer, token_cache_dir(config.data), text_form(config)
     ).heldout
 
 
