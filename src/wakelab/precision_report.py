@@ -192,7 +192,8 @@ def compare_precision(client, plan, parent_id: str, out: Path, log: Log) -> str:
     sentence = verdict(rows)
     group = next((r["group"] for r in rows if "group" in r), "untrained")
     notes = [
-        f"rows: the {group} rows of each recording (masks.safetensors); displacement from the first recorded step; "
+        f"rows: {'the untrained rows (masks.safetensors)' if group == 'untrained' else group} of each recording; "
+        "displacement from the first recorded step; "
         "common drift = |mean displacement vector|; relative motion = mean |displacement - common drift|; "
         "Σlr = the learning rates of the recorded steps summed",
         f"a child keeps the rows moving when >= {MOVING_SHARE:.0%} of them change per step over its last quarter",
