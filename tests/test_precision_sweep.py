@@ -100,6 +100,13 @@ def test_verdict_separates_schedule_from_rounding():
     ]
     assert verdict(rounding).startswith("only fp32-master keep them moving") and "rounding" in verdict(rounding)
     assert verdict([_row("bf16", "linear", 0.2)]).startswith("no freeze to explain")
+    assert verdict([_row("bf16", "linear", 0.2), _row("kahan", "linear", 0.25)]).endswith("in bf16 at the end")
+    partial = [_row("bf16", "linear", 0.408), _row("fp32-master", "linear", 0.95), _row("kahan", "linear", 0.947)]
+    assert verdict(partial) == (
+        "no freeze to explain: under the linear decay 40.8% of the untrained rows still change per step in bf16 at "
+        "the end; but rounding holds part of them still: under the same schedule fp32-master, kahan keep 94.7%-95.0% "
+        "changing"
+    )
     assert verdict([_row("kahan", "linear", 0.2)]).startswith("no verdict")
     only_constant = [_row("bf16", "constant", 0.0), _row("kahan", "constant", 0.3)]
     assert verdict(only_constant) == (

@@ -108,10 +108,11 @@ def verdict(rows: list[dict[str, Any]]) -> str:
         return f"no verdict: no bf16 child under {decay} finished (it is the notebook's setting)"
     who = "untrained rows" if base.get("group", "untrained") == "untrained" else "tracked rows"
     if base["moving"]:
-        return (
+        sentence = (
             f"no freeze to explain: under {decay} {_pct(base['late_changed_share'])} of the {who} "
             "still change per step in bf16 at the end"
         )
+        return sentence + _rounding_slows(by, main, base)
     constant = by.get(("bf16", "constant")) if main != "constant" else None
     schedule = constant is not None and constant["moving"]
     remedies = [p for p in REMEDIES if by.get((p, main), {}).get("moving")]
@@ -136,6 +137,27 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     return (
         f"the {who} freeze under every setting and schedule swept: the freeze is a property of learning "
         "(their updates vanish), not of the schedule or of bf16 rounding"
+    )
+
+
+#: A remedy that keeps this many more of the rows changing (absolute share) than bf16 shows rounding at work.
+SLOWED_BY = 0.10
+
+
+def _rounding_slows(by: dict, schedule: str, base: dict[str, Any]) -> str:
+    """A partial freeze: bf16 still moves some rows, while a remedy under the same schedule moves clearly more."""
+    ahead = [
+        (p, by[(p, schedule)]["late_changed_share"])
+        for p in REMEDIES
+        if (p, schedule) in by and by[(p, schedule)]["late_changed_share"] - base["late_changed_share"] >= SLOWED_BY
+    ]
+    if not ahead:
+        return ""
+    shares = sorted(share for _, share in ahead)
+    kept = _pct(shares[0]) if shares[0] == shares[-1] else f"{_pct(shares[0])}-{_pct(shares[-1])}"
+    return (
+        f"; but rounding holds part of them still: under the same schedule {', '.join(p for p, _ in ahead)} "
+        f"keep {kept} changing"
     )
 
 
