@@ -56,6 +56,7 @@ import queue
 import struct
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -458,6 +459,7 @@ class _Step:
     events: list[Any]  # torch.cuda.Event per source device; the writer waits on them before reading pinned buffers
     pinned: list[tuple[str, torch.Tensor]]  # pinned host buffers to hand back to the pool once written
     pooled: list[tuple[str, torch.Tensor]] = dataclasses.field(default_factory=list)  # host buffers, likewise
+    ready: concurrent.futures.Future | None = None  # lent tensors being copied; the writer waits before reading
 
 
 @dataclasses.dataclass
@@ -540,7 +542,13 @@ class RecordingWriter:
         self._held = 0  # steps copied by append and not yet written (queued + in the shard being built)
         self._failure: BaseException | None = None  # set by the writer thread; raised by append/close
         self._failure_reported = False
-        self.stats = {"max_queued": 0, "max_held_steps": 0, "shards_written": 0, "steps_written": 0}
+        self.stats = {
+            "max_queued": 0,
+            "max_held_steps": 0,
+            "shards_written": 0,
+            "steps_written": 0,
+            "lent_wait_seconds": 0.0,
+        }
         # Training-thread state.
         self._closed = False
         self._last_step: int | None = None
@@ -549,6 +557,8 @@ class RecordingWriter:
         # the copy itself. At most queue_size + K + 1 per field exist, as before.
         self._host_pool: dict[str, collections.deque] = {name: collections.deque() for name in self.fields}
         self._prefilled = False  # writer thread: pools filled after the first step
+        self._copier: concurrent.futures.ThreadPoolExecutor | None = None  # copies lent tensors (created on first use)
+        self._lent: concurrent.futures.Future | None = None  # the last lent step's copy
         # Writer-thread state (the index and the shard being built belong to the writer thread once it runs).
         self._shards: list[dict[str, Any]] = []
         self._flags: dict[str, list[int]] = {}
@@ -610,13 +620,26 @@ class RecordingWriter:
     def closed(self) -> bool:
         return self._closed
 
-    def append(self, step: int, tensors: Mapping[str, torch.Tensor], flags: Mapping[str, bool] | None = None) -> None:
+    def append(
+        self,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        flags: Mapping[str, bool] | None = None,
+        *,
+        lend: bool = False,
+    ) -> None:
         """Record ``tensors`` (one per field) for optimizer step ``step``; steps must strictly increase.
 
         Copies the tensors right away (the caller may change them as soon as this returns) and hands the copies to
         the writer thread. Blocks while ``queue_size`` steps are already waiting: memory stays flat and the
         slowdown is visible rather than a growing heap. ``flags`` marks this step, e.g.
         ``{"optimizer_state_missing": True}``; steps with a true flag are listed in the index.
+
+        ``lend=True`` lends the host (CPU) tensors instead of copying them here: a helper thread copies (and
+        converts) them while the caller goes on, and the caller must call :meth:`wait_lent` before it changes any
+        of them. A recorder that hands over live parameters and Adam state this way pays nothing for the copy as
+        long as it finishes before the next optimizer step. Device tensors are copied here either way: their
+        copy is queued on the device's stream, which already orders it before any later change.
 
         Raises :class:`RecordingError` for a bad step/field/shape/dtype, after :meth:`close`, or once the writer
         thread has failed (e.g. disk full): that message says which shards are intact.
@@ -626,13 +649,27 @@ class RecordingWriter:
             raise RecordingError(f"append(step={step}) after the recording at {self.path} was closed")
         step = self._check_step(step)
         flag_values = self._check_flags(step, flags)
-        item = self._copy_step(step, self._check_tensors(step, tensors), flag_values)
+        self.wait_lent()  # one lent step at a time, so a caller's wait_lent covers every earlier append
+        item = self._copy_step(step, self._check_tensors(step, tensors), flag_values, lend=lend)
         with self._lock:
             self._held += 1
             self.stats["max_held_steps"] = max(self.stats["max_held_steps"], self._held)
         self._put(item)
         self.stats["max_queued"] = max(self.stats["max_queued"], self._queue.qsize())
         self._last_step = step
+
+    def wait_lent(self) -> None:
+        """Return once the tensors lent by the last ``append(..., lend=True)`` are copied (at once when none are).
+
+        A failed copy does not raise here: like a failed write, it stops the recording and the next ``append`` or
+        ``close`` says why.
+        """
+        pending, self._lent = self._lent, None
+        if pending is None or pending.done():
+            return
+        started = time.perf_counter()
+        concurrent.futures.wait([pending])
+        self.stats["lent_wait_seconds"] += time.perf_counter() - started
 
     def _check_step(self, step: Any) -> int:
         if isinstance(step, bool):
@@ -697,16 +734,20 @@ class RecordingWriter:
             out[name] = value
         return out
 
-    def _copy_step(self, step: int, tensors: dict[str, torch.Tensor], flags: dict[str, bool]) -> _Step:
+    def _copy_step(
+        self, step: int, tensors: dict[str, torch.Tensor], flags: dict[str, bool], *, lend: bool = False
+    ) -> _Step:
         """Take a private copy of this step's tensors, off the device, in the storage dtype.
 
         On CUDA: convert on the device (less to transfer when storing bf16), copy non-blocking into a pinned host
         buffer and record an event; the writer thread waits on the event, so the training thread never stalls on
-        the transfer. Pinned buffers are recycled (allocating pinned memory is slow). Elsewhere: a plain copy.
+        the transfer. Pinned buffers are recycled (allocating pinned memory is slow). Elsewhere: a plain copy,
+        here or (``lend``) on the copier thread.
         """
         copies: dict[str, torch.Tensor] = {}
         pinned: list[tuple[str, torch.Tensor]] = []
         pooled: list[tuple[str, torch.Tensor]] = []
+        lent: dict[str, torch.Tensor] = {}
         cuda_devices: list[torch.device] = []
         for name, value in tensors.items():
             spec = self.fields[name]
@@ -724,20 +765,41 @@ class RecordingWriter:
                 pinned.append((name, buf))
                 if src.device not in cuda_devices:
                     cuda_devices.append(src.device)
+            elif lend:
+                lent[name] = src
             else:
-                try:
-                    buf = self._host_pool[name].pop()
-                except IndexError:
-                    buf = torch.empty(spec.shape, dtype=spec.dtype)
-                _host_copy(buf, src)
-                copies[name] = buf
-                pooled.append((name, buf))
+                copies[name] = self._pool_copy(name, src)
+                pooled.append((name, copies[name]))
         events = []
         for device in cuda_devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             events.append(event)
-        return _Step(step, copies, flags, events, pinned, pooled)
+        item = _Step(step, copies, flags, events, pinned, pooled)
+        if lent:
+            if self._copier is None:
+                self._copier = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="wakelab-recording-copy"
+                )
+            item.ready = self._lent = self._copier.submit(self._copy_lent, item, lent)
+        return item
+
+    def _pool_copy(self, name: str, src: torch.Tensor) -> torch.Tensor:
+        """``src`` copied into a host buffer of the field's storage dtype, a recycled one when the pool has one."""
+        spec = self.fields[name]
+        try:
+            buf = self._host_pool[name].pop()
+        except IndexError:
+            buf = torch.empty(spec.shape, dtype=spec.dtype)
+        _host_copy(buf, src)
+        return buf
+
+    def _copy_lent(self, item: _Step, lent: dict[str, torch.Tensor]) -> None:
+        """Copier thread: the lent tensors' copies join the step; the writer reads them after ``item.ready``."""
+        for name, src in lent.items():
+            buf = self._pool_copy(name, src)
+            item.tensors[name] = buf
+            item.pooled.append((name, buf))
 
     def _put(self, item: _Step | _Stop) -> None:
         # Block for back-pressure, but wake up now and then: a writer thread that died must not hang training.
@@ -777,6 +839,9 @@ class RecordingWriter:
             except queue.Full:
                 continue
         self._thread.join()
+        self._lent = None
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
         if self._failure is not None and not self._failure_reported:
             self._raise_failure()
 
@@ -815,6 +880,9 @@ class RecordingWriter:
                 self._building = []
 
     def _consume(self, item: _Step) -> None:
+        if item.ready is not None:
+            item.ready.result()  # a failed copy fails the recording like a failed write
+            item.ready = None
         for event in item.events:
             event.synchronize()
         item.events = []
@@ -888,6 +956,9 @@ class RecordingWriter:
 
     def _release(self, items: list[_Step]) -> None:
         for it in items:
+            if it.ready is not None:  # dropped after a failure: its copy must be done before its buffers are reused
+                concurrent.futures.wait([it.ready])
+                it.ready = None
             for name, buf in it.pinned:
                 self._pinned_pool[name].append(buf)
             for name, buf in it.pooled:
