@@ -650,13 +650,22 @@ class RecordingWriter:
         step = self._check_step(step)
         flag_values = self._check_flags(step, flags)
         self.wait_lent()  # one lent step at a time, so a caller's wait_lent covers every earlier append
-        item = self._copy_step(step, self._check_tensors(step, tensors), flag_values, lend=lend)
+        item, lent = self._copy_step(step, self._check_tensors(step, tensors), flag_values, lend=lend)
+        ready = item.ready  # read before the writer thread may take the item
         with self._lock:
             self._held += 1
             self.stats["max_held_steps"] = max(self.stats["max_held_steps"], self._held)
         self._put(item)
         self.stats["max_queued"] = max(self.stats["max_queued"], self._queue.qsize())
         self._last_step = step
+        if lent:
+            # Last, so the copier thread does not contend with this one for the interpreter while it still works.
+            if self._copier is None:
+                self._copier = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="wakelab-recording-copy"
+                )
+            self._lent = ready
+            self._copier.submit(self._copy_and_signal, item, lent, ready)
 
     def wait_lent(self) -> None:
         """Return once the tensors lent by the last ``append(..., lend=True)`` are copied (at once when none are).
@@ -736,13 +745,13 @@ class RecordingWriter:
 
     def _copy_step(
         self, step: int, tensors: dict[str, torch.Tensor], flags: dict[str, bool], *, lend: bool = False
-    ) -> _Step:
+    ) -> tuple[_Step, dict[str, torch.Tensor]]:
         """Take a private copy of this step's tensors, off the device, in the storage dtype.
 
         On CUDA: convert on the device (less to transfer when storing bf16), copy non-blocking into a pinned host
         buffer and record an event; the writer thread waits on the event, so the training thread never stalls on
         the transfer. Pinned buffers are recycled (allocating pinned memory is slow). Elsewhere: a plain copy,
-        here or (``lend``) on the copier thread.
+        here or (``lend``) on the copier thread: those tensors are returned, and ``item.ready`` is set once copied.
         """
         copies: dict[str, torch.Tensor] = {}
         pinned: list[tuple[str, torch.Tensor]] = []
@@ -777,12 +786,8 @@ class RecordingWriter:
             events.append(event)
         item = _Step(step, copies, flags, events, pinned, pooled)
         if lent:
-            if self._copier is None:
-                self._copier = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="wakelab-recording-copy"
-                )
-            item.ready = self._lent = self._copier.submit(self._copy_lent, item, lent)
-        return item
+            item.ready = concurrent.futures.Future()
+        return item, lent
 
     def _pool_copy(self, name: str, src: torch.Tensor) -> torch.Tensor:
         """``src`` copied into a host buffer of the field's storage dtype, a recycled one when the pool has one."""
@@ -794,8 +799,18 @@ class RecordingWriter:
         _host_copy(buf, src)
         return buf
 
+    def _copy_and_signal(self, item: _Step, lent: dict[str, torch.Tensor], ready: concurrent.futures.Future) -> None:
+        """Copier thread: copy, then settle ``ready`` whatever happens (the writer and ``wait_lent`` wait on it)."""
+        ready.set_running_or_notify_cancel()
+        try:
+            self._copy_lent(item, lent)
+        except BaseException as exc:  # noqa: BLE001 - the writer thread fails the recording with it
+            ready.set_exception(exc)
+        else:
+            ready.set_result(None)
+
     def _copy_lent(self, item: _Step, lent: dict[str, torch.Tensor]) -> None:
-        """Copier thread: the lent tensors' copies join the step; the writer reads them after ``item.ready``."""
+        """The lent tensors' copies join the step; the writer reads them once the step's ``ready`` is set."""
         for name, src in lent.items():
             buf = self._pool_copy(name, src)
             item.tensors[name] = buf

@@ -136,25 +136,34 @@ class RowAccess:
         """The tensors that hold rows and learn."""
         return [s.param for s in self._segments if s.param.requires_grad]
 
-    def _run_of(self, ids: torch.Tensor) -> tuple[_Segment, int, int] | None:
-        """The segment and its rows [a, b) when ``ids`` is one ascending run of consecutive ids inside one segment."""
-        if ids.ndim != 1 or len(ids) == 0:
+    def _run_of(self, ids: range | torch.Tensor) -> tuple[_Segment, int, int] | None:
+        """The segment and its rows [a, b) when ``ids`` is one ascending run of consecutive ids inside one segment.
+
+        A ``range`` says so by itself (a recorder asking every step passes one); a tensor is compared element-wise.
+        """
+        if len(ids) == 0 or (isinstance(ids, range) and ids.step != 1):
+            return None
+        if not isinstance(ids, range) and ids.ndim != 1:
             return None
         first, count = int(ids[0]), len(ids)
         for seg in self._segments:
             if seg.start <= first and first + count <= seg.stop:
-                if torch.equal(ids, torch.arange(first, first + count)):
+                if isinstance(ids, range) or torch.equal(ids, torch.arange(first, first + count)):
                     a = first - seg.start + seg.offset
                     return seg, a, a + count
                 return None
         return None
 
-    def _gather(self, ids: torch.Tensor | None, pick, share: bool = False) -> torch.Tensor:
-        ids = torch.arange(self.num_total) if ids is None else torch.as_tensor(ids, dtype=torch.long).cpu()
+    def _gather(self, ids: range | torch.Tensor | None, pick, share: bool = False) -> torch.Tensor:
+        ids = range(self.num_total) if ids is None else ids
+        if not isinstance(ids, range):
+            ids = torch.as_tensor(ids, dtype=torch.long).cpu()
         run = self._run_of(ids) if share else None
         if run is not None:
             seg, a, b = run
             return pick(seg.param)[a:b].detach()
+        if isinstance(ids, range):
+            ids = torch.arange(ids.start, ids.stop, ids.step)
         if len(self._segments) == 1 and self._segments[0].start == 0:
             seg = self._segments[0]
             source = pick(seg.param)
