@@ -19,7 +19,9 @@ Why this layout (the notebook it replaces kept every step in RAM and wrote one f
   valid description of the directory ("complete": false says the run was cut short).
 * **One background thread** does the slow part (serialising, writing, fsync) so the training loop only pays for
   a device-to-host copy. A bounded queue between them gives back-pressure: if the disk is slower than training,
-  ``append`` waits instead of piling steps up in memory.
+  ``append`` waits instead of piling steps up in memory. Host tensors may even be lent (``append(lend=True)``):
+  a copier thread copies them while training goes on, and the caller waits (``wait_lent``) only before it next
+  changes them; the recorder lends the live rows and Adam state that way.
 
 The reader (:func:`open`) never loads a whole recording: it memory-maps shards with ``safetensors.safe_open`` and
 reads only the steps (and rows) asked for. :func:`export_single_file` streams a recording into the old notebook's
