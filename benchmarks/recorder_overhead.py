@@ -87,6 +87,7 @@ def train_once(workdir: Path, *, steps: int, batch: int, record: bool, samples_a
         None,
         None,
         {
+            "plugins": ["recorder"],  # the recorder section is validated only with the plugin named
             "model.dtype": "bfloat16",
             "train.trainable": "full",
             "train.max_steps": steps,
