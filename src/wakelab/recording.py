@@ -490,19 +490,6 @@ def _host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-def _host_buffer(spec: FieldSpec) -> torch.Tensor:
-    """A fresh host buffer for one step of a field; big ones in anonymous memory the kernel may back with huge pages.
-
-    The first write to fresh memory costs more than the copy itself (a page fault per 4 KiB); with transparent huge
-    pages one fault covers 2 MiB, which nearly halves a first copy of a Wordybird field (6 MiB: 3.9 -> 2.2 ms here).
-    """
-    if spec.nbytes < 2**21 or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(spec.shape, dtype=spec.dtype)
-    region = mmap.mmap(-1, spec.nbytes, flags=mmap.MAP_PRIVATE)
-    region.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(region, dtype=spec.dtype, count=spec.numel).reshape(spec.shape)
-
-
 def _close_at_exit(ref: weakref.ref) -> None:
     writer = ref()
     if writer is not None and not writer.closed:
@@ -569,10 +556,10 @@ class RecordingWriter:
         self._last_step: int | None = None
         self._pinned_pool: dict[str, collections.deque] = {name: collections.deque() for name in self.fields}
         # Host copies reuse written steps' buffers: a fresh multi-MiB buffer a step costs more in page faults than
-        # the copy itself. At most queue_size + K + 1 per field exist, as before. They are not filled ahead: that
-        # cost the writer thread ~0.3 s at the start (15 steps of 25 MiB), with the disk idle; the first steps'
-        # copies (on the copier thread, for lent steps) touch fresh buffers instead (``_host_buffer``).
+        # the copy itself. At most queue_size + K + 1 per field exist, as before (see ``_prefill``).
         self._host_pool: dict[str, collections.deque] = {name: collections.deque() for name in self.fields}
+        self._prefilled = False  # writer thread: pools sized at the first step ...
+        self._to_prefill: list[str] = []  # ... and filled from this list (field names), a buffer at a time
         self._copier: concurrent.futures.ThreadPoolExecutor | None = None  # copies lent tensors (created on first use)
         self._lent: concurrent.futures.Future | None = None  # the last lent step's copy
         # Writer-thread state (the index and the shard being built belong to the writer thread once it runs).
@@ -811,7 +798,7 @@ class RecordingWriter:
         try:
             buf = self._host_pool[name].pop()
         except IndexError:
-            buf = _host_buffer(spec)
+            buf = torch.empty(spec.shape, dtype=spec.dtype)
         _host_copy(buf, src)
         return buf
 
@@ -892,6 +879,9 @@ class RecordingWriter:
 
     def _run(self) -> None:
         while True:
+            if self._to_prefill and self._queue.empty():
+                self._prefill_one()  # only while no step waits: the disk is never kept waiting for it
+                continue
             item = self._queue.get()
             if isinstance(item, _Stop):
                 if self._failure is None:
@@ -917,9 +907,29 @@ class RecordingWriter:
         for event in item.events:
             event.synchronize()
         item.events = []
+        if not self._prefilled:
+            self._prefilled = True
+            self._to_prefill = [
+                name
+                for name, _ in item.pooled
+                for _ in range(self.queue_size + self.steps_per_shard + 1 - len(self._host_pool[name]))
+            ]
         self._building.append(item)
         if len(self._building) == self.steps_per_shard:
             self._write_shard()
+
+    def _prefill_one(self) -> None:
+        """Add one buffer to a host pool, its pages touched (first touches cost more than the copies into them).
+
+        The pools are filled after the first step, one buffer at a time whenever no step waits, so the recorder's
+        memory is all there within its first steps (flat over the run) and no copy pays for fresh pages. Filling
+        them all at once kept the writer thread ~0.3 s from the first shard. One byte a page: the kernel zeroes it.
+        """
+        name = self._to_prefill.pop()
+        spec = self.fields[name]
+        buf = torch.empty(spec.shape, dtype=spec.dtype)
+        buf.reshape(-1).view(torch.uint8).numpy()[:: mmap.PAGESIZE] = 0
+        self._host_pool[name].append(buf)
 
     def _finish(self, complete: bool) -> None:
         if self._building:
