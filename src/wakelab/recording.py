@@ -556,7 +556,7 @@ class RecordingWriter:
         self._last_step: int | None = None
         self._pinned_pool: dict[str, collections.deque] = {name: collections.deque() for name in self.fields}
         # Host copies reuse written steps' buffers: a fresh multi-MiB buffer a step costs more in page faults than
-        # the copy itself. At most queue_size + K + 1 per field exist, as before (see ``_prefill``).
+        # the copy itself. At most queue_size + K + 1 per field exist, as before (see ``_prefill_one``).
         self._host_pool: dict[str, collections.deque] = {name: collections.deque() for name in self.fields}
         self._prefilled = False  # writer thread: pools sized at the first step ...
         self._to_prefill: list[str] = []  # ... and filled from this list (field names), a buffer at a time
@@ -880,7 +880,10 @@ class RecordingWriter:
     def _run(self) -> None:
         while True:
             if self._to_prefill and self._queue.empty():
-                self._prefill_one()  # only while no step waits: the disk is never kept waiting for it
+                try:
+                    self._prefill_one()  # only while no step waits: the disk is never kept waiting for it
+                except Exception:  # noqa: BLE001 - e.g. out of memory: copies then take fresh buffers as needed
+                    self._to_prefill = []
                 continue
             item = self._queue.get()
             if isinstance(item, _Stop):
