@@ -12,6 +12,9 @@ CPU; random token ids (10% new ids) are inputs and labels; seq_len 512, batch 1.
   it) and a plain ``transformers.Trainer``: what a user of the ``peft`` dependency would pick. It rebuilds the full
   ``vocab x d`` matrix with ``index_copy`` on every forward, for the embedding and again for the tied head.
 
+Optimizer: AdamW at lr 5e-3; the three wakelab variants use ``train.optimizer``'s default (what ``wakelab run``
+uses), ``peft`` Trainer's default ``optim``; the header prints both.
+
 Each variant runs in its own subprocess, one after the other (the four at once would not fit in this machine's
 memory), so its memory figures are its own: Adam ``exp_avg`` + ``exp_avg_sq`` bytes after training; peak RSS over
 the process's life (``ru_maxrss``, the one judged) and over the training window alone (the kernel's high-water mark,
@@ -73,6 +76,7 @@ def worker(variant: str, args, scratch: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
+    from wakelab.config import TrainConfig
     from wakelab.data import BlockDataset, collate
 
     config = LlamaConfig(
@@ -114,7 +118,9 @@ def worker(variant: str, args, scratch: str) -> dict:
         max_steps=steps,
         per_device_train_batch_size=args.batch,
         learning_rate=5e-3,
-        optim="adamw_torch",
+        # wakelab's variants: the AdamW implementation `wakelab run` uses (train.optimizer's default); PEFT:
+        # Trainer's own default, what its users get.
+        **({} if variant == "peft" else {"optim": TrainConfig.model_fields["optimizer"].default}),
         save_strategy="no",
         logging_steps=10_000,
         disable_tqdm=True,
@@ -192,6 +198,7 @@ def worker(variant: str, args, scratch: str) -> dict:
         "steps_per_s": len(timed) / sum(timed),
         "step_s": timed,
         "threads": torch.get_num_threads(),
+        "optim": str(getattr(targs.optim, "value", targs.optim)),
     }
 
 
@@ -351,7 +358,7 @@ def main() -> int:
                 print(
                     f"round {r + 1} {variant:15s} peak RSS {got['maxrss_kib'] / 1024:8.0f} MiB, "
                     f"{got['steps_per_s']:.3f} steps/s (steps {', '.join(f'{s:.1f}' for s in got['step_s'])} s; "
-                    f"{time.monotonic() - started:.0f} s in all)",
+                    f"{time.monotonic() - started:.0f} s in all; optim {got['optim']})",
                     flush=True,
                 )
 

@@ -119,7 +119,7 @@ def _run(tiny_model, texts, resume_from=None, **extra):
     return engine.run(config, progress=False, resume_from=resume_from)
 
 
-@pytest.mark.parametrize("setting", ["fp32-master", "stochastic", "kahan"])
+@pytest.mark.parametrize("setting", ["bf16", "fp32-master", "stochastic", "kahan"])
 def test_resume_is_bit_exact_under_each_setting(tiny_model, texts, tmp_path, setting):
     straight = _run(tiny_model, texts, **{"train.precision": setting}, output_dir="straight")
     with pytest.raises(RuntimeError, match="power cut"):  # the same run, killed after its step-4 checkpoint
@@ -138,7 +138,9 @@ def test_resume_is_bit_exact_under_each_setting(tiny_model, texts, tmp_path, set
     assert a.dtype == torch.bfloat16 and torch.equal(a.view(torch.int16), b.view(torch.int16))
     sa = torch.load(straight.output_dir / "checkpoint-6" / "optimizer.pt", weights_only=True)
     sb = torch.load(resumed.output_dir / "checkpoint-6" / "optimizer.pt", weights_only=True)
-    extra = {"fp32-master": "master", "stochastic": "exp_avg", "kahan": "kahan_comp"}[setting]
+    extra = {"bf16": "exp_avg", "fp32-master": "master", "stochastic": "exp_avg", "kahan": "kahan_comp"}[setting]
+    if setting == "bf16":  # train.optimizer's default: torch AdamW's fused kernel, which Trainer was asked for
+        assert sa["param_groups"][0]["fused"] is True
     for key in ("exp_avg", "exp_avg_sq", extra):
         assert all(torch.equal(sa["state"][i][key], sb["state"][i][key]) for i in sa["state"]), key
     if setting == "stochastic":

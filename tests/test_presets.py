@@ -57,6 +57,7 @@ def test_wordybird_has_the_notebooks_values():
     )
     assert (c.data.seq_len, c.data.effective_stride, c.data.shift) == (128, 1, "explicit")
     assert c.train.trainable == "full" and "recorder" in c.plugins and c.recorder.every == 1
+    assert t.optimizer == "adamw_torch", "the notebook's optim: the fused kernel rounds bf16 updates differently"
     wb3 = build_config("wordybird_3")
     assert wb3.train.resume_from == "latest:wordybird" and wb3.train.max_steps == 200
 

@@ -169,6 +169,45 @@ def test_recorded_state_reproduces_the_adamw_update(
             assert (emb[-1, : rows_in(rec, "base")] != emb[0, : rows_in(rec, "base")]).any(), "base rows train too"
 
 
+@pytest.mark.parametrize("strategy, rows", [("mask", "all"), ("tokens", "new")])
+def test_a_slow_copy_still_records_the_step_not_the_next_one(tiny_model, texts, strategy, rows, monkeypatch):
+    """The recorder lends live rows, gradients and Adam state to the writer, which copies them on its own thread.
+
+    Here that copy is made slow (0.2 s, longer than a tiny step), so without the wait before the next optimizer
+    step it would read rows the next step (and ``mask``'s decay, which runs before it) had already changed.
+    """
+    copied = []
+    real_copy = recording.RecordingWriter._copy_lent
+
+    def slow_copy(self, item, lent):
+        time.sleep(0.2)
+        copied.append(sorted(lent))
+        real_copy(self, item, lent)
+
+    monkeypatch.setattr(recording.RecordingWriter, "_copy_lent", slow_copy)
+    extra = {
+        "train.trainable": strategy,
+        "train.weight_decay": 0.1,
+        "train.max_steps": 3,
+        "train.warmup_steps": 0,
+        "recorder.dtype": "param",
+        "recorder.rows": rows,
+    }
+    _, rec = recorded_run(tiny_model, texts, **extra)
+    assert len(copied) == 4 and "embeddings" in copied[0], "the rows went through the lent (deferred) copy"
+    with rec:
+        emb, grads = rec["embeddings"][:], rec["grads"][:]
+        m, v, lrs = rec["exp_avg"][:], rec["exp_avg_sq"][:], rec["lr"][:]
+        b1, b2, eps = rec.meta["adam_beta1"], rec.meta["adam_beta2"], rec.meta["adam_epsilon"]
+        new = slice(rows_in(rec, "base"), None)
+        for t in range(3):
+            torch.testing.assert_close(m[t + 1], b1 * m[t] + (1 - b1) * grads[t + 1], rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(v[t + 1], b2 * v[t] + (1 - b2) * grads[t + 1] ** 2, rtol=1e-5, atol=1e-12)
+            update = adam_update(emb[t], m[t + 1], v[t + 1], float(lrs[t + 1]), t + 1, (b1, b2), eps, 0.1)
+            torch.testing.assert_close(emb[t + 1, new], (emb[t] - update)[new], rtol=1e-6, atol=1e-7)
+        assert (emb[1:, new] != emb[:-1, new]).any(dim=-1).any(dim=-1).all(), "every step moved the new rows"
+
+
 def rows_in(rec, which: str) -> int:
     """How many of the recorded rows are base rows (they come first)."""
     return sum(1 for i in rec.token_ids if i < rec.meta["num_base"])

@@ -196,6 +196,15 @@ class TrainConfig(_Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    optimizer: Literal["adamw_torch_fused", "adamw_torch"] = Field(
+        "adamw_torch_fused",
+        description=(
+            "torch AdamW's implementation (Trainer's `optim`): `adamw_torch_fused` updates each tensor in one "
+            "kernel, with no parameter-sized temporaries (the lower peak memory; Trainer's default); `adamw_torch` "
+            "the per-operation loop wakelab used before, whose rounding can differ in the last bit (bf16: the "
+            "fused kernel computes in fp32). `train.precision` other than bf16 brings its own AdamW."
+        ),
+    )
     batch_size: int = Field(4, ge=1, description="Blocks per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(

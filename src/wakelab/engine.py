@@ -421,7 +421,7 @@ def _build_trainer(
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon,
-        optim="adamw_torch",
+        optim=t.optimizer,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.effective_warmup,
         max_grad_norm=t.max_grad_norm,

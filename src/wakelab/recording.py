@@ -19,7 +19,9 @@ Why this layout (the notebook it replaces kept every step in RAM and wrote one f
   valid description of the directory ("complete": false says the run was cut short).
 * **One background thread** does the slow part (serialising, writing, fsync) so the training loop only pays for
   a device-to-host copy. A bounded queue between them gives back-pressure: if the disk is slower than training,
-  ``append`` waits instead of piling steps up in memory.
+  ``append`` waits instead of piling steps up in memory. Host tensors may even be lent (``append(lend=True)``):
+  a copier thread copies them while training goes on, and the caller waits (``wait_lent``) only before it next
+  changes them; the recorder lends the live rows and Adam state that way.
 
 The reader (:func:`open`) never loads a whole recording: it memory-maps shards with ``safetensors.safe_open`` and
 reads only the steps (and rows) asked for. :func:`export_single_file` streams a recording into the old notebook's
@@ -56,6 +58,7 @@ import queue
 import struct
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -458,6 +461,7 @@ class _Step:
     events: list[Any]  # torch.cuda.Event per source device; the writer waits on them before reading pinned buffers
     pinned: list[tuple[str, torch.Tensor]]  # pinned host buffers to hand back to the pool once written
     pooled: list[tuple[str, torch.Tensor]] = dataclasses.field(default_factory=list)  # host buffers, likewise
+    ready: concurrent.futures.Future | None = None  # lent tensors being copied; the writer waits before reading
 
 
 @dataclasses.dataclass
@@ -540,15 +544,24 @@ class RecordingWriter:
         self._held = 0  # steps copied by append and not yet written (queued + in the shard being built)
         self._failure: BaseException | None = None  # set by the writer thread; raised by append/close
         self._failure_reported = False
-        self.stats = {"max_queued": 0, "max_held_steps": 0, "shards_written": 0, "steps_written": 0}
+        self.stats = {
+            "max_queued": 0,
+            "max_held_steps": 0,
+            "shards_written": 0,
+            "steps_written": 0,
+            "lent_wait_seconds": 0.0,
+        }
         # Training-thread state.
         self._closed = False
         self._last_step: int | None = None
         self._pinned_pool: dict[str, collections.deque] = {name: collections.deque() for name in self.fields}
         # Host copies reuse written steps' buffers: a fresh multi-MiB buffer a step costs more in page faults than
-        # the copy itself. At most queue_size + K + 1 per field exist, as before.
+        # the copy itself. At most queue_size + K + 1 per field exist, as before (see ``_prefill_one``).
         self._host_pool: dict[str, collections.deque] = {name: collections.deque() for name in self.fields}
-        self._prefilled = False  # writer thread: pools filled after the first step
+        self._prefilled = False  # writer thread: pools sized at the first step ...
+        self._to_prefill: list[str] = []  # ... and filled from this list (field names), a buffer at a time
+        self._copier: concurrent.futures.ThreadPoolExecutor | None = None  # copies lent tensors (created on first use)
+        self._lent: concurrent.futures.Future | None = None  # the last lent step's copy
         # Writer-thread state (the index and the shard being built belong to the writer thread once it runs).
         self._shards: list[dict[str, Any]] = []
         self._flags: dict[str, list[int]] = {}
@@ -610,13 +623,26 @@ class RecordingWriter:
     def closed(self) -> bool:
         return self._closed
 
-    def append(self, step: int, tensors: Mapping[str, torch.Tensor], flags: Mapping[str, bool] | None = None) -> None:
+    def append(
+        self,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        flags: Mapping[str, bool] | None = None,
+        *,
+        lend: bool = False,
+    ) -> None:
         """Record ``tensors`` (one per field) for optimizer step ``step``; steps must strictly increase.
 
         Copies the tensors right away (the caller may change them as soon as this returns) and hands the copies to
         the writer thread. Blocks while ``queue_size`` steps are already waiting: memory stays flat and the
         slowdown is visible rather than a growing heap. ``flags`` marks this step, e.g.
         ``{"optimizer_state_missing": True}``; steps with a true flag are listed in the index.
+
+        ``lend=True`` lends the host (CPU) tensors instead of copying them here: a helper thread copies (and
+        converts) them while the caller goes on, and the caller must call :meth:`wait_lent` before it changes any
+        of them. A recorder that hands over live parameters and Adam state this way pays nothing for the copy as
+        long as it finishes before the next optimizer step. Device tensors are copied here either way: their
+        copy is queued on the device's stream, which already orders it before any later change.
 
         Raises :class:`RecordingError` for a bad step/field/shape/dtype, after :meth:`close`, or once the writer
         thread has failed (e.g. disk full): that message says which shards are intact.
@@ -626,13 +652,36 @@ class RecordingWriter:
             raise RecordingError(f"append(step={step}) after the recording at {self.path} was closed")
         step = self._check_step(step)
         flag_values = self._check_flags(step, flags)
-        item = self._copy_step(step, self._check_tensors(step, tensors), flag_values)
+        self.wait_lent()  # one lent step at a time, so a caller's wait_lent covers every earlier append
+        item, lent = self._copy_step(step, self._check_tensors(step, tensors), flag_values, lend=lend)
+        ready = item.ready  # read before the writer thread may take the item
         with self._lock:
             self._held += 1
             self.stats["max_held_steps"] = max(self.stats["max_held_steps"], self._held)
         self._put(item)
         self.stats["max_queued"] = max(self.stats["max_queued"], self._queue.qsize())
         self._last_step = step
+        if lent:
+            # Last, so the copier thread does not contend with this one for the interpreter while it still works.
+            if self._copier is None:
+                self._copier = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="wakelab-recording-copy"
+                )
+            self._lent = ready
+            self._copier.submit(self._copy_and_signal, item, lent, ready)
+
+    def wait_lent(self) -> None:
+        """Return once the tensors lent by the last ``append(..., lend=True)`` are copied (at once when none are).
+
+        A failed copy does not raise here: like a failed write, it stops the recording and the next ``append`` or
+        ``close`` says why.
+        """
+        pending, self._lent = self._lent, None
+        if pending is None or pending.done():
+            return
+        started = time.perf_counter()
+        concurrent.futures.wait([pending])
+        self.stats["lent_wait_seconds"] += time.perf_counter() - started
 
     def _check_step(self, step: Any) -> int:
         if isinstance(step, bool):
@@ -697,16 +746,20 @@ class RecordingWriter:
             out[name] = value
         return out
 
-    def _copy_step(self, step: int, tensors: dict[str, torch.Tensor], flags: dict[str, bool]) -> _Step:
+    def _copy_step(
+        self, step: int, tensors: dict[str, torch.Tensor], flags: dict[str, bool], *, lend: bool = False
+    ) -> tuple[_Step, dict[str, torch.Tensor]]:
         """Take a private copy of this step's tensors, off the device, in the storage dtype.
 
         On CUDA: convert on the device (less to transfer when storing bf16), copy non-blocking into a pinned host
         buffer and record an event; the writer thread waits on the event, so the training thread never stalls on
-        the transfer. Pinned buffers are recycled (allocating pinned memory is slow). Elsewhere: a plain copy.
+        the transfer. Pinned buffers are recycled (allocating pinned memory is slow). Elsewhere: a plain copy,
+        here or (``lend``) on the copier thread: those tensors are returned, and ``item.ready`` is set once copied.
         """
         copies: dict[str, torch.Tensor] = {}
         pinned: list[tuple[str, torch.Tensor]] = []
         pooled: list[tuple[str, torch.Tensor]] = []
+        lent: dict[str, torch.Tensor] = {}
         cuda_devices: list[torch.device] = []
         for name, value in tensors.items():
             spec = self.fields[name]
@@ -724,20 +777,47 @@ class RecordingWriter:
                 pinned.append((name, buf))
                 if src.device not in cuda_devices:
                     cuda_devices.append(src.device)
+            elif lend:
+                lent[name] = src
             else:
-                try:
-                    buf = self._host_pool[name].pop()
-                except IndexError:
-                    buf = torch.empty(spec.shape, dtype=spec.dtype)
-                _host_copy(buf, src)
-                copies[name] = buf
-                pooled.append((name, buf))
+                copies[name] = self._pool_copy(name, src)
+                pooled.append((name, copies[name]))
         events = []
         for device in cuda_devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             events.append(event)
-        return _Step(step, copies, flags, events, pinned, pooled)
+        item = _Step(step, copies, flags, events, pinned, pooled)
+        if lent:
+            item.ready = concurrent.futures.Future()
+        return item, lent
+
+    def _pool_copy(self, name: str, src: torch.Tensor) -> torch.Tensor:
+        """``src`` copied into a host buffer of the field's storage dtype, a recycled one when the pool has one."""
+        spec = self.fields[name]
+        try:
+            buf = self._host_pool[name].pop()
+        except IndexError:
+            buf = torch.empty(spec.shape, dtype=spec.dtype)
+        _host_copy(buf, src)
+        return buf
+
+    def _copy_and_signal(self, item: _Step, lent: dict[str, torch.Tensor], ready: concurrent.futures.Future) -> None:
+        """Copier thread: copy, then settle ``ready`` whatever happens (the writer and ``wait_lent`` wait on it)."""
+        ready.set_running_or_notify_cancel()
+        try:
+            self._copy_lent(item, lent)
+        except BaseException as exc:  # noqa: BLE001 - the writer thread fails the recording with it
+            ready.set_exception(exc)
+        else:
+            ready.set_result(None)
+
+    def _copy_lent(self, item: _Step, lent: dict[str, torch.Tensor]) -> None:
+        """The lent tensors' copies join the step; the writer reads them once the step's ``ready`` is set."""
+        for name, src in lent.items():
+            buf = self._pool_copy(name, src)
+            item.tensors[name] = buf
+            item.pooled.append((name, buf))
 
     def _put(self, item: _Step | _Stop) -> None:
         # Block for back-pressure, but wake up now and then: a writer thread that died must not hang training.
@@ -777,6 +857,9 @@ class RecordingWriter:
             except queue.Full:
                 continue
         self._thread.join()
+        self._lent = None
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
         if self._failure is not None and not self._failure_reported:
             self._raise_failure()
 
@@ -796,6 +879,12 @@ class RecordingWriter:
 
     def _run(self) -> None:
         while True:
+            if self._to_prefill and self._queue.empty():
+                try:
+                    self._prefill_one()  # only while no step waits: the disk is never kept waiting for it
+                except Exception:  # noqa: BLE001 - e.g. out of memory: copies then take fresh buffers as needed
+                    self._to_prefill = []
+                continue
             item = self._queue.get()
             if isinstance(item, _Stop):
                 if self._failure is None:
@@ -815,25 +904,35 @@ class RecordingWriter:
                 self._building = []
 
     def _consume(self, item: _Step) -> None:
+        if item.ready is not None:
+            item.ready.result()  # a failed copy fails the recording like a failed write
+            item.ready = None
         for event in item.events:
             event.synchronize()
         item.events = []
         if not self._prefilled:
-            self._prefill(item)
+            self._prefilled = True
+            self._to_prefill = [
+                name
+                for name, _ in item.pooled
+                for _ in range(self.queue_size + self.steps_per_shard + 1 - len(self._host_pool[name]))
+            ]
         self._building.append(item)
         if len(self._building) == self.steps_per_shard:
             self._write_shard()
 
-    def _prefill(self, first: _Step) -> None:
-        """Fill the host buffer pools here, off the training thread: first touches of fresh pages cost far more than
-        the copies into them. Only fields the first step copied to host buffers; the total stays the bound above."""
-        self._prefilled = True
-        for name, _ in first.pooled:
-            spec = self.fields[name]
-            for _ in range(self.queue_size + self.steps_per_shard + 1):
-                buf = torch.empty(spec.shape, dtype=spec.dtype)
-                buf.reshape(-1).view(torch.uint8).numpy().fill(0)
-                self._host_pool[name].append(buf)
+    def _prefill_one(self) -> None:
+        """Add one buffer to a host pool, its pages touched (first touches cost more than the copies into them).
+
+        The pools are filled after the first step, one buffer at a time whenever no step waits, so the recorder's
+        memory is all there within its first steps (flat over the run) and no copy pays for fresh pages. Filling
+        them all at once kept the writer thread ~0.3 s from the first shard. One byte a page: the kernel zeroes it.
+        """
+        name = self._to_prefill.pop()
+        spec = self.fields[name]
+        buf = torch.empty(spec.shape, dtype=spec.dtype)
+        buf.reshape(-1).view(torch.uint8).numpy()[:: mmap.PAGESIZE] = 0
+        self._host_pool[name].append(buf)
 
     def _finish(self, complete: bool) -> None:
         if self._building:
@@ -888,6 +987,9 @@ class RecordingWriter:
 
     def _release(self, items: list[_Step]) -> None:
         for it in items:
+            if it.ready is not None:  # dropped after a failure: its copy must be done before its buffers are reused
+                concurrent.futures.wait([it.ready])
+                it.ready = None
             for name, buf in it.pinned:
                 self._pinned_pool[name].append(buf)
             for name, buf in it.pooled:

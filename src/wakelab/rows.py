@@ -136,8 +136,34 @@ class RowAccess:
         """The tensors that hold rows and learn."""
         return [s.param for s in self._segments if s.param.requires_grad]
 
-    def _gather(self, ids: torch.Tensor | None, pick) -> torch.Tensor:
-        ids = torch.arange(self.num_total) if ids is None else torch.as_tensor(ids, dtype=torch.long).cpu()
+    def _run_of(self, ids: range | torch.Tensor) -> tuple[_Segment, int, int] | None:
+        """The segment and its rows [a, b) when ``ids`` is one ascending run of consecutive ids inside one segment.
+
+        A ``range`` says so by itself (a recorder asking every step passes one); a tensor is compared element-wise.
+        """
+        if len(ids) == 0 or (isinstance(ids, range) and ids.step != 1):
+            return None
+        if not isinstance(ids, range) and ids.ndim != 1:
+            return None
+        first, count = int(ids[0]), len(ids)
+        for seg in self._segments:
+            if seg.start <= first and first + count <= seg.stop:
+                if isinstance(ids, range) or torch.equal(ids, torch.arange(first, first + count)):
+                    a = first - seg.start + seg.offset
+                    return seg, a, a + count
+                return None
+        return None
+
+    def _gather(self, ids: range | torch.Tensor | None, pick, share: bool = False) -> torch.Tensor:
+        ids = range(self.num_total) if ids is None else ids
+        if not isinstance(ids, range):
+            ids = torch.as_tensor(ids, dtype=torch.long).cpu()
+        run = self._run_of(ids) if share else None
+        if run is not None:
+            seg, a, b = run
+            return pick(seg.param)[a:b].detach()
+        if isinstance(ids, range):
+            ids = torch.arange(ids.start, ids.stop, ids.step)
         if len(self._segments) == 1 and self._segments[0].start == 0:
             seg = self._segments[0]
             source = pick(seg.param)
@@ -159,15 +185,23 @@ class RowAccess:
             raise IndexError(f"token ids outside the vocabulary of {self.num_total}")
         return out
 
-    def values(self, ids=None) -> torch.Tensor:
-        """The rows' current values (detached), in the dtype that holds them."""
-        return self._gather(ids, lambda p: p)
+    def values(self, ids=None, *, share: bool = False) -> torch.Tensor:
+        """The rows' current values (detached), in the dtype that holds them.
 
-    def grads(self, ids=None) -> torch.Tensor:
+        ``share=True`` (here and in ``grads``/``optimizer_state``) returns a view of the tensor that holds the rows,
+        not a copy, when ``ids`` is one ascending run inside one tensor (``all`` under ``mask``/``full``, ``new``
+        under ``tokens``): copying all rows every step is what a recorder would otherwise pay twice. The view
+        changes with the next optimizer step; copy it before then.
+        """
+        return self._gather(ids, lambda p: p, share)
+
+    def grads(self, ids=None, *, share: bool = False) -> torch.Tensor:
         """The gradients the last optimizer step used (after masking and clipping); zeros for rows that do not learn."""
-        return self._gather(ids, self._grad_of)
+        return self._gather(ids, self._grad_of, share)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer | None, key: str, ids=None) -> torch.Tensor | None:
+    def optimizer_state(
+        self, optimizer: torch.optim.Optimizer | None, key: str, ids=None, *, share: bool = False
+    ) -> torch.Tensor | None:
         """Adam's ``exp_avg`` / ``exp_avg_sq`` of the rows (zeros for rows without state), or None if none exists."""
         if optimizer is None or not any(key in optimizer.state.get(s.param, {}) for s in self._segments):
             return None
@@ -176,7 +210,7 @@ class RowAccess:
             state = optimizer.state.get(param, {})
             return state[key] if key in state else torch.zeros_like(param)
 
-        return self._gather(ids, pick)
+        return self._gather(ids, pick, share)
 
     def optimizer_step_count(self, optimizer: torch.optim.Optimizer | None) -> int:
         if optimizer is None:

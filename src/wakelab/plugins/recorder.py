@@ -225,10 +225,21 @@ class Recorder:
     storage: torch.dtype | None  # None: `param`, the parameters' own dtype
     logits_width: int | None
     writer: RecordingWriter | None = None
+    # Hand live rows to the writer, which copies them during the next step (False: copy them in the hook, as the
+    # recorder once did; benchmarks/recorder_overhead.py measures both side by side).
+    lend: bool = True
     stats: dict[str, float] = field(
         default_factory=lambda: {"hook_seconds": 0.0, "hook_calls": 0, "recorded_steps": 0, "max_hook_seconds": 0.0}
     )
     _warned_logits: bool = False
+
+    def __post_init__(self) -> None:
+        # What to ask RowAccess for: a range when the ids are one consecutive run (`all`, `new`, `base`), so it
+        # hands back views at once instead of comparing 50,257 ids every step.
+        ids = self.ids
+        first = int(ids[0]) if len(ids) else 0
+        run = len(ids) > 0 and torch.equal(ids, torch.arange(first, first + len(ids)))
+        self.select = range(first, first + len(ids)) if run else ids
 
     def wants(self, step: int) -> bool:
         return step % self.every == 0 or step == self.last_step
@@ -253,22 +264,28 @@ class Recorder:
         return specs
 
     def gather(self, rows, optimizer, *, step: int, loss: float, lr: float, logits, initial: bool):
-        """This step's tensors (not yet copied; the writer copies them) and its flags."""
+        """This step's tensors and its flags.
+
+        Not copied: where the rows are one run of one tensor (``rows: all`` or ``new``) these are views of the live
+        parameters, gradients and Adam state. The writer copies them on its own thread while the next step's
+        forward and backward run, and ``mask_grads`` (the first thing before the next optimizer step changes
+        anything) waits for that copy, so the recording holds exactly this step's values.
+        """
         tensors: dict[str, Any] = {}
         flags: dict[str, bool] = {}
         if "embeddings" in self.fields:
-            tensors["embeddings"] = rows.values(self.ids)
+            tensors["embeddings"] = rows.values(self.select, share=self.lend)
         if "grads" in self.fields:
             tensors["grads"] = (
                 torch.zeros((len(self.ids), rows.dim), dtype=self.writer.fields["grads"].dtype)
                 if initial
-                else rows.grads(self.ids)
+                else rows.grads(self.select, share=self.lend)
             )
         wanted = [f for f in OPTIMIZER_FIELDS if f in self.fields]
         if wanted:
             missing = False
             for name in wanted:
-                value = rows.optimizer_state(optimizer, name, self.ids)
+                value = rows.optimizer_state(optimizer, name, self.select, share=self.lend)
                 if value is None:
                     missing = True
                     value = torch.zeros((len(self.ids), rows.dim), dtype=self.writer.fields[name].dtype)
@@ -277,8 +294,8 @@ class Recorder:
         if "master" in self.fields:
             # train.precision=fp32-master steps these; before its first step (and under other settings) the rows
             # themselves are what the optimizer steps.
-            master = rows.optimizer_state(optimizer, "master", self.ids)
-            tensors["master"] = (master if master is not None else rows.values(self.ids)).float()
+            master = rows.optimizer_state(optimizer, "master", self.select, share=self.lend)
+            tensors["master"] = (master if master is not None else rows.values(self.select, share=self.lend)).float()
         if "logits" in self.fields:
             tensors["logits"] = self._logits(logits, step)
         if "loss" in self.fields:
@@ -299,7 +316,7 @@ class Recorder:
 
     def append(self, step: int, **values) -> None:
         tensors, flags = self.gather(**values, step=step)
-        self.writer.append(step, tensors, flags=flags or None)
+        self.writer.append(step, tensors, flags=flags or None, lend=self.lend)
         self.stats["recorded_steps"] += 1
         self.stats["last_step"] = step
 
@@ -445,6 +462,24 @@ def on_run_start(run):
     spent = time.perf_counter() - started
     rec.stats["hook_seconds"] += spent
     rec.stats["start_seconds"] = spent
+
+
+@wakelab.hookimpl
+def mask_grads(ctx):
+    """Before the optimizer step changes anything: wait until the writer has copied the last recorded step.
+
+    The recorder changes no gradient; ``mask_grads`` is simply the first hook of every optimizer step, ahead of
+    clipping, ``mask``'s decay and the step. The copy has had the whole forward and backward pass to run, so this
+    wait is normally nothing; it is counted in the recorder's hook time all the same.
+    """
+    rec = _active
+    if rec is None or rec.writer is None:
+        return
+    started = time.perf_counter()
+    rec.writer.wait_lent()
+    spent = time.perf_counter() - started
+    rec.stats["hook_seconds"] += spent
+    rec.stats["wait_seconds"] = rec.stats.get("wait_seconds", 0.0) + spent
 
 
 @wakelab.hookimpl
