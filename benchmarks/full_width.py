@@ -45,39 +45,21 @@ import sys
 import tempfile
 import time
 
-NUM_BASE = 128_256
-NUM_NEW = 44_195
+from p1_shape import NUM_BASE, NUM_NEW, adam_state, proc_status_kib, quiet_bridge, random_blocks, reset_peak_rss
+
 VARIANTS = ("tokens+chunked", "tokens", "mask", "peft")
 TARGET_RSS = 0.6
 TARGET_SPEED = 1.0
 MiB = 1024 * 1024
 
 
-def proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(variant: str, args, scratch: str) -> dict:
-    import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from wakelab.config import TrainConfig
-    from wakelab.data import BlockDataset, collate
+    from wakelab.data import collate
 
     config = LlamaConfig(
         vocab_size=NUM_BASE + NUM_NEW,
@@ -94,11 +76,7 @@ def worker(variant: str, args, scratch: str) -> dict:
     rss_model = proc_status_kib("VmRSS")
 
     steps = args.warmup + args.steps
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, NUM_BASE, (steps * args.batch, args.seq_len), generator=gen)
-    is_new = torch.rand(ids.shape, generator=gen) < 0.10
-    ids[is_new] = torch.randint(NUM_BASE, NUM_BASE + NUM_NEW, (int(is_new.sum()),), generator=gen)
-    dataset = BlockDataset(ids.numpy().astype(np.int64))
+    _, dataset = random_blocks(steps * args.batch, args.seq_len, 0.10)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -142,18 +120,11 @@ def worker(variant: str, args, scratch: str) -> dict:
     else:
         from wakelab.registry import build_manager
         from wakelab.rows import setup_trainable_rows
-        from wakelab.trainer import HookBridge, WakelabTrainer
+        from wakelab.trainer import WakelabTrainer
 
         strategy = "mask" if variant == "mask" else "tokens"
         rows = setup_trainable_rows(model, num_base=NUM_BASE, strategy=strategy)
-        bridge = HookBridge(
-            trainer_ref=lambda: trainer,
-            on_start=lambda optimizer: None,
-            log_metrics=lambda metrics, step: None,
-            extra_metrics=lambda: {},
-            output_dir=targs.output_dir,
-            run_id=None,
-        )
+        bridge = quiet_bridge(lambda: trainer, targs.output_dir)
         trainer = WakelabTrainer(
             model=model,
             args=targs,
@@ -176,15 +147,7 @@ def worker(variant: str, args, scratch: str) -> dict:
     hwm_train = proc_status_kib("VmHWM")
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    optimizer = trainer.optimizer
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    state_bytes = sum(
-        s[k].numel() * s[k].element_size()
-        for s in optimizer.state.values()
-        for k in ("exp_avg", "exp_avg_sq")
-        if k in s
-    )
+    state_bytes, _ = adam_state(trainer)
     timed = timer.durations[args.warmup :]
     return {
         "variant": variant,

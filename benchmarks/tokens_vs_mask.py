@@ -38,45 +38,26 @@ import sys
 import tempfile
 import time
 
-NUM_BASE = 128_256
-NUM_NEW = 44_195
+from p1_shape import NUM_BASE, NUM_NEW, adam_state, proc_status_kib, quiet_bridge, random_blocks, reset_peak_rss
+
 TARGET_STATE = 0.3
 TARGET_RSS = 1.0
 TARGET_SPEED = 0.97
 MiB = 1024 * 1024
 
 
-def proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) of this process; False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # worker: one strategy, one process
 # ---------------------------------------------------------------------------------------------------------------
 def worker(strategy: str, args, scratch: str) -> dict:
-    import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from wakelab.data import BlockDataset, collate
+    from wakelab.data import collate
     from wakelab.registry import build_manager
     from wakelab.rows import setup_trainable_rows
-    from wakelab.trainer import HookBridge, WakelabTrainer
+    from wakelab.trainer import WakelabTrainer
 
     rss_start = proc_status_kib("VmRSS")
     config = LlamaConfig(
@@ -96,12 +77,7 @@ def worker(strategy: str, args, scratch: str) -> dict:
     pm = build_manager(["mask"] if strategy == "mask" else [])
 
     steps = args.warmup + args.steps
-    gen = torch.Generator().manual_seed(1)
-    n_blocks = steps * args.batch
-    ids = torch.randint(0, NUM_BASE, (n_blocks, args.seq_len), generator=gen)
-    is_new = torch.rand((n_blocks, args.seq_len), generator=gen) < args.new_share
-    ids[is_new] = torch.randint(NUM_BASE, NUM_BASE + NUM_NEW, (int(is_new.sum()),), generator=gen)
-    dataset = BlockDataset(ids.numpy().astype(np.int64))
+    ids, dataset = random_blocks(steps * args.batch, args.seq_len, args.new_share)
 
     # Sanity probes (small): base rows that the data uses must not move under mask; new rows must move.
     used = ids.unique()
@@ -152,14 +128,7 @@ def worker(strategy: str, args, scratch: str) -> dict:
     )
     timer = StepTimer()
     trainer: WakelabTrainer
-    bridge = HookBridge(
-        trainer_ref=lambda: trainer,
-        on_start=lambda optimizer: None,
-        log_metrics=lambda metrics, step: None,
-        extra_metrics=lambda: {},
-        output_dir=out_dir,
-        run_id=None,
-    )
+    bridge = quiet_bridge(lambda: trainer, out_dir)
     trainer = WakelabTrainer(
         model=model,
         args=targs,
@@ -181,18 +150,7 @@ def worker(strategy: str, args, scratch: str) -> dict:
     maxrss_end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     rss_after = proc_status_kib("VmRSS")
 
-    optimizer = trainer.optimizer
-    while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the torch one
-        optimizer = optimizer.optimizer
-    state_bytes = 0
-    state_params = 0
-    for state in optimizer.state.values():
-        counted = False
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                state_bytes += state[key].numel() * state[key].element_size()
-                counted = True
-        state_params += counted
+    state_bytes, state_params = adam_state(trainer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     timed = timer.durations[args.warmup :]
