@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,37 @@ def test_file_systems_without_direct_io_fall_back_to_buffered_writes(tmp_path, m
     with recording.open(tmp_path / "rec") as rec:
         assert torch.equal(rec["embeddings"][:], expected["embeddings"])
     assert not list((tmp_path / "rec").glob(".shard-*"))  # no temporary file left behind
+
+
+def test_host_buffers_stay_within_the_bound_when_copies_run_ahead_of_the_prefill(tmp_path, monkeypatch):
+    """Steps copied before the writer sizes its pools take fresh buffers; the prefill must count them.
+
+    CI once saw 8 pooled buffers against a bound of 6: the prefill topped the pools up to the bound without
+    counting the buffers the training thread had made meanwhile. Here the writer is held at its first step until
+    three steps are copied (step 0 held, 1 and 2 queued), which makes that ordering certain.
+    """
+    release = threading.Event()
+    real_consume = RecordingWriter._consume
+
+    def held_consume(self, item):
+        release.wait(timeout=30)
+        real_consume(self, item)
+
+    monkeypatch.setattr(RecordingWriter, "_consume", held_consume)
+    fields = {"rows": FieldSpec((64, 8), torch.float32)}
+    source = torch.zeros(64, 8)
+    bound = 2 + 3 + 1
+    with RecordingWriter(tmp_path / "rec", fields, steps_per_shard=3, queue_size=2) as writer:
+        for step in range(3):
+            writer.append(step, {"rows": source + step})
+        release.set()
+        deadline = time.monotonic() + 30
+        while (writer._to_prefill or not writer._queue.empty()) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the writer writes the first shard, then runs its whole prefill
+        pooled = len(writer._host_pool["rows"])
+        for step in range(3, 9):
+            writer.append(step, {"rows": source + step})
+    assert pooled <= bound
+    assert 0 < len(writer._host_pool["rows"]) <= bound
+    with recording.open(tmp_path / "rec") as rec:
+        assert torch.equal(rec["rows"][:][:, 0, 0], torch.arange(9, dtype=torch.float32))

@@ -558,6 +558,10 @@ class RecordingWriter:
         # Host copies reuse written steps' buffers: a fresh multi-MiB buffer a step costs more in page faults than
         # the copy itself. At most queue_size + K + 1 per field exist, as before (see ``_prefill_one``).
         self._host_pool: dict[str, collections.deque] = {name: collections.deque() for name in self.fields}
+        # Buffers made per field, pooled or in flight (under _lock: the training, copier and writer threads all
+        # make them). The prefill stops at the bound: buffers made fresh before it ran count towards it.
+        self._host_bound = self.queue_size + self.steps_per_shard + 1
+        self._host_made: dict[str, int] = dict.fromkeys(self.fields, 0)
         self._prefilled = False  # writer thread: pools sized at the first step ...
         self._to_prefill: list[str] = []  # ... and filled from this list (field names), a buffer at a time
         self._copier: concurrent.futures.ThreadPoolExecutor | None = None  # copies lent tensors (created on first use)
@@ -799,6 +803,8 @@ class RecordingWriter:
             buf = self._host_pool[name].pop()
         except IndexError:
             buf = torch.empty(spec.shape, dtype=spec.dtype)
+            with self._lock:
+                self._host_made[name] += 1
         _host_copy(buf, src)
         return buf
 
@@ -913,9 +919,7 @@ class RecordingWriter:
         if not self._prefilled:
             self._prefilled = True
             self._to_prefill = [
-                name
-                for name, _ in item.pooled
-                for _ in range(self.queue_size + self.steps_per_shard + 1 - len(self._host_pool[name]))
+                name for name, _ in item.pooled for _ in range(self._host_bound - len(self._host_pool[name]))
             ]
         self._building.append(item)
         if len(self._building) == self.steps_per_shard:
@@ -929,6 +933,10 @@ class RecordingWriter:
         them all at once kept the writer thread ~0.3 s from the first shard. One byte a page: the kernel zeroes it.
         """
         name = self._to_prefill.pop()
+        with self._lock:
+            if self._host_made[name] >= self._host_bound:
+                return  # copies made fresh buffers before this one: the field has its share already
+            self._host_made[name] += 1
         spec = self.fields[name]
         buf = torch.empty(spec.shape, dtype=spec.dtype)
         buf.reshape(-1).view(torch.uint8).numpy()[:: mmap.PAGESIZE] = 0
@@ -993,8 +1001,11 @@ class RecordingWriter:
             for name, buf in it.pinned:
                 self._pinned_pool[name].append(buf)
             for name, buf in it.pooled:
-                if len(self._host_pool[name]) < self.queue_size + self.steps_per_shard + 1:
+                if len(self._host_pool[name]) < self._host_bound:
                     self._host_pool[name].append(buf)
+                else:
+                    with self._lock:
+                        self._host_made[name] -= 1
             it.pinned = []
             it.pooled = []
             it.tensors = {}
