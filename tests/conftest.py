@@ -59,6 +59,34 @@ def isolated_mlflow(tmp_path, monkeypatch, empty_mlflow_db):
         mlflow.end_run()
 
 
+def run_store(root: Path, empty_db: Path, specs: dict[str, dict]) -> dict:
+    """Runs made once for a whole test module: ``specs`` maps a name to its config overrides.
+
+    Every run tracks to one SQLite store under ``root`` and writes to ``root / name``. Returns the runs' results by
+    name, plus ``uri`` and ``root``, so the module's tests point MLflow there and read the runs back.
+    """
+    import shutil
+
+    import mlflow
+
+    from wakelab import engine
+    from wakelab.config import build_config
+
+    shutil.copy(empty_db, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    out: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("WAKELAB_CACHE", str(root / "cache"))
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        for name, overrides in specs.items():
+            config = build_config(None, None, {**overrides, "output_dir": str(root / name)})
+            out[name] = engine.run(config, progress=False)
+    out["uri"], out["root"] = uri, root
+    return out
+
+
 def raising_plugin(tmp_path: Path, step: int, exc: str = "RuntimeError", message: str = "power cut") -> Path:
     """A throw-away plugin file whose on_step_end raises ``exc(message)`` at ``step`` (a crash, Ctrl-C, ...)."""
     plugin = tmp_path / f"raise_{exc}_at_{step}.py"

@@ -14,14 +14,13 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_overrides
+from conftest import run_store, tiny_overrides
 from safetensors.torch import save_file
 
-from wakelab import engine, recording
+from wakelab import recording
 from wakelab.analysis.recording_dynamics import analyse_recording
 from wakelab.analysis.report import AnalyzeOptions, compare_runs
 from wakelab.cli import main
-from wakelab.config import build_config
 
 STEPS = 4
 STATIC_FILES = {"norms.json", "norms.csv", "norm_histogram.png", "isotropy.json", "isotropy.csv", "isotropy.png",
@@ -37,9 +36,6 @@ DYNAMICS_FILES |= {"recording.json", "displacement_histogram.png", "freeze_onset
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, texts, tmp_path_factory, empty_mlflow_db):
-    root = tmp_path_factory.mktemp("analyze-runs")
-    shutil.copy(empty_mlflow_db, root / "mlflow.db")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     common = {"train.max_steps": STEPS, "train.logging_steps": 1, "tracking.log_tokenizer": False}
     specs = {
         "P": {"train.save_steps": 2},
@@ -51,20 +47,12 @@ def runs(tiny_model, texts, tmp_path_factory, empty_mlflow_db):
             "train.lr": 3e-3,
         },
     }
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("WAKELAB_CACHE", str(root / "cache"))
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
-        for name, extra in specs.items():
-            overrides = tiny_overrides(tiny_model, texts, **common, **extra, output_dir=str(root / name))
-            if name.startswith("R"):
-                overrides["plugins"] = ["recorder"]
-            overrides["tracking.run_name"] = f"run-{name}"
-            out[name] = engine.run(build_config(None, None, overrides), progress=False)
-    out["uri"], out["root"] = uri, root
-    return out
+    for name, extra in specs.items():
+        extra.update(common, **{"tracking.run_name": f"run-{name}"})
+        if name.startswith("R"):
+            extra["plugins"] = ["recorder"]
+    specs = {name: tiny_overrides(tiny_model, texts, **extra) for name, extra in specs.items()}
+    return run_store(tmp_path_factory.mktemp("analyze-runs"), empty_mlflow_db, specs)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import make_text, raising_plugin, tiny_overrides
+from conftest import make_text, raising_plugin, run_store, tiny_overrides
 
 from wakelab import engine
 from wakelab.cli import main
@@ -30,9 +30,6 @@ PROMPT = "The riverrun ran past the moonbrook and the smirtle hill"
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, texts, tmp_path_factory, empty_mlflow_db):
-    root = tmp_path_factory.mktemp("export-runs")
-    shutil.copy(empty_mlflow_db, root / "mlflow.db")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     specs = {
         "M": {
             "train.trainable": "mask",
@@ -43,17 +40,8 @@ def runs(tiny_model, texts, tmp_path_factory, empty_mlflow_db):
         },
         "T": {"train.max_steps": 4, "train.eval_perplexity": False, "tracking.log_model": "none"},
     }
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("WAKELAB_CACHE", str(root / "cache"))
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
-        for name, extra in specs.items():
-            overrides = tiny_overrides(tiny_model, texts, **extra, output_dir=str(root / name))
-            out[name] = engine.run(build_config(None, None, overrides), progress=False)
-    out["uri"], out["root"] = uri, root
-    return out
+    specs = {name: tiny_overrides(tiny_model, texts, **extra) for name, extra in specs.items()}
+    return run_store(tmp_path_factory.mktemp("export-runs"), empty_mlflow_db, specs)
 
 
 @pytest.fixture
