@@ -10,13 +10,11 @@ library source plus a differently seeded demo text: with the demo corpus only 2%
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from .paths import cache_root
+from .paths import cache_root, publishing
 
 GPT2_VOCAB_SIZE = 50257
 EOS = "<|endoftext|>"
@@ -91,12 +89,6 @@ def _train(texts: Iterator[str], vocab_size: int, folder: Path) -> Path:
     )
     tokenizer.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
-    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")  # one per process: ranks may build it at once
-    fast.save_pretrained(tmp)
-    try:
-        tmp.rename(folder)
-    except OSError:
-        if not (folder / "tokenizer.json").exists():
-            raise
-        shutil.rmtree(tmp)  # another process saved the same tokenizer first
+    with publishing(folder) as tmp:
+        fast.save_pretrained(tmp)
     return folder

@@ -47,6 +47,8 @@ def ensure_demo_model() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .paths import publishing
+
     source = gguf_path()
     log(f"converting the demo base model from {source.name} (once, about 30 s)")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -55,15 +57,9 @@ def ensure_demo_model() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(folder)
+    with publishing(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return folder
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ConfigError, ModelError
-from .paths import cache_root
+from .paths import cache_root, publishing
 
 
 def resolve_source(cfg: ModelConfig) -> str:
@@ -82,14 +80,10 @@ def materialize_architecture(architecture: dict[str, Any], tokenizer_path: str |
     if not (folder / "config.json").exists():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if folder.exists():  # another process made it meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        with publishing(folder) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     return folder
 
 
@@ -178,10 +172,9 @@ def materialize_from_config(source: str) -> Path:
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
-        tmp = folder.with_name(folder.name + ".tmp")
-        model.save_pretrained(tmp)
-        load_tokenizer(source).save_pretrained(tmp)
-        tmp.rename(folder)
+        with publishing(folder) as tmp:
+            model.save_pretrained(tmp)
+            load_tokenizer(source).save_pretrained(tmp)
     return folder
 
 
