@@ -132,3 +132,26 @@ def test_trainer_masks_every_step_without_the_hook_bridge(tiny_model, tmp_path):
     trainer.train()
     assert torch.equal(rows.values(torch.arange(num_base)), before)
     assert not torch.equal(rows.values(rows.new_ids), torch.zeros_like(rows.values(rows.new_ids)))
+
+
+def test_shared_reads_are_views_only_for_one_consecutive_run_inside_one_tensor():
+    from wakelab.rows import RowAccess, _Segment
+
+    base, new = torch.randn(6, 3), torch.randn(4, 3)  # `tokens`: ids 0-5 in one tensor, 6-9 in another
+    rows = RowAccess("tokens", 6, 10, [_Segment(0, 6, base), _Segment(6, 10, new)])
+    assert RowAccess.as_run(torch.arange(6, 10)) == range(6, 10)
+    assert RowAccess.as_run(torch.tensor([6, 8])) is None
+    assert RowAccess.as_run(range(0, 10, 2)) is None
+    assert RowAccess.as_run(torch.tensor([], dtype=torch.long)) is None
+
+    for ids in (range(6, 10), torch.arange(7, 9)):
+        view = rows.values(ids, share=True)
+        assert view.data_ptr() == new[ids[0] - 6 :].data_ptr() and torch.equal(view, new[ids[0] - 6 : ids[-1] - 5])
+    for ids in (torch.arange(4, 8), torch.tensor([6, 8])):  # across two tensors, or not consecutive: copies
+        copy = rows.values(ids, share=True)
+        assert torch.equal(copy, torch.cat([base, new])[ids])
+        assert copy.untyped_storage().data_ptr() not in (
+            base.untyped_storage().data_ptr(),
+            new.untyped_storage().data_ptr(),
+        )
+    assert rows.values(range(6, 10)).data_ptr() != new.data_ptr()  # share=False: always a copy

@@ -136,22 +136,32 @@ class RowAccess:
         """The tensors that hold rows and learn."""
         return [s.param for s in self._segments if s.param.requires_grad]
 
-    def _run_of(self, ids: range | torch.Tensor) -> tuple[_Segment, int, int] | None:
-        """The segment and its rows [a, b) when ``ids`` is one ascending run of consecutive ids inside one segment.
+    @staticmethod
+    def as_run(ids: range | torch.Tensor) -> range | None:
+        """``ids`` as a ``range`` when they are one ascending run of consecutive ids, else None.
 
-        A ``range`` says so by itself (a recorder asking every step passes one); a tensor is compared element-wise.
+        A caller that asks for the same ids every step (the recorder) converts them once and passes the range, so
+        ``share=True`` hands back views without comparing every id on every step.
         """
-        if len(ids) == 0 or (isinstance(ids, range) and ids.step != 1):
+        if isinstance(ids, range):
+            return ids if ids.step == 1 else None
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 1 or len(ids) == 0:
             return None
-        if not isinstance(ids, range) and ids.ndim != 1:
+        first = int(ids[0])
+        consecutive = torch.equal(ids, torch.arange(first, first + len(ids), dtype=ids.dtype))
+        return range(first, first + len(ids)) if consecutive else None
+
+    def _run_of(self, ids: range | torch.Tensor) -> tuple[_Segment, int, int] | None:
+        """The segment and its rows [a, b) when ``ids`` is one ascending run of consecutive ids inside one segment."""
+        run = self.as_run(ids)
+        if run is None or len(run) == 0:
             return None
-        first, count = int(ids[0]), len(ids)
+        first, count = run.start, len(run)
         for seg in self._segments:
             if seg.start <= first and first + count <= seg.stop:
-                if isinstance(ids, range) or torch.equal(ids, torch.arange(first, first + count)):
-                    a = first - seg.start + seg.offset
-                    return seg, a, a + count
-                return None
+                a = first - seg.start + seg.offset
+                return seg, a, a + count
         return None
 
     def _gather(self, ids: range | torch.Tensor | None, pick, share: bool = False) -> torch.Tensor:

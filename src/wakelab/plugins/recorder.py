@@ -236,10 +236,8 @@ class Recorder:
     def __post_init__(self) -> None:
         # What to ask RowAccess for: a range when the ids are one consecutive run (`all`, `new`, `base`), so it
         # hands back views at once instead of comparing 50,257 ids every step.
-        ids = self.ids
-        first = int(ids[0]) if len(ids) else 0
-        run = len(ids) > 0 and torch.equal(ids, torch.arange(first, first + len(ids)))
-        self.select = range(first, first + len(ids)) if run else ids
+        run = wakelab.RowAccess.as_run(self.ids)
+        self.select = run if run is not None else self.ids
 
     def wants(self, step: int) -> bool:
         return step % self.every == 0 or step == self.last_step
