@@ -563,7 +563,7 @@ class RecordingWriter:
         self._host_bound = self.queue_size + self.steps_per_shard + 1
         self._host_made: dict[str, int] = dict.fromkeys(self.fields, 0)
         self._prefilled = False  # writer thread: pools sized at the first step ...
-        self._to_prefill: list[str] = []  # ... and filled from this list (field names), a buffer at a time
+        self._to_prefill: list[str] = []  # ... a buffer at a time, for these fields, up to the bound
         self._copier: concurrent.futures.ThreadPoolExecutor | None = None  # copies lent tensors (created on first use)
         self._lent: concurrent.futures.Future | None = None  # the last lent step's copy
         # Writer-thread state (the index and the shard being built belong to the writer thread once it runs).
@@ -918,9 +918,7 @@ class RecordingWriter:
         item.events = []
         if not self._prefilled:
             self._prefilled = True
-            self._to_prefill = [
-                name for name, _ in item.pooled for _ in range(self._host_bound - len(self._host_pool[name]))
-            ]
+            self._to_prefill = [name for name, _ in item.pooled]
         self._building.append(item)
         if len(self._building) == self.steps_per_shard:
             self._write_shard()
@@ -932,10 +930,11 @@ class RecordingWriter:
         memory is all there within its first steps (flat over the run) and no copy pays for fresh pages. Filling
         them all at once kept the writer thread ~0.3 s from the first shard. One byte a page: the kernel zeroes it.
         """
-        name = self._to_prefill.pop()
+        name = self._to_prefill[-1]
         with self._lock:
-            if self._host_made[name] >= self._host_bound:
-                return  # copies made fresh buffers before this one: the field has its share already
+            if self._host_made[name] >= self._host_bound:  # buffers made by copies count too
+                self._to_prefill.pop()  # this field has its share
+                return
             self._host_made[name] += 1
         spec = self.fields[name]
         buf = torch.empty(spec.shape, dtype=spec.dtype)
