@@ -87,6 +87,19 @@ def run_store(root: Path, empty_db: Path, specs: dict[str, dict]) -> dict:
     return out
 
 
+def write_config_file(path: Path, overrides: dict) -> Path:
+    """``overrides`` (dotted keys, as ``tiny_overrides`` gives them) as the nested YAML that ``--config`` reads."""
+    import yaml
+
+    from wakelab.config import set_in
+
+    tree: dict = {}
+    for key, value in overrides.items():
+        set_in(tree, key, value)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
 def raising_plugin(tmp_path: Path, step: int, exc: str = "RuntimeError", message: str = "power cut") -> Path:
     """A throw-away plugin file whose on_step_end raises ``exc(message)`` at ``step`` (a crash, Ctrl-C, ...)."""
     plugin = tmp_path / f"raise_{exc}_at_{step}.py"

@@ -10,10 +10,7 @@ import json
 
 import mlflow
 import pytest
-import yaml
-from conftest import tiny_overrides, torchrun_wakelab_run
-
-from wakelab.config import set_in
+from conftest import tiny_overrides, torchrun_wakelab_run, write_config_file
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +49,6 @@ def on_run_end(run, status):
 '''
 
 
-def nested(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        set_in(tree, key, value)
-    return tree
-
-
 def test_torchrun_two_processes_one_run_same_rows(tiny_model, texts, tmp_path):
     from safetensors.torch import load_file
 
@@ -79,7 +69,7 @@ def test_torchrun_two_processes_one_run_same_rows(tiny_model, texts, tmp_path):
             "plugins": ["spherical", "recorder", "sentry", str(plugin)],
         },
     )
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(nested(overrides)))
+    write_config_file(tmp_path / "tiny.yaml", overrides)
 
     proc, seconds = torchrun_wakelab_run(tmp_path, "tiny.yaml", timeout=600)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])

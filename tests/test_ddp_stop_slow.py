@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-import yaml
-from conftest import tiny_overrides, torchrun_wakelab_run
-
-from wakelab.config import set_in
+from conftest import tiny_overrides, torchrun_wakelab_run, write_config_file
 
 pytestmark = pytest.mark.slow
 
 
 def torchrun(tmp_path, tiny_model, texts, plugin: str, timeout: int = 300, **extra):
     (tmp_path / "rank_plugin.py").write_text(plugin)
-    tree: dict = {}
     values = tiny_overrides(tiny_model, texts, **extra)
     values["plugins"] = [str(tmp_path / "rank_plugin.py")]
-    for key, value in values.items():
-        set_in(tree, key, value)
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tree))
+    write_config_file(tmp_path / "tiny.yaml", values)
     return torchrun_wakelab_run(tmp_path, "tiny.yaml", timeout=timeout)
 
 

@@ -12,10 +12,7 @@ import textwrap
 
 import mlflow
 import pytest
-import yaml
-from conftest import tiny_overrides
-
-from wakelab.config import set_in
+from conftest import tiny_overrides, write_config_file
 
 pytestmark = pytest.mark.slow
 
@@ -192,10 +189,7 @@ def test_sigterm_at_20_random_moments_ends_killed_and_resumes_bit_identical(tiny
 
 
 def write_config(tmp_path, tiny_model, texts, **extra) -> None:
-    tree: dict = {}
-    for key, value in tiny_overrides(tiny_model, texts, **extra).items():
-        set_in(tree, key, value)
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tree))
+    write_config_file(tmp_path / "tiny.yaml", tiny_overrides(tiny_model, texts, **extra))
 
 
 def wakelab(tmp_path, *args, timeout=300):

@@ -22,9 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
-
-from wakelab.config import set_in
+from conftest import tiny_overrides, write_config_file
 
 pytestmark = pytest.mark.slow
 
@@ -199,14 +197,7 @@ def write_config(tmp_path: Path, tiny_model, texts, name: str, **extra) -> Path:
         texts,
         **{"tracking.experiment": "team", "output_dir": f"out-{name}", "tracking.run_name": name, **extra},
     )
-    tree: dict = {}
-    for key, value in values.items():
-        set_in(tree, key, value)
-    import yaml
-
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return write_config_file(tmp_path / f"{name}.yaml", values)
 
 
 def wakelab_run(tmp_path: Path, uri: str, config: Path, *extra: str) -> subprocess.Popen:
