@@ -14,9 +14,10 @@ Figures (targets in brackets):
 3. peak RSS after 100 recorded steps / after 10, in a fresh process                        [<= 1.05]
    The recorder's memory does not depend on the batch, so this run uses --rss-batch (default 1) to fit the time;
    the same run without the recorder, and the peak every 10 steps, show what is the recorder's and whether it grows.
-4. the writer's throughput (Wordybird-sized steps appended back to back, until closed) against
-   `dd if=/dev/zero bs=1M count=512 oflag=direct` on the same disk, alternating (--throughput-rounds, median of the
-   rounds' ratios: the disk's speed drifts on a shared machine), and what training actually needs.
+4. the writer's throughput (--throughput-steps Wordybird-sized steps, 100 by default as the notebook records, appended
+   back to back until closed) against `dd if=/dev/zero bs=1M oflag=direct` writing as many bytes on the same disk,
+   alternating (--throughput-rounds, median of the rounds' ratios: the disk's speed drifts on a shared machine),
+   and what training actually needs.                                                         [>= 0.6]
 
     .venv/bin/python benchmarks/recorder_overhead.py                 # ~9 minutes on 2 CPU cores
     .venv/bin/python benchmarks/recorder_overhead.py --pairs 5 --timed-steps 5
