@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from wakelab.analysis.trajectory import (
-    TrajectoryBuilder,
-    cap_frames,
-    fit_projection,
-    frame_image,
-    select_tokens,
-    write_gif,
-    write_html,
-)
+from wakelab.analysis.trajectory import TrajectoryBuilder, cap_frames, fit_projection, select_tokens
+from wakelab.analysis.trajectory_frames import frame_image, write_gif
+from wakelab.analysis.trajectory_page import write_html
 from wakelab.errors import WakelabError
 
 
@@ -71,7 +65,7 @@ def test_html_is_self_contained_and_carries_every_frame(tmp_path):
     assert "https://" not in page and 'type="range"' in page
     data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1))
     assert data["steps"] == [0, 1, 2, 3] and data["words"] == [f"w{i}" for i in range(6)]
-    assert len(data["xy"]) == 4 and len(data["xy"][0]) == 12
+    assert len(data["views"][0]["xy"]) == 4 and len(data["views"][0]["xy"][0]) == 12
     assert all(len(n) == 3 for n in data["nb"][0]) and set(data["vocab"]) <= {f"b{i}" for i in range(200)}
 
 

@@ -60,7 +60,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "finish_watch": ("analysis.watch", "finish_watch"),
     "probe_setup": ("analysis.watch", "probe_setup"),
     "meaning_probe": ("analysis.probe", "probe"),
-    "trajectory_frame": ("analysis.trajectory", "frame_image"),
+    "trajectory_frame": ("analysis.trajectory_frames", "frame_image"),
+    "trajectory_constituents": ("analysis.watch", "constituents_for"),
     "log_trajectory_frame": ("analysis.watch", "log_frame"),
     "log_token_table": ("analysis.watch", "log_table"),
 }

@@ -8,8 +8,10 @@ child's ``run_id``; nothing goes through the environment), one child after anoth
 fails is marked FAILED and the others go on. Last, :func:`compare` reads each finished child back (the rows right
 after init and at the end, its logged loss and norms) and logs the comparison to the parent under ``comparison/``:
 
-    comparison.{csv,json,md,html}   one row per child: held-out perplexity before/after, final loss, mean new-row
+    comparison.{csv,json,md}        one row per child: held-out perplexity before/after, final loss, mean new-row
                                     norm at step 0 and at the end, nearest-neighbour hit rates at step 0 and at the end
+    comparison.html                 the table (first column fixed), the plots embedded, and the children's
+                                    trajectories side by side in one shared projection under one step slider
     neighbours.json                 each evaluated word's top-k base-token neighbours at step 0 and at the end
     loss_curves.png  perplexity.png  new_row_norm.png  hit_rates.png
 
@@ -695,7 +697,8 @@ def table_markdown(rows: list[dict], plan: SweepPlan, shown: tuple[str, ...]) ->
     return "\n".join(lines) + "\n"
 
 
-def table_html(rows: list[dict], plan: SweepPlan, shown: tuple[str, ...], notes: list[str]) -> str:
+def table_html(rows: list[dict], plan: SweepPlan, shown: tuple[str, ...]) -> str:
+    """The comparison table as one ``<table>`` element (the page around it is :mod:`.analysis.sweep_page`'s)."""
     header = "".join(
         f"<th>{html.escape(label.replace('@k', f'@{plan.top_k}'))}</th>" for key, label in COLUMNS if key in shown
     )
@@ -704,15 +707,25 @@ def table_html(rows: list[dict], plan: SweepPlan, shown: tuple[str, ...], notes:
         style = "" if row["status"] == "FINISHED" else ' style="color:#b00"'
         cells = "".join(f"<td>{html.escape(_fmt(key, row.get(key)))}</td>" for key, _ in COLUMNS if key in shown)
         body.append(f"<tr{style}>{cells}</tr>")
-    note_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>wakelab sweep</title><style>"
-        "body{font-family:sans-serif;font-size:14px} table{border-collapse:collapse}"
-        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f4f4f4}"
-        "td:first-child,th:first-child{text-align:left}</style></head><body>"
-        f"<h3>Sweep over {html.escape(plan.canonical)}</h3><table><tr>{header}</tr>{''.join(body)}</table>"
-        f"{note_html}</body></html>\n"
-    )
+    return f"<table><tr>{header}</tr>{''.join(body)}</table>"
+
+
+def comparison_html(rows: list[dict], plan: SweepPlan, shown: tuple[str, ...], notes: list[str], out: Path,
+                    log: Log) -> str:  # fmt: skip
+    """The comparison page: the table (first column fixed), the children's trajectories side by side in one shared
+    projection under one slider (refused in one line when the children's base models differ), the plots embedded."""
+    from .analysis.sweep_page import ChildTrajectory, comparison_page, side_by_side
+
+    done = [ChildTrajectory(c.label, c.output_dir, str(c.config.model.name_or_path))
+            for c in plan.children if c.status == "FINISHED"]  # fmt: skip
+    runs, refused = side_by_side(done, warn) if done else ([], "no child finished: nothing to show side by side")
+    if refused:
+        log(f"warning: {refused}")
+    plots = [out / f"{name}.png" for name in PLOTS]
+    return comparison_page(f"Sweep over {plan.canonical}", table_html(rows, plan, shown), notes, plots, runs, refused)
+
+
+PLOTS = ("loss_curves", "perplexity", "new_row_norm", "hit_rates")
 
 
 def notes_for(plan: SweepPlan) -> list[str]:
@@ -773,7 +786,6 @@ def compare(client, plan: SweepPlan, parent_id: str, log: Log) -> tuple[Path, st
     (out / "comparison.md").write_text(
         f"# Sweep over `{plan.canonical}`\n\n{markdown}\n" + "".join(f"- {n}\n" for n in notes)
     )
-    (out / "comparison.html").write_text(table_html(rows, plan, shown, notes))
     neighbours = {
         c.label: {when: c.summary["hits"][when]["details"] for when in ("step0", "final")}
         for c in plan.children
@@ -781,6 +793,7 @@ def compare(client, plan: SweepPlan, parent_id: str, log: Log) -> tuple[Path, st
     }
     (out / "neighbours.json").write_text(json.dumps(neighbours, indent=1, ensure_ascii=False) + "\n")
     write_plots(plan, out)
+    (out / "comparison.html").write_text(comparison_html(rows, plan, shown, notes, out, log), encoding="utf-8")
     client.log_artifacts(parent_id, str(out), COMPARISON_DIR)
     return out, markdown
 

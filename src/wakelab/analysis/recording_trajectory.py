@@ -16,8 +16,9 @@ import torch
 from ..errors import WakelabError
 from .probe import probe
 from .sink import AnalysisSink
-from .trajectory import MAX_FRAMES, cap_frames, frame_image
-from .watch import finish_watch, log_frame, log_table, probe_setup, start_watch
+from .trajectory import MAX_FRAMES, cap_frames
+from .trajectory_frames import frame_image
+from .watch import constituents_for, finish_watch, log_frame, log_table, probe_setup, start_watch
 
 __all__ = ["IMAGE_FRAMES", "PROBE_STEPS", "recording_trajectory"]
 
@@ -67,6 +68,8 @@ def recording_trajectory(
     from_step: int | None = None,
     to_step: int | None = None,
     warn: Callable[[str], None] = print,
+    projection: str = "focus",
+    labels: str = "auto",
 ) -> dict[str, Any]:
     """Draw the recording's new rows; files go to ``sink`` under ``prefix``; returns the summary values."""
     from ..data import read_text, resolve_data_paths, text_form, tokenize
@@ -105,7 +108,8 @@ def recording_trajectory(
         base_rows = state.rows.values(torch.arange(num_base))
         builder = start_watch(base_rows, state.tokenizer, new_ids, first, steps[0], tokens=tokens,
                               max_tokens=max_tokens, seed=seed, movement=(last - first).norm(dim=1).tolist(),
-                              warn=warn)  # fmt: skip
+                              warn=warn, constituents=constituents_for(state.config), projection=projection,
+                              labels=labels)  # fmt: skip
         for index in keep[1:]:
             builder.add(steps[index], view.at_step(steps[index])[positions])
         probe_before, probe_after = _probe_over_steps(state, rec, positions, new_ids, steps, sink, warn)

@@ -1,28 +1,23 @@
-"""Trajectories: the new tokens moving among the base tokens, in a 2-D picture whose axes never change during a run.
+"""Trajectories: the new tokens moving among the base tokens, in 2-D pictures whose axes never change during a run.
 
-The projection is fitted once, on the base rows (PCA of a seeded sample), and then applied unchanged to every
-recorded step. Base rows do not train, so they stay put, and a new row that does not move stays put too: motion on
-screen is motion in the model, not a re-fitted basis turning under the points. Tracked tokens get a trail and their
-nearest base tokens (cosine, among all base rows) at each frame; the other new tokens are drawn as a density.
+Each projection (:mod:`.projection`: PCA of all base rows, or of the base rows around the new tokens and their
+meaning words) is fitted once and then applied unchanged to every frame. Base rows do not train, so they stay put,
+and a new row that does not move stays put too: motion on screen is motion in the model, not a re-fitted basis
+turning under the points. Tracked tokens get a trail, their nearest base tokens (cosine, among all base rows) and,
+when the constituents are known, their cosine distance to their meaning word (:mod:`.meaning`) at each frame; the
+other new tokens are drawn as a density, so 44,195 new tokens cost the picture no more than 40.
 
-Three outputs from one :class:`Trajectory`:
-
-- :func:`write_html`: one self-contained page (data, canvas drawing and step slider inline; nothing fetched), which
-  MLflow's artifact viewer opens offline; hover shows a token's word and its neighbours at that step;
-- :func:`write_gif`: an animated GIF for slides;
-- :func:`frame_image`: one frame as an RGB array, for ``mlflow.log_image(..., key=..., step=...)`` so the run's
-  image step slider scrubs through training.
-
-The live plugin (``wakelab.plugins.trajectory``) and ``wakelab analyze --recording`` both build a Trajectory with
-:class:`TrajectoryBuilder`.
+This module collects the frames (:class:`TrajectoryBuilder` -> :class:`Trajectory`); the pictures are drawn by
+:mod:`.trajectory_page` (the self-contained HTML page) and :mod:`.trajectory_frames` (GIF and image frames). The
+live plugin (``wakelab.plugins.trajectory``) and ``wakelab analyze --recording`` both build one through
+:mod:`.watch`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +25,31 @@ import numpy as np
 import torch
 
 from ..errors import WakelabError
+from .meaning import Meanings, closer_and_away
+from .projection import PROJECTIONS, Projection, fit_focus_projection, fit_projection
 
 __all__ = [
     "MAX_FRAMES",
     "Projection",
     "Trajectory",
     "TrajectoryBuilder",
+    "View",
     "cap_frames",
+    "describe",
     "fit_projection",
-    "frame_image",
+    "label_order",
+    "load_trajectory",
     "read_words_file",
+    "save_trajectory",
     "select_tokens",
+    "subset",
     "token_text",
-    "write_gif",
-    "write_html",
 ]
 
 #: More frames than this make the page slow to load and the slider useless; callers subsample to it and say how
 #: to plot fewer.
 MAX_FRAMES = 400
 DENSITY_BINS = 40
-GIF_MAX_FRAMES = 80
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -64,44 +63,6 @@ def token_text(tokenizer, token_id: int) -> str:
     if not text or "\ufffd" in text:
         text = str(tokenizer.convert_ids_to_tokens(int(token_id)))
     return text
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The fixed projection
-
-
-@dataclass(frozen=True)
-class Projection:
-    """A 2-D linear map fitted once on the base rows: ``(rows - mean) @ axes.T``."""
-
-    mean: np.ndarray  # [d]
-    axes: np.ndarray  # [2, d], orthonormal
-    explained: tuple[float, float]  # share of the base rows' variance along each axis
-
-    def __call__(self, rows) -> np.ndarray:
-        values = rows.detach().float().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows, np.float32)
-        return ((values - self.mean) @ self.axes.T).astype(np.float32)
-
-
-def fit_projection(base_rows: torch.Tensor, *, max_rows: int = 20000, seed: int = 0) -> Projection:
-    """PCA of (a seeded sample of at most ``max_rows``) base rows; the same rows and seed give the same basis."""
-    rows = base_rows.detach().float().cpu()
-    if rows.ndim != 2 or rows.shape[0] < 3:
-        raise WakelabError(f"a trajectory projection needs at least 3 base rows, got shape {tuple(rows.shape)}")
-    if rows.shape[0] > max_rows:
-        generator = torch.Generator().manual_seed(int(seed))
-        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows].sort().values]
-    mean = rows.mean(0)
-    centred = rows - mean
-    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-    axes = vh[:2].clone()
-    # A sign convention, so that refitting on the same rows never mirrors the picture.
-    for i in range(2):
-        if axes[i][axes[i].abs().argmax()] < 0:
-            axes[i] = -axes[i]
-    variance = singular.square()
-    share = (variance[:2] / variance.sum().clamp_min(1e-30)).tolist()
-    return Projection(mean.numpy(), axes.numpy(), (float(share[0]), float(share[1])))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -192,28 +153,85 @@ def cap_frames(steps: Sequence[int], max_frames: int = MAX_FRAMES, how: str = ""
 
 
 @dataclass
+class View:
+    """The trajectory in one fixed projection: positions per frame, the backdrop, meaning points and density."""
+
+    projection: Projection
+    xy: np.ndarray  # [frames, tracked, 2]
+    base_xy: np.ndarray  # [sampled base rows, 2]
+    meaning_xy: np.ndarray  # [tracked, 2]; NaN where a word has no meaning word
+    density: list[np.ndarray] = field(default_factory=list)  # per frame [bins, bins] counts of the untracked new rows
+    extent: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)  # x0, x1, y0, y1 (fixed on the first frame)
+
+    @property
+    def name(self) -> str:
+        return self.projection.name
+
+    @property
+    def explained(self) -> tuple[float, float]:
+        return self.projection.explained
+
+    def frames(self, keep: Sequence[int]) -> View:
+        keep = list(keep)
+        return View(self.projection, self.xy[keep], self.base_xy, self.meaning_xy,
+                    [self.density[i] for i in keep] if self.density else [], self.extent)  # fmt: skip
+
+
+@dataclass
 class Trajectory:
-    """Everything a picture needs: per frame the tracked tokens' positions and neighbours, and the backdrop."""
+    """Everything a picture needs: per frame the tracked tokens' positions (in each projection), their neighbours and
+    their distance to their meaning word, and the backdrop. ``views[0]`` is the default projection."""
 
     steps: list[int]
     words: list[str]  # tracked tokens
     token_ids: list[int]
-    xy: np.ndarray  # [frames, tracked, 2]
+    views: list[View]
     neighbours: list[list[list[str]]]  # [frames][tracked][k] nearest base tokens
-    base_xy: np.ndarray  # [sampled base rows, 2]
     base_words: list[str]
-    density: list[np.ndarray] = field(default_factory=list)  # per frame [bins, bins] counts of the untracked new rows
-    extent: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)  # x0, x1, y0, y1 (fixed once per run)
-    explained: tuple[float, float] = (0.0, 0.0)
     title: str = "new tokens among the base tokens"
     untracked: int = 0
+    meaning_words: list[str] = field(default_factory=list)  # per tracked word ('' when none)
+    distance: np.ndarray | None = None  # [frames, tracked] cosine distance to the meaning word (NaN: none)
+    movement: list[float] = field(default_factory=list)  # per tracked word: L2 distance moved, first to last frame
+    label_order: list[int] = field(default_factory=list)  # tracked positions, most worth a label first
+    notes: list[str] = field(default_factory=list)  # lines the page shows (e.g. words left out)
 
     def __len__(self) -> int:
         return len(self.steps)
 
+    def view(self, name: str) -> View:
+        for view in self.views:
+            if view.name == name:
+                return view
+        raise KeyError(name)
+
+    # The default view's fields, as the single-projection code reads them.
+    xy = property(lambda self: self.views[0].xy)
+    base_xy = property(lambda self: self.views[0].base_xy)
+    density = property(lambda self: self.views[0].density)
+    extent = property(lambda self: self.views[0].extent)
+    explained = property(lambda self: self.views[0].explained)
+
+
+def label_order(movement: Sequence[float], meaning_words: Sequence[str], chosen: Sequence[int] = ()) -> list[int]:
+    """Which tracked words deserve a label first: a chosen list (in its order), then the words with a meaning word
+    (the probed ones), then the rest, each group largest movers first. The page labels as many as fit unoverlapped."""
+    order = list(dict.fromkeys(int(i) for i in chosen))
+    taken = set(order)
+    by_motion = sorted(range(len(movement)), key=lambda i: (-float(movement[i]), i))
+    order += [i for i in by_motion if i not in taken and meaning_words and meaning_words[i]]
+    taken = set(order)
+    return order + [i for i in by_motion if i not in taken]
+
 
 class TrajectoryBuilder:
-    """Collects frames: give it the base rows once, then each step's rows of the new tokens."""
+    """Collects frames: give it the base rows once, then each step's rows of the new tokens.
+
+    ``projections``: which fixed projections to fit (:data:`~.projection.PROJECTIONS`), the first the default; the
+    focus projection is fitted on the first frame (it needs the tracked rows at the start) and is left out, with a
+    note, when it cannot be fitted. ``meanings``: the tracked words' meaning words (:mod:`.meaning`), or None.
+    ``labels``: tracked positions to label first (a chosen list).
+    """
 
     def __init__(
         self,
@@ -226,27 +244,44 @@ class TrajectoryBuilder:
         neighbours: int = 5,
         seed: int = 0,
         title: str = "new tokens among the base tokens",
+        meanings: Meanings | None = None,
+        projections: Sequence[str] = ("base",),
+        labels: Sequence[int] = (),
     ):
         base = base_rows.detach().float().cpu()
+        unknown = [p for p in projections if p not in PROJECTIONS]
+        if unknown or not projections:
+            raise WakelabError(f"trajectory projections {list(projections)}: choose from {', '.join(PROJECTIONS)}")
         self.projection = fit_projection(base, seed=seed)
+        self._base = base
+        self._wanted = list(dict.fromkeys(projections))
+        self.seed = int(seed)
         generator = torch.Generator().manual_seed(int(seed) + 1)
-        sample = torch.randperm(base.shape[0], generator=generator)[: min(backdrop, base.shape[0])].sort().values
+        self._sample = torch.randperm(base.shape[0], generator=generator)[: min(backdrop, base.shape[0])].sort().values
         self._word = base_words if callable(base_words) else (lambda i, w=base_words: w[i])
-        self.base_xy = self.projection(base[sample])
-        self.base_words = [self._word(int(i)) for i in sample]
+        self.base_xy = self.projection(base[self._sample])
+        self.base_words = [self._word(int(i)) for i in self._sample]
         self._unit = torch.nn.functional.normalize(base, dim=1)
         self.k = int(neighbours)
         self.tracked = list(tracked)
         self.tracked_words = list(tracked_words)
         self.title = title
+        self.meanings = meanings
+        self.labels = list(labels)
         self.steps: list[int] = []
-        self.xy: list[np.ndarray] = []
         self.neighbours: list[list[list[str]]] = []
-        self.density: list[np.ndarray] = []
+        self.distance: list[np.ndarray] = []
         self.untracked = 0
-        self.extent: tuple[float, float, float, float] | None = None
+        self.views: list[View] = []
+        self.notes: list[str] = []
+        self._first: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None
         self.all_words: list[str] = list(tracked_words)  # every new token's text (the per-token table's rows)
         self.new_ids: list[int] = list(tracked)
+
+    @property
+    def extent(self) -> tuple[float, float, float, float] | None:
+        return self.views[0].extent if self.views else None
 
     def nearest(self, rows: torch.Tensor) -> list[list[str]]:
         """The ``k`` nearest base tokens (cosine) of each row."""
@@ -256,260 +291,163 @@ class TrajectoryBuilder:
         top = sims.topk(min(self.k, sims.shape[1]), dim=1).indices.tolist()
         return [[self._word(i) for i in row] for row in top]
 
+    def _fit_views(self, tracked_rows: torch.Tensor, xy_all_of: Callable[[Projection], np.ndarray]) -> None:
+        """Fit the chosen projections once (on the first frame) and fix each view's extent."""
+        meaning_ids = sorted({i for ids in (self.meanings.base_ids if self.meanings else []) for i in ids})
+        for name in self._wanted:
+            if name == "base":
+                projection = self.projection
+            else:
+                projection = fit_focus_projection(self._base, tracked_rows, meaning_ids=meaning_ids,
+                                                  base_unit=self._unit, seed=self.seed)  # fmt: skip
+                if projection is None:
+                    self.notes.append("the focus projection needs at least 3 base rows near the new tokens; left out")
+                    continue
+            base_xy = self.base_xy if projection is self.projection else projection(self._base[self._sample])
+            meaning_xy = np.full((len(self.tracked), 2), np.nan, np.float32)
+            if self.meanings is not None and self.meanings.known.any():
+                known = self.meanings.known
+                meaning_xy[known] = projection(self.meanings.rows[torch.from_numpy(known)])
+            xy_all = xy_all_of(projection)
+            points = np.concatenate([base_xy, xy_all, meaning_xy[~np.isnan(meaning_xy[:, 0])]])
+            lo, hi = np.percentile(points, 0.5, axis=0), np.percentile(points, 99.5, axis=0)
+            pad = (hi - lo) * 0.25 + 1e-6
+            extent = (float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+            self.views.append(View(projection, np.zeros((0, len(self.tracked), 2), np.float32), base_xy, meaning_xy,
+                                   [], extent))  # fmt: skip
+        if not self.views:  # only when focus alone was asked for and could not be fitted
+            self._wanted = ["base"]
+            self._fit_views(tracked_rows, xy_all_of)
+
     def add(self, step: int, new_rows: torch.Tensor) -> np.ndarray:
         """One frame from the rows of ALL new tokens at ``step`` (the untracked ones make the density)."""
         new_rows = new_rows.detach().float().cpu()
-        xy_all = self.projection(new_rows)
-        xy = xy_all[self.tracked]
-        if self.extent is None:  # fixed on the first frame: later frames share the axes
-            points = np.concatenate([self.base_xy, xy_all])
-            lo, hi = np.percentile(points, 0.5, axis=0), np.percentile(points, 99.5, axis=0)
-            pad = (hi - lo) * 0.25 + 1e-6
-            self.extent = (float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1]))
-        rest = np.ones(len(xy_all), dtype=bool)
+        tracked_rows = new_rows[self.tracked]
+        if not self.views:
+            self._fit_views(tracked_rows, lambda p: p(new_rows))
+            self._first = tracked_rows.clone()
+        self._last = tracked_rows.clone()
+        rest = np.ones(new_rows.shape[0], dtype=bool)
         rest[self.tracked] = False
         self.untracked = int(rest.sum())
-        if self.untracked:
-            x0, x1, y0, y1 = self.extent
-            grid, _, _ = np.histogram2d(xy_all[rest, 0], xy_all[rest, 1], bins=DENSITY_BINS, range=[[x0, x1], [y0, y1]])
-            self.density.append(grid.astype(np.int32))
+        for view in self.views:
+            xy_all = view.projection(new_rows)
+            view.xy = np.concatenate([view.xy, xy_all[self.tracked][None]])
+            if self.untracked:
+                x0, x1, y0, y1 = view.extent
+                grid, _, _ = np.histogram2d(xy_all[rest, 0], xy_all[rest, 1], bins=DENSITY_BINS,
+                                            range=[[x0, x1], [y0, y1]])  # fmt: skip
+                view.density.append(grid.astype(np.int32))
         self.steps.append(int(step))
-        self.xy.append(xy)
-        self.neighbours.append(self.nearest(new_rows[self.tracked]))
-        return xy
+        self.neighbours.append(self.nearest(tracked_rows))
+        if self.meanings is not None:
+            self.distance.append(self.meanings.distance(tracked_rows))
+        return self.views[0].xy[-1]
 
     def result(self) -> Trajectory:
+        movement = ((self._last - self._first).norm(dim=1).tolist() if self._first is not None
+                    else [0.0] * len(self.tracked))  # fmt: skip
+        meaning_words = list(self.meanings.words) if self.meanings is not None else []
+        notes = list(self.notes) + (list(self.meanings.messages) if self.meanings is not None else [])
         return Trajectory(
             steps=list(self.steps),
             words=self.tracked_words,
             token_ids=list(self.tracked),
-            xy=np.stack(self.xy) if self.xy else np.zeros((0, len(self.tracked), 2), np.float32),
+            views=[View(v.projection, v.xy, v.base_xy, v.meaning_xy, list(v.density), v.extent) for v in self.views],
             neighbours=self.neighbours,
-            base_xy=self.base_xy,
             base_words=self.base_words,
-            density=self.density,
-            extent=self.extent or (0.0, 1.0, 0.0, 1.0),
-            explained=self.projection.explained,
             title=self.title,
             untracked=self.untracked,
+            meaning_words=meaning_words,
+            distance=np.stack(self.distance) if self.distance else None,
+            movement=movement,
+            label_order=label_order(movement, meaning_words, self.labels),
+            notes=notes,
         )
 
 
 def subset(traj: Trajectory, frames: Sequence[int]) -> Trajectory:
     """The same trajectory on chosen frames only (for a frame cap)."""
     frames = list(frames)
-    return Trajectory(
+    return replace(
+        traj,
         steps=[traj.steps[i] for i in frames],
-        words=traj.words,
-        token_ids=traj.token_ids,
-        xy=traj.xy[frames],
+        views=[v.frames(frames) for v in traj.views],
         neighbours=[traj.neighbours[i] for i in frames],
-        base_xy=traj.base_xy,
-        base_words=traj.base_words,
-        density=[traj.density[i] for i in frames] if traj.density else [],
-        extent=traj.extent,
-        explained=traj.explained,
-        title=traj.title,
-        untracked=traj.untracked,
+        distance=traj.distance[frames] if traj.distance is not None else None,
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Pictures
-
-
-LABELS_MAX = 40  # more tracked tokens than this: labels on hover (HTML) or none (frames, GIF)
-
-
-def _frame_figure(traj: Trajectory, index: int, size: float = 6.0, dpi: int = 80):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.collections import LineCollection
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(size, size), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    x0, x1, y0, y1 = traj.extent
-    if traj.density:
-        grid = traj.density[index]
-        if grid.any():
-            ax.imshow(np.ma.masked_equal(grid.T, 0), origin="lower", extent=(x0, x1, y0, y1), cmap="Blues", alpha=0.6,
-                      aspect="auto", interpolation="nearest")  # fmt: skip
-    ax.scatter(traj.base_xy[:, 0], traj.base_xy[:, 1], s=2, c="#bbbbbb", linewidths=0, label="base tokens (sample)")
-    trail = traj.xy[: index + 1]  # [frames so far, tracked, 2]
-    if index > 0:
-        segments = np.transpose(trail, (1, 0, 2))
-        ax.add_collection(LineCollection(segments, colors="#d95f02", linewidths=0.8, alpha=0.5))
-    now = traj.xy[index]
-    ax.scatter(now[:, 0], now[:, 1], s=14, c="#d95f02", linewidths=0, label="new tokens (tracked)")
-    if len(traj.words) <= LABELS_MAX:
-        for (x, y), word in zip(now, traj.words, strict=True):
-            ax.annotate(word, (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
-    ax.set_xlim(x0, x1)
-    ax.set_ylim(y0, y1)
-    ax.set_xlabel(f"PC 1 of the base rows ({traj.explained[0]:.1%} of their variance)")
-    ax.set_ylabel(f"PC 2 ({traj.explained[1]:.1%})")
-    more = f"; {traj.untracked} more as density" if traj.untracked else ""
-    ax.set_title(f"{traj.title}: step {traj.steps[index]}{more}", fontsize=9)
-    return fig
-
-
-def frame_image(traj: Trajectory, index: int, size: float = 6.0, dpi: int = 80) -> np.ndarray:
-    """Frame ``index`` as an RGB ``uint8`` array (for ``mlflow.log_image``)."""
-    fig = _frame_figure(traj, index, size, dpi)
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def write_gif(traj: Trajectory, path: str | Path, *, max_frames: int = GIF_MAX_FRAMES, ms_per_frame: int = 150) -> Path:
-    """An animated GIF of the trajectory (at most ``max_frames`` evenly spread frames, the last held longer)."""
-    from PIL import Image
-
-    if len(traj) == 0:
-        raise WakelabError("a trajectory with no frames cannot be drawn")
-    frames, _ = cap_frames(traj.steps, max_frames)
-    images = [Image.fromarray(frame_image(traj, i, size=5.0, dpi=80)).convert("P", palette=Image.ADAPTIVE)
-              for i in frames]  # fmt: skip
-    durations = [ms_per_frame] * (len(images) - 1) + [ms_per_frame * 8]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0, optimize=False)
-    return path
-
-
-_QUANT = 10000  # positions are stored as integers on a 0..10000 grid of the extent: a third of the page's size
-
-
-def html_data(traj: Trajectory) -> dict[str, Any]:
-    """The page's data, compact: quantised positions, neighbours as indices into one word list."""
-    x0, x1, y0, y1 = traj.extent
-
-    def quant(xy: np.ndarray) -> list[int]:
-        qx = np.clip((xy[..., 0] - x0) / (x1 - x0), -0.5, 1.5) * _QUANT
-        qy = np.clip((xy[..., 1] - y0) / (y1 - y0), -0.5, 1.5) * _QUANT
-        return np.stack([qx, qy], -1).round().astype(np.int64).reshape(-1).tolist()
-
-    vocab: dict[str, int] = {}
-    neighbours = []
-    for frame in traj.neighbours:
-        flat = []
-        for row in frame:
-            flat.append([vocab.setdefault(w, len(vocab)) for w in row])
-        neighbours.append(flat)
-    return {
-        "title": traj.title,
-        "steps": traj.steps,
-        "words": traj.words,
-        "xy": [quant(traj.xy[i]) for i in range(len(traj))],
-        "nb": neighbours,
-        "vocab": list(vocab),
-        "base": quant(traj.base_xy),
-        "baseWords": traj.base_words,
-        "density": [d.T.reshape(-1).tolist() for d in traj.density],
-        "bins": DENSITY_BINS,
-        "untracked": traj.untracked,
-        "explained": [round(v, 4) for v in traj.explained],
-        "labelsMax": LABELS_MAX,
-    }
-
-
-def write_html(traj: Trajectory, path: str | Path) -> Path:
-    """One self-contained HTML page: the data and the drawing code inline, no network resource."""
-    if len(traj) == 0:
-        raise WakelabError("a trajectory with no frames cannot be drawn")
-    data = json.dumps(html_data(traj), separators=(",", ":")).replace("</", "<\\/")
-    page = _PAGE.replace("__TITLE__", _escape(traj.title)).replace("__DATA__", data)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>
-body{font:13px system-ui,sans-serif;margin:12px;color:#222}
-#wrap{position:relative;display:inline-block}
-canvas{border:1px solid #ddd;background:#fff}
-#tip{position:absolute;pointer-events:none;background:rgba(255,255,255,.95);border:1px solid #999;padding:4px 6px;
-display:none;white-space:nowrap;font-size:12px}
-#bar{margin:8px 0;display:flex;gap:10px;align-items:center}
-#slider{width:560px}
-.muted{color:#777}
-</style></head><body>
-<div><b>__TITLE__</b> <span class="muted" id="sub"></span></div>
-<div id="bar"><button id="play">play</button><input id="slider" type="range" min="0" value="0">
-<span>step <b id="step"></b></span></div>
-<div id="wrap"><canvas id="c" width="760" height="640"></canvas><div id="tip"></div></div>
-<div class="muted">Axes: the first two principal components of the base rows, fitted once for the run (a row that
-does not move stays put). Grey: base tokens (a sample). Orange: tracked new tokens with their trails. Blue squares:
-the other new tokens' density. Hover a point for its word and nearest base tokens at this step.</div>
-<script id="data" type="application/json">__DATA__</script>
-<script>
-(function(){
-const D=JSON.parse(document.getElementById('data').textContent);
-const C=document.getElementById('c'),X=C.getContext('2d'),S=document.getElementById('slider');
-const tip=document.getElementById('tip'),W=C.width,H=C.height,Q=10000,M=30;
-const F=D.steps.length,T=D.words.length;
-S.max=F-1;S.value=F-1;
-document.getElementById('sub').textContent=T+' tracked tokens'+(D.untracked?', '+D.untracked+' more as density':'')+
- ', '+F+' frames; PC1 '+(100*D.explained[0]).toFixed(1)+'%, PC2 '+(100*D.explained[1]).toFixed(1)+'% of base variance';
-const px=q=>M+q/Q*(W-2*M),py=q=>H-M-q/Q*(H-2*M);
-function draw(f){
- X.clearRect(0,0,W,H);
- if(D.density.length){const g=D.density[f],b=D.bins,cw=(W-2*M)/b,ch=(H-2*M)/b;let mx=1;for(const v of g)if(v>mx)mx=v;
-  for(let j=0;j<b;j++)for(let i=0;i<b;i++){const v=g[j*b+i];if(!v)continue;
-   X.fillStyle='rgba(49,130,189,'+(0.15+0.6*v/mx)+')';X.fillRect(M+i*cw,H-M-(j+1)*ch,cw,ch);}}
- X.fillStyle='#c8c8c8';const B=D.base;for(let i=0;i<B.length;i+=2){X.fillRect(px(B[i])-1,py(B[i+1])-1,2,2);}
- X.strokeStyle='rgba(217,95,2,.45)';X.lineWidth=1;
- for(let t=0;t<T;t++){X.beginPath();for(let k=0;k<=f;k++){const a=D.xy[k];const x=px(a[2*t]),y=py(a[2*t+1]);
-  if(k)X.lineTo(x,y);else X.moveTo(x,y);}X.stroke();}
- const a=D.xy[f];X.fillStyle='#d95f02';X.font='11px system-ui,sans-serif';
- for(let t=0;t<T;t++){const x=px(a[2*t]),y=py(a[2*t+1]);X.beginPath();X.arc(x,y,3.5,0,7);X.fill();
-  if(T<=D.labelsMax){X.fillStyle='#333';X.fillText(D.words[t],x+5,y-4);X.fillStyle='#d95f02';}}
- document.getElementById('step').textContent=D.steps[f]+' ('+(f+1)+'/'+F+')';
-}
-function hover(ev){
- const r=C.getBoundingClientRect(),mx=ev.clientX-r.left,my=ev.clientY-r.top,f=+S.value,a=D.xy[f];
- let best=-1,bd=100;
- for(let t=0;t<T;t++){const dx=px(a[2*t])-mx,dy=py(a[2*t+1])-my,d=dx*dx+dy*dy;if(d<bd){bd=d;best=t;}}
- if(best>=0){const nb=(D.nb[f][best]||[]).map(i=>D.vocab[i]).join(', ');
-  tip.innerHTML='';const b=document.createElement('b');b.textContent=D.words[best];tip.appendChild(b);
-  tip.appendChild(document.createTextNode(' at step '+D.steps[f]));tip.appendChild(document.createElement('br'));
-  tip.appendChild(document.createTextNode('nearest base tokens: '+nb));}
- else{let bb=-1,bd2=36;const B=D.base;for(let i=0;i<B.length;i+=2){const dx=px(B[i])-mx,dy=py(B[i+1])-my,d=dx*dx+dy*dy;
-  if(d<bd2){bd2=d;bb=i/2;}}
-  if(bb<0){tip.style.display='none';return;}tip.textContent='base token: '+D.baseWords[bb];}
- tip.style.display='block';tip.style.left=(mx+12)+'px';tip.style.top=(my+8)+'px';
-}
-let timer=null;
-document.getElementById('play').onclick=function(){
- if(timer){clearInterval(timer);timer=null;this.textContent='play';return;}
- this.textContent='pause';if(+S.value>=F-1)S.value=0;
- timer=setInterval(()=>{const v=+S.value+1;if(v>=F){clearInterval(timer);timer=null;
-  document.getElementById('play').textContent='play';return;}S.value=v;draw(v);},120);};
-S.oninput=()=>draw(+S.value);C.onmousemove=hover;C.onmouseleave=()=>{tip.style.display='none';};
-draw(F-1);
-})();
-</script></body></html>
-"""
 
 
 def describe(traj: Trajectory) -> dict[str, Any]:
     """A short JSON description: what was drawn and how the picture's axes were made."""
-    return {
+    out: dict[str, Any] = {
         "frames": len(traj),
         "steps": [traj.steps[0], traj.steps[-1]] if len(traj) else [],
         "tracked": len(traj.words),
         "untracked_as_density": traj.untracked,
         "backdrop_base_rows": int(len(traj.base_xy)),
-        "projection": "PCA of the base rows, fitted once",
+        "projection": f"{traj.views[0].name}: PCA of {traj.views[0].projection.fitted_on}, fitted once",
         "explained_variance": list(traj.explained),
+        "projections": {
+            v.name: {
+                "fitted_on": v.projection.fitted_on,
+                "explained_variance": list(v.explained),
+                "fingerprint": v.projection.fingerprint(),
+            }
+            for v in traj.views
+        },  # fmt: skip
         "extent": list(traj.extent),
         "finite": bool(np.isfinite(traj.xy).all()) if traj.xy.size else True,
         "max_move": float(np.abs(traj.xy - traj.xy[:1]).max()) if traj.xy.size else math.nan,
     }
+    if traj.distance is not None and len(traj):
+        closer, away, same = closer_and_away(traj.distance[0], traj.distance[-1])
+        out["meaning"] = {"words": int(np.sum([bool(w) for w in traj.meaning_words])), "closer": closer,
+                          "away": away, "unchanged": same}  # fmt: skip
+    return out
+
+
+def save_trajectory(traj: Trajectory, path: str | Path) -> Path:
+    """The trajectory as one ``.npz`` (arrays) with its words and neighbours as JSON inside: what a sweep reads back
+    to draw its children side by side."""
+    import json
+
+    arrays: dict[str, np.ndarray] = {}
+    for i, view in enumerate(traj.views):
+        p = view.projection
+        density = np.stack(view.density) if view.density else np.zeros((0, 0, 0), np.int32)
+        arrays |= {f"v{i}_xy": view.xy, f"v{i}_base": view.base_xy, f"v{i}_meaning": view.meaning_xy,
+                   f"v{i}_mean": p.mean, f"v{i}_axes": p.axes, f"v{i}_extent": np.asarray(view.extent),
+                   f"v{i}_density": density}  # fmt: skip
+    if traj.distance is not None:
+        arrays["distance"] = traj.distance
+    meta = {"steps": traj.steps, "words": traj.words, "token_ids": traj.token_ids, "neighbours": traj.neighbours,
+            "base_words": traj.base_words, "title": traj.title, "untracked": traj.untracked,
+            "meaning_words": traj.meaning_words, "movement": traj.movement, "label_order": traj.label_order,
+            "notes": traj.notes, "views": [{"name": v.name, "fitted_on": v.projection.fitted_on,
+                                            "explained": list(v.explained)} for v in traj.views]}  # fmt: skip
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    path = Path(path)
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return path
+
+
+def load_trajectory(path: str | Path) -> Trajectory:
+    """What :func:`save_trajectory` wrote."""
+    import json
+
+    with np.load(Path(path)) as data:
+        meta = json.loads(data["meta"].tobytes().decode("utf-8"))
+        views = []
+        for i, v in enumerate(meta["views"]):
+            projection = Projection(data[f"v{i}_mean"], data[f"v{i}_axes"], tuple(v["explained"]), v["name"],
+                                    v["fitted_on"])  # fmt: skip
+            density = list(data[f"v{i}_density"]) if data[f"v{i}_density"].size else []
+            extent = tuple(float(e) for e in data[f"v{i}_extent"])
+            views.append(View(projection, data[f"v{i}_xy"], data[f"v{i}_base"], data[f"v{i}_meaning"], density,
+                              extent))  # fmt: skip
+        distance = data["distance"] if "distance" in data.files else None
+    return Trajectory(meta["steps"], meta["words"], meta["token_ids"], views, meta["neighbours"], meta["base_words"],
+                      meta["title"], meta["untracked"], meta["meaning_words"], distance, meta["movement"],
+                      meta["label_order"], meta["notes"])  # fmt: skip

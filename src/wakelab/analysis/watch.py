@@ -21,20 +21,24 @@ import torch
 
 from ..errors import WakelabError
 from . import probe as probe_mod
+from .meaning import resolve_meanings
+from .projection import PROJECTIONS
 from .token_table import COLUMNS, corpus_counts, token_rows
 from .trajectory import (
     MAX_FRAMES,
     TrajectoryBuilder,
     cap_frames,
     describe,
+    read_words_file,
+    save_trajectory,
     select_tokens,
     subset,
     token_text,
-    write_gif,
-    write_html,
 )
+from .trajectory_frames import write_gif
+from .trajectory_page import LABEL_MAX, write_html
 
-__all__ = ["WatchOutputs", "finish_watch", "log_frame", "log_table", "probe_setup", "start_watch"]
+__all__ = ["WatchOutputs", "constituents_for", "finish_watch", "log_frame", "log_table", "probe_setup", "start_watch"]
 
 Warn = Callable[[str], None]
 FRAME_KEY = "trajectory"
@@ -55,21 +59,47 @@ def start_watch(
     movement: Sequence[float] | None = None,
     warn: Warn | None = None,
     title: str = "new tokens among the base tokens",
+    constituents: tuple[str, dict[str, list[str]]] | None = None,
+    projection: str = PROJECTIONS[0],
+    labels: str = "auto",
 ) -> TrajectoryBuilder:
-    """A builder with the projection fitted on ``base_rows`` and its first frame (``new_rows`` at ``step``)."""
+    """A builder with the projections fitted and its first frame (``new_rows`` at ``step``).
+
+    ``constituents``: ``(where from, {word: [meaning word, part, ...]})`` (:func:`constituents_for`): the tracked
+    words' meaning words are drawn and their distances charted. ``projection``: the page's default projection (both
+    are fitted). ``labels``: ``auto`` (words with a meaning word, then top movers) or a words file labelled first.
+    """
     if len(new_ids) == 0:
         raise WakelabError("this run adds no new tokens: there is nothing to watch (give vocab.lexicon a word list)")
     words = [token_text(tokenizer, i) for i in new_ids]
     tracked = select_tokens(tokens, words, max_tokens=max_tokens, seed=seed, movement=movement, warn=warn)
+    tracked_words = [words[i] for i in tracked]
+    chosen: list[int] = []
+    if str(labels).strip() != "auto":
+        wanted = read_words_file(labels)
+        where = {w: i for i, w in enumerate(tracked_words)}
+        chosen = [where[w] for w in wanted if w in where]
+        if not chosen and warn is not None:
+            warn(f"labels file {labels}: none of its {len(wanted)} words is a tracked new token; labelling the words "
+                 "with a meaning word and the top movers instead")  # fmt: skip
+    meanings = None
+    if constituents is not None:
+        source, table = constituents
+        meanings = resolve_meanings(table, tokenizer, [new_ids[i] for i in tracked], base_rows,
+                                    num_base=int(base_rows.shape[0]), source=source, warn=warn)  # fmt: skip
+    order = [projection, *(p for p in PROJECTIONS if p != projection)]
     builder = TrajectoryBuilder(
         base_rows,
         lambda i: token_text(tokenizer, i),
         tracked=tracked,
-        tracked_words=[words[i] for i in tracked],
+        tracked_words=tracked_words,
         backdrop=backdrop,
         neighbours=neighbours,
         seed=seed,
         title=title,
+        meanings=meanings,
+        projections=order,
+        labels=chosen,
     )
     builder.all_words = words
     builder.new_ids = [int(i) for i in new_ids]
@@ -102,9 +132,10 @@ def finish_watch(
     gif: bool = True,
     max_frames: int = MAX_FRAMES,
     fewer_frames_hint: str = "",
+    label_max: int = LABEL_MAX,
 ) -> WatchOutputs:
     """Write ``trajectory.html``, ``trajectory.gif``, ``tokens.csv``/``tokens.json``, ``trajectory.json`` and
-    ``probe.json`` (when probed) into ``folder``."""
+    ``probe.json`` (when probed) into ``folder``, and ``trajectory.npz`` (what a sweep's side-by-side page reads)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = WatchOutputs(folder)
@@ -113,13 +144,21 @@ def finish_watch(
     if message:
         out.messages.append(message)
         traj = subset(traj, keep)
+    out.messages += traj.notes
     if html:
-        out.files.append(write_html(traj, folder / "trajectory.html"))
+        out.files.append(write_html(traj, folder / "trajectory.html", label_max=label_max))
     if gif:
         out.files.append(write_gif(traj, folder / "trajectory.gif"))
     described = describe(traj)
     (folder / "trajectory.json").write_text(json.dumps(described, indent=1) + "\n", encoding="utf-8")
     out.files.append(folder / "trajectory.json")
+    out.files.append(save_trajectory(traj, folder / "trajectory.npz"))
+    if "meaning" in described:
+        m = described["meaning"]
+        out.messages.append(f"of {m['words']} words with a meaning word, {m['closer']} moved closer to it and "
+                            f"{m['away']} moved away (cosine distance, first to last frame)")  # fmt: skip
+        out.metrics["trajectory_meaning_closer"] = float(m["closer"])
+        out.metrics["trajectory_meaning_away"] = float(m["away"])
 
     ids = builder.new_ids
     out.table = token_rows(
@@ -159,14 +198,11 @@ def _write_table(rows: list[dict[str, Any]], stem: Path) -> None:
 # The meaning probe's inputs, from a run's config
 
 
-def probe_setup(
-    config, tokenizer, num_base: int, *, contexts: int = 4, max_words: int = 64, seed: int = 0, warn: Warn | None = None
-) -> probe_mod.Probe | None:
-    """The probe for this run, or None when it has no constituents file or no held-out text (said through ``warn``).
+def constituents_for(config) -> tuple[str, dict[str, list[str]]] | None:
+    """The run's constituents file and its table, or None when it has none.
 
-    The constituents file is ``init.constituents`` (``demo``: the demo's; unset with the demo lexicon: the demo's).
+    ``init.constituents``: a file, ``demo`` (the demo's), or unset (the demo's when the lexicon is the demo's).
     """
-    from ..data import resolve_data_paths
     from ..demo_text import read_constituents
 
     name = config.init.constituents
@@ -182,13 +218,29 @@ def probe_setup(
         path = Path(name).expanduser()
         if not path.is_file():
             raise WakelabError(f"init.constituents: no file at {path}; give a constituents file, `demo` or null")
+    return str(path), read_constituents(path)
+
+
+def probe_setup(
+    config, tokenizer, num_base: int, *, contexts: int = 4, max_words: int = 64, seed: int = 0, warn: Warn | None = None
+) -> probe_mod.Probe | None:
+    """The probe for this run, or None when it has no constituents file or no held-out text (said through ``warn``).
+
+    The constituents file is ``init.constituents`` (``demo``: the demo's; unset with the demo lexicon: the demo's).
+    """
+    from ..data import resolve_data_paths
+
+    found = constituents_for(config)
+    if found is None:
+        return None
+    path, table = found
     _, _, heldout = resolve_data_paths(config)
     if heldout is None:
         if warn:
             warn("meaning probe skipped: it needs held-out text (data.heldout)")
         return None
     text = Path(heldout).read_text(encoding="utf-8", errors="replace")
-    built = probe_mod.build_probe(tokenizer, read_constituents(path), text, num_base=num_base, contexts=contexts,
+    built = probe_mod.build_probe(tokenizer, table, text, num_base=num_base, contexts=contexts,
                                   max_words=max_words, seed=seed)  # fmt: skip
     for line in built.report():
         if warn:

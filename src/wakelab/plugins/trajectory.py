@@ -12,16 +12,19 @@ image view gets a step slider that scrubs through training. At the end it logs, 
 - ``probe.json`` and the metrics ``probe_kl_before/after`` and ``probe_substitution_before/after`` when the run has a
   constituents file (``init.constituents``; the demo's by default with the demo lexicon) and held-out text.
 
-Which tokens get a label and a trail (``trajectory.tokens``): ``auto`` (all up to ``max_tokens``, else a seeded
-sample), ``all``, ``sample:K``, or a words file; the rest are drawn as a density. ``wakelab analyze RUN --recording``
-draws the same pictures from a recording (and can pick the top movers).
+Which tokens get a trail (``trajectory.tokens``): ``auto`` (all up to ``max_tokens``, else a seeded sample), ``all``,
+``sample:K``, or a words file; the rest are drawn as a density. Which of them get a label (``trajectory.labels``):
+the words with a meaning word, then the top movers, or a words file first; labels never overlap, the rest show on
+hover. With constituents (``init.constituents``) each tracked word's meaning word is drawn and its cosine distance to
+it charted; the page offers two fixed projections (``trajectory.projection`` picks the default). ``wakelab analyze
+RUN --recording`` draws the same pictures from a recording (and can pick the top movers).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -48,6 +51,18 @@ class TrajectoryConfig(wakelab.PluginConfig):
     probe_contexts: int = Field(3, ge=1, description="Held-out contexts per probed word.")
     probe_words: int = Field(32, ge=1, description="At most this many constituents words are probed.")
     max_frames: int = Field(400, ge=2, description="Frames kept in the HTML page (evenly spread when there are more).")
+    projection: Literal["focus", "base"] = Field(
+        "focus",
+        description="The page's default projection (both are fitted once and offered): focus = PCA of the base rows "
+        "nearest the new tokens and their meaning words; base = PCA of all base rows.",
+    )
+    labels: str = Field(
+        "auto",
+        description="Words labelled first: auto (words with a meaning word, then the top movers) or a words file; "
+        "labels never overlap, the rest show on hover.",
+    )
+    max_labels: int = Field(20, ge=0, description="At most this many labels per frame on the page (fewer when "
+                            "they would overlap).")  # fmt: skip
 
 
 @wakelab.hookimpl
@@ -146,7 +161,8 @@ def on_run_start(run):
     builder = wakelab.start_watch(
         base_rows, run.tokenizer, rows.new_ids.tolist(), _new_rows(rows), int(run.start_step), tokens=cfg.tokens,
         max_tokens=cfg.max_tokens, backdrop=cfg.backdrop, neighbours=cfg.neighbours, seed=cfg.seed,
-        warn=_warn,
+        warn=_warn, constituents=wakelab.trajectory_constituents(run.config), projection=cfg.projection,
+        labels=cfg.labels,
     )  # fmt: skip
     probe, before = None, None
     if cfg.probe:
@@ -202,6 +218,7 @@ def on_run_end(run, status):
         watch.builder, run.output_dir / "trajectory", start_rows=watch.start_rows, end_rows=_new_rows(run.rows),
         corpus_ids=run.corpus_ids, probe_before=watch.probe_before, probe_after=after, html=cfg.html, gif=cfg.gif,
         max_frames=cfg.max_frames, fewer_frames_hint="raise trajectory.every or lower trajectory.max_frames",
+        label_max=cfg.max_labels,
     )  # fmt: skip
     for message in out.messages:
         _log(message)
