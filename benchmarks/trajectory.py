@@ -11,9 +11,12 @@ nothing.
 2. The page for 1,000 tracked tokens x 100 frames (plus 2,000 backdrop rows and 5 neighbours per token per frame):
    its size, the time to write it, and the time to parse its data in Python (json.loads, a lower bound on what a
    browser does before drawing; the browser test opens the real page).
+3. (--scale) P1's row counts: 128,256 base rows, 44,195 new rows, 40 of them tracked with meaning words, the rest as
+   density: the setup (both fixed projections), one frame, and the page's size.
 
     .venv/bin/python benchmarks/trajectory.py                 # ~3-6 minutes on 2 busy CPU cores
     .venv/bin/python benchmarks/trajectory.py --rounds 3
+    flock /tmp/wakelab-heavy.lock .venv/bin/python benchmarks/trajectory.py --scale   # 3. P1's row counts too
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def demo_shaped_model():
 def live_cost(rounds: int) -> dict[str, float]:
     import mlflow
 
-    from wakelab.analysis.trajectory import frame_image
+    from wakelab.analysis.trajectory_frames import frame_image
     from wakelab.analysis.watch import log_frame, start_watch
 
     model = demo_shaped_model()
@@ -98,16 +101,21 @@ def live_cost(rounds: int) -> dict[str, float]:
 
 
 def page(tokens: int = 1000, frames: int = 100) -> dict[str, float]:
-    from wakelab.analysis.trajectory import Trajectory, write_html
+    from wakelab.analysis.projection import Projection
+    from wakelab.analysis.trajectory import Trajectory, View, label_order
+    from wakelab.analysis.trajectory_page import write_html
 
     rng = np.random.default_rng(0)
     xy = np.cumsum(rng.normal(size=(frames, tokens, 2)).astype(np.float32) * 0.05, axis=0)
     words = [f"word{i}" for i in range(tokens)]
     base_words = [f"base{i}" for i in range(49152)]
     neighbours = [[[base_words[j] for j in rng.integers(0, 49152, 5)] for _ in range(tokens)] for _ in range(frames)]
-    traj = Trajectory(list(range(0, frames * 10, 10)), words, list(range(tokens)), xy, neighbours,
-                      rng.normal(size=(2000, 2)).astype(np.float32), base_words[:2000],
-                      extent=(-3.0, 3.0, -3.0, 3.0))  # fmt: skip
+    projection = Projection(np.zeros(8, np.float32), np.eye(2, 8, dtype=np.float32), (0.1, 0.03))
+    view = View(projection, xy, rng.normal(size=(2000, 2)).astype(np.float32), np.full((tokens, 2), np.nan, np.float32),
+                extent=(-3.0, 3.0, -3.0, 3.0))  # fmt: skip
+    movement = np.abs(xy[-1] - xy[0]).sum(1).tolist()
+    traj = Trajectory(list(range(0, frames * 10, 10)), words, list(range(tokens)), [view], neighbours,
+                      base_words[:2000], movement=movement, label_order=label_order(movement, []))  # fmt: skip
     folder = Path(tempfile.mkdtemp(prefix="wakelab-bench-"))
     t0 = time.perf_counter()
     path = write_html(traj, folder / "t.html")
@@ -120,9 +128,39 @@ def page(tokens: int = 1000, frames: int = 100) -> dict[str, float]:
     return {"mib": path.stat().st_size / 2**20, "write_s": written, "parse_s": parsed}
 
 
+def scale(frames: int = 5, base: int = 128256, new: int = 44195, dim: int = 576) -> dict[str, float]:
+    """P1's row counts (128,256 base + 44,195 new rows; hidden 576 to fit a shared machine): 40 tracked words with
+    meaning words, the other 44,155 as density. Times the setup (both projections fitted, the focus one through a
+    chunked top-k), one frame, and the page's size: only the tracked set is drawn, so it stays small."""
+    from wakelab.analysis.meaning import Meanings
+    from wakelab.analysis.trajectory import TrajectoryBuilder
+    from wakelab.analysis.trajectory_page import write_html
+
+    gen = torch.Generator().manual_seed(0)
+    base_rows = torch.randn(base, dim, generator=gen)
+    rows = torch.randn(new, dim, generator=gen) * 1.5
+    tracked = list(range(40))
+    meanings = Meanings([f"m{i}" for i in tracked], base_rows[tracked].clone(), [[i] for i in tracked])
+    t0 = time.perf_counter()
+    builder = TrajectoryBuilder(base_rows, lambda i: f"b{i}", tracked=tracked, tracked_words=[f"w{i}" for i in tracked],
+                                meanings=meanings, projections=("focus", "base"))  # fmt: skip
+    builder.add(0, rows)
+    setup = time.perf_counter() - t0
+    times = []
+    for k in range(1, frames):
+        rows[:40] += 0.1 * (base_rows[:40] - rows[:40])
+        t0 = time.perf_counter()
+        builder.add(k * 10, rows)
+        times.append(time.perf_counter() - t0)
+    folder = Path(tempfile.mkdtemp(prefix="wakelab-bench-"))
+    path = write_html(builder.result(), folder / "t.html")
+    return {"setup_s": setup, "frame_s": statistics.median(times), "mib": path.stat().st_size / 2**20}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="paired step/capture rounds")
+    parser.add_argument("--scale", action="store_true", help="also time P1's row counts (needs ~1 GiB)")
     args = parser.parse_args()
     print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}")
     live = live_cost(args.rounds)
@@ -131,6 +169,11 @@ def main() -> None:
     print(f"1. live cost: step {live['step_s']:.3f} s, capture {live['capture_s'] * 1000:.1f} ms (median of "
           f"{args.rounds}); every {EVERY} steps = {share:.2%} of step time [<= 2 %] {verdict}"
           f"; one-off setup (projection, first frame) {live['setup_s']:.2f} s")  # fmt: skip
+    if args.scale:
+        big = scale()
+        print(f"3. P1 row counts (128,256 base + 44,195 new, hidden 576), 40 tracked with meaning words: setup (both "
+              f"projections) {big['setup_s']:.1f} s, one frame {big['frame_s']:.2f} s, page {big['mib']:.2f} MiB "
+              "for 5 frames")  # fmt: skip
     figures = page()
     print(f"2. page, 1,000 tokens x 100 frames: {figures['mib']:.1f} MiB, written in {figures['write_s']:.2f} s, "
           f"data parsed in {figures['parse_s'] * 1000:.0f} ms (json.loads)")  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 import mlflow
@@ -67,7 +68,13 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
             "--top-k",
             "5",
             "--no-progress",
-            *set_args(tiny_model, texts),
+            "--plugin",
+            "trajectory",
+            *set_args(
+                tiny_model,
+                texts,
+                **{"trajectory.gif": False, "trajectory.log_frames": False, "init.constituents": constituents},
+            ),  # the page's meaning words
         ]
     )
     assert result.exit_code == 0, result.output
@@ -117,6 +124,13 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
     markdown = (tmp_path / "out" / "comparison" / "comparison.md").read_text()
     assert "| init=spherical | FINISHED |" in markdown and "meaning@5 end" in markdown
     assert "init=spherical" in result.output  # the table is printed too
+    # One page: the table, the plots embedded, and both children's trajectories under one slider.
+    page = (tmp_path / "out" / "comparison" / "comparison.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "position:sticky" in page
+    runs = json.loads(re.search(r'<script id="runs" type="application/json">(.*?)</script>', page, re.S).group(1))
+    assert [r["label"] for r in runs] == ["init=spherical", "init=subword"]
+    assert len({r["data"]["views"][0]["fingerprint"] for r in runs}) == 1, "one shared projection"
+    assert runs[0]["data"]["meaning"] and runs[0]["data"]["dist"], "the constituents' meaning words are drawn"
 
 
 def test_a_failing_child_is_recorded_and_the_others_go_on(tiny_model, texts, tmp_path):

@@ -119,3 +119,32 @@ def test_bad_token_choice_stops_before_anything_is_written(tmp_path, spec, messa
     with pytest.raises(ConfigError, match=message):
         run_with_plugins(["trajectory"], tmp_path, {"trajectory.tokens": spec})
     assert not (tmp_path / "out").exists()
+
+
+def test_tracked_words_file_matching_no_new_token_is_one_line(tmp_path):
+    from wakelab.errors import WakelabError
+
+    words = tmp_path / "words.txt"
+    words.write_text("notaword\nalsonot\n")
+    with pytest.raises(WakelabError) as caught:
+        run_with_plugins(["trajectory"], tmp_path, {"trajectory.tokens": str(words), "train.max_steps": 2})
+    message = str(caught.value)
+    assert "\n" not in message and f"words file {words}: none of its 2 words is a new token of this run" in message
+    assert not (tmp_path / "out" / "trajectory").exists()
+
+
+def test_page_carries_meaning_words_and_both_projections(tmp_path, capsys):
+    texts = _planted_texts(tmp_path)
+    result = run_with_plugins(["trajectory"], tmp_path, {
+        "data.corpus": str(texts / "corpus.txt"), "data.heldout": str(texts / "heldout.txt"),
+        "vocab.lexicon": str(texts / "lexicon.txt"), "init.constituents": str(texts / "constituents.tsv"),
+        "train.max_steps": 4, "trajectory.every": 2, "trajectory.gif": False, "trajectory.probe": False,
+    })  # fmt: skip
+    err = capsys.readouterr().err
+    # The constituents word outside the lexicon: one line with the count; the other two are drawn.
+    assert "1 of 3 words are not new tokens of this run (not in the lexicon) and get no meaning line: notnew" in err
+    described = json.loads((result.output_dir / "trajectory" / "trajectory.json").read_text())
+    assert set(described["projections"]) == {"focus", "base"} and described["projection"].startswith("focus")
+    assert described["meaning"]["words"] == 2
+    assert described["meaning"]["closer"] + described["meaning"]["away"] + described["meaning"]["unchanged"] == 2
+    assert (result.output_dir / "trajectory" / "trajectory.npz").is_file()

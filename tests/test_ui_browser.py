@@ -278,11 +278,17 @@ def test_ui_shows_the_trajectory_page_and_scrubs_its_frames(tiny_model, texts, t
             page.get_by_text("trajectory", exact=True).first.click()
             page.get_by_text("trajectory.html", exact=True).click()
             frame = page.frame_locator("iframe").first
-            expect(frame.locator("canvas#c")).to_be_visible()
+            expect(frame.locator("canvas.plot")).to_be_visible()
             expect(frame.locator("#step")).to_contain_text("6 (4/4)")  # the last frame is drawn first
             frame.locator("#slider").evaluate("s => { s.value = 0; s.dispatchEvent(new Event('input')); }")
             expect(frame.locator("#step")).to_contain_text("0 (1/4)")
             frame.locator("#slider").evaluate("s => { s.value = 3; s.dispatchEvent(new Event('input')); }")
+            boxes = [label.bounding_box() for label in frame.locator(".lbl").all()]
+            assert boxes and not any(  # labels never overlap, in the artifact viewer too
+                a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+                and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]
+                for i, a in enumerate(boxes) for b in boxes[i + 1 :]
+            )  # fmt: skip
             page.screenshot(path=str(screenshots / "ui-trajectory.png"))
 
             # The frames, logged with mlflow.log_image(key="trajectory", step=...): the runs' chart view takes an

@@ -32,7 +32,8 @@ white-space:nowrap;background:#fff}
 .scroll td:first-child,.scroll th:first-child{position:sticky;left:0;z-index:1;text-align:left;background:#f9f9f9;
 border-right:2px solid #ccc}
 .plots{display:flex;flex-wrap:wrap;gap:10px}
-.plots img{max-width:560px;border:1px solid #eee}
+.plots figure{margin:0}
+.plots img{width:520px;border:1px solid #eee}
 """
 
 

@@ -25,6 +25,7 @@ const WL = (function () {
     const P = this, W = opt.width || 760, H = opt.height || 600, CH = opt.chartHeight || 170;
     P.D = D; P.v = opt.view || 0; P.f = D.steps.length - 1; P.hot = -1; P.cam = opt.camera || new Camera();
     const box = el('div', 'panel', root);
+    box.style.width = W + 'px';
     if (opt.caption) { const c = el('div', 'caption', box); c.textContent = opt.caption; }
     const wrap = el('div', 'wrap', box);
     wrap.style.width = W + 'px'; wrap.style.height = H + 'px';
