@@ -90,8 +90,8 @@ def _figure(traj: Trajectory, index: int, size: float = 6.0, dpi: int = 80):
     items += [(view.meaning_xy[t, 0], view.meaning_xy[t, 1], traj.meaning_words[t], MEANING)
               for t in traj.label_order[:FRAME_LABELS] if meant[t]]  # fmt: skip
     _place_labels(ax, fig, items)
-    name = view.projection.fitted_on
-    ax.set_xlabel(f"axis 1: {view.explained[0]:.1%} of the variance of {name}", fontsize=8)
+    ax.set_xlabel(f"{view.name} PCA, axis 1: {view.explained[0]:.1%} of the variance of the rows it was fitted on",
+                  fontsize=8)  # fmt: skip
     ax.set_ylabel(f"axis 2: {view.explained[1]:.1%}", fontsize=8)
     more = f"; {traj.untracked} more as density" if traj.untracked else ""
     ax.set_title(f"{traj.title}: step {traj.steps[index]}{more}", fontsize=9)
