@@ -194,3 +194,18 @@ def test_a_run_whose_base_is_gone_is_one_line_and_writes_nothing(run, tmp_path):
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "no-such-base" in result.output
     assert not dest.exists() and list(tmp_path.glob(".partial-*")) == []
+
+
+def test_added_tokens_gguf_cannot_describe_are_named_in_a_note(tmp_path):
+    from tokenizers import AddedToken
+
+    from wakelab.gguf_export import unmatched_flags
+    from wakelab.testing import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    num_base = len(tokenizer)
+    tokenizer.add_tokens([AddedToken(" riverrun", normalized=False)])
+    assert unmatched_flags(tokenizer, num_base) is None  # wakelab's add_as=word tokens: nothing lost
+    tokenizer.add_tokens([AddedToken("moonbrook", single_word=True), AddedToken("smirtle", lstrip=True)])
+    note = unmatched_flags(tokenizer, num_base)
+    assert note.startswith("2 added tokens are single_word/lstrip/rstrip (first: 'moonbrook')")

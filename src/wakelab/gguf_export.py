@@ -99,6 +99,22 @@ def added_tokens(tokenizer, num_base: int, n_vocab: int) -> tuple[list[str], lis
     return texts, types
 
 
+def unmatched_flags(tokenizer, num_base: int) -> str | None:
+    """A note when added tokens carry single_word/lstrip/rstrip: GGUF has no field for them, so llama.cpp matches
+    their text anywhere (inside longer words too) where transformers would not."""
+    flagged = [
+        t.content
+        for i, t in tokenizer.added_tokens_decoder.items()
+        if i >= num_base and (t.single_word or t.lstrip or t.rstrip)
+    ]
+    if not flagged:
+        return None
+    return (
+        f"{len(flagged)} added tokens are single_word/lstrip/rstrip (first: {flagged[0]!r}); GGUF cannot say so, and "
+        "llama.cpp matches their text anywhere, inside longer words too (docs/gguf.md)"
+    )
+
+
 def base_tokens(tokenizer, num_base: int) -> tuple[list[str], list[int]]:
     """A safetensors base's own tokens, as convert_hf_to_gguf.py writes them (byte-level BPE text)."""
     from gguf import TokenType
@@ -502,6 +518,9 @@ def export_gguf(
     num_base = int(trained.base.get("num_base") or len(tokenizer) - int(trained.token_ids.numel()))
     if from_gguf is None:
         pre_tokenizer_name(tokenizer)
+    if (note := unmatched_flags(tokenizer, num_base)) is not None:
+        source.notes.append(note)
+        say(note)
     info = {
         k: v
         for k, v in provenance(source, "gguf", {"outtype": outtype}).items()
