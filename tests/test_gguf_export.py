@@ -8,6 +8,8 @@ test_gguf_llama_cpp_slow.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,9 +21,14 @@ from wakelab.testing import COINED
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model, texts, tmp_path_factory, empty_mlflow_db):
+def runs(tiny_model, texts, tmp_path_factory, empty_mlflow_db):
     specs = {"T": tiny_overrides(tiny_model, texts, **{"train.max_steps": 4, "train.eval_perplexity": False})}
-    return run_store(tmp_path_factory.mktemp("gguf-runs"), empty_mlflow_db, specs)["T"]
+    return run_store(tmp_path_factory.mktemp("gguf-runs"), empty_mlflow_db, specs)
+
+
+@pytest.fixture(scope="module")
+def run(runs):
+    return runs["T"]
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +110,26 @@ def test_each_outtype_writes_its_tensor_type_and_keeps_norms_f32(run, hf_export,
     )
     embedding = model.get_input_embeddings().weight.detach().numpy()
     assert np.abs(tensor(reader, "token_embd.weight") - embedding).max() < tolerance * np.abs(embedding).max()
+
+
+def test_to_mlflow_logs_the_gguf_file_beside_the_full_model(runs, tmp_path, monkeypatch):
+    import mlflow
+    from gguf import GGUFReader
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", runs["uri"])
+    mlflow.set_tracking_uri(runs["uri"])
+    run = runs["T"]
+    result = CliRunner().invoke(main, ["export", run.run_id, "--format", "gguf", "--to", "mlflow", "--outtype", "q8_0"])
+    assert result.exit_code == 0, result.output
+    uri = result.output.split("logged the full model: ")[1].split()[0]
+    assert "gguf/model-q8_0.gguf" in result.output
+    logged = mlflow.MlflowClient().get_logged_model(uri.removeprefix("models:/"))
+    folder = Path(mlflow.artifacts.download_artifacts(f"{logged.artifact_location}/gguf", dst_path=str(tmp_path)))
+    assert [p.name for p in folder.iterdir()] == ["model-q8_0.gguf"]
+    reader = GGUFReader(folder / "model-q8_0.gguf")
+    assert reader.fields["wakelab.run_id"].contents() == run.run_id
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[-8:] == [" " + w for w in COINED]
+    assert mlflow.transformers.load_model(uri, return_type="components")["tokenizer"] is not None  # the model too
 
 
 def test_an_untied_head_is_written_as_output(tiny_model, texts, tmp_path, empty_mlflow_db):

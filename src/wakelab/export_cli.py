@@ -86,6 +86,8 @@ def export(run, dest, fmt, outtype, overwrite, base, quantized, registered_model
     if result.fmt == "mlflow":
         click.echo(f"logged the full model: {result.dest}")
         click.echo(f"  load it: mlflow.transformers.load_model('{result.dest}')")
+        if fmt == "gguf":
+            click.echo(f"  the GGUF file: the logged model's artifact gguf/model-{outtype}.gguf")
         return
     click.echo(
         f"exported {result.new_tokens:,} new tokens ({result.vocab_size:,} in all) as {result.fmt} to {result.dest}"
