@@ -28,7 +28,7 @@ from .merge import BASE_INFO_FILE, TrainedRows, base_source, check_base, merged_
 from .state import resolve_run
 from .vocab import expand_vocabulary, read_lexicon
 
-FORMATS = ("hf", "peft", "gguf")
+FORMATS = ("hf", "peft")
 #: Provenance written into every exported folder (which run, step and base it came from).
 EXPORT_INFO_FILE = "wakelab_export.json"
 UNFINISHED = ("FAILED", "KILLED", "RUNNING", "SCHEDULED")
@@ -219,31 +219,15 @@ def export(
     base: str | None = None,
     quantized: bool = False,
     registered_model_name: str | None = None,
-    outtype: str = "f16",
     say: Callable[[str], None] = lambda _: None,
 ) -> ExportResult:
-    """Export ``target`` (run dir, MLflow run id or checkpoint) to ``dest`` as ``fmt`` (``hf``, ``peft``, ``gguf``),
-    or to MLflow as a full transformers model when ``dest`` is ``mlflow`` (with ``gguf``, the GGUF file too)."""
+    """Export ``target`` (run dir, MLflow run id or checkpoint) to ``dest`` as ``fmt`` (``hf``, ``peft``), or to
+    MLflow as a full transformers model when ``dest`` is ``mlflow``."""
     to_mlflow = dest == "mlflow"
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
-    if fmt == "gguf" and dest and not quantized:
-        from .gguf_export import export_gguf
-
-        return export_gguf(
-            target,
-            dest,
-            overwrite=overwrite,
-            base=base,
-            outtype=outtype,
-            registered_model_name=registered_model_name,
-            say=say,
-        )
     if quantized and fmt != "hf":
-        raise ExportError(
-            "--quantized applies to --format hf (a PEFT adapter holds only the new rows; "
-            "--format gguf takes --outtype q8_0)"
-        )
+        raise ExportError("--quantized applies to --format hf (a PEFT adapter holds only the new rows)")
     if not dest:
         raise ExportError("give the destination: --to DIR (a new or empty folder) or --to mlflow")
     if registered_model_name and not to_mlflow:

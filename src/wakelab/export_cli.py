@@ -70,19 +70,34 @@ def export(run, dest, fmt, outtype, overwrite, base, quantized, registered_model
       wakelab export runs/demo/checkpoint-200 --to exported/step200 --overwrite
       wakelab export 3f2c9a... --to mlflow --registered-model-name wake-demo
     """
+    from .export import ExportError
     from .export import export as do_export
 
-    result = do_export(
-        run,
-        dest,
-        fmt,
-        overwrite=overwrite,
-        base=base,
-        quantized=quantized,
-        registered_model_name=registered_model_name,
-        outtype=outtype,
-        say=_say,
-    )
+    if fmt == "gguf":
+        if quantized:
+            raise ExportError("--quantized keeps a 4-bit base 4-bit in an hf folder; for gguf use --outtype q8_0")
+        from .gguf_export import export_gguf
+
+        result = export_gguf(
+            run,
+            dest,
+            overwrite=overwrite,
+            base=base,
+            outtype=outtype,
+            registered_model_name=registered_model_name,
+            say=_say,
+        )
+    else:
+        result = do_export(
+            run,
+            dest,
+            fmt,
+            overwrite=overwrite,
+            base=base,
+            quantized=quantized,
+            registered_model_name=registered_model_name,
+            say=_say,
+        )
     if result.fmt == "mlflow":
         click.echo(f"logged the full model: {result.dest}")
         click.echo(f"  load it: mlflow.transformers.load_model('{result.dest}')")
