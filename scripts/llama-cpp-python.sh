@@ -17,7 +17,7 @@ fi
 mkdir -p "$WHEELS"
 WHEEL="$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)"
 if [ -z "$WHEEL" ]; then
-    echo "llama-cpp-python: building $VERSION from source into $WHEELS (once; about 25 min on 2 busy cores)"
+    echo "llama-cpp-python: building $VERSION from source into $WHEELS (once: about 8 CPU-minutes of C++)"
     started=$(date +%s)
     CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
         nice -n 10 "$PY" -m pip wheel -q --no-deps --no-binary llama-cpp-python -w "$WHEELS" "$PIN"
