@@ -29,9 +29,9 @@ from wakelab.cli import main
 pytestmark = pytest.mark.slow
 
 #: The largest |llama.cpp - transformers fp32| next-token logit allowed, as a fraction of the hf logits' range
-#: (max - min over the vocabulary) at that position. f16 weights and llama.cpp's f16 activations in the matmuls
-#: put the measured figure near 0.3% on the demo; the bound leaves room for other CPUs' kernels.
-LOGIT_TOLERANCE = {"f32": 0.005, "f16": 0.02, "bf16": 0.04}
+#: (max - min over the vocabulary) at that position. Measured on the demo (AVX512 CPU, 6 prompts): f32 0.00054,
+#: f16 0.00092, bf16 0.0101 (bf16 keeps 8 bits of mantissa); the bounds leave room for other CPUs' kernels.
+LOGIT_TOLERANCE = {"f32": 0.005, "f16": 0.01, "bf16": 0.04}
 PROMPTS = [
     "The river",
     "Once upon a time, the old ferryman",
