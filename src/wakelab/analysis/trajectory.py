@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import WakelabError
+from .embeddings import top_k_cosine
 
 __all__ = [
     "MAX_FRAMES",
@@ -51,6 +52,8 @@ __all__ = [
 MAX_FRAMES = 400
 DENSITY_BINS = 40
 GIF_MAX_FRAMES = 80
+#: Rows projected per pass: the centred float32 copy is this many rows, not all of them.
+PROJECT_ROWS = 8192
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -79,18 +82,27 @@ class Projection:
     explained: tuple[float, float]  # share of the base rows' variance along each axis
 
     def __call__(self, rows) -> np.ndarray:
-        values = rows.detach().float().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows, np.float32)
-        return ((values - self.mean) @ self.axes.T).astype(np.float32)
+        """``[n, 2]`` positions, ``PROJECT_ROWS`` rows at a time (no centred copy of all the rows)."""
+        out = np.empty((len(rows), 2), dtype=np.float32)
+        for start in range(0, len(rows), PROJECT_ROWS):
+            part = rows[start : start + PROJECT_ROWS]
+            if isinstance(part, torch.Tensor):
+                values = part.detach().float().cpu().numpy()
+            else:
+                values = np.asarray(part, np.float32)
+            out[start : start + len(values)] = (values - self.mean) @ self.axes.T
+        return out
 
 
 def fit_projection(base_rows: torch.Tensor, *, max_rows: int = 20000, seed: int = 0) -> Projection:
     """PCA of (a seeded sample of at most ``max_rows``) base rows; the same rows and seed give the same basis."""
-    rows = base_rows.detach().float().cpu()
+    rows = base_rows.detach()
     if rows.ndim != 2 or rows.shape[0] < 3:
         raise WakelabError(f"a trajectory projection needs at least 3 base rows, got shape {tuple(rows.shape)}")
-    if rows.shape[0] > max_rows:
+    if rows.shape[0] > max_rows:  # sampled before the float32 copy: the copy is max_rows x d, whatever the vocabulary
         generator = torch.Generator().manual_seed(int(seed))
-        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows].sort().values]
+        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows].sort().values.to(rows.device)]
+    rows = rows.float().cpu()
     mean = rows.mean(0)
     centred = rows - mean
     _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
@@ -227,14 +239,16 @@ class TrajectoryBuilder:
         seed: int = 0,
         title: str = "new tokens among the base tokens",
     ):
-        base = base_rows.detach().float().cpu()
+        # Kept as given (a view of the model's weights costs nothing): the projection samples it, and the nearest
+        # base tokens are found a chunk at a time (top_k_cosine), so no copy of all base rows is ever made.
+        base = base_rows.detach()
         self.projection = fit_projection(base, seed=seed)
         generator = torch.Generator().manual_seed(int(seed) + 1)
         sample = torch.randperm(base.shape[0], generator=generator)[: min(backdrop, base.shape[0])].sort().values
         self._word = base_words if callable(base_words) else (lambda i, w=base_words: w[i])
-        self.base_xy = self.projection(base[sample])
+        self.base_xy = self.projection(base[sample.to(base.device)])
         self.base_words = [self._word(int(i)) for i in sample]
-        self._unit = torch.nn.functional.normalize(base, dim=1)
+        self._base = base
         self.k = int(neighbours)
         self.tracked = list(tracked)
         self.tracked_words = list(tracked_words)
@@ -249,12 +263,11 @@ class TrajectoryBuilder:
         self.new_ids: list[int] = list(tracked)
 
     def nearest(self, rows: torch.Tensor) -> list[list[str]]:
-        """The ``k`` nearest base tokens (cosine) of each row."""
+        """The ``k`` nearest base tokens (cosine) of each row: a chunked top-k, memory O(chunk x d) per call."""
         if self.k <= 0 or rows.shape[0] == 0:
             return [[] for _ in range(rows.shape[0])]
-        sims = torch.nn.functional.normalize(rows.detach().float(), dim=1) @ self._unit.T
-        top = sims.topk(min(self.k, sims.shape[1]), dim=1).indices.tolist()
-        return [[self._word(i) for i in row] for row in top]
+        _, top = top_k_cosine(rows.detach(), self._base, self.k)
+        return [[self._word(i) for i in row] for row in top.tolist()]
 
     def add(self, step: int, new_rows: torch.Tensor) -> np.ndarray:
         """One frame from the rows of ALL new tokens at ``step`` (the untracked ones make the density)."""

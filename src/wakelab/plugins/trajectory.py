@@ -106,7 +106,8 @@ def active() -> _Watch | None:
 
 
 def _new_rows(rows) -> torch.Tensor:
-    return rows.values(rows.new_ids)
+    """The new rows as they are now: a view (no copy) when one tensor holds them; copy it to keep it."""
+    return rows.values(range(rows.num_base, rows.num_total), share=True)
 
 
 def _frame(watch: _Watch, step: int, add: bool = True) -> None:
@@ -142,7 +143,7 @@ def on_run_start(run):
     if len(rows.new_ids) == 0:
         _log("this run adds no new tokens; nothing to draw")
         return
-    base_rows = rows.values(torch.arange(rows.num_base))
+    base_rows = rows.values(range(rows.num_base), share=True)  # a view of the weights: no copy of the base rows
     builder = wakelab.start_watch(
         base_rows, run.tokenizer, rows.new_ids.tolist(), _new_rows(rows), int(run.start_step), tokens=cfg.tokens,
         max_tokens=cfg.max_tokens, backdrop=cfg.backdrop, neighbours=cfg.neighbours, seed=cfg.seed,
