@@ -63,6 +63,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "trajectory_frame": ("analysis.trajectory", "frame_image"),
     "log_trajectory_frame": ("analysis.watch", "log_frame"),
     "log_token_table": ("analysis.watch", "log_table"),
+    # New rows against base rows: a chunked running top-k by cosine, never a new x base matrix.
+    "top_k_cosine": ("analysis.embeddings", "top_k_cosine"),
+    "nearest_neighbours": ("analysis.embeddings", "nearest_neighbours"),
 }
 
 __all__ = [

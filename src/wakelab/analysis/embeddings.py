@@ -190,7 +190,8 @@ def top_k_cosine(
     Order: best first; of equal cosines the earlier candidate comes first, so the result is the same for every
     ``chunk_size`` (a one-shot stable sort of the full matrix gives exactly this). ``query_ids`` with
     ``candidate_ids``: a candidate with the query's own id gets ``-inf`` (a row is never its own neighbour).
-    Positions index ``candidates``; fewer than ``k`` candidates give fewer columns.
+    Positions index ``candidates``; fewer than ``k`` candidates give fewer columns. The products are computed on the
+    candidates' device (queries are moved there a batch at a time); the results come back on the CPU.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -200,16 +201,17 @@ def top_k_cosine(
     width = min(k, count)
     out_values = torch.empty(queries.shape[0], width)
     out_positions = torch.empty(queries.shape[0], width, dtype=torch.long)
+    device = candidates[0:1].device if count else torch.device("cpu")  # compute where the candidates live (a GPU)
     for q_start in range(0, queries.shape[0], query_batch):
-        q_unit = _unit_rows(queries[q_start : q_start + query_batch])
-        q_ids = None if query_ids is None else query_ids[q_start : q_start + query_batch]
-        best_values = torch.empty(q_unit.shape[0], 0)
-        best_positions = torch.empty(q_unit.shape[0], 0, dtype=torch.long)
+        q_unit = _unit_rows(queries[q_start : q_start + query_batch].to(device))
+        q_ids = None if query_ids is None else query_ids[q_start : q_start + query_batch].to(device)
+        best_values = torch.empty(q_unit.shape[0], 0, device=device)
+        best_positions = torch.empty(q_unit.shape[0], 0, dtype=torch.long, device=device)
         for c_start in range(0, count, chunk_size):
             c_unit = _unit_rows(candidates[c_start : c_start + chunk_size])
             sims = q_unit @ c_unit.T
             if q_ids is not None and candidate_ids is not None:
-                c_ids = candidate_ids[c_start : c_start + chunk_size]
+                c_ids = candidate_ids[c_start : c_start + chunk_size].to(device)
                 sims.masked_fill_(q_ids[:, None] == c_ids[None, :], float("-inf"))
             values, columns = _chunk_best(sims, width)
             # The running best holds earlier candidates only, so a stable sort keeps ties in candidate order.
@@ -218,8 +220,8 @@ def top_k_cosine(
             merged_values, order = merged_values.sort(dim=1, descending=True, stable=True)
             best_values = merged_values[:, :width]
             best_positions = merged_positions.gather(1, order[:, :width])
-        out_values[q_start : q_start + query_batch] = best_values
-        out_positions[q_start : q_start + query_batch] = best_positions
+        out_values[q_start : q_start + query_batch] = best_values.cpu()
+        out_positions[q_start : q_start + query_batch] = best_positions.cpu()
     return out_values, out_positions
 
 

@@ -40,6 +40,14 @@ class TrajectoryConfig(wakelab.PluginConfig):
     max_tokens: int = Field(40, ge=1, description="`auto` draws all new tokens up to this many, else a sample.")
     backdrop: int = Field(2000, ge=0, description="Base tokens drawn as the grey backdrop (a seeded sample).")
     neighbours: int = Field(5, ge=0, description="Nearest base tokens listed per tracked token (hover, table).")
+    table_neighbours: bool = Field(
+        True,
+        description=(
+            "List every new word's nearest base tokens at start and end in the per-token table: a chunked search "
+            "(memory O(8192 x d)) of 2 x new x base x d multiply-adds, 23 T at P1's size: seconds on a GPU, "
+            "several minutes on a CPU. False: the table without those two columns."
+        ),
+    )
     seed: int = Field(0, description="Seed of the token sample, the backdrop and the probe's contexts.")
     log_frames: bool = Field(True, description="Log each frame as an MLflow image with its step (the image slider).")
     html: bool = Field(True, description="Write and log trajectory.html.")
@@ -203,6 +211,7 @@ def on_run_end(run, status):
         watch.builder, run.output_dir / "trajectory", start_rows=watch.start_rows, end_rows=_new_rows(run.rows),
         corpus_ids=run.corpus_ids, probe_before=watch.probe_before, probe_after=after, html=cfg.html, gif=cfg.gif,
         max_frames=cfg.max_frames, fewer_frames_hint="raise trajectory.every or lower trajectory.max_frames",
+        table_neighbours=cfg.table_neighbours,
     )  # fmt: skip
     for message in out.messages:
         _log(message)
