@@ -38,6 +38,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "base_moments": ("gaussian", "base_moments"),
     "sampling_factor": ("gaussian", "sampling_factor"),
     "gaussian_rows": ("gaussian", "gaussian_rows"),
+    "mean_row_norm": ("gaussian", "mean_row_norm"),
     # Checkpoints as the engine writes them: complete or absent, with a checksummed manifest.
     "CHECKPOINT_MANIFEST": ("checkpoints", "MANIFEST"),
     "CheckpointError": ("checkpoints", "CheckpointError"),
