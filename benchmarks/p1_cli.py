@@ -65,7 +65,6 @@ LLAMA_1B = {
     "num_key_value_heads": 8,
     "head_dim": 64,
     "rope_theta": 500000.0,
-    "rms_norm_eps": 1e-5,
     "max_position_embeddings": 1024,
     "tie_word_embeddings": True,
 }
@@ -105,14 +104,16 @@ class Bench:
             TOKENIZERS_PARALLELISM="false",
         )
         self.rows: list[tuple[str, float, float, str]] = []  # label, peak MiB, wall s, note
+        self.failed = False
 
     def wakelab(self, label: str, argv: list[str], note: str = "") -> tuple[float, str]:
         cmd = [sys.executable, "-m", "wakelab", *argv]
         rc, output, peak_kib, wall = measure(cmd, env=self.env, cwd=self.folder)
-        if rc != 0:
-            sys.stderr.write(output[-4000:])
-            raise SystemExit(f"{label}: `wakelab {' '.join(argv[:2])}` exited {rc}")
         peak = peak_kib / 1024
+        if rc != 0:  # said, and the other rows go on: one failure must not cost the rest of a long benchmark
+            sys.stderr.write(output[-4000:])
+            note = f"FAILED: `wakelab {argv[0]}` exited {rc}; {note}"
+            self.failed = True
         self.rows.append((label, peak, wall, note))
         print(f"{label:<52} peak RSS {peak:>8,.0f} MiB  {wall:>6.0f} s  {note}", flush=True)
         return peak, output
@@ -174,14 +175,14 @@ def prepare(args, folder: str, words_count: int) -> tuple[str, str, list[str], f
 
 def print_table(bench: Bench, reference: float | None, floor: dict[str, int] | None, title: str) -> None:
     print(f"\n{title}\n")
-    print("| command | peak RSS (MiB) | wall (s) | peak / plugins-off run | target |")
-    print("| --- | ---: | ---: | ---: | --- |")
-    for label, peak, wall, _ in bench.rows:
+    print("| command | peak RSS (MiB) | wall (s) | peak / plugins-off run | target | note |")
+    print("| --- | ---: | ---: | ---: | --- | --- |")
+    for label, peak, wall, note in bench.rows:
         ratio = f"{peak / reference:.2f}" if reference else "-"
         verdict = ""
         if reference and label != "run, every plugin off":
             verdict = f"<= {TARGET_COMMAND} {'PASS' if peak / reference <= TARGET_COMMAND else 'FAIL'}"
-        print(f"| {label} | {peak:,.0f} | {wall:.0f} | {ratio} | {verdict} |")
+        print(f"| {label} | {peak:,.0f} | {wall:.0f} | {ratio} | {verdict} | {note} |")
     if floor and reference:
         total = sum(floor.values())
         parts = ", ".join(f"{k} {v / MiB:,.0f}" for k, v in floor.items())
@@ -192,7 +193,7 @@ def print_table(bench: Bench, reference: float | None, floor: dict[str, int] | N
         )
 
 
-def p1(args) -> None:
+def p1(args) -> int:
     folder = tempfile.mkdtemp(prefix="wakelab-p1cli-")
     bench = Bench(args, folder)
     try:
@@ -330,6 +331,7 @@ def p1(args) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         else:
             print(f"kept {folder}")
+    return 1 if bench.failed else 0
 
 
 def search_worker(hidden: int, words: int) -> None:
@@ -352,7 +354,7 @@ def search_worker(hidden: int, words: int) -> None:
     print(json.dumps({"extra_mib": extra, "seconds": seconds}))
 
 
-def wide(args) -> None:
+def wide(args) -> int:
     folder = tempfile.mkdtemp(prefix="wakelab-wide-")
     bench = Bench(args, folder)
     try:
@@ -384,6 +386,7 @@ def wide(args) -> None:
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    return 1 if bench.failed else 0
 
 
 def main() -> int:
@@ -413,8 +416,7 @@ def main() -> int:
     if args.layers > 2 and args.only is None and not args.wide:
         args.only = "run-off,run-traj"
     print(f"CPU: {cpu_capability()}, {os.cpu_count()} cores; cache {args.cache}", flush=True)
-    wide(args) if args.wide else p1(args)
-    return 0
+    return wide(args) if args.wide else p1(args)
 
 
 def cpu_capability() -> str:
