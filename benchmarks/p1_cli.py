@@ -194,8 +194,12 @@ def print_table(bench: Bench, reference: float | None, floor: dict[str, int] | N
 
 
 def p1(args) -> int:
-    folder = tempfile.mkdtemp(prefix="wakelab-p1cli-")
+    folder = args.folder or tempfile.mkdtemp(prefix="wakelab-p1cli-")
+    os.makedirs(folder, exist_ok=True)
     bench = Bench(args, folder)
+    saved = os.path.join(folder, "rows.json")
+    if os.path.exists(saved):  # --folder again: the rows measured before (the reference among them) come first
+        bench.rows = [tuple(row) for row in json.load(open(saved))]
     try:
         lexicon, corpus, words, _ = prepare(args, folder, NUM_NEW)
         arch = {**LLAMA_1B, "num_hidden_layers": args.layers}
@@ -211,6 +215,20 @@ def p1(args) -> int:
 
         dtypes = args.dtypes.split(",") if args.dtypes else (["float32"] if args.layers <= 2 else ["bf16", "nf4"])
         reference = floor = None
+        done = {row[0]: row[1] for row in bench.rows}
+        if "run, every plugin off" in done:
+            reference = done["run, every plugin off"]
+            weight_bytes = {"float32": 4, "bf16": 2, "nf4": 2}[dtypes[0]]
+            floor = floor_bytes(arch, NUM_BASE, NUM_NEW, weight_bytes, args.loss_chunk)
+        if args.no_eval:
+            base["train.eval_perplexity"] = "false"
+        # The random-weights model is built (and saved) once, here, so no row's peak includes building it.
+        started = time.monotonic()
+        rc, output, _, _ = measure([sys.executable, __file__, "--materialize-worker", json.dumps(base)], env=bench.env)
+        if rc != 0:
+            sys.stderr.write(output[-3000:])
+            raise SystemExit("building the random-weights model failed")
+        print(f"model: {output.strip().splitlines()[-1]} ({time.monotonic() - started:.0f} s, counted in no row)")
         for dtype in dtypes:
             precision = {
                 "float32": {"model.dtype": "float32"},
@@ -327,11 +345,22 @@ def p1(args) -> int:
             f"{layers}, seq 512 x batch 1, {args.steps} step(s), {', '.join(dtypes)}",
         )
     finally:
-        if not args.keep:
+        with open(saved, "w") as f:
+            json.dump(bench.rows, f)
+        if not args.keep and not args.folder:
             shutil.rmtree(folder, ignore_errors=True)
         else:
             print(f"kept {folder}")
     return 1 if bench.failed else 0
+
+
+def materialize_worker(overrides: str) -> None:
+    """Build the run's random-weights model folder as `wakelab run` would (same config, same cache key)."""
+    from wakelab.config import build_config
+    from wakelab.model import model_source
+
+    config = build_config("demo", overrides=[f"{k}={v}" for k, v in json.loads(overrides).items()])
+    print(model_source(config.model, config.train.seed))
 
 
 def search_worker(hidden: int, words: int) -> None:
@@ -402,11 +431,17 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=2048, help="2048 (Llama-3.2-1B); smaller: a quick smoke test")
     parser.add_argument("--wide", action="store_true", help="the issue's 50,257 + 44,195, d=256 run instead")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folder")
+    parser.add_argument("--folder", default=None, help="runs' folder, kept; again: later rows reuse the runs in it")
+    parser.add_argument("--no-eval", action="store_true", help="train.eval_perplexity=false (no held-out passes)")
     parser.add_argument("--full-table", action="store_true", help="the trajectory run lists every word's neighbours")
     parser.add_argument("--search-words", type=int, default=2048, help="queries of the direct search row")
     parser.add_argument("--search-worker", nargs=2, type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--materialize-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/wakelab-bench"), help="WAKELAB_CACHE")
     args = parser.parse_args()
+    if args.materialize_worker:
+        materialize_worker(args.materialize_worker)
+        return 0
     if args.search_worker:
         search_worker(*args.search_worker)
         return 0
