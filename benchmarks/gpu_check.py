@@ -179,16 +179,18 @@ def run_p1(args) -> bool:
     results: dict[tuple[str, str], dict] = {}
     for precision in PRECISIONS:
         for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--worker", f"{variant}:{precision}", "--cache", args.cache,
-                   "--scratch", args.scratch, "--steps", str(args.steps)]  # fmt: skip
-            cmd += ["--tiny"] if args.tiny else []
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
-                print(f"   {variant:<7} {precision}: FAILED (exit {proc.returncode})", flush=True)
-                continue
-            r = results[(variant, precision)] = json.loads(line[len("RESULT ") :])
+            if args.tiny:  # one process: toy memory figures mean nothing, and six imports of torch cost minutes
+                r = results[(variant, precision)] = p1_worker(variant, precision, args)
+            else:  # one process each, so each peak is its own
+                cmd = [sys.executable, __file__, "--worker", f"{variant}:{precision}", "--cache", args.cache,
+                       "--scratch", args.scratch, "--steps", str(args.steps)]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
+                    print(f"   {variant:<7} {precision}: FAILED (exit {proc.returncode})", flush=True)
+                    continue
+                r = results[(variant, precision)] = json.loads(line[len("RESULT ") :])
             print(f"   {variant:<7} {precision}: {r['tokens_per_s']:>9,.0f} tokens/s, peak {r['peak_of']} "
                   f"{r['peak_bytes'] / 2**20:>9,.0f} MiB", flush=True)  # fmt: skip
     ok = len(results) == len(VARIANTS) * len(PRECISIONS)
