@@ -17,7 +17,7 @@ PY="${PYTHON:-.venv/bin/python}"
 started=$(date +%s)
 status=0
 limit=420  # of the 8 minutes on a GPU; --tiny on a busy CPU may take longer
-case " $* " in *" --tiny "*) limit=1200 ;; esac
+case " $* " in *" --tiny "*) limit=1700 ;; esac
 (cd benchmarks && timeout "$limit" "$PY" gpu_check.py "$@") || status=$?
 echo "3. CUDA-only tests"
 timeout 120 "$PY" -m pytest -q -m "slow or not slow" -k cuda -rs tests/test_recording.py || status=$?
