@@ -301,7 +301,7 @@ def test_a_plugin_out_of_memory_at_the_end_never_loses_the_run(tiny_model, texts
     assert run.info.status == "FAILED"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "final")}
     assert "final/new_rows.safetensors" in artifacts
-    assert mlflow.search_logged_models(search_all_experiments=True, output_format="list")
+    assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
 
     dest = tmp_path / "hf"
     exported = CliRunner().invoke(main, ["export", str(out), "--to", str(dest)])

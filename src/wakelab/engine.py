@@ -261,6 +261,8 @@ class _Run:
     def train(self) -> None:
         """Trainer built with the hooks bridged to it and run (or, with nothing left to train, put at the end)."""
         config, tracked, resume_from = self.config, self.tracked, self.resume_from
+        if self.rank == 0:  # a resumed run's earlier finish mark no longer describes final/ until finish() writes it
+            (self.output_dir / "final" / merge.FINISHED_FILE).unlink(missing_ok=True)
         self.run_ctx = run_ctx = RunContext(
             config=config,
             output_dir=self.output_dir,
