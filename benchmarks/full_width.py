@@ -36,7 +36,6 @@ import argparse
 import gc
 import json
 import os
-import random
 import resource
 import shutil
 import statistics
@@ -45,7 +44,16 @@ import sys
 import tempfile
 import time
 
-from p1_shape import NUM_BASE, NUM_NEW, adam_state, proc_status_kib, quiet_bridge, random_blocks, reset_peak_rss
+from p1_shape import (
+    NUM_BASE,
+    NUM_NEW,
+    adam_state,
+    proc_status_kib,
+    quiet_bridge,
+    random_blocks,
+    reset_peak_rss,
+    wide_inputs,
+)
 
 VARIANTS = ("tokens+chunked", "tokens", "mask", "peft")
 TARGET_RSS = 0.6
@@ -178,30 +186,10 @@ def run_worker(variant: str, argv: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # the issue's `wakelab run` measurement
 # ---------------------------------------------------------------------------------------------------------------
-def coined_words(n: int, seed: int = 7) -> list[str]:
-    """n distinct lowercase pseudo-words (Wake-like blends of syllables), deterministic."""
-    rng = random.Random(seed)
-    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ou", "ee", "ai")]
-    words: set[str] = set()
-    while len(words) < n:
-        words.add("".join(rng.choice(syllables) for _ in range(rng.randint(3, 5))))
-    return sorted(words)
-
-
 def measure_wakelab_run(args) -> None:
-    from wakelab.demo import ensure_demo_texts
-
     folder = tempfile.mkdtemp(prefix="wakelab-fullwidth-run-")
     try:
-        words = coined_words(NUM_NEW)
-        lexicon = os.path.join(folder, "lexicon.txt")
-        with open(lexicon, "w", encoding="utf-8") as f:
-            f.write("\n".join(words) + "\n")
-        demo = open(ensure_demo_texts().corpus, encoding="utf-8").read()
-        rng = random.Random(3)
-        corpus = os.path.join(folder, "corpus.txt")
-        with open(corpus, "w", encoding="utf-8") as f:  # the demo text with a coined word in every sentence
-            f.write(" ".join(s + " " + rng.choice(words) + "." for s in demo.split(". ")))
+        lexicon, corpus, _ = wide_inputs(folder)
         figures = {}
         for label, chunk in (("before (loss_chunk_tokens=null)", "null"), ("now (chunked, default)", None)):
             out = os.path.join(folder, f"out-{chunk}")

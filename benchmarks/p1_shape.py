@@ -1,5 +1,6 @@
-"""What the P1-proportion benchmarks (`tokens_vs_mask.py`, `full_width.py`) share: the vocabulary split, random
-blocks with a share of new ids, the quiet engine wiring of ``WakelabTrainer``, and the process's memory figures.
+"""What the P1-proportion benchmarks (`tokens_vs_mask.py`, `full_width.py`, `p1_cli.py`) share: the vocabulary
+split, random blocks with a share of new ids, the quiet engine wiring of ``WakelabTrainer``, the process's memory
+figures, a wide lexicon and corpus for `wakelab run`, and one command measured as a subprocess.
 
 Imported by the benchmark scripts (run as ``python benchmarks/NAME.py``, so this folder is on ``sys.path``).
 """
@@ -68,3 +69,53 @@ def adam_state(trainer) -> tuple[int, int]:
         state_bytes += sum(state[k].numel() * state[k].element_size() for k in keys)
         state_tensors += bool(keys)
     return state_bytes, state_tensors
+
+
+def coined_words(n: int, seed: int = 7) -> list[str]:
+    """n distinct lowercase pseudo-words (Wake-like blends of syllables), deterministic."""
+    import random
+
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ou", "ee", "ai")]
+    words: set[str] = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(syllables) for _ in range(rng.randint(3, 5))))
+    return sorted(words)
+
+
+def wide_inputs(folder: str, count: int = NUM_NEW, corpus_bytes: int | None = None) -> tuple[str, str, list[str]]:
+    """A lexicon of ``count`` coined words and a corpus (the demo text with a coined word in every sentence, cut to
+    about ``corpus_bytes`` when given), written into ``folder``: (lexicon path, corpus path, words)."""
+    import os
+    import random
+
+    from wakelab.demo import ensure_demo_texts
+
+    words = coined_words(count)
+    lexicon = os.path.join(folder, "lexicon.txt")
+    with open(lexicon, "w", encoding="utf-8") as f:
+        f.write("\n".join(words) + "\n")
+    demo = open(ensure_demo_texts().corpus, encoding="utf-8").read()
+    if corpus_bytes is not None:
+        demo = demo[:corpus_bytes]
+    rng = random.Random(3)
+    corpus = os.path.join(folder, "corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write(" ".join(s + " " + rng.choice(words) + "." for s in demo.split(". ")))
+    return lexicon, corpus, words
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> tuple[int, str, int, float]:
+    """Run ``cmd`` as a subprocess: (exit status, its output, its peak RSS in KiB from ``wait4``, wall seconds).
+
+    ``ru_maxrss`` from ``wait4`` covers the process and the children it waited for (a sweep's), each counted alone:
+    the largest single process, which is what has to fit in memory."""
+    import os
+    import subprocess
+    import time
+
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), output, usage.ru_maxrss, time.monotonic() - started

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from wakelab.analysis.embeddings import isotropy, nearest_neighbours, norm_stats, summarise
+from wakelab.analysis.embeddings import isotropy, nearest_neighbours, norm_stats, summarise, top_k_cosine
 
 
 def _rows_with_norms(norms: list[float], d: int = 6, seed: int = 0) -> torch.Tensor:
@@ -148,3 +148,65 @@ def test_fewer_candidates_than_k_and_self_only():
     weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(6))
     assert len(nearest_neighbours(weight, [0], [0, 1, 2], k=10)[0]) == 2
     assert nearest_neighbours(weight, [0], [0], k=3) == [[]]
+
+
+# ------------------------------------------------------------------------------------------- top_k_cosine (chunked)
+
+
+def _exact_unit_rows(count: int, d: int, seed: int) -> torch.Tensor:
+    """Rows of four +-1 entries and zeros: every norm is 2, so unit entries are +-0.5 and every cosine is a multiple
+    of 0.25, computed exactly in float32 whatever the chunking; many cosines are equal, so ties are everywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.zeros(count, d)
+    for i in range(count):
+        columns = torch.randperm(d, generator=generator)[:4]
+        rows[i, columns] = torch.randint(0, 2, (4,), generator=generator).float() * 2 - 1
+    return rows
+
+
+def _one_shot(queries: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole cosine matrix, stably sorted: best first, of equal cosines the earlier candidate first."""
+    unit_q = torch.nn.functional.normalize(queries.float(), dim=1)
+    unit_c = torch.nn.functional.normalize(candidates.float(), dim=1)
+    values, positions = (unit_q @ unit_c.T).sort(dim=1, descending=True, stable=True)
+    return values[:, :k], positions[:, :k]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 7, 8, 9, 64, 1000])
+@pytest.mark.parametrize("query_batch", [1, 5, 64])
+def test_chunked_top_k_equals_one_shot_exactly_with_ties_at_every_chunk_boundary(chunk_size, query_batch):
+    candidates = _exact_unit_rows(64, 6, seed=1)
+    candidates[40] = candidates[3]  # exact duplicates: a tie that crosses chunk boundaries
+    candidates[41] = candidates[3]
+    candidates[10] = 0.0  # a zero row: cosine 0 with everything, tied with every orthogonal row
+    queries = torch.cat([_exact_unit_rows(11, 6, seed=2), candidates[3:4]])
+    expected_values, expected_positions = _one_shot(queries, candidates, 8)
+    assert (expected_values[:, :-1] == expected_values[:, 1:]).any(), "the inputs must have ties inside the top 8"
+
+    values, positions = top_k_cosine(queries, candidates, 8, chunk_size=chunk_size, query_batch=query_batch)
+    assert torch.equal(positions, expected_positions)
+    assert torch.equal(values, expected_values)
+    assert positions[-1, :3].tolist() == [3, 40, 41]  # the duplicates, in candidate order
+
+
+def test_chunked_top_k_on_random_rows_matches_the_full_matrix_for_any_chunk():
+    generator = torch.Generator().manual_seed(7)
+    candidates = torch.randn(500, 32, generator=generator)
+    queries = torch.randn(20, 32, generator=generator)
+    reference = top_k_cosine(queries, candidates, 10, chunk_size=500, query_batch=20)
+    expected_positions = _one_shot(queries, candidates, 10)[1]
+    assert torch.equal(reference[1], expected_positions)
+    for chunk_size in (1, 3, 64, 499):
+        values, positions = top_k_cosine(queries, candidates, 10, chunk_size=chunk_size, query_batch=7)
+        assert torch.equal(positions, reference[1])
+        torch.testing.assert_close(values, reference[0], rtol=0, atol=1e-6)
+
+
+def test_top_k_skips_the_query_itself_and_takes_any_row_dtype():
+    weight = _exact_unit_rows(30, 5, seed=3).to(torch.bfloat16)
+    ids = torch.arange(30)
+    values, positions = top_k_cosine(weight[:4], weight, 3, query_ids=ids[:4], candidate_ids=ids, chunk_size=4)
+    assert not (positions == ids[:4, None]).any()
+    assert values.dtype == torch.float32 and torch.isfinite(values).all()
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_cosine(weight[:1], weight, 0)

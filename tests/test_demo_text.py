@@ -124,6 +124,17 @@ def test_heldout_is_new_text_with_the_coined_words(texts):
     assert all(spaced[word] >= 1 for word in lexicon_words(texts.lexicon))
 
 
+def test_every_meaning_word_gives_the_meaning_probe_its_contexts_in_the_heldout_text(texts):
+    """The demo agrees with itself: the trajectory plugin's meaning probe needs a held-out context for each word (its
+    meaning word right after a space), and no constituents word is left out for want of one."""
+    from wakelab.analysis.probe import Probe
+
+    _, spaced = word_counts(texts.heldout.read_text(encoding="utf-8"))
+    constituents = read_constituents(texts.constituents)
+    short = {word: spaced[parts[0]] for word, parts in constituents.items() if spaced[parts[0]] < 1}
+    assert not short, Probe(words=[], elsewhere=[], no_context=sorted(short)).report()
+
+
 def test_read_constituents_round_trips(tmp_path):
     path = tmp_path / "c.tsv"
     path.write_text("# word\tmeaning_word\tparts\n\nsmirtle\tlaugh\tsmile chortle\nriverrun\triver\triver run\n")

@@ -254,10 +254,66 @@ def test_failing_on_run_end_fails_the_run(tiny_model, texts, tmp_path):
             raise OSError("disk full while flushing")
     """,
     )
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(PluginError, match="plugin '.*bad_flush.*' failed in on_run_end: OSError: disk full"):
         run_with(tmp_path, tiny_model, texts, plugin)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert list(runs["status"]) == ["FAILED"]
+
+
+def test_a_plugin_out_of_memory_at_the_end_never_loses_the_run(tiny_model, texts, tmp_path):
+    """MemoryError in one plugin's on_run_end: FAILED with the plugin named, the other plugin still flushed, the
+    final rows on disk and in MLflow with the logged model, and `wakelab export` exports those final rows."""
+    from conftest import write_config_file
+    from safetensors.torch import load_file
+
+    oom = plugin_file(
+        tmp_path,
+        "oom_at_end",
+        """
+        @wakelab.hookimpl
+        def on_run_end(run, status):
+            SEEN.append((run.output_dir / "final" / "new_rows.safetensors").is_file())
+            raise MemoryError("a new x base matrix")
+    """,
+    )
+    flusher = plugin_file(
+        tmp_path,
+        "flusher",
+        """
+        @wakelab.hookimpl
+        def on_run_end(run, status):
+            (run.output_dir / "flushed.txt").write_text(status)
+    """,
+    )
+    out = tmp_path / "out"
+    overrides = tiny_overrides(tiny_model, texts, **{"train.max_steps": 2, "output_dir": str(out)})
+    overrides["plugins"] = [str(oom), str(flusher)]
+    config = write_config_file(tmp_path / "run.yaml", overrides)
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--no-progress"])
+    assert result.exit_code != 0
+    assert "plugin 'oom_at_end' failed in on_run_end: MemoryError: a new x base matrix" in result.output
+    assert "wakelab export works on this run" in result.output
+    assert "Traceback" not in result.output
+    assert loaded_plugin(oom).SEEN == [True]  # the final rows were on disk before its end-of-run work began
+    assert (out / "flushed.txt").read_text() == "FINISHED"  # the other plugin still ran (with the status it saw)
+
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "final")}
+    assert "final/new_rows.safetensors" in artifacts
+    assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+
+    dest = tmp_path / "hf"
+    exported = CliRunner().invoke(main, ["export", str(out), "--to", str(dest)])
+    assert exported.exit_code == 0, exported.output
+    assert "after its final rows were written: exporting them" in exported.output
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    final = load_file(str(out / "final" / "new_rows.safetensors"))
+    torch.testing.assert_close(
+        model.get_input_embeddings().weight[final["token_ids"]].float(), final["rows"].float(), rtol=0, atol=0
+    )
 
 
 def test_hook_config_section(tiny_model, texts, tmp_path):

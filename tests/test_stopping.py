@@ -63,6 +63,16 @@ def test_signal_while_closing_is_ignored_and_the_run_is_tagged(stop, tmp_path):
     assert tags == {stopping.SIGNAL_TAG: "SIGTERM", stopping.STEP_TAG: "4"}
 
 
+def test_signal_while_a_finished_run_closes_says_it_closes_finished(stop, tmp_path, capfd):
+    stop.start_training(tmp_path)
+    stop.raise_if_requested()  # training ended with no signal: the run finishes
+    stop.closing(status="FINISHED")
+    deliver(signal.SIGTERM)  # no exception: ignored while closing
+    said = capfd.readouterr().err
+    assert "SIGTERM received while the MLflow run is being closed: ignored; it closes FINISHED" in said
+    assert "KILLED" not in said
+
+
 def test_after_the_last_step_the_first_signal_lets_the_run_finish(stop, tmp_path):
     stop.start_training(tmp_path)
     stop.raise_if_requested()  # training returned with no signal: the run finishes its last work

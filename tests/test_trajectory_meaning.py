@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from wakelab.analysis.embeddings import top_k_cosine
 from wakelab.analysis.meaning import closer_and_away, resolve_meanings
-from wakelab.analysis.projection import fit_focus_projection, fit_projection, nearest_base_ids
+from wakelab.analysis.projection import fit_focus_projection, fit_projection
 from wakelab.analysis.sweep_page import ChildTrajectory, comparison_page, side_by_side
 from wakelab.analysis.trajectory import (
     TrajectoryBuilder,
@@ -63,8 +64,7 @@ def test_focus_projection_is_fitted_once_on_base_rows_near_the_new_tokens():
     gen = torch.Generator().manual_seed(1)
     base = _base(500)
     anchors = base[:10] + 0.01 * torch.randn(10, 16, generator=gen)
-    unit = torch.nn.functional.normalize(base, dim=1)
-    near = nearest_base_ids(anchors, unit, 3, chunk=4)  # chunked: 4 rows at a time
+    _, near = top_k_cosine(anchors, base, 3, chunk_size=4)  # chunked: 4 rows at a time
     assert near.shape == (10, 3) and all(int(near[i, 0]) == i for i in range(10))
     focus = fit_focus_projection(base, anchors, meaning_ids=[400, 401], rows_wanted=50)
     again = fit_focus_projection(base, anchors, meaning_ids=[400, 401], rows_wanted=50)

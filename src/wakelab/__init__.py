@@ -38,6 +38,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "base_moments": ("gaussian", "base_moments"),
     "sampling_factor": ("gaussian", "sampling_factor"),
     "gaussian_rows": ("gaussian", "gaussian_rows"),
+    "mean_row_norm": ("gaussian", "mean_row_norm"),
     # Checkpoints as the engine writes them: complete or absent, with a checksummed manifest.
     "CHECKPOINT_MANIFEST": ("checkpoints", "MANIFEST"),
     "CheckpointError": ("checkpoints", "CheckpointError"),
@@ -64,6 +65,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "trajectory_constituents": ("analysis.watch", "constituents_for"),
     "log_trajectory_frame": ("analysis.watch", "log_frame"),
     "log_token_table": ("analysis.watch", "log_table"),
+    # New rows against base rows: a chunked running top-k by cosine, never a new x base matrix.
+    "top_k_cosine": ("analysis.embeddings", "top_k_cosine"),
+    "nearest_neighbours": ("analysis.embeddings", "nearest_neighbours"),
 }
 
 __all__ = [

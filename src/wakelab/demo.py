@@ -65,10 +65,10 @@ def ensure_demo_model() -> Path:
 
 def ensure_demo_texts():
     """The demo's lexicon, corpus, held-out text and constituents, generated deterministically on first use."""
-    from .demo_text import DEMO_SEED, DemoTexts, write_demo_texts
+    from .demo_text import DEMO_SEED, TEXTS_VERSION, DemoTexts, write_demo_texts
     from .paths import cache_root
 
-    folder = cache_root() / "demo" / f"texts-seed{DEMO_SEED}"
+    folder = cache_root() / "demo" / f"texts-v{TEXTS_VERSION}-seed{DEMO_SEED}"
     texts = DemoTexts(
         lexicon=folder / "lexicon.txt",
         corpus=folder / "corpus.txt",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import DataError
 
-__all__ = ["DEMO_SEED", "DemoTexts", "read_constituents", "write_demo_texts"]
+__all__ = ["DEMO_SEED", "TEXTS_VERSION", "DemoTexts", "read_constituents", "write_demo_texts"]
 
 #: The seed the demo uses; any other seed gives the same lexicon and a different corpus.
 DEMO_SEED = 0
@@ -699,6 +699,16 @@ _TARGET_CORPUS_BYTES = 240_000
 _HELDOUT_FRACTION = 0.10
 _MIN_COINED = 20  # every coined word occurs at least this often in the corpus
 _MIN_MEANING = 2  # and its ordinary word at least this often
+#: Every ordinary word occurs in the held-out text too: the meaning probe (the trajectory plugin's, on by default
+#: in the demo) compares a coined word with its ordinary word in held-out contexts (up to
+#: ``trajectory.probe_contexts`` of them); a word without one would be left out with a warning.
+_MIN_HELDOUT_MEANING = 1
+#: The held-out text uses the coined and the ordinary word equally often (the corpus: four coined in five), so a
+#: text a tenth the corpus's size has both for every word.
+_HELDOUT_COIN = (1, 1)
+#: Part of the texts' cache folder name: bumped when the generator changes what a seed writes, so a cache written
+#: by an earlier version is not read as this one's.
+TEXTS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -731,7 +741,7 @@ def _article(word: str) -> str:
 
 
 class _Generator:
-    def __init__(self, rng: random.Random, seen: set[str]):
+    def __init__(self, rng: random.Random, seen: set[str], coin: tuple[int, int] = (4, 1)):
         self.rng = rng
         self.seen = seen  # sentences not to repeat (the corpus's, when writing the held-out text)
         by_kind = {kind: [e for e in _ENTRIES if e.kind == kind] for kind in _KINDS}
@@ -741,8 +751,9 @@ class _Generator:
             kind: _Deck([t for t in _TEMPLATE_LIST if "{" + kind + "}" in t or "{a:" + kind + "}" in t], rng)
             for kind in _KINDS
         }
-        # Four uses in five get the coined word, in a shuffled order per word, so no word falls short by chance.
-        self.coin = {e.word: _Deck([True] * 4 + [False], rng) for e in _ENTRIES}
+        # ``coin``: (coined, ordinary) uses per round, shuffled per word so no word falls short by chance; the
+        # corpus gives four uses in five to the coined word.
+        self.coin = {e.word: _Deck([True] * coin[0] + [False] * coin[1], rng) for e in _ENTRIES}
         self.kind_uses = dict.fromkeys(_KINDS, 0)
         self.coined = {e.word: 0 for e in _ENTRIES}
         self.meaning = {e.meaning: 0 for e in _ENTRIES}
@@ -851,8 +862,8 @@ def write_demo_texts(folder: Path, seed: int = DEMO_SEED) -> DemoTexts:
 
     corpus_gen = _Generator(random.Random(f"wakelab-demo-corpus-{seed}"), set())
     corpus = corpus_gen.text(_TARGET_CORPUS_BYTES, _MIN_COINED, _MIN_MEANING)
-    heldout_gen = _Generator(random.Random(f"wakelab-demo-heldout-{seed}"), set(corpus_gen.seen))
-    heldout = heldout_gen.text(int(len(corpus.encode("utf-8")) * _HELDOUT_FRACTION), 1, 0)
+    heldout_gen = _Generator(random.Random(f"wakelab-demo-heldout-{seed}"), set(corpus_gen.seen), _HELDOUT_COIN)
+    heldout = heldout_gen.text(int(len(corpus.encode("utf-8")) * _HELDOUT_FRACTION), 1, _MIN_HELDOUT_MEANING)
 
     texts = DemoTexts(
         lexicon=folder / "lexicon.txt",

@@ -24,7 +24,7 @@ from . import data as data_mod
 from .config import RunConfig
 from .context import RunContext
 from .data import resolve_data_paths, token_cache_dir
-from .errors import ConfigError, WakelabError
+from .errors import ConfigError, PluginError, WakelabError
 from .evaluation import perplexity
 from .logs import log, warn
 from .rows import RowAccess, setup_trainable_rows
@@ -124,6 +124,7 @@ class _Run:
         self.incomplete: tracking.TrackingIncomplete | None = None
         self.run_ctx: RunContext | None = None
         self.result_metrics: dict[str, float] = {}
+        self.finished = False  # final rows and logged model written: nothing after them can lose the run
 
     def prepare(self, resume_from: str | None) -> None:
         """Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched."""
@@ -260,6 +261,8 @@ class _Run:
     def train(self) -> None:
         """Trainer built with the hooks bridged to it and run (or, with nothing left to train, put at the end)."""
         config, tracked, resume_from = self.config, self.tracked, self.resume_from
+        if self.rank == 0:  # a resumed run's earlier finish mark no longer describes final/ until finish() writes it
+            (self.output_dir / "final" / merge.FINISHED_FILE).unlink(missing_ok=True)
         self.run_ctx = run_ctx = RunContext(
             config=config,
             output_dir=self.output_dir,
@@ -327,20 +330,22 @@ class _Run:
         tracked.log_metrics({"train_seconds": self.result_metrics["train_seconds"]}, self.trainer.state.global_step)
         if self.rank == 0 and (final / "new_rows.safetensors").exists():
             logged_model.log_run_model(config, tracked, final, self.checkpoint_info, self.prepared.tokenizer, log)
+            # Last: the rows and the logged model are complete before any plugin's end-of-run work (close) starts.
+            merge.write_finished(final, tracked.run_id, self.trainer.state.global_step)
+            self.finished = True
 
     def close(self) -> None:
         """Every exit: plugins' ``on_run_end``, then the MLflow run closed with the status ``self.error`` implies."""
         tracked, error = self.tracked, self.error
-        stopping.current().closing(tracked.set_tags)  # a signal now must not leave the run RUNNING
         status = tracking.status_for(error)
+        stopping.current().closing(tracked.set_tags, status)  # a signal now must not leave the run RUNNING
         end_error: BaseException | None = None
         if self.run_ctx is not None:
-            try:
-                self.prepared.pm.hook.on_run_end(run=self.run_ctx, status=status)
-            except Exception as hook_error:  # noqa: BLE001 - a failed flush fails the run, after closing it
-                warn(f"an on_run_end plugin failed: {hook_error}")
-                if error is None:
-                    end_error, status = hook_error, "FAILED"
+            end_error = _plugins_run_end(self.prepared.pm, self.run_ctx, status, final_written=self.finished)
+            if end_error is not None and error is None:
+                status = "FAILED"
+            else:
+                end_error = None
         failure = error or end_error
         tracked.end(status, failure if not isinstance(failure, (WakelabError, KeyboardInterrupt)) else None)
         if isinstance(failure, WakelabError) and self.rank == 0:
@@ -375,6 +380,28 @@ class _Run:
     def _heldout_perplexity(self, model) -> float:
         t = self.config.train
         return perplexity(model, self.corpus.heldout, t.batch_size, t.eval_max_blocks, t.loss_chunk_tokens)
+
+
+def _plugins_run_end(pm, run_ctx: RunContext, status: str, *, final_written: bool) -> WakelabError | None:
+    """Every plugin's ``on_run_end``, one at a time (pluggy's order), so one that fails names itself and the others
+    still flush their files; the first failure (``MemoryError`` too) comes back as the error that fails the run."""
+    first: WakelabError | None = None
+    for impl in reversed(pm.hook.on_run_end.get_hookimpls()):
+        arguments = {"run": run_ctx, "status": status}
+        try:
+            impl.function(**{name: arguments[name] for name in impl.argnames})
+        except Exception as exc:  # noqa: BLE001 - MemoryError is an Exception: a plugin's end work must not lose the run
+            kept = (
+                "; the final rows and the logged model were written before it (wakelab export works on this run)"
+                if final_written
+                else ""
+            )
+            message = f"plugin '{impl.plugin_name}' failed in on_run_end: {type(exc).__name__}: {exc}{kept}"
+            warn(message)
+            if first is None:
+                first = PluginError(message)
+                first.__cause__ = exc
+    return first
 
 
 def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:

@@ -24,7 +24,7 @@ from .checkpoints import CheckpointError, latest_checkpoint, publish_dir, verify
 from .config import RunConfig, validate
 from .data import resolve_lexicon
 from .errors import WakelabError
-from .merge import BASE_INFO_FILE, TrainedRows, base_source, check_base, merged_model, prepared_base
+from .merge import BASE_INFO_FILE, TrainedRows, base_source, check_base, finished_rows, merged_model, prepared_base
 from .state import resolve_run
 from .vocab import expand_vocabulary, read_lexicon
 
@@ -72,8 +72,9 @@ def _run_status(run_id: str | None) -> str | None:
 def find_source(target: str) -> ExportSource:
     """The state to export from a run directory, an MLflow run id, or a complete ``checkpoint-N`` folder.
 
-    A finished run gives its final rows; a FAILED, KILLED or still-running run (or one without final rows) its
-    latest complete checkpoint, and a note saying so.
+    A finished run gives its final rows, and so does one that ended FAILED after writing them (a plugin's
+    end-of-run work failed: ``final/finished.json`` says the rows are complete); a FAILED, KILLED or still-running
+    run (or one without final rows) its latest complete checkpoint, and a note saying so.
     """
     run_dir, run_id = resolve_run(target)
     config_path = run_dir / "config.yaml"
@@ -104,7 +105,10 @@ def find_source(target: str) -> ExportSource:
         )
     status = _run_status(run_id)
     final = run_dir / "final" / "new_rows.safetensors"
-    if final.exists() and status not in UNFINISHED:
+    finished_anyway = status in UNFINISHED and final.exists() and finished_rows(final.parent, run_id) is not None
+    if finished_anyway:  # trained to the end, final rows written; only end-of-run work after them failed
+        notes.append(f"run {run_id or run_dir} ended {status} after its final rows were written: exporting them")
+    if final.exists() and (status not in UNFINISHED or finished_anyway):
         base_file = final.parent / BASE_INFO_FILE
         base = json.loads(base_file.read_text()) if base_file.exists() else {}
         tokenizer = final.parent / "tokenizer"

@@ -38,6 +38,16 @@ def base_moments(
     return mean.cpu(), cov.cpu()
 
 
+def mean_row_norm(weight: torch.Tensor, num_base: int, chunk_rows: int = CHUNK_ROWS) -> float:
+    """Mean L2 norm of ``weight[:num_base]``'s rows in float32, read a chunk at a time: a bf16 matrix never gets a
+    float32 copy (1 GiB at P1's 128,256 x 2048). The row norms are the ones ``weight.float().norm(dim=1)`` gives."""
+    norms = torch.empty(num_base, dtype=torch.float32, device=weight.device)
+    for start in range(0, num_base, chunk_rows):
+        stop = min(num_base, start + chunk_rows)
+        norms[start:stop] = weight[start:stop].detach().float().norm(dim=1)
+    return norms.mean().item()
+
+
 def sampling_factor(cov: torch.Tensor, scale: float) -> tuple[torch.Tensor, str]:
     """``L`` with ``L @ L.T ~= scale * cov``: Cholesky with a little jitter, or eigh when that fails."""
     scaled = cov.to(torch.float64) * scale

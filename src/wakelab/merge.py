@@ -25,6 +25,9 @@ from .errors import ModelError, WakelabError
 
 #: Written next to a run's final rows: which base the rows belong to.
 BASE_INFO_FILE = "base.json"
+#: Written last by a run's finish phase: the final rows and the logged model are complete, whatever happens after
+#: (a plugin's end-of-run work that fails marks the run FAILED, but its trained rows are still the run's result).
+FINISHED_FILE = "finished.json"
 
 
 def embedding_checksum(model, num_base: int) -> str:
@@ -44,6 +47,24 @@ def head_rows(model, ids: torch.Tensor) -> torch.Tensor | None:
         return None
     weight = model.get_output_embeddings().weight
     return weight.detach().index_select(0, ids.to(weight.device)).contiguous().cpu()
+
+
+def write_finished(folder: Path, run_id: str | None, step: int) -> Path:
+    """Mark ``folder``'s final rows complete: training reached ``step`` and every final file was written."""
+    path = folder / FINISHED_FILE
+    path.write_text(json.dumps({"run_id": run_id, "step": int(step)}) + "\n", encoding="utf-8")
+    return path
+
+
+def finished_rows(folder: Path, run_id: str | None) -> dict[str, Any] | None:
+    """The finish mark of ``folder`` when it belongs to ``run_id`` (any run when None), else None."""
+    try:
+        mark = json.loads((folder / FINISHED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(mark, dict) or (run_id is not None and mark.get("run_id") != run_id):
+        return None
+    return mark
 
 
 def write_base_info(folder: Path, info: dict[str, Any]) -> Path:

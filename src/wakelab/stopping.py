@@ -75,6 +75,7 @@ class GracefulStop:
         self.stopped_at: int | None = None  # the step after which training stopped
         self.stopped = False  # a Stopped was raised: the run ends KILLED
         self.output_dir: Path | None = None
+        self.closing_as: str | None = None  # the status the run closes as, once closing (said if a signal comes)
         self._previous: dict[int, Any] = {}
 
     # -- installing ------------------------------------------------------------------------------------------
@@ -93,7 +94,8 @@ class GracefulStop:
     def _handle(self, signum: int, frame) -> None:
         name = signal_name(signum)
         if self.phase == "closing":
-            _say(f"{name} received while the MLflow run is being closed; it closes first (KILLED)")
+            ending = f"; it closes {self.closing_as}" if self.closing_as else ""
+            _say(f"{name} received while the MLflow run is being closed: ignored{ending}")
             self.signum = self.signum or signum
             return
         if self.phase in ("training", "finishing") and self.signum is None:
@@ -136,9 +138,12 @@ class GracefulStop:
             self.stopped = True
             raise Stopped(self.signum, f"stopped by {signal_name(self.signum)} {what}")
 
-    def closing(self, set_tags: Callable[[dict[str, str]], None] | None = None) -> None:
-        """The MLflow run is being closed: ignore further signals; tag the run with the signal that stopped it."""
+    def closing(self, set_tags: Callable[[dict[str, str]], None] | None = None, status: str | None = None) -> None:
+        """The MLflow run is being closed: ignore further signals; tag the run with the signal that stopped it.
+
+        ``status``: what the run closes as (a signal now changes nothing, and its message says so)."""
         self.phase = "closing"
+        self.closing_as = status or ("KILLED" if self.stopped else None)
         if not self.stopped or set_tags is None:
             return
         tags = {SIGNAL_TAG: signal_name(self.signum)}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["isotropy", "nearest_neighbours", "norm_stats", "summarise"]
+__all__ = ["CHUNK_ROWS", "isotropy", "nearest_neighbours", "norm_stats", "summarise", "top_k_cosine"]
 
 _QUANTILES = {"q05": 0.05, "q25": 0.25, "q50": 0.50, "q75": 0.75, "q95": 0.95}
 
@@ -123,12 +123,106 @@ def isotropy(
     }
 
 
-def _merge_topk(best_values: Tensor, best_ids: Tensor, values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Keep the k largest of the running best and a new chunk (per query row)."""
-    all_values = torch.cat([best_values, values], dim=1)
-    all_ids = torch.cat([best_ids, ids.expand(values.shape[0], -1)], dim=1)
-    top_values, positions = all_values.topk(min(k, all_values.shape[1]), dim=1)
-    return top_values, all_ids.gather(1, positions)
+#: Candidate rows compared per pass of :func:`top_k_cosine`: 8192 base rows x 256 queries of float32 cosines is 8 MiB,
+#: and 8192 x 2048 float32 unit rows 64 MiB; memory never grows with the vocabulary.
+CHUNK_ROWS = 8192
+#: Query rows per pass: the cosine block is ``QUERY_BATCH x CHUNK_ROWS``.
+QUERY_BATCH = 256
+
+
+class _Gathered:
+    """Rows ``weight[ids]`` read a slice at a time, so arbitrary candidate ids never make a copy of all of them."""
+
+    def __init__(self, weight: Tensor, ids: Tensor):
+        self.weight, self.ids = weight, ids
+        self.shape = (ids.numel(), weight.shape[1])
+
+    def __getitem__(self, part: slice) -> Tensor:
+        return self.weight[self.ids[part]]
+
+
+def _candidates(weight: Tensor, ids: Tensor):
+    """``weight[ids]`` as a view when the ids are one ascending run (no copy), else read a chunk at a time."""
+    if ids.numel() and torch.equal(ids, torch.arange(int(ids[0]), int(ids[0]) + ids.numel())):
+        return weight[int(ids[0]) : int(ids[0]) + ids.numel()]
+    return _Gathered(weight, ids)
+
+
+def _chunk_best(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best of each row of ``sims``, best first, ties to the lower column: an exact, deterministic order.
+
+    ``topk`` finds the k largest values fast but picks among equal values as it likes; a row whose k-th value is
+    tied with a value it left out is re-read with a stable sort, so the lower column always wins a tie.
+    """
+    k = min(k, sims.shape[1])
+    values, columns = sims.topk(k, dim=1)
+    columns, order = columns.sort(dim=1)  # by column, then stably by value: ties stay in column order
+    values = values.gather(1, order)
+    values, order = values.sort(dim=1, descending=True, stable=True)
+    columns = columns.gather(1, order)
+    if k:
+        tied = (sims >= values[:, -1:]).sum(dim=1) > k
+        if tied.any():
+            rows = tied.nonzero().reshape(-1)
+            full_values, full_columns = sims[rows].sort(dim=1, descending=True, stable=True)
+            values[rows], columns[rows] = full_values[:, :k], full_columns[:, :k]
+    return values, columns
+
+
+def top_k_cosine(
+    queries: Tensor,
+    candidates,
+    k: int,
+    *,
+    query_ids: Tensor | None = None,
+    candidate_ids: Tensor | None = None,
+    chunk_size: int = CHUNK_ROWS,
+    query_batch: int = QUERY_BATCH,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` candidates of highest cosine similarity to each query row: ``(cosines, positions)``, ``[q, k]`` each.
+
+    The one nearest-neighbour search of wakelab: every comparison of new rows with base rows goes through it, so no
+    ``queries x candidates`` matrix is ever made (44,195 x 128,256 float32 would be 21 GiB). Candidates are read
+    ``chunk_size`` rows at a time (``candidates[a:b]``: a view of a weight matrix costs nothing) and normalised
+    there, queries ``query_batch`` at a time, and only a running top-k is kept: extra memory is about
+    ``(chunk_size + query_batch) x d + query_batch x chunk_size`` float32 values, whatever the vocabulary.
+
+    Order: best first; of equal cosines the earlier candidate comes first, so the result is the same for every
+    ``chunk_size`` (a one-shot stable sort of the full matrix gives exactly this). ``query_ids`` with
+    ``candidate_ids``: a candidate with the query's own id gets ``-inf`` (a row is never its own neighbour).
+    Positions index ``candidates``; fewer than ``k`` candidates give fewer columns. The products are computed on the
+    candidates' device (queries are moved there a batch at a time); the results come back on the CPU.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if chunk_size < 1 or query_batch < 1:
+        raise ValueError(f"chunk_size and query_batch must be at least 1, got {chunk_size} and {query_batch}")
+    count = int(candidates.shape[0])
+    width = min(k, count)
+    out_values = torch.empty(queries.shape[0], width)
+    out_positions = torch.empty(queries.shape[0], width, dtype=torch.long)
+    device = candidates[0:1].device if count else torch.device("cpu")  # compute where the candidates live (a GPU)
+    for q_start in range(0, queries.shape[0], query_batch):
+        q_unit = _unit_rows(queries[q_start : q_start + query_batch].to(device))
+        q_ids = None if query_ids is None else query_ids[q_start : q_start + query_batch].to(device)
+        best_values = torch.empty(q_unit.shape[0], 0, device=device)
+        best_positions = torch.empty(q_unit.shape[0], 0, dtype=torch.long, device=device)
+        for c_start in range(0, count, chunk_size):
+            c_unit = _unit_rows(candidates[c_start : c_start + chunk_size])
+            sims = q_unit @ c_unit.T
+            if q_ids is not None and candidate_ids is not None:
+                c_ids = candidate_ids[c_start : c_start + chunk_size].to(device)
+                sims.masked_fill_(q_ids[:, None] == c_ids[None, :], float("-inf"))
+            values, columns = _chunk_best(sims, width)
+            # The running best holds earlier candidates only, so a stable sort keeps ties in candidate order.
+            merged_values = torch.cat([best_values, values], dim=1)
+            merged_positions = torch.cat([best_positions, columns + c_start], dim=1)
+            merged_values, order = merged_values.sort(dim=1, descending=True, stable=True)
+            best_values = merged_values[:, :width]
+            best_positions = merged_positions.gather(1, order[:, :width])
+        out_values[q_start : q_start + query_batch] = best_values.cpu()
+        out_positions[q_start : q_start + query_batch] = best_positions.cpu()
+    return out_values, out_positions
 
 
 def nearest_neighbours(
@@ -136,34 +230,29 @@ def nearest_neighbours(
     query_ids: IdsLike,
     candidate_ids: IdsLike,
     k: int = 10,
-    chunk_size: int = 8192,
-    query_batch: int = 256,
+    chunk_size: int = CHUNK_ROWS,
+    query_batch: int = QUERY_BATCH,
 ) -> list[list[tuple[int, float]]]:
     """Top-``k`` candidates by cosine similarity for each query row, excluding the query itself.
 
     Returns one list per query, best first, of ``(token_id, cosine)``. A list is shorter than ``k`` when there
     are fewer candidates (the query is never its own neighbour).
 
-    Memory: the full ``queries x candidates`` cosine matrix for a 172,451-row vocabulary would be far larger than
-    needed, so candidates are processed ``chunk_size`` rows at a time and queries ``query_batch`` at a time,
-    keeping only a running top-k. Peak extra memory is about ``(chunk_size + query_batch) * d`` plus
-    ``query_batch * chunk_size`` float32 values.
+    Memory: bounded by :func:`top_k_cosine` (candidates ``chunk_size`` rows at a time, queries ``query_batch``
+    at a time, a running top-k); ids that form one ascending run are read as views of ``weight``, never copied.
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
     queries = _as_index(query_ids)
     candidates = _as_index(candidate_ids)
+    values, positions = top_k_cosine(
+        _candidates(weight, queries),
+        _candidates(weight, candidates),
+        k,
+        query_ids=queries,
+        candidate_ids=candidates,
+        chunk_size=chunk_size,
+        query_batch=query_batch,
+    )
     results: list[list[tuple[int, float]]] = []
-    for q_start in range(0, queries.numel(), query_batch):
-        q_ids = queries[q_start : q_start + query_batch]
-        q_unit = _unit_rows(weight[q_ids])
-        best_values = torch.empty(q_ids.numel(), 0)
-        best_ids = torch.empty(q_ids.numel(), 0, dtype=torch.long)
-        for c_start in range(0, candidates.numel(), chunk_size):
-            c_ids = candidates[c_start : c_start + chunk_size]
-            sims = q_unit @ _unit_rows(weight[c_ids]).T
-            sims.masked_fill_(q_ids[:, None] == c_ids[None, :], float("-inf"))
-            best_values, best_ids = _merge_topk(best_values, best_ids, sims, c_ids[None, :], k)
-        for values, ids in zip(best_values.tolist(), best_ids.tolist(), strict=True):
-            results.append([(i, v) for i, v in zip(ids, values, strict=True) if v != float("-inf")])
+    for row_values, row_ids in zip(values.tolist(), candidates[positions].tolist(), strict=True):
+        results.append([(i, v) for i, v in zip(row_ids, row_values, strict=True) if v != float("-inf")])
     return results

@@ -24,11 +24,14 @@ import numpy as np
 import torch
 
 from ..errors import WakelabError
+from .embeddings import top_k_cosine
 
-__all__ = ["PROJECTIONS", "Projection", "fit_focus_projection", "fit_projection", "nearest_base_ids"]
+__all__ = ["PROJECTIONS", "Projection", "fit_focus_projection", "fit_projection"]
 
 #: The projection names a run can choose (``trajectory.projection``); the first fitted is the page's default.
 PROJECTIONS = ("focus", "base")
+#: Rows projected per pass: the centred float32 copy is this many rows, not all of them.
+PROJECT_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,16 @@ class Projection:
     fitted_on: str = "the base rows"  # what the explained variance is a share of, as the page says it
 
     def __call__(self, rows) -> np.ndarray:
-        values = rows.detach().float().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows, np.float32)
-        return ((values - self.mean) @ self.axes.T).astype(np.float32)
+        """``[n, 2]`` positions, ``PROJECT_ROWS`` rows at a time (no centred copy of all the rows)."""
+        out = np.empty((len(rows), 2), dtype=np.float32)
+        for start in range(0, len(rows), PROJECT_ROWS):
+            part = rows[start : start + PROJECT_ROWS]
+            if isinstance(part, torch.Tensor):
+                values = part.detach().float().cpu().numpy()
+            else:
+                values = np.asarray(part, np.float32)
+            out[start : start + len(values)] = (values - self.mean) @ self.axes.T
+        return out
 
     def fingerprint(self) -> str:
         """A short digest of the basis: two runs on one base model (and seed) share it, so their pictures align."""
@@ -68,28 +79,14 @@ def _pca(rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray, tuple[float, float
 
 def fit_projection(base_rows: torch.Tensor, *, max_rows: int = 20000, seed: int = 0) -> Projection:
     """PCA of (a seeded sample of at most ``max_rows``) base rows; the same rows and seed give the same basis."""
-    rows = base_rows.detach().float().cpu()
+    rows = base_rows.detach()
     if rows.ndim != 2 or rows.shape[0] < 3:
         raise WakelabError(f"a trajectory projection needs at least 3 base rows, got shape {tuple(rows.shape)}")
-    if rows.shape[0] > max_rows:
+    if rows.shape[0] > max_rows:  # sampled before the float32 copy: the copy is max_rows x d, whatever the vocabulary
         generator = torch.Generator().manual_seed(int(seed))
-        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows].sort().values]
-    mean, axes, share = _pca(rows)
+        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows].sort().values.to(rows.device)]
+    mean, axes, share = _pca(rows.float().cpu())
     return Projection(mean, axes, share, "base", "the base rows")
-
-
-def nearest_base_ids(rows: torch.Tensor, base_unit: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
-    """The ``k`` nearest base rows (cosine) of each of ``rows``, as indices ``[n, k]``, ``chunk`` rows at a time.
-
-    ``base_unit``: the base rows, each of unit length. Used once, when the focus projection is fitted, on at most a
-    few thousand rows: the (rows x base) similarities never exist for more than ``chunk`` rows at once.
-    """
-    k = min(int(k), base_unit.shape[0])
-    out = []
-    for start in range(0, rows.shape[0], chunk):
-        part = torch.nn.functional.normalize(rows[start : start + chunk].float(), dim=1)
-        out.append((part @ base_unit.T).topk(k, dim=1).indices)
-    return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long)
 
 
 def fit_focus_projection(
@@ -97,7 +94,6 @@ def fit_focus_projection(
     anchors: torch.Tensor,
     *,
     meaning_ids: Sequence[int] = (),
-    base_unit: torch.Tensor | None = None,
     rows_wanted: int = 2000,
     max_anchors: int = 2000,
     seed: int = 0,
@@ -107,19 +103,18 @@ def fit_focus_projection(
     Each anchor brings its ``rows_wanted / anchors`` nearest base rows (5 to 50). More than ``max_anchors`` anchors
     are sampled (seeded). None when fewer than 3 distinct base rows result (nothing to fit).
     """
-    base = base_rows.detach().float().cpu()
-    anchors = anchors.detach().float().cpu()
+    base = base_rows.detach()
+    anchors = anchors.detach().float()
     if anchors.shape[0] > max_anchors:
         generator = torch.Generator().manual_seed(int(seed) + 2)
         anchors = anchors[torch.randperm(anchors.shape[0], generator=generator)[:max_anchors]]
-    unit = base_unit if base_unit is not None else torch.nn.functional.normalize(base, dim=1)
     chosen: set[int] = {int(i) for i in meaning_ids}
     if anchors.shape[0]:
         k = max(5, min(50, rows_wanted // anchors.shape[0]))
-        chosen |= set(nearest_base_ids(anchors, unit, k).reshape(-1).tolist())
+        chosen |= set(top_k_cosine(anchors, base, min(k, base.shape[0]))[1].reshape(-1).tolist())
     if len(chosen) < 3:
         return None
     ids = torch.tensor(sorted(chosen))
-    mean, axes, share = _pca(base[ids])
+    mean, axes, share = _pca(base[ids.to(base.device)].float().cpu())
     what = "the new tokens' nearest base rows" + (" and their meaning words" if len(meaning_ids) else "")
     return Projection(mean, axes, share, "focus", f"{len(ids)} base rows: {what}")

@@ -105,7 +105,7 @@ def recording_trajectory(
             warn(message)
         view = rec["embeddings"]
         first, last = view.at_step(steps[0])[positions].float(), view.at_step(steps[-1])[positions].float()
-        base_rows = state.rows.values(torch.arange(num_base))
+        base_rows = state.rows.values(range(num_base), share=True)  # a view: no copy of the base rows
         builder = start_watch(base_rows, state.tokenizer, new_ids, first, steps[0], tokens=tokens,
                               max_tokens=max_tokens, seed=seed, movement=(last - first).norm(dim=1).tolist(),
                               warn=warn, constituents=constituents_for(state.config), projection=projection,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import WakelabError
+from .embeddings import top_k_cosine
 from .meaning import Meanings, closer_and_away
 from .projection import PROJECTIONS, Projection, fit_focus_projection, fit_projection
 
@@ -248,10 +249,12 @@ class TrajectoryBuilder:
         projections: Sequence[str] = ("base",),
         labels: Sequence[int] = (),
     ):
-        base = base_rows.detach().float().cpu()
         unknown = [p for p in projections if p not in PROJECTIONS]
         if unknown or not projections:
             raise WakelabError(f"trajectory projections {list(projections)}: choose from {', '.join(PROJECTIONS)}")
+        # Kept as given (a view of the model's weights costs nothing): the projection samples it, and the nearest
+        # base tokens are found a chunk at a time (top_k_cosine), so no copy of all base rows is ever made.
+        base = base_rows.detach()
         self.projection = fit_projection(base, seed=seed)
         self._base = base
         self._wanted = list(dict.fromkeys(projections))
@@ -259,9 +262,8 @@ class TrajectoryBuilder:
         generator = torch.Generator().manual_seed(int(seed) + 1)
         self._sample = torch.randperm(base.shape[0], generator=generator)[: min(backdrop, base.shape[0])].sort().values
         self._word = base_words if callable(base_words) else (lambda i, w=base_words: w[i])
-        self.base_xy = self.projection(base[self._sample])
+        self.base_xy = self.projection(base[self._sample.to(base.device)])
         self.base_words = [self._word(int(i)) for i in self._sample]
-        self._unit = torch.nn.functional.normalize(base, dim=1)
         self.k = int(neighbours)
         self.tracked = list(tracked)
         self.tracked_words = list(tracked_words)
@@ -284,12 +286,11 @@ class TrajectoryBuilder:
         return self.views[0].extent if self.views else None
 
     def nearest(self, rows: torch.Tensor) -> list[list[str]]:
-        """The ``k`` nearest base tokens (cosine) of each row."""
+        """The ``k`` nearest base tokens (cosine) of each row: a chunked top-k, memory O(chunk x d) per call."""
         if self.k <= 0 or rows.shape[0] == 0:
             return [[] for _ in range(rows.shape[0])]
-        sims = torch.nn.functional.normalize(rows.detach().float(), dim=1) @ self._unit.T
-        top = sims.topk(min(self.k, sims.shape[1]), dim=1).indices.tolist()
-        return [[self._word(i) for i in row] for row in top]
+        _, top = top_k_cosine(rows.detach(), self._base, self.k)
+        return [[self._word(i) for i in row] for row in top.tolist()]
 
     def _fit_views(self, tracked_rows: torch.Tensor, xy_all_of: Callable[[Projection], np.ndarray]) -> None:
         """Fit the chosen projections once (on the first frame) and fix each view's extent."""
@@ -298,12 +299,15 @@ class TrajectoryBuilder:
             if name == "base":
                 projection = self.projection
             else:
-                projection = fit_focus_projection(self._base, tracked_rows, meaning_ids=meaning_ids,
-                                                  base_unit=self._unit, seed=self.seed)  # fmt: skip
+                projection = fit_focus_projection(self._base, tracked_rows, meaning_ids=meaning_ids, seed=self.seed)
                 if projection is None:
                     self.notes.append("the focus projection needs at least 3 base rows near the new tokens; left out")
                     continue
-            base_xy = self.base_xy if projection is self.projection else projection(self._base[self._sample])
+            base_xy = (
+                self.base_xy
+                if projection is self.projection
+                else projection(self._base[self._sample.to(self._base.device)])
+            )
             meaning_xy = np.full((len(self.tracked), 2), np.nan, np.float32)
             if self.meanings is not None and self.meanings.known.any():
                 known = self.meanings.known

@@ -133,9 +133,12 @@ def finish_watch(
     max_frames: int = MAX_FRAMES,
     fewer_frames_hint: str = "",
     label_max: int = LABEL_MAX,
+    table_neighbours: bool = True,
 ) -> WatchOutputs:
     """Write ``trajectory.html``, ``trajectory.gif``, ``tokens.csv``/``tokens.json``, ``trajectory.json`` and
-    ``probe.json`` (when probed) into ``folder``, and ``trajectory.npz`` (what a sweep's side-by-side page reads)."""
+    ``probe.json`` (when probed) into ``folder``, and ``trajectory.npz`` (what a sweep's side-by-side page reads).
+    ``table_neighbours=False`` leaves the table's nearest base tokens empty (the search is the one part whose time
+    grows with new x base)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = WatchOutputs(folder)
@@ -166,7 +169,7 @@ def finish_watch(
         ids,
         start_rows,
         end_rows,
-        nearest=builder.nearest,
+        nearest=builder.nearest if table_neighbours else (lambda rows: [[] for _ in range(len(rows))]),
         frequency=corpus_counts(corpus_ids, ids),
         probe_scores=probe_mod.by_word(probe_before, probe_after) if probe_after else None,
         freeze_threshold=freeze_threshold,

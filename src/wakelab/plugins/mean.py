@@ -20,7 +20,7 @@ import time
 import torch
 
 import wakelab
-from wakelab import base_moments, gaussian_rows, sampling_factor
+from wakelab import base_moments, gaussian_rows, mean_row_norm, sampling_factor
 
 
 def mean_rows(
@@ -31,7 +31,7 @@ def mean_rows(
     mean, cov = base_moments(weight, num_base)
     factor, method = sampling_factor(cov, scale)
     rows = gaussian_rows(count, mean, factor, generator)
-    base_norm = weight[:num_base].detach().float().norm(dim=1).mean().item()
+    base_norm = mean_row_norm(weight, num_base)
     summary = {
         "scale": scale,
         "factorization": method,

@@ -22,7 +22,7 @@ def init_embeddings(ctx):
     if ctx.method != "spherical":
         return None
     weight = ctx.weight
-    base_norm = weight[: ctx.num_base].float().norm(dim=1).mean().item()
+    base_norm = wakelab.mean_row_norm(weight, ctx.num_base)
     radius = ctx.options.get("radius_scale", 1.5) * base_norm
     rows = sphere_rows(len(ctx.new_ids), weight.shape[1], radius, ctx.generator)
     weight[ctx.new_ids] = rows.to(weight.dtype)

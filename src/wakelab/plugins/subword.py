@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 import wakelab
-from wakelab import PluginError, base_moments, gaussian_rows, sampling_factor
+from wakelab import PluginError, base_moments, gaussian_rows, mean_row_norm, sampling_factor
 
 #: Words shown in the log as examples of what was averaged.
 EXAMPLES = 3
@@ -95,7 +95,7 @@ def init_embeddings(ctx):
     weight[ctx.new_ids] = rows.to(weight.device, weight.dtype)
 
     fallen = [ctx.new_words[p] for p in fallback]
-    base_norm = weight[: ctx.num_base].float().norm(dim=1).mean().item()
+    base_norm = mean_row_norm(weight, ctx.num_base)
     new_norm = float(rows.norm(dim=1).mean()) if len(rows) else 0.0
     mean_count = sum(counts) / len(counts) if counts else 0.0
     ctx.log(

@@ -43,6 +43,14 @@ class TrajectoryConfig(wakelab.PluginConfig):
     max_tokens: int = Field(40, ge=1, description="`auto` draws all new tokens up to this many, else a sample.")
     backdrop: int = Field(2000, ge=0, description="Base tokens drawn as the grey backdrop (a seeded sample).")
     neighbours: int = Field(5, ge=0, description="Nearest base tokens listed per tracked token (hover, table).")
+    table_neighbours: bool = Field(
+        True,
+        description=(
+            "List every new word's nearest base tokens at start and end in the per-token table: a chunked search "
+            "(memory O(8192 x d)) of 2 x new x base x d multiply-adds, 23 T at P1's size: seconds on a GPU, "
+            "several minutes on a CPU. False: the table without those two columns."
+        ),
+    )
     seed: int = Field(0, description="Seed of the token sample, the backdrop and the probe's contexts.")
     log_frames: bool = Field(True, description="Log each frame as an MLflow image with its step (the image slider).")
     html: bool = Field(True, description="Write and log trajectory.html.")
@@ -121,7 +129,8 @@ def active() -> _Watch | None:
 
 
 def _new_rows(rows) -> torch.Tensor:
-    return rows.values(rows.new_ids)
+    """The new rows as they are now: a view (no copy) when one tensor holds them; copy it to keep it."""
+    return rows.values(range(rows.num_base, rows.num_total), share=True)
 
 
 def _frame(watch: _Watch, step: int, add: bool = True) -> None:
@@ -157,7 +166,7 @@ def on_run_start(run):
     if len(rows.new_ids) == 0:
         _log("this run adds no new tokens; nothing to draw")
         return
-    base_rows = rows.values(torch.arange(rows.num_base))
+    base_rows = rows.values(range(rows.num_base), share=True)  # a view of the weights: no copy of the base rows
     builder = wakelab.start_watch(
         base_rows, run.tokenizer, rows.new_ids.tolist(), _new_rows(rows), int(run.start_step), tokens=cfg.tokens,
         max_tokens=cfg.max_tokens, backdrop=cfg.backdrop, neighbours=cfg.neighbours, seed=cfg.seed,
@@ -219,6 +228,7 @@ def on_run_end(run, status):
         corpus_ids=run.corpus_ids, probe_before=watch.probe_before, probe_after=after, html=cfg.html, gif=cfg.gif,
         max_frames=cfg.max_frames, fewer_frames_hint="raise trajectory.every or lower trajectory.max_frames",
         label_max=cfg.max_labels,
+        table_neighbours=cfg.table_neighbours,
     )  # fmt: skip
     for message in out.messages:
         _log(message)
