@@ -261,8 +261,9 @@ class TrajectoryBuilder:
         self.seed = int(seed)
         generator = torch.Generator().manual_seed(int(seed) + 1)
         self._sample = torch.randperm(base.shape[0], generator=generator)[: min(backdrop, base.shape[0])].sort().values
+        self._sample = self._sample.to(base.device)
         self._word = base_words if callable(base_words) else (lambda i, w=base_words: w[i])
-        self.base_xy = self.projection(base[self._sample.to(base.device)])
+        self.base_xy = self.projection(base[self._sample])
         self.base_words = [self._word(int(i)) for i in self._sample]
         self.k = int(neighbours)
         self.tracked = list(tracked)
@@ -303,11 +304,7 @@ class TrajectoryBuilder:
                 if projection is None:
                     self.notes.append("the focus projection needs at least 3 base rows near the new tokens; left out")
                     continue
-            base_xy = (
-                self.base_xy
-                if projection is self.projection
-                else projection(self._base[self._sample.to(self._base.device)])
-            )
+            base_xy = self.base_xy if projection is self.projection else projection(self._base[self._sample])
             meaning_xy = np.full((len(self.tracked), 2), np.nan, np.float32)
             if self.meanings is not None and self.meanings.known.any():
                 known = self.meanings.known
