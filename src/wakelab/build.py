@@ -9,6 +9,7 @@ they cannot drift apart.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +79,14 @@ def build_model(
     *,
     log_params: Callable[[dict[str, Any]], None] = lambda params: None,
     set_tags: Callable[[dict[str, str]], None] = lambda tags: None,
+    corpus_ids: Callable[[], Any] | None = None,
+    log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
+    progress: bool = False,
 ) -> torch.nn.Module:
-    """The base model with the grown vocabulary, its new rows filled by the init plugin, an earlier phase restored."""
+    """The base model with the grown vocabulary, its new rows filled by the init plugin, an earlier phase restored.
+
+    ``corpus_ids`` (the training text's token ids, read on first call), ``log_metrics`` and ``progress`` reach the
+    init plugin through its ``InitContext``; an init that learns from the corpus needs the first."""
     what = (
         f"a {config.model.architecture['model_type']} built from model.architecture"
         if config.model.architecture
@@ -104,8 +111,26 @@ def build_model(
     weight = model.get_input_embeddings().weight
     if prepared.new_words:
         new_ids = torch.arange(num_base, weight.shape[0])
-        summary = init_new_rows(prepared.pm, config, weight, num_base, new_ids, prepared.new_words, tokenizer)
+        started = time.monotonic()
+        report: dict[str, Any] = {}
+        summary = init_new_rows(
+            prepared.pm,
+            config,
+            weight,
+            num_base,
+            new_ids,
+            prepared.new_words,
+            tokenizer,
+            model=model,
+            corpus_ids=corpus_ids,
+            log_metrics=log_metrics,
+            progress=progress,
+            report=report,
+        )
         log_params({f"init.result.{k}": v for k, v in summary.items()})
+        log_metrics({"init/seconds": time.monotonic() - started}, 0)
+        if prepared.report is not None and report:
+            prepared.report.init = report
     if prepared.phase is not None:
         matrix, restored = prepared.phase
         with torch.no_grad():
@@ -122,11 +147,19 @@ def build_model(
 def expand_for_config(config: RunConfig, cwd: Path | None = None):
     """The base model with the run's vocabulary expansion and init applied: the state a run starts from."""
     prepared = prepare(config, cwd, check_seq_len=False)
-    return build_model(config, prepared), prepared.tokenizer, prepared.num_base
+
+    def corpus_ids():  # an init that learns from the corpus reads it as the run did (only then is it read)
+        from .corpus_span import training_ids
+
+        return training_ids(config, prepared.tokenizer)
+
+    return build_model(config, prepared, corpus_ids=corpus_ids), prepared.tokenizer, prepared.num_base
 
 
-def init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer) -> dict[str, Any]:
-    """Ask the ``init_embeddings`` hook to fill the new rows; nobody answering ``init.method`` is an error."""
+def init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer, **more) -> dict[str, Any]:
+    """Ask the ``init_embeddings`` hook to fill the new rows; nobody answering ``init.method`` is an error.
+
+    ``more`` are the InitContext's optional fields (model, corpus_ids, log_metrics, progress, report)."""
     generator = torch.Generator().manual_seed(config.init.seed)
     ctx = InitContext(
         method=config.init.method,
@@ -138,6 +171,8 @@ def init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer) -
         options=config.init.model_dump(),
         generator=generator,
         log=log,
+        config=config,
+        **more,
     )
     with torch.no_grad():
         summary = pm.hook.init_embeddings(ctx=ctx)
