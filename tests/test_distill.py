@@ -212,3 +212,25 @@ def test_bad_config_is_one_line_before_anything_runs(tiny_model, texts, key, val
     with pytest.raises(ConfigError, match=message) as caught:
         build_config(overrides=tiny_overrides(tiny_model, texts, **{"init.method": "distill", key: value}))
     assert "\n" not in str(caught.value)
+
+
+def test_distill_on_the_4bit_base_under_tokens(tiny_model, texts):
+    """Gradients reach the new rows through every quantized layer: the distillation loss falls on a 4-bit base."""
+    from optional import require
+
+    require("bitsandbytes")
+    overrides = {
+        "model.load_in_4bit": True,
+        "init.method": "distill",
+        "train.trainable": "tokens",
+        "train.max_steps": 2,
+        "distill.snippets_per_word": 4,
+        "distill.snippet_length": 16,
+        "distill.lr": 1e-2,
+        "distill.epochs": 2,
+    }
+    result = engine.run(build_config(overrides=tiny_overrides(tiny_model, texts, **overrides)), progress=False)
+    assert result.status == "FINISHED"
+    params = mlflow.MlflowClient().get_run(result.run_id).data.params
+    assert params["init.result.distilled"] == str(len(COINED))
+    assert float(params["init.result.loss_last"]) < float(params["init.result.loss_first"])
