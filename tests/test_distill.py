@@ -198,6 +198,14 @@ def test_a_run_with_distill_reports_fallbacks_and_logs_its_stage(tiny_model, tex
     curve = client.get_metric_history(result.run_id, "init/loss")
     assert curve and client.get_metric_history(result.run_id, "init/seconds")
     assert "heldout_alias_mse_before" in result.metrics
+    # Analysis reads the rows init left (initial_rows.safetensors) instead of distilling again.
+    from safetensors.torch import load_file
+
+    from wakelab.state import load_trained
+
+    saved = load_file(str(result.output_dir / "initial_rows.safetensors"))
+    state = load_trained(result.output_dir, initial=True)
+    assert torch.equal(state.rows.values(state.rows.new_ids).float(), saved["rows"])
 
 
 @pytest.mark.parametrize(

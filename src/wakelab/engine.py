@@ -60,7 +60,7 @@ def prepare_output_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path
     if overwrite and out.is_dir():
         for child in [*previous, out / checkpoints.STAGING]:
             shutil.rmtree(child, ignore_errors=True)
-        for name in (RUN_FILE, "final", "vocab_report.json", "config.yaml"):
+        for name in (RUN_FILE, "final", "vocab_report.json", "config.yaml", build.INITIAL_ROWS):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -230,6 +230,8 @@ class _Run:
         )
         # Which base the rows belong to, so an export can refuse a base that changed since (see merge.check_base).
         self.checkpoint_info.update(revision=config.model.revision, base_checksum=prepared.base_checksum)
+        if prepared.new_words and self.rank == 0:  # the rows as init left them: analysis reads them, never reruns it
+            build.save_initial_rows(self.model, prepared.num_base, output_dir / build.INITIAL_ROWS)
 
         self.rows = rows = setup_trainable_rows(
             self.model, prepared.num_base, config.train.trainable, config.train.rows_dtype
