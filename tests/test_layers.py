@@ -18,7 +18,7 @@ LAYERS = {
     "core": {
         "errors", "config", "paths", "logs", "durable", "hookspecs", "registry", "plugin_config", "rows", "context",
         "data", "vocab", "model", "bpe", "gcide", "demo", "demo_text", "phase", "gaussian", "precision", "loss",
-        "crashpoint", "quantized", "hub", "hookdocs",
+        "crashpoint", "quantized", "hub", "hookdocs", "subwords", "aliasing", "corpus_span",
     },
     "storage": {"checkpoints", "recording"},
     "tracking": {"tracking", "datasets"},

@@ -39,6 +39,14 @@ _LAZY: dict[str, tuple[str, str]] = {
     "sampling_factor": ("gaussian", "sampling_factor"),
     "gaussian_rows": ("gaussian", "gaussian_rows"),
     "mean_row_norm": ("gaussian", "mean_row_norm"),
+    # Init plugins: a new word's base sub-tokens and the subword init's rows (their mean).
+    "word_pieces": ("subwords", "word_pieces"),
+    "subword_rows": ("subwords", "subword_rows"),
+    # Init plugins: the base model reading a new token against reading the word spelled out (token distillation).
+    "alias_pair": ("aliasing", "alias_pair"),
+    "alias_batch": ("aliasing", "alias_batch"),
+    "alias_distance": ("aliasing", "alias_distance"),
+    "layer_count": ("aliasing", "layer_count"),
     # Checkpoints as the engine writes them: complete or absent, with a checksummed manifest.
     "CHECKPOINT_MANIFEST": ("checkpoints", "MANIFEST"),
     "CheckpointError": ("checkpoints", "CheckpointError"),

@@ -9,6 +9,7 @@ they cannot drift apart.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +79,16 @@ def build_model(
     *,
     log_params: Callable[[dict[str, Any]], None] = lambda params: None,
     set_tags: Callable[[dict[str, str]], None] = lambda tags: None,
+    corpus_ids: Callable[[], Any] | None = None,
+    log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
+    progress: bool = False,
+    initial_rows: Path | None = None,
 ) -> torch.nn.Module:
-    """The base model with the grown vocabulary, its new rows filled by the init plugin, an earlier phase restored."""
+    """The base model with the grown vocabulary, its new rows filled by the init plugin, an earlier phase restored.
+
+    ``corpus_ids`` (the training text's token ids, read on first call), ``log_metrics`` and ``progress`` reach the
+    init plugin through its ``InitContext``; an init that learns from the corpus needs the first. ``initial_rows``
+    (a run's ``initial_rows.safetensors``) puts back the rows that run's init made instead of running it again."""
     what = (
         f"a {config.model.architecture['model_type']} built from model.architecture"
         if config.model.architecture
@@ -102,10 +111,30 @@ def build_model(
     log_params({"added_tokens": len(prepared.new_words), "vocab_size": len(tokenizer)})
 
     weight = model.get_input_embeddings().weight
-    if prepared.new_words:
+    if prepared.new_words and initial_rows is not None:
+        load_initial_rows(model, initial_rows)
+    elif prepared.new_words:
         new_ids = torch.arange(num_base, weight.shape[0])
-        summary = init_new_rows(prepared.pm, config, weight, num_base, new_ids, prepared.new_words, tokenizer)
+        started = time.monotonic()
+        report: dict[str, Any] = {}
+        summary = init_new_rows(
+            prepared.pm,
+            config,
+            weight,
+            num_base,
+            new_ids,
+            prepared.new_words,
+            tokenizer,
+            model=model,
+            corpus_ids=corpus_ids,
+            log_metrics=log_metrics,
+            progress=progress,
+            report=report,
+        )
         log_params({f"init.result.{k}": v for k, v in summary.items()})
+        log_metrics({"init/seconds": time.monotonic() - started}, 0)
+        if prepared.report is not None and report:
+            prepared.report.init = report
     if prepared.phase is not None:
         matrix, restored = prepared.phase
         with torch.no_grad():
@@ -119,14 +148,58 @@ def build_model(
     return model
 
 
-def expand_for_config(config: RunConfig, cwd: Path | None = None):
-    """The base model with the run's vocabulary expansion and init applied: the state a run starts from."""
+#: The new rows (and an untied head's) right after init, in a run's directory.
+INITIAL_ROWS = "initial_rows.safetensors"
+
+
+def save_initial_rows(model, num_base: int, path: Path) -> None:
+    """The new rows as the init left them: small, and an init like ``distill`` costs minutes to run again."""
+    from safetensors.torch import save_file
+
+    from .merge import head_rows
+
+    weight = model.get_input_embeddings().weight
+    ids = torch.arange(num_base, weight.shape[0])
+    tensors = {"token_ids": ids, "rows": weight.detach()[num_base:].float().cpu().contiguous()}
+    head = head_rows(model, ids)
+    if head is not None:
+        tensors["head_rows"] = head.float()
+    save_file(tensors, str(path))
+
+
+def load_initial_rows(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from .merge import load_head_rows
+
+    saved = load_file(str(path))
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[saved["token_ids"]] = saved["rows"].to(weight.device, weight.dtype)
+    if "head_rows" in saved:
+        load_head_rows(model, saved["token_ids"], saved["head_rows"])
+    log(f"new rows as init left them, from {path}")
+
+
+def expand_for_config(config: RunConfig, cwd: Path | None = None, initial_rows: Path | None = None):
+    """The base model with the run's vocabulary expansion and init applied: the state a run starts from (the rows
+    from ``initial_rows`` when given, else the init run again)."""
     prepared = prepare(config, cwd, check_seq_len=False)
-    return build_model(config, prepared), prepared.tokenizer, prepared.num_base
+    if initial_rows is not None:
+        return build_model(config, prepared, initial_rows=initial_rows), prepared.tokenizer, prepared.num_base
+
+    def corpus_ids():  # an init that learns from the corpus reads it as the run did (only then is it read)
+        from .corpus_span import training_ids
+
+        return training_ids(config, prepared.tokenizer)
+
+    return build_model(config, prepared, corpus_ids=corpus_ids), prepared.tokenizer, prepared.num_base
 
 
-def init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer) -> dict[str, Any]:
-    """Ask the ``init_embeddings`` hook to fill the new rows; nobody answering ``init.method`` is an error."""
+def init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer, **more) -> dict[str, Any]:
+    """Ask the ``init_embeddings`` hook to fill the new rows; nobody answering ``init.method`` is an error.
+
+    ``more`` are the InitContext's optional fields (model, corpus_ids, log_metrics, progress, report)."""
     generator = torch.Generator().manual_seed(config.init.seed)
     ctx = InitContext(
         method=config.init.method,
@@ -138,6 +211,8 @@ def init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer) -
         options=config.init.model_dump(),
         generator=generator,
         log=log,
+        config=config,
+        **more,
     )
     with torch.no_grad():
         summary = pm.hook.init_embeddings(ctx=ctx)

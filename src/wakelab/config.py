@@ -142,7 +142,8 @@ class InitConfig(_Section):
         description=(
             "Name of the `init_embeddings` plugin that fills the new rows: `spherical` (random directions at "
             "radius_scale x the base norm), `mean` (drawn from the base rows' mean and covariance), `subword` (mean "
-            "of the word's base sub-tokens), or a plugin's."
+            "of the word's base sub-tokens), `distill` (subword rows then token distillation on the corpus; its "
+            "`distill` section), or a plugin's."
         ),
     )
     radius_scale: float = Field(

@@ -60,6 +60,28 @@ class InitContext:
         "The tokenizer before expansion (to split a new word into base pieces), or None.", default=None
     )
     log: Callable[[str], None] = _field("Say what the init did: one line on stderr (`wakelab.log`).", default=log)
+    model: torch.nn.Module | None = _field(
+        "The base model with the grown vocabulary (eval mode; the new rows as resized), for an init that reads "
+        "with it; leave its parameters as they are. None when the caller has none.",
+        default=None,
+    )
+    corpus_ids: Callable[[], Any] | None = _field(
+        "Returns the run's training text as token ids of the expanded tokenizer (a 1-D integer array; read on "
+        "first call), for an init that learns from how the new words are used. None when there is no corpus.",
+        default=None,
+    )
+    config: RunConfig | None = _field(
+        "The resolved config; an init plugin reads its own section as `config.<section>`.", default=None
+    )
+    log_metrics: Callable[[dict[str, float], int], None] = _field(
+        "Log metrics at a step to the run's MLflow run (an init's own curve, under an `init/` prefix).",
+        default=lambda metrics, step: None,
+    )
+    progress: bool = _field("Whether a progress bar may be shown (off with `--no-progress`).", default=False)
+    report: dict[str, Any] = _field(
+        "Entries for the vocabulary report's `init` section (e.g. which words an init could not serve).",
+        default_factory=dict,
+    )
     is_main_process: bool = _main_field()
 
 

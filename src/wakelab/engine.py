@@ -21,13 +21,16 @@ import yaml
 
 from . import build, checkpoints, logged_model, merge, ranks, stopping, tracking
 from . import data as data_mod
+from .aliasing import heldout_alias_distance
 from .config import RunConfig
 from .context import RunContext
+from .corpus_span import training_span
 from .data import resolve_data_paths, token_cache_dir
 from .errors import ConfigError, PluginError, WakelabError
 from .evaluation import perplexity
 from .logs import log, warn
 from .rows import RowAccess, setup_trainable_rows
+from .subwords import word_pieces
 from .vocab import corpus_stats
 
 RUN_FILE = "wakelab_run.json"
@@ -57,7 +60,7 @@ def prepare_output_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path
     if overwrite and out.is_dir():
         for child in [*previous, out / checkpoints.STAGING]:
             shutil.rmtree(child, ignore_errors=True)
-        for name in (RUN_FILE, "final", "vocab_report.json", "config.yaml"):
+        for name in (RUN_FILE, "final", "vocab_report.json", "config.yaml", build.INITIAL_ROWS):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -217,9 +220,19 @@ class _Run:
             (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
             tracked.log_artifact(output_dir / "config.yaml")
 
-        self.model = build.build_model(config, prepared, log_params=tracked.log_params, set_tags=tracked.set_tags)
+        self.model = build.build_model(
+            config,
+            prepared,
+            log_params=tracked.log_params,
+            set_tags=tracked.set_tags,
+            corpus_ids=lambda: training_span(corpus, config.data),
+            log_metrics=tracked.log_metrics,
+            progress=self.progress and self.rank == 0,
+        )
         # Which base the rows belong to, so an export can refuse a base that changed since (see merge.check_base).
         self.checkpoint_info.update(revision=config.model.revision, base_checksum=prepared.base_checksum)
+        if prepared.new_words and self.rank == 0:  # the rows as init left them: analysis reads them, never reruns it
+            build.save_initial_rows(self.model, prepared.num_base, output_dir / build.INITIAL_ROWS)
 
         self.rows = rows = setup_trainable_rows(
             self.model, prepared.num_base, config.train.trainable, config.train.rows_dtype
@@ -257,6 +270,14 @@ class _Run:
             self.result_metrics["heldout_perplexity_before"] = before
             tracked.log_metrics({"heldout_perplexity_before": before}, 0)
             log(f"held-out perplexity before training: {before:.2f}")
+            distance = self._heldout_alias_distance()
+            if distance is not None:
+                self.result_metrics["heldout_alias_mse_before"] = distance
+                tracked.log_metrics({"heldout_alias_mse_before": distance}, 0)
+                log(
+                    f"held-out hidden-state distance, new tokens vs spelled out (last layer, mean squared): "
+                    f"{distance:.4g}"
+                )
 
     def train(self) -> None:
         """Trainer built with the hooks bridged to it and run (or, with nothing left to train, put at the end)."""
@@ -376,6 +397,16 @@ class _Run:
             self.incomplete.result = result
             raise self.incomplete  # exit status 3: finished locally, tracking incomplete
         return result
+
+    def _heldout_alias_distance(self) -> float | None:
+        """How differently the model reads the held-out text with its new tokens than with them spelled out."""
+        prepared, t = self.prepared, self.config.train
+        if not prepared.new_words:
+            return None
+        new_ids = range(prepared.num_base, len(prepared.tokenizer))
+        spelled = word_pieces(prepared.tokenizer, prepared.num_base, list(new_ids), prepared.new_words)
+        pieces = {i: p for i, p in zip(new_ids, spelled, strict=True) if p}
+        return heldout_alias_distance(self.model, self.corpus.heldout.blocks, pieces, t.batch_size, t.eval_max_blocks)
 
     def _heldout_perplexity(self, model) -> float:
         t = self.config.train

@@ -121,7 +121,7 @@ def load_trained(target: str | Path, *, initial: bool = False) -> TrainedState:
     from safetensors.torch import load_file
 
     from . import model as model_mod
-    from .build import expand_for_config
+    from .build import INITIAL_ROWS, expand_for_config
 
     run_dir, run_id = resolve_run(str(target))
     config_path = run_dir / "config.yaml"
@@ -129,7 +129,10 @@ def load_trained(target: str | Path, *, initial: bool = False) -> TrainedState:
         raise WakelabError(f"{run_dir} is not a wakelab run directory (no config.yaml)")
     config = validate(yaml.safe_load(config_path.read_text()), strict=False)
     source_path = Path(target) if Path(target).exists() else run_dir
-    model, tokenizer, num_base = expand_for_config(config)
+    saved_initial = run_dir / INITIAL_ROWS
+    model, tokenizer, num_base = expand_for_config(
+        config, initial_rows=saved_initial if saved_initial.exists() else None
+    )
     rows = setup_trainable_rows(model, num_base, _reading_strategy(config, model), config.train.rows_dtype)
     step = 0
     if not initial:

@@ -605,6 +605,7 @@ def summarise_child(client, child: Child, plan: SweepPlan, log: Log) -> dict[str
     summary["new_row_norm_final"] = child.metrics.get("new_row_norm", float(final[num_base:].norm(dim=1).mean()))
     logged = client.get_run(child.run_id).data.metrics  # the trajectory plugin's meaning probe, when it ran
     summary["probe"] = {k: logged[k] for k in PROBE_KEYS if k in logged}
+    summary["init_seconds"] = logged.get("init/seconds")
     if child.config.init.from_embeddings:
         log(
             f"warning: {child.label}: init.from_embeddings is set; step-0 values are those of the init before the "
@@ -634,6 +635,7 @@ def _hit_metrics(rates: dict, step: int) -> list:
 COLUMNS = (
     ("child", "child"),
     ("status", "status"),
+    ("heldout_alias_mse_before", "hidden dist step 0"),
     ("heldout_perplexity_before", "ppl before"),
     ("heldout_perplexity_after", "ppl after"),
     ("final_loss", "final loss"),
@@ -649,6 +651,7 @@ COLUMNS = (
     ("probe_kl_before", "probe KL step 0"),
     ("probe_kl_after", "probe KL end"),
     ("probe_substitution_after", "substitution end"),
+    ("init_seconds", "init s"),
     ("train_seconds", "seconds"),
     ("run_id", "run id"),
     ("error", "error"),
@@ -661,12 +664,18 @@ PROBE_KEYS = ("probe_kl_before", "probe_kl_after", "probe_substitution_after")
 def comparison_row(child: Child) -> dict[str, Any]:
     row: dict[str, Any] = {key: None for key, _ in COLUMNS}
     row.update(child=child.label, status=child.status, run_id=child.run_id, error=child.error, value=child.text)
-    for key in ("heldout_perplexity_before", "heldout_perplexity_after", "new_row_displacement", "train_seconds"):
+    for key in (
+        "heldout_alias_mse_before",
+        "heldout_perplexity_before",
+        "heldout_perplexity_after",
+        "new_row_displacement",
+        "train_seconds",
+    ):
         row[key] = child.metrics.get(key)
     summary = child.summary
     if summary.get("loss"):
         row["final_loss"] = summary["loss"][1][-1]
-    for key in ("new_row_norm_init", "new_row_norm_final", "base_mean_norm"):
+    for key in ("new_row_norm_init", "new_row_norm_final", "base_mean_norm", "init_seconds"):
         row[key] = summary.get(key)
     row.update(summary.get("probe") or {})
     hits = summary.get("hits")

@@ -34,6 +34,8 @@ class VocabReport:
     #: Words written in more than one Unicode form (NFC and NFD "café"): {"word": NFC form, "forms": [as written]}.
     canonical_duplicates: list[dict] = field(default_factory=list)
     normalize: str = "nfc"
+    #: What the init plugin reported about the words (e.g. ``distill``'s words that fell back to subword).
+    init: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [

@@ -1,0 +1,328 @@
+"""Built-in ``distill`` init (token distillation, AweDist: Dobler et al., arXiv 2505.20133): each new row is learnt so
+that the base model reads the new token as it read the word spelled out.
+
+The rows start as ``subword`` rows (the mean of the word's base sub-tokens). Then, for each word, snippets of the
+run's corpus that hold it are read twice by the frozen base: as the *student* (the word as its one new token) and as
+the *teacher* (the word in its original sub-tokens). The loss is the mean squared difference of the two readings'
+hidden states at ``distill.target_layer`` at the word (its last piece, for the teacher) and every position after it;
+only the new input rows learn (AdamW, no weight decay, constant lr). Other new words in a snippet are spelled out in
+both readings, so each word learns from its own snippets only, and words can be trained a chunk at a time.
+
+* Snippets come from the training part of the corpus (never the held-out text); a word with fewer than
+  ``distill.min_occurrences`` occurrences, no usable sub-tokens, or none of the token budget left keeps its
+  ``subword`` row, and is listed with its reason in the vocabulary report (``init.fallback_words``).
+* Memory: only the positions of the new words' occurrences are held; each batch's snippets are cut from the token
+  ids when it is read, and the rows being learnt are those of one chunk of words (with their AdamW state).
+* Reproducible: the snippets chosen and their order come from a generator seeded with ``init.seed``; two runs on the
+  same device give bit-identical rows.
+* A stage of the run: a progress bar, the loss curve as ``init/loss`` (and ``init/seconds``) in MLflow.
+* Output rows: a head tied to the input embedding gets the learnt rows; an untied head's new rows are the mean of
+  the sub-tokens' head rows (``distill.output_rows=subword``) or left as the resize drew them (``keep``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+import wakelab
+
+#: Words whose rows learn at once (with their AdamW state): bounds memory whatever the lexicon's size.
+WORDS_PER_CHUNK = 1024
+#: Points of the ``init/loss`` curve logged at most (each the mean over its window of steps).
+CURVE_POINTS = 200
+
+
+class DistillConfig(wakelab.PluginConfig):
+    """The `distill` init: which snippets it reads, where it compares the two readings, and how it learns."""
+
+    snippets_per_word: int = Field(100, ge=1, description="Snippets read per new word (at most; fewer if rarer).")
+    snippet_length: int = Field(
+        50, ge=2, description="Tokens per snippet (the word's own read as one), about a quarter of them before it."
+    )
+    target_layer: int = Field(
+        -1,
+        description="Hidden states compared: layer 1..L of the model, or counted from the end (-1: the last).",
+    )
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the new rows (constant, no weight decay).")
+    epochs: int = Field(1, ge=1, description="Passes over each word's snippets.")
+    batch_size: int = Field(16, ge=1, description="Snippets per optimizer step.")
+    output_rows: Literal["subword", "keep"] = Field(
+        "subword",
+        description="An untied head's new rows: the mean of the sub-tokens' head rows, or as the resize drew them.",
+    )
+    min_occurrences: int = Field(
+        1, ge=1, description="A word seen fewer times in the corpus keeps its subword row (listed in the report)."
+    )
+    token_budget: int | None = Field(
+        None,
+        gt=0,
+        description="Snippet tokens read in all (spread evenly over the words; None: no limit).",
+    )
+
+    @field_validator("target_layer")
+    @classmethod
+    def _not_embeddings(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("layer 0 is the input embeddings themselves; give 1..L or -1 (the last layer)")
+        return value
+
+
+@wakelab.hookimpl
+def config_section():
+    return "distill", DistillConfig
+
+
+@wakelab.hookimpl
+def check_config(config):
+    """A budget below one snippet leaves nothing to learn from: refused before anything is written."""
+    cfg = config.distill
+    if config.init.method == "distill" and cfg.token_budget is not None and cfg.token_budget < cfg.snippet_length:
+        raise wakelab.ConfigError(
+            f"distill.token_budget={cfg.token_budget} is less than one snippet (distill.snippet_length="
+            f"{cfg.snippet_length} tokens); raise it, or leave it unset for no limit"
+        )
+
+
+def check_model(model, cfg: DistillConfig) -> int:
+    """The target layer as an index into the hidden states; a layer or snippet the model lacks is a ConfigError."""
+    layers = wakelab.layer_count(model)
+    if not (1 <= cfg.target_layer <= layers or -layers <= cfg.target_layer <= -1):
+        raise wakelab.ConfigError(
+            f"distill.target_layer={cfg.target_layer} is outside the model: it has {layers} layers; give 1..{layers}, "
+            f"or -{layers}..-1 counted from the last (-1 = the last)"
+        )
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and cfg.snippet_length > context:
+        raise wakelab.ConfigError(
+            f"distill.snippet_length={cfg.snippet_length} is longer than the model's context of {context} tokens; "
+            f"give at most {context}"
+        )
+    return cfg.target_layer
+
+
+def occurrences(ids: np.ndarray, num_base: int) -> dict[int, np.ndarray]:
+    """Where each new token occurs in ``ids`` (positions, ascending), from one pass over the ids."""
+    positions = np.flatnonzero(ids >= num_base)
+    tokens = ids[positions]
+    order = np.argsort(tokens, kind="stable")
+    tokens, positions = tokens[order], positions[order]
+    found, starts, counts = np.unique(tokens, return_index=True, return_counts=True)
+    return {int(t): positions[s : s + c] for t, s, c in zip(found, starts, counts, strict=True)}
+
+
+def plan_snippets(ctx, cfg, pieces, found, generator):
+    """Which occurrences each word learns from: ``{slot: positions}``, and ``{word: reason}`` for those that don't."""
+    fallback: dict[str, str] = {}
+    eligible: list[tuple[int, int]] = []  # (slot, token id)
+    for slot, (token_id, word) in enumerate(zip(ctx.new_ids.tolist(), ctx.new_words, strict=True)):
+        seen = len(found.get(token_id, ()))
+        if token_id not in pieces:
+            fallback[word] = "no usable sub-tokens (the subword init's mean-init row)"
+        elif seen < cfg.min_occurrences:
+            fallback[word] = (
+                f"{seen} occurrence(s) in the corpus, fewer than distill.min_occurrences={cfg.min_occurrences}"
+            )
+        else:
+            eligible.append((slot, token_id))
+    if not eligible:
+        most = max(found.items(), key=lambda kv: len(kv[1]), default=None)
+        if most is None:
+            raise wakelab.DataError(
+                f"init.method=distill: none of the {len(ctx.new_ids)} new words occurs in the corpus, so there is "
+                "nothing to distil from; give a corpus that uses them (data.corpus), or use init.method=subword"
+            )
+        raise wakelab.DataError(
+            f"init.method=distill: no new word occurs at least distill.min_occurrences={cfg.min_occurrences} times "
+            f"in the corpus (the most: {len(most[1])}); lower distill.min_occurrences, or use init.method=subword"
+        )
+    per_word = cfg.snippets_per_word
+    left = None if cfg.token_budget is None else cfg.token_budget // cfg.snippet_length
+    if left is not None:
+        per_word = min(per_word, max(1, left // len(eligible)))
+    plan: dict[int, np.ndarray] = {}
+    for slot, token_id in eligible:
+        where = found[token_id]
+        take = min(per_word, len(where)) if left is None else min(per_word, len(where), left)
+        if take == 0:
+            fallback[ctx.new_words[slot]] = f"distill.token_budget={cfg.token_budget} spent on earlier words"
+            continue
+        if take < len(where):
+            where = np.sort(where[torch.randperm(len(where), generator=generator)[:take].numpy()])
+        plan[slot] = where
+        if left is not None:
+            left -= take
+    return plan, fallback
+
+
+class _Curve:
+    """The loss curve, logged to MLflow as means over windows of steps (at most CURVE_POINTS points)."""
+
+    def __init__(self, ctx, total_steps: int):
+        self.ctx, self.every = ctx, max(1, -(-total_steps // CURVE_POINTS))
+        self.window: list[float] = []
+        self.step = 0
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def add(self, loss: float) -> None:
+        self.step += 1
+        self.window.append(loss)
+        if len(self.window) == self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.window:
+            return
+        mean = sum(self.window) / len(self.window)
+        self.first = mean if self.first is None else self.first
+        self.last = mean
+        if self.ctx.is_main_process:
+            self.ctx.log_metrics({"init/loss": mean}, self.step)
+        self.window = []
+
+
+def distil_chunk(model, layer, cfg, ids, slots, plan, rows, pieces, token_of, generator, curve, bar) -> None:
+    """Learn ``rows[slots]`` from their words' snippets (in place)."""
+    device = next(model.parameters()).device
+    embed = model.get_input_embeddings()
+    context = int(getattr(model.config, "max_position_embeddings", 0) or cfg.snippet_length * 16)
+    lead = cfg.snippet_length // 4
+    learnt = torch.nn.Parameter(rows[slots].clone().to(device))
+    index_of = {token_of[slot]: i for i, slot in enumerate(slots)}
+    optimizer = torch.optim.AdamW([learnt], lr=cfg.lr, weight_decay=0.0)
+    snippets = [(slot, int(p)) for slot in slots for p in plan[slot]]
+    lookup = torch.full((max(index_of) + 1,), -1, dtype=torch.long, device=device)
+    lookup[list(index_of)] = torch.arange(len(index_of), device=device)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(snippets), generator=generator).tolist()
+        for start in range(0, len(order), cfg.batch_size):
+            pairs = []
+            for k in order[start : start + cfg.batch_size]:
+                slot, at = snippets[k]
+                begin = max(0, at - lead)
+                window = ids[begin : begin + cfg.snippet_length]
+                pair = wakelab.alias_pair(window, pieces, (token_of[slot],), context)
+                if pair is not None:
+                    pairs.append(pair)
+            bar.update(1)
+            if not pairs:
+                continue
+            batch = wakelab.alias_batch(pairs).to(device)
+            student = batch.student
+            slot_at = lookup[student.clamp(max=len(lookup) - 1)].where(student < len(lookup), -1)
+            base = embed(student).detach()
+            mine = learnt[slot_at.clamp(min=0)].to(base.dtype)
+            embeds = torch.where((slot_at >= 0).unsqueeze(-1), mine, base)
+            loss = wakelab.alias_distance(model, batch, layer, student_embeds=embeds)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            curve.add(float(loss.detach()))
+    rows[slots] = learnt.detach().to(rows.device, rows.dtype)
+
+
+def head_rows(ctx, cfg, pieces) -> str:
+    """Fill an untied head's new rows by ``distill.output_rows``; says what was done."""
+    head = ctx.model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() == ctx.model.get_input_embeddings().weight.data_ptr():
+        return "tied"
+    if cfg.output_rows == "keep":
+        return "keep"
+    weight = head.weight
+    for token_id, spelled in pieces.items():
+        weight.data[token_id] = (
+            weight.data[torch.tensor(spelled, device=weight.device)].float().mean(0).to(weight.dtype)
+        )
+    return "subword"
+
+
+@wakelab.hookimpl
+def init_embeddings(ctx):
+    if ctx.method != "distill":
+        return None
+    started = time.monotonic()
+    cfg = ctx.config.distill if ctx.config is not None and hasattr(ctx.config, "distill") else DistillConfig()
+    if ctx.model is None or ctx.corpus_ids is None:
+        raise wakelab.PluginError(
+            "init.method=distill reads the run's corpus with the base model; this caller gave it "
+            + ("no model" if ctx.model is None else "no corpus")
+        )
+    model = ctx.model
+    layer = check_model(model, cfg)
+    made = wakelab.subword_rows(ctx)
+    rows = made.rows
+    new_ids = ctx.new_ids.tolist()
+    pieces = {token_id: spelled for token_id, spelled in zip(new_ids, made.pieces, strict=True) if spelled}
+    ids = np.asarray(ctx.corpus_ids())
+    generator = torch.Generator().manual_seed(int(ctx.options.get("seed", 0)))
+    plan, fallback = plan_snippets(ctx, cfg, pieces, occurrences(ids, ctx.num_base), generator)
+
+    slots = sorted(plan)
+    token_of = dict(enumerate(new_ids))
+    steps = sum(-(-sum(len(plan[s]) for s in slots[c : c + WORDS_PER_CHUNK]) // cfg.batch_size)
+                for c in range(0, len(slots), WORDS_PER_CHUNK)) * cfg.epochs  # fmt: skip
+    curve = _Curve(ctx, steps)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="distill init", unit="step", disable=not (ctx.progress and ctx.is_main_process))
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            for c in range(0, len(slots), WORDS_PER_CHUNK):
+                chunk = slots[c : c + WORDS_PER_CHUNK]
+                distil_chunk(model, layer, cfg, ids, chunk, plan, rows, pieces, token_of, generator, curve, bar)
+        curve.flush()
+    finally:
+        bar.close()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    ctx.weight[ctx.new_ids] = rows.to(ctx.weight.device, ctx.weight.dtype)
+    head = head_rows(ctx, cfg, pieces)
+
+    seconds = time.monotonic() - started
+    snippets = sum(len(v) for v in plan.values())
+    fallen = list(fallback)
+    ctx.report.update(
+        method="distill",
+        distilled=len(plan),
+        fell_back=len(fallen),
+        fallback_to="subword",
+        fallback_words=[{"word": w, "reason": r} for w, r in fallback.items()],
+    )
+    if ctx.is_main_process:
+        ctx.log_metrics({"init/words_distilled": len(plan), "init/words_fell_back": len(fallen)}, 0)
+    loss_text = f"loss {curve.first:.4g} -> {curve.last:.4g}" if curve.first is not None else "no steps"
+    ctx.log(
+        f"distill init: {len(plan)} of {len(new_ids)} words distilled from {snippets:,} snippets of "
+        f"{cfg.snippet_length} tokens at layer {layer} ({steps:,} steps, {loss_text}, {seconds:.1f} s); head: {head}"
+    )
+    if fallen:
+        ctx.log(
+            f"distill init: {len(fallen)} word(s) kept their subword row (reasons in vocab_report.json): "
+            + ", ".join(fallen[:10])
+            + (" ..." if len(fallen) > 10 else "")
+        )
+    return {
+        "method": "distill",
+        "words": len(new_ids),
+        "distilled": len(plan),
+        "fell_back": len(fallen),
+        "fallback_words": ",".join(fallen[:20]),
+        "snippets": snippets,
+        "steps": steps,
+        "target_layer": layer,
+        "head": head,
+        "loss_first": curve.first if curve.first is not None else float("nan"),
+        "loss_last": curve.last if curve.last is not None else float("nan"),
+        "seconds": round(seconds, 3),
+    }
