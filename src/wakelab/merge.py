@@ -22,6 +22,7 @@ import torch
 from . import model as model_mod
 from .config import RunConfig
 from .errors import ModelError, WakelabError
+from .writepoint import published_file
 
 #: Written next to a run's final rows: which base the rows belong to.
 BASE_INFO_FILE = "base.json"
@@ -48,7 +49,8 @@ def head_rows(model, ids: torch.Tensor) -> torch.Tensor | None:
 
 def write_base_info(folder: Path, info: dict[str, Any]) -> Path:
     path = folder / BASE_INFO_FILE
-    path.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    with published_file(path) as tmp:  # whole or absent, on a full disk too
+        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     return path
 
 
