@@ -107,9 +107,12 @@ CHECKPOINT_POINTS = {
     "manifest": ("manifest-tmp:2", "ENOSPC"),  # every file written, the manifest not yet renamed in
     "rename": ("staged:2", "EIO"),  # complete in staging, not yet published
 }
+SLOW = pytest.mark.slow  # each case is a run and its resume: the fast suite keeps one case of each write point
 
 
-@pytest.mark.parametrize("point", list(CHECKPOINT_POINTS))
+@pytest.mark.parametrize(
+    "point", [p if p == "staging-files" else pytest.param(p, marks=SLOW) for p in CHECKPOINT_POINTS]
+)
 def test_checkpoint_write_fails_in_one_line_and_resume_is_bit_exact(
     point, tiny_model, texts, tmp_path, monkeypatch, reference
 ):
@@ -130,6 +133,7 @@ def test_checkpoint_write_fails_in_one_line_and_resume_is_bit_exact(
     resume_matches(reference, tmp_path)
 
 
+@SLOW
 def test_half_written_checkpoint_file_names_the_file(tiny_model, texts, tmp_path, monkeypatch, reference):
     """The writer itself fails half-way (safetensors' Rust error carries only 'os error 28' in its text)."""
     from safetensors import SafetensorError
@@ -157,7 +161,9 @@ def test_half_written_checkpoint_file_names_the_file(tiny_model, texts, tmp_path
 # -- the end of the run: final/ and the logged model ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["final", "publish-file:1", "publish-dir:1"])
+@pytest.mark.parametrize(
+    "fault", ["final", pytest.param("publish-file:1", marks=SLOW), pytest.param("publish-dir:1", marks=SLOW)]
+)
 def test_final_write_fails_in_one_line_and_resume_finishes_it(
     fault, tiny_model, texts, tmp_path, monkeypatch, reference
 ):
@@ -195,6 +201,7 @@ def test_logged_model_write_fails_in_one_line(tiny_model, texts, tmp_path, monke
 # -- the Sentry mirror -----------------------------------------------------------------------------------------------
 
 
+@SLOW
 def test_sentry_mirror_on_a_full_disk_fails_in_one_line(tiny_model, texts, tmp_path, monkeypatch, reference):
     backup = tmp_path / "backup"
     result = run_cli(
@@ -331,3 +338,30 @@ def test_published_file_is_whole_or_absent(tmp_path, monkeypatch):
     with published_file(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+# -- sweep comparison files ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sweep_comparison_on_a_full_disk_fails_in_one_line_and_resume_writes_it(tiny_model, texts, monkeypatch):
+    args = ["sweep", "--over", "train.lr=0.01,0.02", "--no-progress"]
+    for key, value in tiny_overrides(tiny_model, texts, **{"train.max_steps": 3, "output_dir": "sweep"}).items():
+        args += ["--set", f"{key}={value}"]
+    monkeypatch.setenv(writepoint.ENV_AT, "publish-dir")
+    line = the_line(CliRunner().invoke(main, args))
+    monkeypatch.delenv(writepoint.ENV_AT)
+    client = mlflow.MlflowClient()
+    parent = next(r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                  if "mlflow.parentRunId" not in r.data.tags)  # fmt: skip
+    comparison = Path("sweep") / "comparison"
+    assert f"disk full writing {Path('sweep') / '.comparison.tmp'}" in line, line
+    assert f"every child's run, checkpoints and final rows are intact; {comparison} is as it was" in line
+    assert f"then: wakelab sweep --resume {parent.info.run_id}" in line
+    assert parent.info.status == "FAILED" and "disk full" in parent.data.tags["wakelab.error"]
+    assert not comparison.exists() and not list(Path("sweep").glob(".comparison.tmp*"))
+
+    result = CliRunner().invoke(main, ["sweep", "--resume", parent.info.run_id, "--no-progress"])
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+    assert (comparison / "comparison.json").is_file() and (comparison / "comparison.csv").is_file()
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"

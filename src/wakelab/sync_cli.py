@@ -24,8 +24,17 @@ def sync(run_dir, tracking_uri):
       wakelab sync runs/demo
       wakelab sync runs/demo --tracking-uri http://mlflow.example.org:5000
     """
-    from .sync import describe
+    from .sync import LEDGER_FILE, SyncError, describe, find_file
     from .sync import sync as do_sync
 
-    for line in describe(do_sync(run_dir, tracking_uri)):
+    try:
+        result = do_sync(run_dir, tracking_uri)
+    except KeyboardInterrupt:
+        stopped = SyncError(
+            f"sync interrupted; what was sent is recorded in {find_file(run_dir).parent / LEDGER_FILE}: run "
+            f"`wakelab sync {run_dir}` again to send the rest (nothing is sent twice)"
+        )
+        stopped.exit_code = 130
+        raise stopped from None
+    for line in describe(result):
         click.echo(line)
