@@ -36,9 +36,10 @@ import wakelab
 
 @wakelab.hookimpl
 def on_step_end(state):
-    if state.step != 3:
-        return
     ballast = Path(BALLAST)
+    if state.step != 3 or ballast.with_suffix(".done").exists():  # once: not again when the run is resumed
+        return
+    ballast.with_suffix(".done").write_text("")
     with open(ballast, "wb", buffering=0) as handle:
         try:
             while True:
@@ -88,7 +89,7 @@ def test_a_real_full_disk_is_one_line_and_resume_finishes_bit_exactly(small_fs, 
     errors = [line for line in failed.stderr.splitlines() if line.startswith("wakelab: error:")]
     assert len(errors) == 1, failed.stderr[-3000:]
     line = errors[0]
-    assert f"disk full writing {out / STAGING / 'checkpoint-4'}" in line, line
+    assert f"disk full writing {out / STAGING / 'checkpoint-4'}/" in line, line  # the file being written in it
     assert f"the last complete checkpoint {out / 'checkpoint-2'} (step 2) is intact" in line, line
     assert line.endswith(f"then: wakelab resume {out}"), line
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"] and not (out / "checkpoint-4").exists()

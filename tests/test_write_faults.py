@@ -348,14 +348,14 @@ def test_sweep_comparison_on_a_full_disk_fails_in_one_line_and_resume_writes_it(
     args = ["sweep", "--over", "train.lr=0.01,0.02", "--no-progress"]
     for key, value in tiny_overrides(tiny_model, texts, **{"train.max_steps": 3, "output_dir": "sweep"}).items():
         args += ["--set", f"{key}={value}"]
-    monkeypatch.setenv(writepoint.ENV_AT, "publish-dir")
+    monkeypatch.setenv(writepoint.ENV_AT, "sweep-comparison")
     line = the_line(CliRunner().invoke(main, args))
     monkeypatch.delenv(writepoint.ENV_AT)
     client = mlflow.MlflowClient()
     parent = next(r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
                   if "mlflow.parentRunId" not in r.data.tags)  # fmt: skip
     comparison = Path("sweep") / "comparison"
-    assert f"disk full writing {Path('sweep') / '.comparison.tmp'}" in line, line
+    assert f"disk full writing {comparison}" in line, line
     assert f"every child's run, checkpoints and final rows are intact; {comparison} is as it was" in line
     assert f"then: wakelab sweep --resume {parent.info.run_id}" in line
     assert parent.info.status == "FAILED" and "disk full" in parent.data.tags["wakelab.error"]

@@ -91,14 +91,20 @@ def disk_errno(exc: BaseException | None) -> int | None:
 
 
 def _failed_file(exc: BaseException, default: Path) -> Path:
-    """The file the OS named in the error (the first along the chain), else the write point's own path."""
+    """The file the OS named in the error (the first along the chain); else, when the write point is a folder, the
+    file last written in it (safetensors' and torch's writers name none: the one they were writing is the newest);
+    else the write point's own path."""
     seen = 0
     while exc is not None and seen < 20:
         seen += 1
         if isinstance(exc, OSError) and exc.filename:
             return Path(exc.filename)
         exc = exc.__cause__ or exc.__context__
-    return default
+    try:
+        written = [p for p in default.rglob("*") if p.is_file()] if default.is_dir() else []
+        return max(written, key=lambda p: p.stat().st_mtime_ns) if written else default
+    except OSError:
+        return default
 
 
 def _text(value: Text) -> str:
