@@ -6,11 +6,12 @@ path, and the final status. :func:`sync` sends those in that order, the status l
 once everything else is there.
 
 Exactly once: MLflow keeps every metric value it is sent, so a value sent twice is in the history twice. The
-metrics go in chunks, and a ledger beside the file (``mlflow_unlogged.sent.json``, written atomically) records
-how many are sent, and which chunk was in flight. A sync that is interrupted (Ctrl-C, a kill, the server gone again)
-is run again and goes on from the ledger; only the chunk that was in flight when it stopped is uncertain, and its
-values are looked up in the run's metric history first, so those the server did take are not sent again. Params
-(never changed once logged), tags, artifacts (same path, same file) and the status are idempotent by nature.
+metrics go in chunks, and a ledger beside the file (``mlflow_unlogged.sent.json``, written atomically) records how
+many are sent and which chunk was in flight, with the file's checksum (a ledger of another file is ignored). A sync
+that is interrupted (Ctrl-C, a kill, the server gone again) is run again and goes on from the ledger; only the chunk
+that was in flight when it stopped is uncertain, and its values are looked up in the run's metric history first, so
+those the server did take are not sent again. Params (never changed once logged), tags, artifacts (same path, same
+file) and the status are idempotent by nature.
 
 When all is sent, the file and its ledger are renamed ``mlflow_unlogged.synced.json`` (kept as the record of what
 was sent late); a second sync finds nothing to send and says so.
@@ -18,6 +19,7 @@ was sent late); a second sync finds nothing to send and says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -67,8 +69,12 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def _fresh_ledger() -> dict[str, Any]:
+    return {"metrics_sent": 0, "in_flight": None, "params": False, "tags": False, "artifacts_sent": 0}
+
+
 def _read_ledger(path: Path) -> dict[str, Any]:
-    ledger = {"metrics_sent": 0, "in_flight": None, "params": False, "tags": False, "artifacts_sent": 0}
+    ledger = _fresh_ledger()
     if path.is_file():
         try:
             ledger.update(json.loads(path.read_text(encoding="utf-8")))
@@ -99,6 +105,10 @@ def sync(
     uri = tracking_uri or kept.get("tracking_uri")
     ledger_path = folder / LEDGER_FILE
     ledger = _read_ledger(ledger_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if ledger.get("file_sha256") not in (None, digest):  # a ledger of an older file (a resumed run wrote a new one)
+        ledger = _fresh_ledger()
+    ledger["file_sha256"] = digest
     result = SyncResult(run_id, uri)
 
     from mlflow import MlflowClient
