@@ -18,14 +18,14 @@ LAYERS = {
     "core": {
         "errors", "config", "paths", "logs", "durable", "hookspecs", "registry", "plugin_config", "rows", "context",
         "data", "vocab", "model", "bpe", "gcide", "demo", "demo_text", "phase", "gaussian", "precision", "loss",
-        "crashpoint", "quantized", "hub", "hookdocs", "subwords", "aliasing", "corpus_span",
+        "crashpoint", "quantized", "hub", "hookdocs", "subwords", "aliasing", "corpus_span", "writepoint",
     },
     "storage": {"checkpoints", "recording"},
-    "tracking": {"tracking", "datasets"},
+    "tracking": {"tracking", "datasets", "sync"},
     "run": {"engine", "build", "trainer", "evaluation", "state", "stopping", "ranks", "merge", "logged_model"},
     "apps": {
         "cli", "cli_config", "__main__", "analyze_cli", "recording_cli", "sweep", "sweep_cli", "ui", "analysis",
-        "precision_report", "sweep_resume", "export", "export_cli", "gguf_export", "generate",
+        "precision_report", "sweep_resume", "export", "export_cli", "gguf_export", "generate", "sync_cli",
         "testing",
     },
 }  # fmt: skip

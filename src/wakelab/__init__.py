@@ -58,6 +58,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "recover_interrupted": ("checkpoints", "recover_interrupted"),
     # Fault injection: a named moment inside a crash-safe write, where the SIGKILL tests stop a process.
     "crash_point": ("crashpoint", "reached"),
+    # A named write: a full disk or an I/O error inside it is one line naming the file, what is intact, what next.
+    "write_point": ("writepoint", "write_point"),
+    "WriteFailed": ("writepoint", "WriteFailed"),
+    "disk_error": ("writepoint", "disk_errno"),
     # Recordings: the streaming writer and its reader.
     "FieldSpec": ("recording", "FieldSpec"),
     "RecordingWriter": ("recording", "RecordingWriter"),

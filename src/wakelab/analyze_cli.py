@@ -201,7 +201,11 @@ def analyze(
         out=out,
         samples=samples,
     )
-    report = analyze_run(runs[0], opts, warn) if len(runs) == 1 else compare_runs(runs, opts, warn)
+    from .writepoint import write_point
+
+    again = "wakelab analyze " + " ".join(runs) + " (with the same options)"
+    with write_point("analysis", out or runs[0], intact="the run and its files are untouched", then=again):
+        report = analyze_run(runs[0], opts, warn) if len(runs) == 1 else compare_runs(runs, opts, warn)
     click.echo(report.text)
 
 

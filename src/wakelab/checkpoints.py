@@ -163,6 +163,35 @@ def finalize(staged: Path, destination: Path, info: dict[str, Any]) -> Path:
     return published
 
 
+def intact_after_failure(output_dir: Path) -> str:
+    """What a checkpoint write that failed half-way leaves whole: said in the one line of ``wakelab.writepoint``."""
+    complete = list_checkpoints(output_dir)
+    last = (
+        f"the last complete checkpoint {complete[-1]} (step {checkpoint_step(complete[-1])}) is intact"
+        if complete
+        else "no checkpoint had been completed yet"
+    )
+    return f"{last}; nothing half-written was published (the partial one stays in {STAGING}/ until resume clears it)"
+
+
+def intact_at_end(output_dir: Path) -> str:
+    """What a failed write at the end of a run (``final/``, the logged model) leaves whole."""
+    complete = list_checkpoints(output_dir)
+    if not complete:
+        return "no checkpoint was written (train.save_steps is 0), so the training must run again"
+    return (
+        f"every checkpoint is intact, the last {complete[-1]} (step {checkpoint_step(complete[-1])}); "
+        "nothing half-written was published"
+    )
+
+
+def to_continue(output_dir: Path) -> str:
+    """The command that finishes a run whose end failed: resume from its last checkpoint, or run it again."""
+    if list_checkpoints(output_dir):
+        return f"wakelab resume {output_dir}"
+    return f"wakelab run ... --overwrite --output-dir {output_dir}"
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints (with a manifest), oldest first."""
     found = []

@@ -235,6 +235,7 @@ COMMAND_MODULES: list[tuple[str, str]] = [
     ("sweep_cli", "sweep"),
     ("export_cli", "export"),
     ("generate", "generate"),
+    ("sync_cli", "sync"),
 ]
 
 _register_command_modules()

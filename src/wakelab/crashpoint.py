@@ -5,6 +5,7 @@ With ``WAKELAB_CRASH_AT=NAME[:N]`` set, the N-th time (default: the first) this 
 ``NAME``, it writes ``NAME:N`` to the file named by ``WAKELAB_CRASH_MARKER`` and waits there; the test sees the marker
 and sends SIGKILL, so it knows the exact moment the process died. Without a marker file to write it kills itself.
 Outside the tests the variable is unset and a crash point costs one environment lookup.
+Each point is also a place where ``WAKELAB_FAULT_AT`` injects a full disk or an I/O error (:mod:`wakelab.writepoint`).
 
 The points, in the order a checkpoint passes them (``trainer`` and ``checkpoints``):
 ``rows-written`` (Trainer is writing the staged checkpoint), ``manifest-tmp`` (every file written, the manifest
@@ -21,6 +22,8 @@ import signal
 import time
 from pathlib import Path
 
+from . import writepoint
+
 ENV_AT = "WAKELAB_CRASH_AT"
 ENV_MARKER = "WAKELAB_CRASH_MARKER"
 WAIT_S = 300  # a test that forgot to kill the process: give up, exit with a status no run ever has
@@ -30,6 +33,7 @@ _reached: dict[str, int] = {}
 
 def reached(name: str) -> None:
     """Stop here if the test asked for this point (see the module docstring); otherwise do nothing."""
+    writepoint.maybe_fail(name)
     target = os.environ.get(ENV_AT)
     if not target:
         return

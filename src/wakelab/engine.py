@@ -32,6 +32,7 @@ from .logs import log, warn
 from .rows import RowAccess, setup_trainable_rows
 from .subwords import word_pieces
 from .vocab import corpus_stats
+from .writepoint import published_dir, published_file, write_point
 
 RUN_FILE = "wakelab_run.json"
 
@@ -66,6 +67,8 @@ def prepare_output_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+    if resume and out.is_dir():  # what a failed checkpoint write left (a full disk, say): resume writes it afresh
+        shutil.rmtree(out / checkpoints.STAGING, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -332,15 +335,17 @@ class _Run:
         """The trained rows and tokenizer under ``final/``, held-out perplexity after, metrics, the logged model."""
         config, tracked, rows, model = self.config, self.tracked, self.rows, self.model
         final = self.output_dir / "final"
-        if self.rank == 0:
-            final.mkdir(exist_ok=True)
-        if (self.prepared.new_words or rows.strategy == "full") and self.rank == 0:
-            _save_final_rows(rows, final, tracked.run_id, merge.head_rows(model, rows.new_ids))
-            tracked.log_artifact(final / "new_rows.safetensors", "final")
-            tracked.log_artifact(merge.write_base_info(final, self.checkpoint_info), "final")
-        if config.tracking.log_tokenizer and self.rank == 0:
-            self.prepared.tokenizer.save_pretrained(final / "tokenizer")
-            tracked.log_artifact(final / "tokenizer", "final/tokenizer")
+        with self._write_point("final", final):  # a full disk: one line, each file in final/ whole or absent
+            if self.rank == 0:
+                final.mkdir(exist_ok=True)
+            if (self.prepared.new_words or rows.strategy == "full") and self.rank == 0:
+                _save_final_rows(rows, final, tracked.run_id, merge.head_rows(model, rows.new_ids))
+                tracked.log_artifact(final / "new_rows.safetensors", "final")
+                tracked.log_artifact(merge.write_base_info(final, self.checkpoint_info), "final")
+            if config.tracking.log_tokenizer and self.rank == 0:
+                with published_dir(final / "tokenizer") as tmp:
+                    self.prepared.tokenizer.save_pretrained(tmp)
+                tracked.log_artifact(final / "tokenizer", "final/tokenizer")
         if self.eval_ppl:
             after = self._heldout_perplexity(model)
             self.result_metrics["heldout_perplexity_after"] = after
@@ -350,10 +355,23 @@ class _Run:
         self.result_metrics["train_seconds"] = time.monotonic() - self.started
         tracked.log_metrics({"train_seconds": self.result_metrics["train_seconds"]}, self.trainer.state.global_step)
         if self.rank == 0 and (final / "new_rows.safetensors").exists():
-            logged_model.log_run_model(config, tracked, final, self.checkpoint_info, self.prepared.tokenizer, log)
+            with self._write_point("logged-model", final, "the logged model"):
+                logged_model.log_run_model(config, tracked, final, self.checkpoint_info, self.prepared.tokenizer, log)
             # Last: the rows and the logged model are complete before any plugin's end-of-run work (close) starts.
-            merge.write_finished(final, tracked.run_id, self.trainer.state.global_step)
+            with self._write_point("final", final):
+                merge.write_finished(final, tracked.run_id, self.trainer.state.global_step)
             self.finished = True
+
+    def _write_point(self, name: str, path: Path, what: str | None = None):
+        """A write at the end of the run: a full disk names what is intact and how to finish the run."""
+        out = self.output_dir
+        return write_point(
+            name,
+            path,
+            what=what,
+            intact=lambda: checkpoints.intact_at_end(out),
+            then=lambda: checkpoints.to_continue(out),
+        )
 
     def close(self) -> None:
         """Every exit: plugins' ``on_run_end``, then the MLflow run closed with the status ``self.error`` implies."""
@@ -373,7 +391,11 @@ class _Run:
             _note_failure(tracked, failure)
         if tracked.has_unlogged:
             # The tracking server went away: training went on; say what it did not get and keep that on disk.
-            saved = tracked.save_unlogged(self.output_dir / tracking.UNLOGGED_FILE)
+            try:
+                saved = tracked.save_unlogged(self.output_dir / tracking.UNLOGGED_FILE)
+            except OSError as exc:  # a full disk: the message still says what was not logged
+                warn(f"could not save what was not logged to {self.output_dir} ({exc})")
+                saved = None
             message = tracked.unlogged_message(self.output_dir, saved)
             if failure is None:
                 self.incomplete = tracking.TrackingIncomplete(message)
@@ -549,11 +571,12 @@ def _save_final_rows(rows: RowAccess, folder: Path, run_id: str, head_rows: torc
 
     ids = rows.trained_ids if rows.strategy == "full" else rows.new_ids
     head = {"head_rows": head_rows} if head_rows is not None and rows.strategy != "full" else {}
-    save_file(
-        {"token_ids": ids, "rows": rows.values(ids).contiguous().cpu(), **head},
-        str(folder / "new_rows.safetensors"),
-        metadata={"run_id": run_id, "strategy": rows.strategy, "num_base": str(rows.num_base)},
-    )
+    with published_file(folder / "new_rows.safetensors") as tmp:
+        save_file(
+            {"token_ids": ids, "rows": rows.values(ids).contiguous().cpu(), **head},
+            str(tmp),
+            metadata={"run_id": run_id, "strategy": rows.strategy, "num_base": str(rows.num_base)},
+        )
 
 
 def _write_run_file(output_dir: Path, tracked: tracking.TrackedRun, config: RunConfig) -> None:

@@ -27,6 +27,7 @@ from .errors import WakelabError
 from .merge import BASE_INFO_FILE, TrainedRows, base_source, check_base, finished_rows, merged_model, prepared_base
 from .state import resolve_run
 from .vocab import expand_vocabulary, read_lexicon
+from .writepoint import write_point
 
 FORMATS = ("hf", "peft")
 #: Provenance written into every exported folder (which run, step and base it came from).
@@ -266,25 +267,39 @@ def export(
     if to_mlflow:
         from .logged_model import log_full_model
 
-        uri = log_full_model(
-            model,
-            tokenizer,
-            source.run_id,
-            registered_model_name=registered_model_name,
-            params=provenance(source, "mlflow"),
-        )
+        with write_point(
+            "export-mlflow",
+            "the MLflow artifact store",
+            what="the logged model",
+            intact="the run's files are untouched",
+            then=f"wakelab export {target} --to mlflow",
+        ):
+            uri = log_full_model(
+                model,
+                tokenizer,
+                source.run_id,
+                registered_model_name=registered_model_name,
+                params=provenance(source, "mlflow"),
+            )
         return ExportResult(uri, "mlflow", source.notes, new_tokens, len(tokenizer))
     _publish(out, lambda folder: write_hf(model, tokenizer, folder, provenance(source, "hf", {"quantized": quantized})))
     return ExportResult(out, fmt, source.notes, new_tokens, len(tokenizer))
 
 
 def _publish(dest: Path, write: Callable[[Path], None]) -> None:
-    staging = _staging(dest)
-    try:
-        write(staging)
-        publish_dir(staging, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Write into a private folder, then rename it to ``dest``: a full disk half-way leaves ``dest`` as it was."""
+    with write_point(
+        "export",
+        dest,
+        intact=f"the run's files are untouched and {dest} is as it was (nothing half-written was published)",
+        then=f"the same wakelab export command again (to {dest})",
+    ):
+        staging = _staging(dest)
+        try:
+            write(staging)
+            publish_dir(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_hf(model, tokenizer, folder: Path, info: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ come out with their spaces (see ``vocab.expand_vocabulary``), so decoding is the
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -152,5 +154,17 @@ def generate(run, prompt, max_new_tokens, temperature, seed, base):
         num_base=num_base,
         warn=warn,
     )
-    click.echo(result.prompt + result.text)
+    from .writepoint import WriteFailed, write_point
+
+    # Standard output redirected to a full disk (`> out.txt`): one line, not a traceback at exit.
+    try:
+        with write_point("generate-output", "standard output", what="the generated text", then="the same command"):
+            click.echo(result.prompt + result.text)
+            sys.stdout.flush()
+    except WriteFailed:
+        # What is still buffered would fail again when Python flushes at exit, with a second message: drop it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise
     click.echo(f"wakelab: {result.new_tokens_generated} of the generated tokens are new words", err=True)

@@ -18,6 +18,7 @@ from typing import Any
 from . import model as model_mod
 from .config import RunConfig
 from .merge import BASE_INFO_FILE, TrainedRows, merged_model
+from .writepoint import disk_errno
 
 DELTA_NAME = "wakelab-delta"
 FULL_NAME = "wakelab-model"
@@ -148,6 +149,8 @@ def log_run_model(
         log(f"logged model models:/{model_id} (the new rows and tokenizer; base {base.get('base_model')})")
         return model_id
     except Exception as exc:  # noqa: BLE001 - the run's files are complete; the logged model can be made later
+        if disk_errno(exc) is not None:
+            raise  # a full disk or an I/O error is the run's failure, said in one line (wakelab.writepoint)
         log(
             f"warning: could not log the run's model to MLflow ({str(exc).splitlines()[0][:200]}); "
             f"`wakelab export {tracked.run_id} --to mlflow` logs it later"

@@ -22,6 +22,7 @@ import torch
 from . import model as model_mod
 from .config import RunConfig
 from .errors import ModelError, WakelabError
+from .writepoint import published_file
 
 #: Written next to a run's final rows: which base the rows belong to.
 BASE_INFO_FILE = "base.json"
@@ -52,7 +53,8 @@ def head_rows(model, ids: torch.Tensor) -> torch.Tensor | None:
 def write_finished(folder: Path, run_id: str | None, step: int) -> Path:
     """Mark ``folder``'s final rows complete: training reached ``step`` and every final file was written."""
     path = folder / FINISHED_FILE
-    path.write_text(json.dumps({"run_id": run_id, "step": int(step)}) + "\n", encoding="utf-8")
+    with published_file(path) as tmp:  # whole or absent: a half-written mark would claim rows it cannot vouch for
+        tmp.write_text(json.dumps({"run_id": run_id, "step": int(step)}) + "\n", encoding="utf-8")
     return path
 
 
@@ -69,7 +71,8 @@ def finished_rows(folder: Path, run_id: str | None) -> dict[str, Any] | None:
 
 def write_base_info(folder: Path, info: dict[str, Any]) -> Path:
     path = folder / BASE_INFO_FILE
-    path.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    with published_file(path) as tmp:  # whole or absent, on a full disk too
+        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     return path
 
 

@@ -43,6 +43,7 @@ from .config import RunConfig, parse_value, plugin_section, resolve_key, set_in,
 from .errors import ConfigError, DataError, WakelabError
 from .logs import warn
 from .vocab import word_token_id
+from .writepoint import published_dir, write_point
 
 #: Keys a sweep cannot vary, and why.
 FIXED_KEYS = {
@@ -759,7 +760,6 @@ def notes_for(plan: SweepPlan) -> list[str]:
 def compare(client, plan: SweepPlan, parent_id: str, log: Log) -> tuple[Path, str]:
     """Summarise every finished child, write the comparison files and plots, and log them to the parent."""
     out = plan.root / COMPARISON_DIR
-    out.mkdir(parents=True, exist_ok=True)
     for child in plan.children:
         if child.status != "FINISHED":
             continue
@@ -787,22 +787,34 @@ def compare(client, plan: SweepPlan, parent_id: str, log: Log) -> tuple[Path, st
         "notes": notes,
         "children": rows,
     }
-    (out / "comparison.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    with (out / "comparison.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[key for key, _ in COLUMNS] + ["value"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "comparison.md").write_text(
-        f"# Sweep over `{plan.canonical}`\n\n{markdown}\n" + "".join(f"- {n}\n" for n in notes)
-    )
-    neighbours = {
-        c.label: {when: c.summary["hits"][when]["details"] for when in ("step0", "final")}
-        for c in plan.children
-        if c.summary.get("hits")
-    }
-    (out / "neighbours.json").write_text(json.dumps(neighbours, indent=1, ensure_ascii=False) + "\n")
-    write_plots(plan, out)
-    (out / "comparison.html").write_text(comparison_html(rows, plan, shown, notes, out, log), encoding="utf-8")
+    # A full disk: one line, and the comparison folder whole (the one before) or absent, never half-written.
+    with (
+        write_point(
+            "sweep-comparison",
+            out,
+            intact=f"every child's run, checkpoints and final rows are intact; {out} is as it was",
+            then=f"wakelab sweep --resume {parent_id}",
+        ),
+        published_dir(out) as folder,
+    ):
+        (folder / "comparison.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        with (folder / "comparison.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[key for key, _ in COLUMNS] + ["value"])
+            writer.writeheader()
+            writer.writerows(rows)
+        (folder / "comparison.md").write_text(
+            f"# Sweep over `{plan.canonical}`\n\n{markdown}\n" + "".join(f"- {n}\n" for n in notes)
+        )
+        neighbours = {
+            c.label: {when: c.summary["hits"][when]["details"] for when in ("step0", "final")}
+            for c in plan.children
+            if c.summary.get("hits")
+        }
+        (folder / "neighbours.json").write_text(json.dumps(neighbours, indent=1, ensure_ascii=False) + "\n")
+        write_plots(plan, folder)
+        (folder / "comparison.html").write_text(
+            comparison_html(rows, plan, shown, notes, folder, log), encoding="utf-8"
+        )
     client.log_artifacts(parent_id, str(out), COMPARISON_DIR)
     return out, markdown
 

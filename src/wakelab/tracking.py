@@ -429,7 +429,9 @@ class TrackedRun:
         if output_dir is not None:
             message += f". Training went on: the run's files are in {output_dir}"
         if saved_to is not None:
-            message += f"; the values not logged are in {saved_to}"
+            message += (
+                f"; the values not logged are in {saved_to}: send them with `wakelab sync {Path(saved_to).parent}`"
+            )
         return message
 
     def save_unlogged(self, path: str | Path) -> Path:

@@ -23,6 +23,7 @@ from .context import GradContext, SaveContext, StepState
 from .logs import warn
 from .loss import DEFAULT_CHUNK_TOKENS, ChunkedLoss
 from .rows import RowAccess
+from .writepoint import WriteFailed
 
 ROWS_FILE = "trained_rows.safetensors"
 
@@ -159,27 +160,36 @@ class WakelabTrainer(Trainer):
         """Trainer writes into a staging folder; the manifest goes in last and one rename publishes it."""
         import shutil
 
-        from .checkpoints import STAGING, finalize, rotate
+        from .checkpoints import STAGING, finalize, intact_after_failure, rotate
+        from .writepoint import write_point
 
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
-        self._staging_root = run_dir / STAGING
-        if self.args.should_save:
-            shutil.rmtree(self._staging_root / name, ignore_errors=True)  # a crash's leftovers
-        # Several processes (DDP): every rank writes its own rng_state_<rank>.pth into the staging folder, so the
-        # leftovers go before any rank writes, and rank 0 publishes only once all have written. Trainer saves on
-        # every rank, so every rank reaches these barriers (no-ops in a single process).
-        self.accelerator.wait_for_everyone()
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            staged = run_dir / STAGING / name
-            (staged / "wakelab_config.yaml").write_text(self.config_yaml, encoding="utf-8")
-            finalize(staged, run_dir / name, {"step": self.state.global_step, **self.checkpoint_info})
-            rotate(run_dir, self.args.save_total_limit)
+        # A full disk or an I/O error anywhere in here is one line naming the file (see wakelab.writepoint).
+        with write_point(
+            "checkpoint",
+            run_dir / STAGING / name,
+            what=name,
+            intact=lambda: intact_after_failure(run_dir),
+            then=f"wakelab resume {run_dir}",
+        ):
+            self._staging_root = run_dir / STAGING
+            if self.args.should_save:
+                shutil.rmtree(self._staging_root / name, ignore_errors=True)  # a crash's leftovers
+            # Several processes (DDP): every rank writes its own rng_state_<rank>.pth into the staging folder, so the
+            # leftovers go before any rank writes, and rank 0 publishes only once all have written. Trainer saves on
+            # every rank, so every rank reaches these barriers (no-ops in a single process).
+            self.accelerator.wait_for_everyone()
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                staged = run_dir / STAGING / name
+                (staged / "wakelab_config.yaml").write_text(self.config_yaml, encoding="utf-8")
+                finalize(staged, run_dir / name, {"step": self.state.global_step, **self.checkpoint_info})
+                rotate(run_dir, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()  # published before any rank goes on
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -320,14 +330,20 @@ class HookBridge(TrainerCallback):
             is_main_process=state.is_world_process_zero,
         )
         # One plugin at a time (pluggy's order): one that fails is reported and the others, a Sentry mirror, still run.
+        # A full disk or an I/O error (wakelab.writepoint) stops the run, once the others have run.
+        disk_failure = None
         for impl in reversed(trainer.pm.hook.on_save.get_hookimpls()):
             try:
                 impl.function(ctx=ctx)
+            except WriteFailed as exc:
+                disk_failure = disk_failure or exc
             except Exception as exc:  # noqa: BLE001 - a plugin's failure to copy must not stop training
                 warn(
                     f"on_save of plugin {impl.plugin_name} failed at step {state.global_step} "
                     f"({type(exc).__name__}: {exc}); training goes on"
                 )
+        if disk_failure is not None:
+            raise disk_failure
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._progress is not None:

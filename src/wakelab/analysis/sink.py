@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..writepoint import published_file
 from .plots import save_figure
 
 ARTIFACT_ROOT = "analysis"
@@ -59,11 +60,15 @@ class AnalysisSink:
     def table(self, relative: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """``relative``.json and ``relative``.csv from a list of flat row dicts (column order: first seen)."""
         rows = [_plain(dict(row)) for row in rows]
-        self._path(f"{relative}.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        with published_file(self._path(f"{relative}.json")) as tmp:
+            tmp.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         columns: list[str] = []
         for row in rows:
             columns += [key for key in row if key not in columns]
-        with self._path(f"{relative}.csv").open("w", newline="", encoding="utf-8") as handle:
+        with (
+            published_file(self._path(f"{relative}.csv")) as tmp,
+            tmp.open("w", newline="", encoding="utf-8") as handle,
+        ):
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             for row in rows:
@@ -71,13 +76,16 @@ class AnalysisSink:
                                  for k, v in row.items()})  # fmt: skip
 
     def json(self, relative: str, obj: Any) -> None:
-        self._path(f"{relative}.json").write_text(json.dumps(_plain(obj), indent=1) + "\n", encoding="utf-8")
+        with published_file(self._path(f"{relative}.json")) as tmp:
+            tmp.write_text(json.dumps(_plain(obj), indent=1) + "\n", encoding="utf-8")
 
     def figure(self, relative: str, fig) -> None:
-        save_figure(fig, self._path(f"{relative}.png"))
+        with published_file(self._path(f"{relative}.png")) as tmp:
+            save_figure(fig, tmp)
 
     def text(self, relative: str, text: str) -> None:
-        self._path(relative).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        with published_file(self._path(relative)) as tmp:
+            tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
 
     # -- metrics and tags ----------------------------------------------------------------------------------------------
     def metrics(self, values: Mapping[str, Any], step: int = 0) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import WakelabError
+from ..writepoint import published_dir
 from . import probe as probe_mod
 from .meaning import resolve_meanings
 from .projection import PROJECTIONS
@@ -139,49 +140,51 @@ def finish_watch(
     ``probe.json`` (when probed) into ``folder``, and ``trajectory.npz`` (what a sweep's side-by-side page reads).
     ``table_neighbours=False`` leaves the table's nearest base tokens empty (the search is the one part whose time
     grows with new x base)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = WatchOutputs(folder)
-    traj = builder.result()
-    keep, message = cap_frames(traj.steps, max_frames, fewer_frames_hint)
-    if message:
-        out.messages.append(message)
-        traj = subset(traj, keep)
-    out.messages += traj.notes
-    if html:
-        out.files.append(write_html(traj, folder / "trajectory.html", label_max=label_max))
-    if gif:
-        out.files.append(write_gif(traj, folder / "trajectory.gif"))
-    described = describe(traj)
-    (folder / "trajectory.json").write_text(json.dumps(described, indent=1) + "\n", encoding="utf-8")
-    out.files.append(folder / "trajectory.json")
-    out.files.append(save_trajectory(traj, folder / "trajectory.npz"))
-    if "meaning" in described:
-        m = described["meaning"]
-        out.messages.append(f"of {m['words']} words with a meaning word, {m['closer']} moved closer to it and "
-                            f"{m['away']} moved away (cosine distance, first to last frame)")  # fmt: skip
-        out.metrics["trajectory_meaning_closer"] = float(m["closer"])
-        out.metrics["trajectory_meaning_away"] = float(m["away"])
+    final = Path(folder)
+    out = WatchOutputs(final)
+    # Written in a private folder and renamed whole: a full disk half-way leaves the folder before, never half of it.
+    with published_dir(final) as folder:
+        traj = builder.result()
+        keep, message = cap_frames(traj.steps, max_frames, fewer_frames_hint)
+        if message:
+            out.messages.append(message)
+            traj = subset(traj, keep)
+        out.messages += traj.notes
+        if html:
+            out.files.append(write_html(traj, folder / "trajectory.html", label_max=label_max))
+        if gif:
+            out.files.append(write_gif(traj, folder / "trajectory.gif"))
+        described = describe(traj)
+        (folder / "trajectory.json").write_text(json.dumps(described, indent=1) + "\n", encoding="utf-8")
+        out.files.append(folder / "trajectory.json")
+        out.files.append(save_trajectory(traj, folder / "trajectory.npz"))
+        if "meaning" in described:
+            m = described["meaning"]
+            out.messages.append(f"of {m['words']} words with a meaning word, {m['closer']} moved closer to it and "
+                                f"{m['away']} moved away (cosine distance, first to last frame)")  # fmt: skip
+            out.metrics["trajectory_meaning_closer"] = float(m["closer"])
+            out.metrics["trajectory_meaning_away"] = float(m["away"])
 
-    ids = builder.new_ids
-    out.table = token_rows(
-        builder.all_words,
-        ids,
-        start_rows,
-        end_rows,
-        nearest=builder.nearest if table_neighbours else (lambda rows: [[] for _ in range(len(rows))]),
-        frequency=corpus_counts(corpus_ids, ids),
-        probe_scores=probe_mod.by_word(probe_before, probe_after) if probe_after else None,
-        freeze_threshold=freeze_threshold,
-    )
-    _write_table(out.table, folder / "tokens")
-    out.files += [folder / "tokens.csv", folder / "tokens.json"]
-    if probe_after:
-        (folder / "probe.json").write_text(
-            json.dumps({"before": probe_before, "after": probe_after}, indent=1) + "\n", encoding="utf-8"
+        ids = builder.new_ids
+        out.table = token_rows(
+            builder.all_words,
+            ids,
+            start_rows,
+            end_rows,
+            nearest=builder.nearest if table_neighbours else (lambda rows: [[] for _ in range(len(rows))]),
+            frequency=corpus_counts(corpus_ids, ids),
+            probe_scores=probe_mod.by_word(probe_before, probe_after) if probe_after else None,
+            freeze_threshold=freeze_threshold,
         )
-        out.files.append(folder / "probe.json")
-        out.metrics.update(probe_mod.summarise(probe_before, probe_after))
+        _write_table(out.table, folder / "tokens")
+        out.files += [folder / "tokens.csv", folder / "tokens.json"]
+        if probe_after:
+            (folder / "probe.json").write_text(
+                json.dumps({"before": probe_before, "after": probe_after}, indent=1) + "\n", encoding="utf-8"
+            )
+            out.files.append(folder / "probe.json")
+            out.metrics.update(probe_mod.summarise(probe_before, probe_after))
+    out.files = [final / path.relative_to(folder) for path in out.files]
     frozen = sum(1 for row in out.table if row["frozen"])
     out.metrics["trajectory_frozen_share"] = frozen / max(len(out.table), 1)
     out.metrics["trajectory_mean_displacement"] = float(np.mean([row["displacement"] for row in out.table]))

@@ -3,8 +3,9 @@
 The P1 notebook kept a hand-made copy of its latest checkpoint on another disk ("Sentry"). This does it after every
 save, atomically: copy under a temporary name, verify every checksum of the copy against the checkpoint's manifest,
 then one rename. The target never holds a partial checkpoint, and ``wakelab resume --checkpoint MIRROR`` accepts a
-mirror. A failed mirror (target missing, full, read-only) warns loudly and is tried again at the next save; it never
-stops or corrupts training.
+mirror. A failed mirror (target missing or not a folder, say) warns loudly and is tried again at the next save; it
+never stops or corrupts training. A full, read-only or failing disk at the target stops the run in one line naming
+the file (wakelab.write_point): the checkpoint itself is complete, and ``wakelab resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -68,12 +69,24 @@ def on_save(ctx):
     target = _settings.get("target")
     if not target:
         return
+    root = Path(target) / (ctx.run_id or "run") if target != "mlflow" else None
     try:
-        if target == "mlflow":
-            where = mirror_to_mlflow(ctx.checkpoint_dir, ctx.run_id, _settings["keep"])
-        else:
-            where = mirror_to_directory(ctx.checkpoint_dir, Path(target) / (ctx.run_id or "run"), _settings["keep"])
-    except Exception as exc:  # noqa: BLE001 - a backup's failure must never stop training
+        # A full disk or an I/O error is one line and stops the run (wakelab.writepoint): the checkpoint itself is
+        # complete, and a mirror that can never be written again would otherwise fail quietly at every save.
+        with wakelab.write_point(
+            "sentry-mirror",
+            root or target,
+            what=f"the Sentry mirror of {ctx.checkpoint_dir.name}",
+            intact=lambda: f"{ctx.checkpoint_dir} is complete and the mirrors before it are intact",
+            then=f"wakelab resume {ctx.checkpoint_dir.parent}",
+        ):
+            if root is None:
+                where = mirror_to_mlflow(ctx.checkpoint_dir, ctx.run_id, _settings["keep"])
+            else:
+                where = mirror_to_directory(ctx.checkpoint_dir, root, _settings["keep"])
+    except wakelab.WriteFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure of a backup must not stop training
         message = (
             f"sentry: mirror of {ctx.checkpoint_dir.name} to {target} FAILED ({type(exc).__name__}: {exc}); "
             "training goes on, the next checkpoint will be tried again"

@@ -223,13 +223,17 @@ def on_run_end(run, status):
     if watch.builder.steps[-1] < step:
         _frame(watch, step)
     after = wakelab.meaning_probe(run.model, watch.probe) if watch.probe is not None else None
-    out = wakelab.finish_watch(
-        watch.builder, run.output_dir / "trajectory", start_rows=watch.start_rows, end_rows=_new_rows(run.rows),
-        corpus_ids=run.corpus_ids, probe_before=watch.probe_before, probe_after=after, html=cfg.html, gif=cfg.gif,
-        max_frames=cfg.max_frames, fewer_frames_hint="raise trajectory.every or lower trajectory.max_frames",
-        label_max=cfg.max_labels,
-        table_neighbours=cfg.table_neighbours,
-    )  # fmt: skip
+    with wakelab.write_point(  # a full disk: one line; the folder is whole (the one before) or absent
+        "trajectory", run.output_dir / "trajectory", what="the trajectory",
+        intact=lambda: f"the trained rows in {run.output_dir / 'final'} and every checkpoint are intact",
+        then=f"wakelab analyze {run.output_dir} --recording (draws the trajectory again from a recording)",
+    ):  # fmt: skip
+        out = wakelab.finish_watch(
+            watch.builder, run.output_dir / "trajectory", start_rows=watch.start_rows, end_rows=_new_rows(run.rows),
+            corpus_ids=run.corpus_ids, probe_before=watch.probe_before, probe_after=after, html=cfg.html, gif=cfg.gif,
+            max_frames=cfg.max_frames, fewer_frames_hint="raise trajectory.every or lower trajectory.max_frames",
+            label_max=cfg.max_labels, table_neighbours=cfg.table_neighbours,
+        )  # fmt: skip
     for message in out.messages:
         _log(message)
     for path in out.files:
