@@ -32,7 +32,7 @@ from .logs import log, warn
 from .rows import RowAccess, setup_trainable_rows
 from .subwords import word_pieces
 from .vocab import corpus_stats
-from .writepoint import published_dir, published_file, write_point
+from .writepoint import WriteFailed, published_dir, published_file, write_point
 
 RUN_FILE = "wakelab_run.json"
 
@@ -443,6 +443,8 @@ def _plugins_run_end(pm, run_ctx: RunContext, status: str, *, final_written: boo
         arguments = {"run": run_ctx, "status": status}
         try:
             impl.function(**{name: arguments[name] for name in impl.argnames})
+        except WriteFailed as exc:  # a full disk: its own line already names the file, what is intact, what next
+            first = first or exc
         except Exception as exc:  # noqa: BLE001 - MemoryError is an Exception: a plugin's end work must not lose the run
             kept = (
                 "; the final rows and the logged model were written before it (wakelab export works on this run)"
