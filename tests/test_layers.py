@@ -25,7 +25,7 @@ LAYERS = {
     "run": {"engine", "build", "trainer", "evaluation", "state", "stopping", "ranks", "merge", "logged_model"},
     "apps": {
         "cli", "cli_config", "__main__", "analyze_cli", "recording_cli", "sweep", "sweep_cli", "ui", "analysis",
-        "precision_report", "sweep_resume", "export", "export_cli", "generate",
+        "precision_report", "sweep_resume", "export", "export_cli", "generate", "evaluate_cli",
         "testing",
     },
 }  # fmt: skip

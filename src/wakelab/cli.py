@@ -235,6 +235,7 @@ COMMAND_MODULES: list[tuple[str, str]] = [
     ("sweep_cli", "sweep"),
     ("export_cli", "export"),
     ("generate", "generate"),
+    ("evaluate_cli", "evaluate"),
 ]
 
 _register_command_modules()

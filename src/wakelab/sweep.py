@@ -647,13 +647,15 @@ COLUMNS = (
     ("probe_kl_before", "probe KL step 0"),
     ("probe_kl_after", "probe KL end"),
     ("probe_substitution_after", "substitution end"),
+    ("probe_auc_before", "probe AUC step 0"),
+    ("probe_auc_after", "probe AUC end"),
     ("train_seconds", "seconds"),
     ("run_id", "run id"),
     ("error", "error"),
 )
 
 
-PROBE_KEYS = ("probe_kl_before", "probe_kl_after", "probe_substitution_after")
+PROBE_KEYS = ("probe_kl_before", "probe_kl_after", "probe_substitution_after", "probe_auc_before", "probe_auc_after")
 
 
 def comparison_row(child: Child) -> dict[str, Any]:
