@@ -67,6 +67,7 @@ class EvaluateOptions:
     allow_different_base: bool = False
     probe: bool = True
     mlflow: bool = True
+    attach_outer: bool = True  # log into MLFLOW_RUN_ID (``mlflow run``'s run) when it is set; a sweep says no
     out: str | None = None
 
     @property
@@ -489,7 +490,7 @@ def _destination(inputs: _Inputs, opts: EvaluateOptions):
     tags = {"wakelab.evaluate.of": str(inputs.run_dir), "wakelab.analysis.kind": "evaluate"}
     if parent:
         tags["wakelab.evaluate.of_run"] = parent
-    outer = os.environ.get("MLFLOW_RUN_ID")
+    outer = os.environ.get("MLFLOW_RUN_ID") if opts.attach_outer else None
     if outer and outer != parent:
         for key, value in tags.items():
             client.set_tag(outer, key, value)
