@@ -340,6 +340,7 @@ def evaluate_run(target: str, opts: EvaluateOptions | None = None, warn: Warn | 
     tick = time.perf_counter()
     state = load_trained(target)
     model = state.model
+    results["state"] = "final rows" if state.step is None else f"checkpoint-{state.step}"
     if blocks:
         split["after"] = class_split(score_positions(model, blocks, num_base), num_base)
     results["class_split"] = split
@@ -585,8 +586,8 @@ def _f(value: Any, digits: int = 3) -> str:
 def _table(report: EvaluateReport, inputs: _Inputs, opts: EvaluateOptions) -> list[str]:
     r = report.results
     s = r["sampling"]
-    lines = [f"evaluate {inputs.run_dir} ({inputs.run_id or 'not tracked'}): {len(r['prompts'])} prompts x "
-             f"{opts.samples} samples, {s['max_new_tokens']} new tokens, seed {s['seed']}, temperature "
+    lines = [f"evaluate {inputs.run_dir}, {r['state']} ({inputs.run_id or 'not tracked'}): {len(r['prompts'])} "
+             f"prompts x {opts.samples} samples, {s['max_new_tokens']} new tokens, seed {s['seed']}, temperature "
              f"{s['temperature']}, top-p {s['top_p']}",
              f"stylometry: Burrows' Delta over the {r['mfw_words']} most frequent words (of {opts.mfw} asked); "
              f"reference: {r['reference']['name']} ({r['reference']['words']} words)"]  # fmt: skip
