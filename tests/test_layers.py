@@ -26,6 +26,7 @@ LAYERS = {
     "apps": {
         "cli", "cli_config", "__main__", "analyze_cli", "recording_cli", "sweep", "sweep_cli", "ui", "analysis",
         "precision_report", "sweep_resume", "export", "export_cli", "gguf_export", "generate", "sync_cli",
+        "evaluate_cli",
         "testing",
     },
 }  # fmt: skip

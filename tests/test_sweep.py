@@ -67,6 +67,7 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
             constituents,
             "--top-k",
             "5",
+            "--evaluate",
             "--no-progress",
             "--plugin",
             "trajectory",
@@ -81,7 +82,9 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
     assert "not in the lexicon" in result.output and "notaword" in result.output
 
     client = mlflow.MlflowClient()
-    runs = runs_in_store()
+    every = runs_in_store()
+    evaluations = [r for r in every if r.data.tags.get("wakelab.analysis.kind") == "evaluate"]
+    runs = [r for r in every if r.data.tags.get("wakelab.analysis.kind") != "evaluate"]
     parents = [r for r in runs if r.data.tags.get("wakelab.sweep") == "parent"]
     assert len(parents) == 1
     parent = parents[0]
@@ -101,6 +104,8 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
         hits = client.get_metric_history(child.info.run_id, "neighbour_hit_any")
         assert sorted(m.step for m in hits) == [0, 3]
         assert child.data.tags["wakelab.output_dir"].endswith(f"out/init={method}")
+        (evaluation,) = [e for e in evaluations if e.data.tags["mlflow.parentRunId"] == child.info.run_id]
+        assert evaluation.info.status == "FINISHED" and "evaluate/trained/delta_corpus" in evaluation.data.metrics
 
     logged = {a.path.split("/", 1)[1] for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert ARTIFACTS <= logged
@@ -113,6 +118,8 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
         assert row["heldout_perplexity_before"] > 0 and row["heldout_perplexity_after"] > 0
         assert row["new_row_norm_init"] > 0 and row["final_loss"] > 0
         assert row["hit_words"] == 3  # the three lexicon words of the file; notaword left out
+        assert row["eval_corpus_coined_per_1k"] > 0 and row["eval_delta_corpus"] > 0  # --evaluate's figures
+        assert row["eval_new_ppl_after"] > 1
         for key in ("hit_meaning_step0", "hit_meaning_final", "hit_any_step0", "hit_any_final"):
             assert 0.0 <= row[key] <= 1.0
     # Step-0 norms are the init's: spherical at 1.5x the base norm, subword at sub-token means (shorter).
@@ -123,6 +130,7 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
     assert len(neighbours["init=subword"]["step0"][0]["neighbours"]) == 5
     markdown = (tmp_path / "out" / "comparison" / "comparison.md").read_text()
     assert "| init=spherical | FINISHED |" in markdown and "meaning@5 end" in markdown
+    assert "Delta to corpus" in markdown
     assert "init=spherical" in result.output  # the table is printed too
     # One page: the table, the plots embedded, and both children's trajectories under one slider.
     page = (tmp_path / "out" / "comparison" / "comparison.html").read_text()

@@ -236,6 +236,7 @@ COMMAND_MODULES: list[tuple[str, str]] = [
     ("export_cli", "export"),
     ("generate", "generate"),
     ("sync_cli", "sync"),
+    ("evaluate_cli", "evaluate"),
 ]
 
 _register_command_modules()

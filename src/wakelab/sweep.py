@@ -92,6 +92,7 @@ class SweepPlan:
     not_in_lexicon: list[str] = field(default_factory=list)
     top_k: int = 10
     over: tuple[str, ...] = ()  # the --over specs as given (``--resume`` plans the sweep again from them)
+    evaluate: bool = False  # run ``wakelab evaluate`` (against the base) on each finished child
 
 
 def split_values(text: str) -> list[str]:
@@ -607,6 +608,8 @@ def summarise_child(client, child: Child, plan: SweepPlan, log: Log) -> dict[str
     logged = client.get_run(child.run_id).data.metrics  # the trajectory plugin's meaning probe, when it ran
     summary["probe"] = {k: logged[k] for k in PROBE_KEYS if k in logged}
     summary["init_seconds"] = logged.get("init/seconds")
+    if plan.evaluate:
+        summary["evaluate"] = evaluate_child(child, log)
     if child.config.init.from_embeddings:
         log(
             f"warning: {child.label}: init.from_embeddings is set; step-0 values are those of the init before the "
@@ -624,6 +627,25 @@ def summarise_child(client, child: Child, plan: SweepPlan, log: Log) -> dict[str
                 "(already single tokens) and are left out of its hit rates"
             )
     return summary
+
+
+def evaluate_child(child: Child, log: Log) -> dict[str, Any]:
+    """``wakelab evaluate`` on one child against the base (a run nested under the child): the comparison's figures."""
+    from .analysis.evaluate import EvaluateOptions, evaluate_run
+
+    report = evaluate_run(str(child.output_dir), EvaluateOptions(attach_outer=False), warn)
+    log(f"{child.label}: evaluated ({report.run_id}): {report.results['verdict']}")
+    r = report.results
+    trained, base = r["profiles"].get("trained", {}), r["profiles"].get("base", {})
+    after = (r["class_split"].get("after") or {}).get("new") or {}
+    cost = r["reference_cost"] or {}
+    probe = r.get("probe") or {}
+    return {"eval_coined_per_1k": trained.get("coined_per_1k"),
+            "eval_corpus_coined_per_1k": r["corpus"]["coined_per_1k"],
+            "eval_delta_corpus": trained.get("delta_corpus"), "eval_base_delta_corpus": base.get("delta_corpus"),
+            "eval_new_ppl_after": after.get("perplexity"), "eval_reference_loss_increase": cost.get("loss_increase"),
+            "probe_auc_before": probe.get("probe_auc_before"), "probe_auc_after": probe.get("probe_auc_after"),
+            "eval_run_id": report.run_id}  # fmt: skip
 
 
 def _hit_metrics(rates: dict, step: int) -> list:
@@ -653,13 +675,21 @@ COLUMNS = (
     ("probe_kl_after", "probe KL end"),
     ("probe_substitution_after", "substitution end"),
     ("init_seconds", "init s"),
+    ("probe_auc_before", "probe AUC step 0"),
+    ("probe_auc_after", "probe AUC end"),
+    ("eval_coined_per_1k", "coined/1k (evaluate)"),
+    ("eval_corpus_coined_per_1k", "corpus coined/1k"),
+    ("eval_delta_corpus", "Delta to corpus"),
+    ("eval_base_delta_corpus", "base Delta to corpus"),
+    ("eval_new_ppl_after", "ppl new-word targets"),
+    ("eval_reference_loss_increase", "ordinary-text cost (nats)"),
     ("train_seconds", "seconds"),
     ("run_id", "run id"),
     ("error", "error"),
 )
 
 
-PROBE_KEYS = ("probe_kl_before", "probe_kl_after", "probe_substitution_after")
+PROBE_KEYS = ("probe_kl_before", "probe_kl_after", "probe_substitution_after", "probe_auc_before", "probe_auc_after")
 
 
 def comparison_row(child: Child) -> dict[str, Any]:
@@ -679,6 +709,7 @@ def comparison_row(child: Child) -> dict[str, Any]:
     for key in ("new_row_norm_init", "new_row_norm_final", "base_mean_norm", "init_seconds"):
         row[key] = summary.get(key)
     row.update(summary.get("probe") or {})
+    row.update({k: v for k, v in (summary.get("evaluate") or {}).items() if k in dict(COLUMNS) and v is not None})
     hits = summary.get("hits")
     if hits:
         for when in ("step0", "final"):

@@ -38,6 +38,13 @@ from .logs import log
     show_default=True,
     help="Base-token neighbours searched for the meaning word or a part.",
 )
+@click.option(
+    "--evaluate",
+    "evaluate",
+    is_flag=True,
+    help="Run `wakelab evaluate` on each finished child (against the base): coined-word rate, Delta, new-word "
+    "perplexity and the cost on ordinary text join the comparison.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace earlier runs in the children's folders.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 @click.option(
@@ -60,6 +67,7 @@ def sweep(
     run_name,
     constituents,
     top_k,
+    evaluate,
     overwrite,
     no_progress,
     resume_parent,
@@ -81,6 +89,7 @@ def sweep(
     \b
     Example:
       wakelab sweep --over init=spherical,mean,subword          # the demo: about 10 min on 2 CPU cores
+      wakelab sweep --over init=spherical,subword --evaluate    # each child evaluated against the base
       wakelab sweep --over lr=1e-3,5e-3,2e-2 --max-steps 100 --output-dir runs/lr-sweep
       wakelab sweep --config my.yaml --over init.scale=0.01,0.1,1 --set init.method=mean
       wakelab sweep --over init=spherical,subword --constituents my_constituents.tsv --top-k 20
@@ -126,6 +135,7 @@ def sweep(
         base = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
         plan = plan_sweep(base, list(over), constituents=constituents, top_k=top_k, overwrite=overwrite, log=log)
         log(f"sweep over {plan.canonical}: {len(plan.children)} children in {plan.root}")
+    plan.evaluate = evaluate
     result = run_sweep(plan, overwrite=overwrite, progress=not no_progress, log=log, resume=saved)
 
     click.echo(f"sweep {result.parent_run_id} over {plan.canonical} (experiment {result.experiment_id})")

@@ -7,7 +7,14 @@ asks the model itself, in held-out contexts where the meaning word occurs:
   the coined word leaves the model expecting exactly what the meaning word does; large for a word it has not learned.
 - **substitution** (nats): mean ``log P(coined | prefix)`` where the meaning word would stand, minus the mean at
   word boundaries where it would not (other held-out prefixes). Positive when the model has learned *where* the
-  coined word goes; about zero for a word it has never seen used.
+  coined word goes; about zero for a word it has never seen used. A log-probability difference, it grows with the
+  row's norm: a long row that learned little can outscore a short one that learned more.
+- **AUC** (0..1, norm-free): the share of (meaning-word slot, elsewhere) pairs in which the coined word's *logit* is
+  higher at the slot; ties count half. Scaling a row scales all of its logits alike (a head without bias), so their
+  order across contexts, and this score, do not change with its norm. 0.5: no idea where the word goes; 1: always
+  preferred where its meaning word stands.
+- **rank**: the coined word's median rank among all tokens at the meaning word's slots (1 = the model's first
+  choice); where it stands against the whole vocabulary (a rank, so bounded, but not free of the norm).
 
 :func:`probe` runs both for a set of :class:`ProbeWord` s on a model in eval mode, batched, under ``no_grad``.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -127,8 +135,8 @@ def _next_word(text: str, at: int) -> str:
 
 @torch.no_grad()
 def _last_logprobs(model, sequences: list[list[int]], positions: list[list[int]], batch_size: int,
-                   ) -> list[torch.Tensor]:  # fmt: skip
-    """For each sequence, log-softmax of the logits at each of its ``positions``: ``[len(positions), vocab]``."""
+                   raw: bool = False) -> list[torch.Tensor]:  # fmt: skip
+    """For each sequence, log-softmax of the logits (``raw``: the logits) at each of its ``positions``."""
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     for start in range(0, len(sequences), batch_size):
@@ -141,17 +149,22 @@ def _last_logprobs(model, sequences: list[list[int]], positions: list[list[int]]
             mask[i, : len(seq)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         for i, wanted in enumerate(positions[start : start + batch_size]):
-            out.append(torch.log_softmax(logits[i, wanted], dim=-1).cpu())
+            out.append((logits[i, wanted] if raw else torch.log_softmax(logits[i, wanted], dim=-1)).cpu())
     return out
 
 
 def probe(model, p: Probe, *, batch_size: int = 16, max_len: int = 96) -> dict[str, dict[str, float]]:
-    """``{word: {"kl": nats, "substitution": nats, "contexts": n}}`` for every probe word with a context."""
+    """``{word: {"kl": nats, "substitution": nats, "auc": share, "rank": median, "contexts": n}}`` for every probe
+    word with a context."""
     was_training = model.training
     model.eval()
     try:
         elsewhere = [s[-max_len:] for s in p.elsewhere]
-        other = _last_logprobs(model, elsewhere, [[len(s) - 1] for s in elsewhere], batch_size) if elsewhere else []
+        other = (
+            _last_logprobs(model, elsewhere, [[len(s) - 1] for s in elsewhere], batch_size, raw=True)
+            if elsewhere
+            else []
+        )
         sequences: list[list[int]] = []
         positions: list[list[int]] = []
         owners: list[tuple[int, str]] = []
@@ -164,23 +177,38 @@ def probe(model, p: Probe, *, batch_size: int = 16, max_len: int = 96) -> dict[s
                 sequences.append(prefix + [w.token_id])
                 positions.append([len(prefix)])
                 owners.append((index, "coined"))
-        logprobs = _last_logprobs(model, sequences, positions, batch_size) if sequences else []
+        logits = _last_logprobs(model, sequences, positions, batch_size, raw=True) if sequences else []
     finally:
         model.train(was_training)
+    other_lp = [torch.log_softmax(x, dim=-1) for x in other]
     results: dict[str, dict[str, float]] = {}
     for index, w in enumerate(p.words):
-        kls, slots = [], []
-        mine = [lp for lp, (owner, _) in zip(logprobs, owners, strict=True) if owner == index]
-        for meaning, coined in zip(mine[0::2], mine[1::2], strict=True):
+        kls, slots, slot_logits, ranks = [], [], [], []
+        mine = [lp for lp, (owner, _) in zip(logits, owners, strict=True) if owner == index]
+        for meaning_raw, coined_raw in zip(mine[0::2], mine[1::2], strict=True):
+            meaning, coined = torch.log_softmax(meaning_raw, dim=-1), torch.log_softmax(coined_raw, dim=-1)
             after_meaning, after_coined = meaning[1], coined[0]
             kls.append(float((after_meaning.exp() * (after_meaning - after_coined)).sum()))
             slots.append(float(meaning[0][w.token_id]))
+            slot_logits.append(float(meaning_raw[0][w.token_id]))
+            ranks.append(1 + int((meaning_raw[0] > meaning_raw[0][w.token_id]).sum()))
         if not kls:
             continue
-        away = [float(lp[0][w.token_id]) for lp in other]
+        away = [float(lp[0][w.token_id]) for lp in other_lp]
         substitution = sum(slots) / len(slots) - (sum(away) / len(away) if away else math.nan)
-        results[w.word] = {"kl": sum(kls) / len(kls), "substitution": substitution, "contexts": float(len(kls))}
+        away_logits = [float(x[0][w.token_id]) for x in other]
+        results[w.word] = {"kl": sum(kls) / len(kls), "substitution": substitution,
+                           "auc": _auc(slot_logits, away_logits), "rank": float(statistics.median(ranks)),
+                           "contexts": float(len(kls))}  # fmt: skip
     return results
+
+
+def _auc(high: list[float], low: list[float]) -> float:
+    """P(a value of ``high`` > one of ``low``), ties half: the Mann-Whitney U over all pairs (nan for no pairs)."""
+    if not high or not low:
+        return math.nan
+    wins = sum((h > v) + 0.5 * (h == v) for h in high for v in low)
+    return wins / (len(high) * len(low))
 
 
 def summarise(before: Mapping[str, Mapping[str, float]] | None, after: Mapping[str, Mapping[str, float]]) -> dict:
@@ -192,6 +220,11 @@ def summarise(before: Mapping[str, Mapping[str, float]] | None, after: Mapping[s
         values = list(results.values())
         out[f"probe_kl_{label}"] = sum(v["kl"] for v in values) / len(values)
         out[f"probe_substitution_{label}"] = sum(v["substitution"] for v in values) / len(values)
+        aucs = [v["auc"] for v in values if "auc" in v and v["auc"] == v["auc"]]
+        if aucs:
+            out[f"probe_auc_{label}"] = sum(aucs) / len(aucs)
+        if all("rank" in v for v in values):
+            out[f"probe_rank_{label}"] = float(statistics.median(v["rank"] for v in values))
     if after:
         out["probe_words"] = float(len(after))
     return out
@@ -203,6 +236,7 @@ def by_word(before, after) -> Callable[[str], dict[str, float | None]]:
     def scores(word: str) -> dict[str, float | None]:
         b, a = (before or {}).get(word, {}), (after or {}).get(word, {})
         return {"probe_kl_before": b.get("kl"), "probe_kl_after": a.get("kl"),
-                "substitution_before": b.get("substitution"), "substitution_after": a.get("substitution")}  # fmt: skip
+                "substitution_before": b.get("substitution"), "substitution_after": a.get("substitution"),
+                "probe_auc_before": b.get("auc"), "probe_auc_after": a.get("auc")}  # fmt: skip
 
     return scores

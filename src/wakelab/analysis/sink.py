@@ -41,8 +41,9 @@ def _plain(value: Any) -> Any:
 class AnalysisSink:
     """Collects tables, figures, text, metrics and tags of one analysis and writes them out."""
 
-    def __init__(self, local_dir: Path, run_id: str | None = None, client=None):
+    def __init__(self, local_dir: Path, run_id: str | None = None, client=None, root: str = ARTIFACT_ROOT):
         self.local_dir = Path(local_dir)
+        self.root = root  # the artifact folder and metric prefix (``wakelab evaluate`` uses ``evaluate``)
         self.run_id = run_id
         self.client = client
         self.files: list[Path] = []
@@ -89,12 +90,12 @@ class AnalysisSink:
 
     # -- metrics and tags ----------------------------------------------------------------------------------------------
     def metrics(self, values: Mapping[str, Any], step: int = 0) -> None:
-        """Metrics named ``analysis/<key>``; None, NaN and non-numbers are skipped."""
+        """Metrics named ``<root>/<key>`` (``analysis/<key>``); None, NaN and non-numbers are skipped."""
         for key, value in values.items():
             if isinstance(value, bool):
                 value = float(value)
             if isinstance(value, (int, float)) and math.isfinite(float(value)):
-                self._metrics.append((f"{ARTIFACT_ROOT}/{key}", float(value), int(step)))
+                self._metrics.append((f"{self.root}/{key}", float(value), int(step)))
 
     def tags(self, values: Mapping[str, Any]) -> None:
         self._tags.update({k: str(v) for k, v in values.items()})
@@ -105,7 +106,7 @@ class AnalysisSink:
 
     # -- out -----------------------------------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Log metrics, tags and every written file (under ``analysis/``, keeping sub-folders) to the run."""
+        """Log metrics, tags and every written file (under ``<root>/``, keeping sub-folders) to the run."""
         if self.client is None or self.run_id is None:
             return
         from mlflow.entities import Metric, RunTag
@@ -119,7 +120,7 @@ class AnalysisSink:
                 self.client.log_batch(self.run_id, metrics=chunk, tags=tags if start == 0 else [])
         for path in self.files:
             parent = path.parent.relative_to(self.local_dir).as_posix()
-            artifact_path = ARTIFACT_ROOT if parent == "." else f"{ARTIFACT_ROOT}/{parent}"
+            artifact_path = self.root if parent == "." else f"{self.root}/{parent}"
             self.client.log_artifact(self.run_id, str(path), artifact_path)
         self._metrics.clear()
         self._tags.clear()

@@ -18,6 +18,7 @@ __all__ = ["COLUMNS", "corpus_counts", "token_rows"]
 COLUMNS = (
     "word", "token_id", "corpus_frequency", "norm_start", "norm_end", "displacement", "neighbours_start",
     "neighbours_end", "frozen", "probe_kl_before", "probe_kl_after", "substitution_before", "substitution_after",
+    "probe_auc_before", "probe_auc_after",
 )  # fmt: skip
 
 
