@@ -21,6 +21,13 @@ def test_configuration_reference_is_current():
     assert committed == reference_markdown(), "run `make docs` to regenerate docs/configuration.md"
 
 
+def test_command_reference_is_current():
+    from wakelab.cli import help_markdown
+
+    committed = (ROOT / "docs" / "cli.md").read_text()
+    assert committed == help_markdown(), "run `make docs` to regenerate docs/cli.md"
+
+
 def test_readme_commands_are_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme

@@ -297,7 +297,7 @@ class _Run:
                 f"{resume_from} is at step {self.resume_step} >= train.max_steps={config.train.max_steps}: nothing "
                 "left to train; finishing the run from it"
             )
-            trainer._load_from_checkpoint(resume_from)
+            trainer.load_checkpoint(resume_from)
             trainer.state.global_step = self.resume_step
         else:
             trainer.train(resume_from_checkpoint=resume_from)
