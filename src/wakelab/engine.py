@@ -378,13 +378,11 @@ class _Run:
 
 
 def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:
-    from mlflow import MlflowClient
-
     if tracked.offline:
         return
     try:
-        with tracking._quiet_retries():  # one try: the run is already closed, this note must not wait on a dead server
-            MlflowClient().set_tag(tracked.run_id, "wakelab.error", str(error)[:5000])
+        with tracking.quiet_retries():  # one try: the run is already closed, this note must not wait on a dead server
+            tracking.mlflow_client().set_tag(tracked.run_id, "wakelab.error", tracking.tag_value(str(error)))
     except Exception:  # noqa: BLE001
         pass
 
