@@ -203,7 +203,7 @@ def test_labels_outside_the_vocabulary_are_refused_like_the_standard_loss():
 
 def test_perplexity_is_the_same_either_way():
     from wakelab.data import BlockDataset
-    from wakelab.engine import perplexity
+    from wakelab.evaluation import perplexity
 
     model = tiny_llama(tied=True)
     setup_trainable_rows(model, NUM_BASE, "tokens")

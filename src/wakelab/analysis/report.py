@@ -691,7 +691,7 @@ def _analyze_into(
 
 def _samples(state, opts: AnalyzeOptions, sink: AnalysisSink, label: str, warn: Warn) -> list[str]:
     """A few continuations of held-out prompts that hold new words: a table (and text) the MLflow UI shows."""
-    from ..engine import resolve_data_paths
+    from ..data import resolve_data_paths
     from ..generate import samples
 
     heldout = resolve_data_paths(state.config)[2]
