@@ -124,6 +124,26 @@ class _Run:
         self.incomplete: tracking.TrackingIncomplete | None = None
         self.run_ctx: RunContext | None = None
         self.result_metrics: dict[str, float] = {}
+        # Made by prepare():
+        self.rank = 0
+        self.lexicon_path: Path | None = None
+        self.corpus_path: Path | None = None
+        self.heldout_path: Path | None = None
+        self.prepared: build.Prepared | None = None
+        self.starts_from_other_run = False
+        self.resume_from: str | None = None
+        self.corpus: data_mod.CorpusData | None = None
+        self.checkpoint_info: dict[str, Any] = {}
+        self.resume_step = 0
+        # Made by open():
+        self.output_dir: Path | None = None
+        self.tracked: tracking.TrackedRun | tracking.RankRun | None = None
+        # Made by build() and train():
+        self.model: torch.nn.Module | None = None
+        self.rows: RowAccess | None = None
+        self.initial_new: torch.Tensor | None = None
+        self.eval_ppl = False
+        self.trainer: Any = None
 
     def prepare(self, resume_from: str | None) -> None:
         """Everything that can be wrong with the inputs is found here, before any directory or MLflow run is touched."""
