@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 from click.testing import CliRunner
+from optional import require
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wakelab import loss as loss_mod
@@ -169,8 +170,14 @@ def test_gemma2_soft_capping_falls_back():
         head_dim=16,
         final_logit_softcapping=30.0,
     )
-    reason = unsupported_reason(Gemma2ForCausalLM(config))
+    model = Gemma2ForCausalLM(config)
+    reason = unsupported_reason(model)
     assert reason is not None and "soft-caps its logits (final_logit_softcapping=30.0)" in reason
+    ids = torch.randint(0, NUM_BASE, (2, 9), generator=torch.Generator().manual_seed(3))
+    chunked = ChunkedLoss(4, warn=lambda message: None)
+    assert chunked(model, {"input_ids": ids, "labels": ids}) is None  # None: the caller computes the standard loss
+    assert chunked.reason == reason
+    assert chunked(model, {"input_ids": ids, "labels": ids}) is None  # and keeps falling back without probing again
 
 
 def test_post_processing_the_config_does_not_name_is_caught_on_the_first_call(monkeypatch):
@@ -203,7 +210,7 @@ def test_labels_outside_the_vocabulary_are_refused_like_the_standard_loss():
 
 def test_perplexity_is_the_same_either_way():
     from wakelab.data import BlockDataset
-    from wakelab.engine import perplexity
+    from wakelab.evaluation import perplexity
 
     model = tiny_llama(tied=True)
     setup_trainable_rows(model, NUM_BASE, "tokens")
@@ -280,14 +287,31 @@ def test_bad_chunk_sizes_are_one_line_errors(value, message):
     assert len(lines) == 1 and "train.loss_chunk_tokens" in lines[0] and "Traceback" not in result.output
 
 
-def test_chunk_size_null_means_the_standard_loss():
-    assert build_config("demo", overrides=["train.loss_chunk_tokens=null"]).train.loss_chunk_tokens is None
+def test_chunk_size_null_means_the_standard_loss(tmp_path):
+    from transformers import TrainingArguments
+
+    from wakelab.registry import build_manager
+    from wakelab.trainer import WakelabTrainer
+
     assert build_config("demo").train.loss_chunk_tokens == loss_mod.DEFAULT_CHUNK_TOKENS
+    chunk = build_config("demo", overrides=["train.loss_chunk_tokens=null"]).train.loss_chunk_tokens
+    assert chunk is None
+    model = tiny_llama(tied=True)
+    rows = setup_trainable_rows(model, NUM_BASE, "tokens")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", remove_unused_columns=False
+    )
+    trainer = WakelabTrainer(model=model, args=args, rows=rows, pm=build_manager([]), loss_chunk_tokens=chunk)
+    model.train()
+    inputs = batch()
+    loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+    assert outputs["logits"].shape[:2] == inputs["input_ids"].shape  # every position's full-vocabulary logits
+    torch.testing.assert_close(loss, model(**inputs).loss)  # transformers' own loss
 
 
 @pytest.mark.parametrize("strategy", ["tokens", "mask"])
 def test_4bit_base_matches_the_standard_loss(strategy, tmp_path):
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_llama(tied=True).save_pretrained(tmp_path / "m")

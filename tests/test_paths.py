@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wakelab.paths import publishing
+from wakelab.paths import publishing, publishing_file
 
 
 def test_a_built_folder_is_published_and_its_temporary_folder_is_gone(tmp_path):
@@ -32,3 +32,17 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path):
         (tmp / "half.bin").write_bytes(b"x")
         raise RuntimeError("save failed")
     assert list(target.parent.iterdir()) == []
+
+
+def test_a_written_file_is_published_whole_and_a_failed_write_leaves_the_old_one(tmp_path):
+    target = tmp_path / "corpus.txt"
+    with publishing_file(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_text("first", encoding="utf-8")
+        assert not target.exists()  # nobody sees it before the rename
+    assert target.read_text(encoding="utf-8") == "first"
+    with pytest.raises(RuntimeError), publishing_file(target) as tmp:
+        tmp.write_text("half", encoding="utf-8")
+        raise RuntimeError("disk full")
+    assert target.read_text(encoding="utf-8") == "first"
+    assert not list(tmp_path.glob("*.tmp"))

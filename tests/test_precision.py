@@ -13,7 +13,7 @@ from wakelab import engine
 from wakelab.config import build_config
 from wakelab.data import BlockDataset
 from wakelab.errors import ConfigError
-from wakelab.precision import RoundingAdamW, round_stochastic, state_bytes
+from wakelab.precision import RoundingAdamW, build_optimizer, check_parameters, round_stochastic, state_bytes
 
 LR = 1e-4  # far below half a bf16 grid step at 1.0 (2**-8): round-to-nearest drops every update
 
@@ -166,7 +166,20 @@ def test_bad_precision_values_are_one_line_errors(tiny_model, texts):
 
 def test_the_bf16_default_changes_nothing_for_fp32_rows(tiny_model, texts):
     config = build_config(None, None, tiny_overrides(tiny_model, texts))
-    assert config.train.precision == "bf16" and config.train.resume_schedule == "saved"
+    assert config.train.precision == "bf16"  # the default
+    rows = torch.nn.Parameter(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)))
+    reference = torch.nn.Parameter(rows.detach().clone())
+    trainers_adamw = torch.optim.AdamW([rows], lr=1e-2, weight_decay=0.01)
+    check_parameters(config.train.precision, [rows])  # fp32 rows are accepted under the default
+    optimizer = build_optimizer(config.train.precision, trainers_adamw)
+    assert optimizer is trainers_adamw  # Trainer's own AdamW, not a rounding one
+    plain = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.01)
+    for step in range(3):
+        grad = torch.randn(6, 8, generator=torch.Generator().manual_seed(step + 1))
+        rows.grad, reference.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        plain.step()
+    assert rows.dtype == torch.float32 and torch.equal(rows, reference)  # the very updates plain AdamW makes
 
 
 # -- the notebook's schedule and objective ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from wakelab import engine
 from wakelab import model as model_mod
 from wakelab.config import ModelConfig, build_config
 from wakelab.data import collate
+from wakelab.evaluation import perplexity
 from wakelab.quantized import PACKING_SWITCH
 
 
@@ -36,7 +37,7 @@ def test_perplexity_pass_leaves_4bit_layers_trainable_and_unchanged(tiny_model):
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     before = input_grad(model, ids)
     dataset = [{"input_ids": row, "labels": row} for row in ids]
-    assert math.isfinite(engine.perplexity(model, dataset, batch_size=2, max_blocks=2))
+    assert math.isfinite(perplexity(model, dataset, batch_size=2, max_blocks=2))
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     after = input_grad(model, ids)
     assert torch.equal(before, after), "evaluation changed how the 4-bit layers compute or differentiate"

@@ -94,9 +94,11 @@ def test_token_selection_reports_unknown_words_and_uses_the_rest(tmp_path):
     with pytest.raises(WakelabError, match="none of its 1 words is a new token"):
         select_tokens(str(listed), words, max_tokens=10)
     assert select_tokens("top:2", words, max_tokens=10, movement=[0.1, 3.0, 0.2, 2.0]) == [1, 3]
-    assert select_tokens("sample:2", words, max_tokens=10, seed=3) == select_tokens(
-        "sample:2", words, max_tokens=10, seed=3
-    )
+    sampled = select_tokens("sample:2", words, max_tokens=10, seed=3)
+    assert len(set(sampled)) == 2 and set(sampled) <= set(range(len(words)))  # two different new tokens
+    assert sampled == select_tokens("sample:2", words, max_tokens=10, seed=3)  # the seed gives the same two again
+    picks = {tuple(sorted(select_tokens("sample:2", words, max_tokens=10, seed=seed))) for seed in range(8)}
+    assert len(picks) > 1  # and another seed may pick others: a sample, not the first two
     with pytest.raises(WakelabError, match="top movers are known only once training is over"):
         select_tokens("top:2", words, max_tokens=10)
     with pytest.raises(WakelabError, match="is not auto, all, sample:K, top:K or an existing words file"):

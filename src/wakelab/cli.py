@@ -42,7 +42,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@main.command()
+@click.command()
 @_config_options
 @click.option("--overwrite", is_flag=True, help="Reuse an output directory that holds another run's checkpoints.")
 @click.option("--resume", "resume", is_flag=True, help="Continue from the output directory's latest checkpoint.")
@@ -78,7 +78,7 @@ def run(
     _print_result(resolve_and_run())
 
 
-@main.command()
+@click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option(
     "--checkpoint",
@@ -133,7 +133,7 @@ def _print_result(result) -> None:
         click.echo(line)
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--contexts-markdown", is_flag=True, help="The hooks and their contexts as Markdown (docs/hooks.md).")
 def plugins(as_json, contexts_markdown):
@@ -166,7 +166,7 @@ def plugins(as_json, contexts_markdown):
             click.echo(f"{'':<{width}}  config: {', '.join(row['config_keys'])}")
 
 
-@main.command("config-keys")
+@click.command("config-keys")
 @click.option("--markdown", is_flag=True, help="The full reference as Markdown (docs/configuration.md).")
 def config_keys(markdown):
     """List every config key with its default, the plugins' own keys too (marked with their plugin).
@@ -191,7 +191,7 @@ def config_keys(markdown):
             click.echo(f"{key} = {value}    (plugin {section.plugin})")
 
 
-@main.command("show-config")
+@click.command("show-config")
 @_config_options
 def show_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name):
     """Print the resolved config (preset + file + overrides) as YAML, without running.
@@ -206,7 +206,7 @@ def show_config(preset, config_file, overrides, plugins, max_steps, output_dir, 
     click.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
-@main.command()
+@click.command()
 def presets():
     """List the packaged presets.
 
@@ -220,10 +220,16 @@ def presets():
         click.echo(name)
 
 
+#: The commands defined above; each becomes a module of its own in the cli/ package (issue 22).
+COMMANDS = (run, resume, plugins, config_keys, show_config, presets)
+
+
 def _register_command_modules() -> None:
     """Commands that live in their own modules (one concern each) join the group here."""
     from importlib import import_module
 
+    for command in COMMANDS:
+        main.add_command(command)
     for module_name, attr in COMMAND_MODULES:
         main.add_command(getattr(import_module(f"wakelab.{module_name}"), attr))
 

@@ -14,13 +14,13 @@ resembles only in spelling). ``constituents.tsv`` records both for every coined 
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
+from .paths import publishing_file
 
 __all__ = ["DEMO_SEED", "TEXTS_VERSION", "DemoTexts", "read_constituents", "write_demo_texts"]
 
@@ -843,10 +843,8 @@ def _constituents_text() -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+    with publishing_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
         handle.write(text)
-    os.replace(tmp, path)
 
 
 def write_demo_texts(folder: Path, seed: int = DEMO_SEED) -> DemoTexts:

@@ -130,6 +130,26 @@ class _Run:
         self.incomplete: tracking.TrackingIncomplete | None = None
         self.run_ctx: RunContext | None = None
         self.result_metrics: dict[str, float] = {}
+        # Made by prepare():
+        self.rank = 0
+        self.lexicon_path: Path | None = None
+        self.corpus_path: Path | None = None
+        self.heldout_path: Path | None = None
+        self.prepared: build.Prepared | None = None
+        self.starts_from_other_run = False
+        self.resume_from: str | None = None
+        self.corpus: data_mod.CorpusData | None = None
+        self.checkpoint_info: dict[str, Any] = {}
+        self.resume_step = 0
+        # Made by open():
+        self.output_dir: Path | None = None
+        self.tracked: tracking.TrackedRun | tracking.RankRun | None = None
+        # Made by build() and train():
+        self.model: torch.nn.Module | None = None
+        self.rows: RowAccess | None = None
+        self.initial_new: torch.Tensor | None = None
+        self.eval_ppl = False
+        self.trainer: Any = None
         self.finished = False  # final rows and logged model written: nothing after them can lose the run
 
     def prepare(self, resume_from: str | None) -> None:
@@ -460,13 +480,11 @@ def _plugins_run_end(pm, run_ctx: RunContext, status: str, *, final_written: boo
 
 
 def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:
-    from mlflow import MlflowClient
-
     if tracked.offline:
         return
     try:
-        with tracking._quiet_retries():  # one try: the run is already closed, this note must not wait on a dead server
-            MlflowClient().set_tag(tracked.run_id, "wakelab.error", str(error)[:5000])
+        with tracking.quiet_retries():  # one try: the run is already closed, this note must not wait on a dead server
+            tracking.mlflow_client().set_tag(tracked.run_id, "wakelab.error", tracking.tag_value(str(error)))
     except Exception:  # noqa: BLE001
         pass
 

@@ -60,12 +60,10 @@ def _run_status(run_id: str | None) -> str | None:
     if run_id is None:
         return None
     try:
-        from mlflow import MlflowClient
+        from .tracking import mlflow_client, quiet_retries
 
-        from .tracking import _quiet_retries
-
-        with _quiet_retries():
-            return MlflowClient().get_run(run_id).info.status
+        with quiet_retries():
+            return mlflow_client().get_run(run_id).info.status
     except Exception:  # noqa: BLE001 - the store is optional here: the files decide
         return None
 

@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import DataError
-from .paths import cache_root
+from .paths import cache_root, publishing_file
 
 #: Where Debian's dict-gcide puts the dictionary (dictzip: gzip-compatible); ``WAKELAB_GCIDE`` names another file.
 DEFAULT_PATH = Path("/usr/share/dictd/gcide.dict.dz")
@@ -161,7 +161,6 @@ def ensure_corpus() -> Path:
         return target
     corpus, _ = load_split(path, key)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n\n".join(corpus) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    with publishing_file(target) as tmp:
+        tmp.write_text("\n\n".join(corpus) + "\n", encoding="utf-8")
     return target

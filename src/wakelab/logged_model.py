@@ -37,10 +37,11 @@ def log_delta_model(
     run_id: str, experiment_id: str, final_dir: Path, base: dict[str, Any], tokenizer, add_as: str, step: int = 0
 ) -> str:
     """Log the run's delta (rows, ids, tokenizer, base record) as a logged model of the run; its model id."""
-    from mlflow import MlflowClient
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
-    client = MlflowClient()
+    from .tracking import mlflow_client
+
+    client = mlflow_client()
     rows_file = final_dir / "new_rows.safetensors"
     new_tokens = int(TrainedRows.read(rows_file, base).token_ids.numel())
     model = client.create_logged_model(
@@ -83,10 +84,11 @@ def log_full_model(
     """Log the merged model in MLflow's transformers flavour, linked to ``run_id`` (without reopening it); the
     ``models:/`` URI to load it from."""
     import mlflow
-    from mlflow import MlflowClient
     from mlflow.entities import LoggedModelOutput
 
-    client = MlflowClient()
+    from .tracking import mlflow_client
+
+    client = mlflow_client()
     experiment_id = client.get_run(run_id).info.experiment_id if run_id else None
     flat = {k: (v if isinstance(v, (str, int, float)) else str(v)) for k, v in (params or {}).items() if v is not None}
     logged = mlflow.initialize_logged_model(

@@ -41,3 +41,20 @@ def publishing(folder: Path) -> Iterator[Path]:
         if not folder.is_dir():
             raise
         shutil.rmtree(tmp)  # another process published it first
+
+
+@contextlib.contextmanager
+def publishing_file(path: Path) -> Iterator[Path]:
+    """A private file to write a cache file in; on success it becomes ``path`` in one rename.
+
+    The file counterpart of :func:`publishing`: the temporary name carries the pid, so two processes writing the
+    same file at once never write into one another's, and a failed write leaves nothing behind. (Checkpoints and
+    recordings, which must also survive a power cut, add fsyncs: ``storage``.)
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .logs import warn
+from .tracking import tag_value
 
 MOVING_SHARE = 0.01  # at least this share of the untrained rows changes per step late in the run: still moving
 REMEDIES = ("fp32-master", "stochastic", "kahan")
@@ -231,7 +232,7 @@ def compare_precision(client, plan, parent_id: str, out: Path, log: Log) -> str:
         json.dumps({"verdict": sentence, "children": rows, "notes": notes}, indent=1, default=str) + "\n"
     )
     _plot(rows, out / "untrained_motion.png")
-    client.set_tag(parent_id, "wakelab.precision.verdict", sentence[:5000])
+    client.set_tag(parent_id, "wakelab.precision.verdict", tag_value(sentence))
     for name in ("precision.md", "precision.json", "untrained_motion.png"):
         if (out / name).exists():
             client.log_artifact(parent_id, str(out / name), "comparison")

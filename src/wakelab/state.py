@@ -43,11 +43,12 @@ def resolve_run(target: str) -> tuple[Path, str | None]:
 
             run_id = json.loads(info.read_text()).get("run_id")
         return run_dir, run_id
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from .tracking import mlflow_client
+
     try:
-        run = MlflowClient().get_run(target)
+        run = mlflow_client().get_run(target)
     except MlflowException:
         raise WakelabError(f"'{target}' is neither a folder nor an MLflow run id in the tracking store") from None
     output_dir = run.data.tags.get("wakelab.output_dir")
@@ -63,11 +64,12 @@ def resolve_checkpoint(spec: str) -> Path:
     if path.exists():
         return path if (path / "manifest.json").exists() else latest_checkpoint(path)
     if spec.startswith("latest:"):
-        from mlflow import MlflowClient
+        from .tracking import mlflow_client
 
         preset = spec.split(":", 1)[1]
-        experiments = [e.experiment_id for e in MlflowClient().search_experiments()]
-        runs = MlflowClient().search_runs(
+        client = mlflow_client()
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(
             experiments,
             f"tags.`wakelab.preset` = '{preset}' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],

@@ -427,7 +427,7 @@ def _close_child(client, child: Child) -> None:
     try:
         client.set_tag(child.run_id, "wakelab.sweep.status", child.status.lower())
         if child.error:
-            client.set_tag(child.run_id, "wakelab.error", child.error[:5000])
+            client.set_tag(child.run_id, "wakelab.error", tracking.tag_value(child.error))
         if client.get_run(child.run_id).info.status == "RUNNING":
             client.set_terminated(child.run_id, child.status)
     except Exception as exc:  # noqa: BLE001 - the tracking store blipped; say so and go on
@@ -448,10 +448,8 @@ def run_sweep(
 
     ``resume``: the saved sweep being resumed; its parent run is reopened, finished children are kept, a stopped
     one continues from its checkpoint, the others run."""
-    from mlflow import MlflowClient
-
     tracking.check_reachable()
-    client = MlflowClient()
+    client = tracking.mlflow_client()
     started = time.monotonic()
     if resume is None:
         parent_id, experiment_id, attached = _open_parent(client, plan, cwd)
@@ -512,7 +510,7 @@ def run_sweep(
 def _end_parent(client, run_id: str, status: str, failure: BaseException | None, attached: bool) -> None:
     try:
         if failure is not None and not isinstance(failure, KeyboardInterrupt):
-            client.set_tag(run_id, "wakelab.error", _one_line(failure)[:5000])
+            client.set_tag(run_id, "wakelab.error", tracking.tag_value(_one_line(failure)))
         # Under `mlflow run` the run belongs to it: it marks the run when this process exits.
         if not attached or status != "FINISHED":
             client.set_terminated(run_id, status)

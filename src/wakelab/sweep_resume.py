@@ -42,10 +42,10 @@ def find_sweep_file(parent: str) -> Path:
     """``parent`` is the sweep's folder or its parent run id; the sweep file it names, or a one-line error."""
     folder = Path(parent)
     if not folder.is_dir():
-        from mlflow import MlflowClient
+        from .tracking import mlflow_client
 
         try:
-            run = MlflowClient().get_run(parent)
+            run = mlflow_client().get_run(parent)
         except Exception:  # noqa: BLE001 - not a run id this store knows
             raise ConfigError(
                 f"--resume {parent}: neither a sweep folder nor a sweep's parent run id in this "

@@ -45,7 +45,7 @@ def check_reachable() -> None:
 
     uri = tracking_uri()
     try:
-        with _quiet_retries():
+        with quiet_retries():
             MlflowClient().search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
         raise TrackingError(
@@ -200,9 +200,29 @@ def _environ(values: dict[str, str], override: bool = True) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _quiet_retries():
-    """One quick try: MLflow's default HTTP retries wait minutes before saying a server is down."""
+def quiet_retries():
+    """One quick try: MLflow's default HTTP retries wait minutes before saying a server is down.
+
+    The one retry policy for a call that must not wait on a dead server (a note on a run that has ended, the UI's
+    probe, a status read before an export): ``with quiet_retries(): ...``."""
     return _environ(OFFLINE_HTTP_POLICY)
+
+
+#: MLflow refuses a tag value longer than this; every tag wakelab writes is cut to it (``tag_value``).
+TAG_LIMIT = 5000
+
+
+def tag_value(text: str) -> str:
+    """``text`` cut to what MLflow stores as a tag value."""
+    return text[:TAG_LIMIT]
+
+
+def mlflow_client(tracking_uri: str | None = None):
+    """An ``MlflowClient`` for the active store (or ``tracking_uri``): the one place wakelab makes one, so every
+    MLflow client call goes through this module's view of the store."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
 
 
 def _open_experiment(mlflow, name: str):

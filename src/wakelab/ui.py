@@ -39,11 +39,11 @@ def is_server_uri(uri: str) -> bool:
 
 def latest_wakelab_experiment(uri: str) -> str | None:
     """The experiment of the most recent run that wakelab made (tag ``wakelab.version``), or None."""
-    from mlflow import MlflowClient
+    from .tracking import mlflow_client
 
     if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
         return None  # no store yet: do not create one just to look
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     experiment_ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
     if not experiment_ids:
         return None
@@ -177,10 +177,10 @@ def _raise_interrupt(signum, frame):
 
 
 def _quiet_latest(uri: str) -> str | None:
-    from .tracking import _quiet_retries
+    from .tracking import quiet_retries
 
     try:
-        with _quiet_retries():
+        with quiet_retries():
             return latest_wakelab_experiment(uri)
     except Exception:  # noqa: BLE001 - the URL without an experiment is still useful
         return None

@@ -114,13 +114,13 @@ class _Run:
 
 def _resolve(target: str, warn: Warn) -> _Run:
     import mlflow
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from ..state import resolve_run
+    from ..tracking import mlflow_client
 
     run_dir, run_id = resolve_run(str(target))
-    client = MlflowClient()
+    client = mlflow_client()
     found = None
     if run_id is not None:
         uris = [None]
@@ -130,7 +130,7 @@ def _resolve(target: str, warn: Warn) -> _Run:
             if uri and uri != mlflow.get_tracking_uri():  # the store the run was tracked in
                 uris.append(uri)
         for uri in uris:
-            candidate = client if uri is None else MlflowClient(tracking_uri=uri)
+            candidate = client if uri is None else mlflow_client(uri)
             try:
                 found = candidate.get_run(run_id)
                 client = candidate
@@ -691,7 +691,7 @@ def _analyze_into(
 
 def _samples(state, opts: AnalyzeOptions, sink: AnalysisSink, label: str, warn: Warn) -> list[str]:
     """A few continuations of held-out prompts that hold new words: a table (and text) the MLflow UI shows."""
-    from ..engine import resolve_data_paths
+    from ..data import resolve_data_paths
     from ..generate import samples
 
     heldout = resolve_data_paths(state.config)[2]

@@ -111,9 +111,11 @@ class AnalysisSink:
             return
         from mlflow.entities import Metric, RunTag
 
+        from ..tracking import tag_value
+
         stamp = int(time.time() * 1000)
         metrics = [Metric(name, value, stamp, step) for name, value, step in self._metrics]
-        tags = [RunTag(k, v[:5000]) for k, v in self._tags.items()]
+        tags = [RunTag(k, tag_value(v)) for k, v in self._tags.items()]
         for start in range(0, max(len(metrics), 1), 1000):
             chunk = metrics[start : start + 1000]
             if chunk or (start == 0 and tags):
