@@ -553,7 +553,7 @@ GGUF_ARTIFACT_DIR = "gguf"
 
 def log_gguf_artifact(model_uri: str, folder: Path) -> None:
     """Add ``folder``'s files to the logged model ``models:/<id>``, under ``gguf/`` beside its transformers files."""
-    from mlflow import MlflowClient
+    from .tracking import mlflow_client
 
     model_id = model_uri.removeprefix("models:/").split("/")[0]
-    MlflowClient().log_model_artifacts(model_id, str(folder), artifact_path=GGUF_ARTIFACT_DIR)
+    mlflow_client().log_model_artifacts(model_id, str(folder), artifact_path=GGUF_ARTIFACT_DIR)

@@ -471,17 +471,16 @@ def _destination(inputs: _Inputs, opts: EvaluateOptions):
     evaluated one (or a lone one when it is not in the tracking store); nothing with --no-mlflow."""
     if not opts.mlflow:
         return None, None, False
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from ..tracking import ensure_experiment
+    from ..tracking import ensure_experiment, mlflow_client
 
-    client = MlflowClient()
+    client = mlflow_client()
     parent, experiment_id = None, None
     if inputs.run_id is not None:
         info = inputs.run_dir / "wakelab_run.json"
         uri = json.loads(info.read_text()).get("tracking_uri") if info.is_file() else None
-        for candidate in [client] + ([MlflowClient(tracking_uri=uri)] if uri else []):
+        for candidate in [client] + ([mlflow_client(uri)] if uri else []):
             try:
                 experiment_id = candidate.get_run(inputs.run_id).info.experiment_id
                 client, parent = candidate, inputs.run_id
