@@ -84,7 +84,7 @@ def test_unknown_preset(tmp_path):
 
 def test_unknown_plugin(tiny_model, texts, tmp_path):
     result = invoke(tiny_model, texts, "--plugin", "nope")
-    assert_refused(result, "unknown plugin 'nope'; available: mask, ", tmp_path)
+    assert_refused(result, "unknown plugin 'nope'; available: distill, mask, mean, ", tmp_path)
     assert "spherical" in result.stderr
 
 
