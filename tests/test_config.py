@@ -81,7 +81,7 @@ def test_active_plugins_follow_the_config():
     assert build_config("demo").active_plugins == ("trajectory", "spherical")  # the demo ends with its pictures
     masked = build_config("demo", overrides=["trainable=mask", "plugins=[recorder]"])
     assert masked.active_plugins == ("recorder", "spherical", "mask")
-    with pytest.raises(PluginError, match="unknown plugin 'extra'; available: mask, mean"):
+    with pytest.raises(PluginError, match="unknown plugin 'extra'; available: distill, mask, mean"):
         build_config("demo", overrides=["plugins=[extra]"])  # found while the config is resolved, before any run
 
 
