@@ -541,7 +541,8 @@ def export_gguf(
         params=provenance(source, "mlflow", {"gguf": outtype}),
     )
     with tempfile.TemporaryDirectory(prefix="wakelab-gguf-") as tmp:
-        path = Path(tmp) / f"model-{outtype}.gguf"
+        path = Path(tmp) / GGUF_ARTIFACT_DIR / f"model-{outtype}.gguf"
+        path.parent.mkdir()
         result = write_gguf(model, tokenizer, num_base, path, outtype=outtype, base_gguf=from_gguf, info=info)
         log_gguf_artifact(uri, Path(tmp))
     return ExportResult(uri, "mlflow", source.notes, result.new_tokens, result.n_vocab)
@@ -552,8 +553,9 @@ GGUF_ARTIFACT_DIR = "gguf"
 
 
 def log_gguf_artifact(model_uri: str, folder: Path) -> None:
-    """Add ``folder``'s files to the logged model ``models:/<id>``, under ``gguf/`` beside its transformers files."""
+    """Add ``folder``'s files to the logged model ``models:/<id>`` beside its transformers files (``folder`` holds
+    ``gguf/``: the oldest MLflow wakelab supports, 3.9, has no ``artifact_path`` argument here)."""
     from .tracking import mlflow_client
 
     model_id = model_uri.removeprefix("models:/").split("/")[0]
-    mlflow_client().log_model_artifacts(model_id, str(folder), artifact_path=GGUF_ARTIFACT_DIR)
+    mlflow_client().log_model_artifacts(model_id, str(folder))
