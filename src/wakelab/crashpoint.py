@@ -34,14 +34,7 @@ _reached: dict[str, int] = {}
 def reached(name: str) -> None:
     """Stop here if the test asked for this point (see the module docstring); otherwise do nothing."""
     writepoint.maybe_fail(name)
-    target = os.environ.get(ENV_AT)
-    if not target:
-        return
-    wanted, _, nth = target.partition(":")
-    if wanted != name:
-        return
-    _reached[name] = _reached.get(name, 0) + 1
-    if _reached[name] != int(nth or 1):
+    if not writepoint.arrived(ENV_AT, name, _reached):
         return
     marker = os.environ.get(ENV_MARKER)
     if not marker:

@@ -152,16 +152,22 @@ def write_point(
         raise WriteFailed(line, point=name, path=path, errno_=number) from exc
 
 
-def maybe_fail(name: str, path: str | os.PathLike | None = None) -> None:
-    """Raise the injected disk error if a test asked for it at this point (see the module docstring)."""
-    target = os.environ.get(ENV_AT)
+def arrived(env: str, name: str, counts: dict[str, int]) -> bool:
+    """True at the arrival a test named in ``$env`` (``NAME`` or ``NAME:N``, the Nth time ``name`` is reached);
+    counts every arrival at the named point in ``counts``. Shared by the crash points and the injected faults."""
+    target = os.environ.get(env)
     if not target:
-        return
+        return False
     wanted, _, nth = target.partition(":")
     if wanted != name:
-        return
-    _reached[name] = _reached.get(name, 0) + 1
-    if _reached[name] != int(nth or 1):
+        return False
+    counts[name] = counts.get(name, 0) + 1
+    return counts[name] == int(nth or 1)
+
+
+def maybe_fail(name: str, path: str | os.PathLike | None = None) -> None:
+    """Raise the injected disk error if a test asked for it at this point (see the module docstring)."""
+    if not arrived(ENV_AT, name, _reached):
         return
     number = getattr(errno, os.environ.get(ENV_ERRNO) or "ENOSPC")
     raise OSError(number, os.strerror(number), None if path is None else str(path))
