@@ -140,18 +140,18 @@ def test_half_written_checkpoint_file_names_the_file(tiny_model, texts, tmp_path
 
     import wakelab.trainer as trainer_mod
 
-    real = trainer_mod.WakelabTrainer._save
+    real = trainer_mod.WakelabTrainer.save_model
     calls = []
 
-    def half_then_full(self, output_dir=None, state_dict=None):
+    def half_then_full(self, output_dir=None, _internal_call=False):
         calls.append(output_dir)
         if len(calls) == 2:
             trainer_mod.Path(output_dir).mkdir(parents=True, exist_ok=True)
             (trainer_mod.Path(output_dir) / trainer_mod.ROWS_FILE).write_bytes(b"\0" * 100)
             raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })(os error 28)")
-        return real(self, output_dir, state_dict)
+        return real(self, output_dir, _internal_call)
 
-    monkeypatch.setattr(trainer_mod.WakelabTrainer, "_save", half_then_full)
+    monkeypatch.setattr(trainer_mod.WakelabTrainer, "save_model", half_then_full)
     line = the_line(run_cli(tiny_model, texts, tmp_path, monkeypatch))
     assert "disk full writing" in line and "checkpoint-4" in line and "checkpoint-2 (step 2) is intact" in line
     monkeypatch.undo()
