@@ -125,7 +125,9 @@ class LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.is_sparse:  # the tied lookup's gradient: its values are its memory
+                self.largest = max(self.largest, t._values().numel())
+            elif isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
         return out
 

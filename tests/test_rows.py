@@ -155,3 +155,82 @@ def test_shared_reads_are_views_only_for_one_consecutive_run_inside_one_tensor()
             new.untyped_storage().data_ptr(),
         )
     assert rows.values(range(6, 10)).data_ptr() != new.data_ptr()  # share=False: always a copy
+
+
+def test_the_tokens_split_keeps_the_loaded_base_rows_without_a_copy(tiny_model):
+    """The embedding as loaded becomes the frozen base: the resized matrix's copy of it is not kept as well."""
+    from transformers import AutoModelForCausalLM
+
+    from wakelab.model import expand_embeddings
+    from wakelab.rows import BaseRows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    num_base = model.get_input_embeddings().weight.shape[0]
+    loaded = model.get_input_embeddings().weight.detach()  # resize swaps the Parameter's data in place
+    held = BaseRows.of(model, num_base)
+    expand_embeddings(model, num_base + 7)
+    assert held.equal_to(model.get_input_embeddings().weight)
+    setup_trainable_rows(model, num_base, "tokens", base_rows=held)
+    base = model.get_input_embeddings().base_weight
+    assert base.data_ptr() == loaded.data_ptr() and not base.requires_grad
+    # Without them, or when they no longer match (another dtype), the split copies the resized matrix's base rows.
+    other = AutoModelForCausalLM.from_pretrained(tiny_model)
+    expand_embeddings(other, num_base + 7)
+    resized = other.get_input_embeddings().weight
+    setup_trainable_rows(other, num_base, "tokens", base_rows=BaseRows(held.embedding.to(torch.float64)))
+    copied = other.get_input_embeddings().base_weight
+    assert copied.data_ptr() != resized.data_ptr() and torch.equal(copied, resized[:num_base])
+
+
+def test_restored_matrix_with_other_base_rows_is_not_mistaken_for_the_loaded_ones(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from wakelab.rows import BaseRows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    weight = model.get_input_embeddings().weight
+    held = BaseRows.of(model, weight.shape[0] - 1)
+    changed = weight.detach().clone()
+    changed[3, 0] += 1.0
+    assert held.equal_to(weight.detach().clone(), chunk=2)
+    assert not held.equal_to(changed, chunk=2)
+
+
+@pytest.mark.parametrize("rows_dtype", ["float32", "bfloat16"])
+def test_displacement_is_measured_from_the_rows_the_training_started_from(tiny_model, texts, tmp_path, rows_dtype):
+    """The metric reads initial_rows.safetensors and casts it as the split did: exactly the start of training."""
+    result = engine.run(
+        build_config(None, None, tiny_overrides(tiny_model, texts, **{"train.rows_dtype": rows_dtype})), progress=False
+    )
+    start = load_file(result.output_dir / "initial_rows.safetensors")["rows"]
+    end = load_file(result.output_dir / "final" / "new_rows.safetensors")["rows"]
+    dtype = getattr(torch, rows_dtype)
+    expected = (end.to(dtype).float() - start.to(dtype).float()).norm(dim=1).mean()
+    assert result.metrics["new_row_displacement"] == pytest.approx(float(expected), rel=1e-6)
+    assert result.metrics["new_row_displacement"] > 0
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_tied_lookup_adds_a_sparse_gradient_to_the_same_dense_total(tied):
+    """Tied, the lookup's gradient comes sparse and the head's dense one absorbs it: the same total as two dense
+    ones. Untied there is no dense one to absorb it, so the lookup stays dense (AdamW refuses sparse gradients)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def grads(sparse: bool | None) -> tuple[torch.Tensor, bool]:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
+        model = LlamaForCausalLM(config)
+        setup_trainable_rows(model, 30, "tokens")
+        embedding = model.get_input_embeddings()
+        chosen = embedding.sparse_new_grad
+        if sparse is not None:
+            embedding.sparse_new_grad = sparse
+        ids = torch.tensor([[1, 31, 35, 31, 2, 39, 30, 5]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        return embedding.new_weight.grad, chosen
+
+    grad, chosen = grads(None)
+    assert chosen is tied and not grad.is_sparse
+    if tied:
+        torch.testing.assert_close(grad, grads(False)[0], rtol=0, atol=1e-7)

@@ -26,6 +26,7 @@ from .data import resolve_lexicon
 from .errors import ConfigError, PluginError
 from .logs import log
 from .merge import embedding_checksum
+from .rows import BaseRows
 from .vocab import VocabReport, expand_vocabulary, read_lexicon, word_token_id
 
 
@@ -42,6 +43,9 @@ class Prepared:
     new_words: list[str] = field(default_factory=list)
     phase: tuple[torch.Tensor, dict[str, Any]] | None = None
     base_checksum: str | None = None  # sha256 of the loaded base rows: an export refuses a base that changed since
+    #: The embedding (and an untied head's) weight as loaded, before the resize: the base rows the ``tokens`` split
+    #: keeps frozen without a copy (see ``rows.setup_trainable_rows``); None when the base rows were overwritten.
+    base_rows: BaseRows | None = None
 
     @property
     def hidden_size(self) -> int | None:
@@ -101,6 +105,7 @@ def build_model(
     weight = model.get_input_embeddings().weight
     log_params({"base_vocab_size": num_base, "hidden_size": weight.shape[1]})
     if prepared.report is not None or weight.shape[0] < len(tokenizer):
+        prepared.base_rows = BaseRows.of(model, num_base)
         # The init plugin fills the embedding's new rows; an untied head's new rows are the ones transformers' resize
         # draws. Seeded here, a run and its rerun start from the same head.
         with torch.random.fork_rng(devices=[]):
@@ -139,6 +144,8 @@ def build_model(
         matrix, restored = prepared.phase
         with torch.no_grad():
             weight.copy_(matrix.to(weight.dtype))
+        if prepared.base_rows is not None and not prepared.base_rows.equal_to(weight):
+            prepared.base_rows = None  # the restored matrix's base rows differ: the split copies them from it
         log_params({"init.restored_from": restored["restored_from"]})
         set_tags(
             {"wakelab.restored_from": restored["restored_from"]}

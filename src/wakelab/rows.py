@@ -31,6 +31,10 @@ class NewRowsEmbedding(nn.Module):
         self.base_weight = nn.Parameter(base_weight, requires_grad=False)
         self.new_weight = nn.Parameter(new_weight, requires_grad=True)
         self.padding_idx = padding_idx
+        #: Set when a tied head shares ``new_weight``: the lookup's gradient then comes sparse (the rows of the
+        #: block's tokens only) and adds into the head's dense one, instead of a second new-rows-sized dense tensor
+        #: per backward (345 MiB at P1). Untied, the sparse one would be the whole gradient, which AdamW refuses.
+        self.sparse_new_grad = False
 
     @property
     def num_base(self) -> int:
@@ -53,7 +57,8 @@ class NewRowsEmbedding(nn.Module):
         num_base = self.num_base
         is_new = input_ids >= num_base
         base = F.embedding(input_ids.clamp(max=num_base - 1), self.base_weight)
-        new = F.embedding((input_ids - num_base).clamp(min=0), self.new_weight).to(base.dtype)
+        new_ids = (input_ids - num_base).clamp(min=0)
+        new = F.embedding(new_ids, self.new_weight, sparse=self.sparse_new_grad).to(base.dtype)
         return torch.where(is_new.unsqueeze(-1), new, base)
 
     def extra_repr(self) -> str:
@@ -78,6 +83,47 @@ class NewRowsHead(nn.Module):
         base, new = self._weights
         logits = torch.cat([F.linear(hidden, base), F.linear(hidden, new.to(hidden.dtype))], dim=-1)
         return logits if self.bias is None else logits + self.bias
+
+
+@dataclass(frozen=True)
+class BaseRows:
+    """The base rows as the checkpoint loaded them, kept from before the vocabulary grew.
+
+    transformers maps a checkpoint's file into memory, so the loaded embedding costs no memory of its own until it is
+    read. Growing the vocabulary copies every base row into a new matrix; the ``tokens`` split then copied them once
+    more into its frozen tensor, while the file's pages stayed mapped: the base rows were held two or three times (1
+    GiB each at P1's 128,256 x 2048 float32). Kept here, the split takes the loaded rows as they are.
+    """
+
+    embedding: torch.Tensor
+    head: torch.Tensor | None = None  # an untied head's base rows; None when tied or headless
+
+    @classmethod
+    def of(cls, model: nn.Module, num_base: int) -> BaseRows | None:
+        embedding = model.get_input_embeddings().weight
+        if embedding.shape[0] < num_base:
+            return None
+        head = model.get_output_embeddings()
+        untied = head is not None and head.weight is not embedding and head.weight.shape[0] >= num_base
+        return cls(embedding.detach()[:num_base], head.weight.detach()[:num_base] if untied else None)
+
+    def equal_to(self, weight: torch.Tensor, chunk: int = 8192) -> bool:
+        """Whether ``weight``'s first rows are these, read a chunk at a time (no full-size comparison tensor)."""
+        count = self.embedding.shape[0]
+        if weight.shape[0] < count or weight.dtype != self.embedding.dtype:
+            return False
+        return all(
+            torch.equal(self.embedding[start : start + chunk], weight[start : min(start + chunk, count)].detach())
+            for start in range(0, count, chunk)
+        )
+
+
+def _frozen_base(part: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
+    """``held`` (the base rows as loaded) when it stands for ``part`` (same shape, dtype, device), else a copy."""
+    part = part.detach()
+    if held is not None and held.shape == part.shape and held.dtype == part.dtype and held.device == part.device:
+        return held
+    return part.clone()
 
 
 @dataclass(frozen=True)
@@ -265,11 +311,14 @@ def _resolve_dtype(name: str, fallback: torch.dtype) -> torch.dtype:
     return fallback if name == "auto" else getattr(torch, name)
 
 
-def setup_trainable_rows(model: nn.Module, num_base: int, strategy: str, rows_dtype: str = "auto") -> RowAccess:
+def setup_trainable_rows(
+    model: nn.Module, num_base: int, strategy: str, rows_dtype: str = "auto", base_rows: BaseRows | None = None
+) -> RowAccess:
     """Freeze what must not learn and return the accessor for the rows that do.
 
     The vocabulary is already expanded (embedding and head resized). For ``tokens`` the embedding and head are
-    replaced by the split modules; for ``mask`` only the embedding matrix keeps ``requires_grad``.
+    replaced by the split modules, whose frozen base rows are ``base_rows`` (the rows as loaded, no copy) when given,
+    else a copy of the resized matrix's; for ``mask`` only the embedding matrix keeps ``requires_grad``.
     """
     embedding = model.get_input_embeddings()
     num_total = embedding.weight.shape[0]
@@ -291,15 +340,19 @@ def setup_trainable_rows(model: nn.Module, num_base: int, strategy: str, rows_dt
     weight = embedding.weight.detach()
     dtype = _resolve_dtype(rows_dtype, weight.dtype)
     new_embedding = NewRowsEmbedding(
-        weight[:num_base].clone(), weight[num_base:].clone().to(dtype), getattr(embedding, "padding_idx", None)
+        _frozen_base(weight[:num_base], base_rows and base_rows.embedding),
+        weight[num_base:].clone().to(dtype),
+        getattr(embedding, "padding_idx", None),
     )
     model.set_input_embeddings(new_embedding)
     if head is not None:
         if tied:
             base_w, new_w = new_embedding.base_weight, new_embedding.new_weight
+            new_embedding.sparse_new_grad = True
         else:
             head_weight = head.weight.detach()
-            base_w = nn.Parameter(head_weight[:num_base].clone(), requires_grad=False)
+            base_w = _frozen_base(head_weight[:num_base], base_rows and base_rows.head)
+            base_w = nn.Parameter(base_w, requires_grad=False)
             new_w = nn.Parameter(head_weight[num_base:].clone().to(dtype), requires_grad=True)
         new_head = NewRowsHead(base_w, new_w, getattr(head, "bias", None))
         if not tied:
