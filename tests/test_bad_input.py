@@ -145,3 +145,17 @@ def test_lexicon_with_duplicates_works_and_is_reported(tiny_model, texts, tmp_pa
     assert report["duplicates"] == [words[0]]
     assert report["added"] == len(words)
     assert "1 duplicates" in result.stderr
+
+
+def test_contradictory_architecture_is_one_line_naming_the_values(tiny_model, texts, tmp_path):
+    """transformers' strict config dataclasses raise their own error type (not ValueError): still one line."""
+    arch = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5, "num_hidden_layers": 1,
+            "intermediate_size": 32}  # fmt: skip
+    values = tiny_overrides(tiny_model, texts)
+    values.pop("model.name_or_path", None)
+    args = ["run", "--no-progress", "--preset", "demo", "--set", f"model.architecture={json.dumps(arch)}"]
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(main, args)
+    assert_refused(result, "model.architecture: ", tmp_path)
+    assert "hidden size (64) is not a multiple of the number of attention heads (5)" in result.stderr

@@ -58,6 +58,15 @@ def model_source(cfg: ModelConfig, seed: int = 0) -> str:
     return str(materialize_from_config(source)) if cfg.from_config else source
 
 
+def _strict_config_errors() -> tuple[type[Exception], ...]:
+    """What recent configs raise for values that contradict each other (huggingface_hub's strict dataclasses, which
+    older versions lack): the cause names the value."""
+    from huggingface_hub import errors
+
+    base = getattr(errors, "StrictDataclassError", None)
+    return (base,) if base is not None else ()
+
+
 def materialize_architecture(architecture: dict[str, Any], tokenizer_path: str | None, seed: int) -> Path:
     """A model folder with random weights for ``architecture`` (transformers config values) and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -71,8 +80,9 @@ def materialize_architecture(architecture: dict[str, Any], tokenizer_path: str |
         values.setdefault("bos_token_id", tokenizer.bos_token_id)
     try:
         config = AutoConfig.for_model(model_type, **values)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"model.architecture: {str(exc).splitlines()[0]}") from None
+    except (ValueError, TypeError, *_strict_config_errors()) as exc:
+        reason = exc.__cause__ if isinstance(exc, _strict_config_errors()) and exc.__cause__ else exc
+        raise ConfigError(f"model.architecture: {str(reason).strip().splitlines()[0]}") from None
     blob = json.dumps(
         {"config": config.to_dict(), "tokenizer": tokenizer_path, "seed": seed}, sort_keys=True, default=str
     )
