@@ -148,3 +148,22 @@ def test_page_carries_meaning_words_and_both_projections(tmp_path, capsys):
     assert described["meaning"]["words"] == 2
     assert described["meaning"]["closer"] + described["meaning"]["away"] + described["meaning"]["unchanged"] == 2
     assert (result.output_dir / "trajectory" / "trajectory.npz").is_file()
+
+
+@pytest.mark.parametrize("neighbours", [True, False])
+def test_a_costly_table_search_is_announced_with_the_switch_that_skips_it(tmp_path, capsys, monkeypatch, neighbours):
+    from wakelab.plugins import trajectory
+
+    monkeypatch.setattr(trajectory, "TABLE_COST_SAID", 1.0)  # the tiny model's search counts as costly
+    result = run_with_plugins(["trajectory"], tmp_path, {
+        "train.max_steps": 2, "trajectory.gif": False, "trajectory.probe": False,
+        "trajectory.table_neighbours": neighbours,
+    })  # fmt: skip
+    said = [line for line in capsys.readouterr().err.splitlines() if "per-token table: the nearest base tokens" in line]
+    with open(result.output_dir / "trajectory" / "tokens.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if neighbours:
+        assert len(said) == 1 and "trajectory.table_neighbours=false leaves those two columns out" in said[0]
+        assert all(r["neighbours_end"] for r in rows)
+    else:
+        assert said == [] and not any(r["neighbours_end"] for r in rows)

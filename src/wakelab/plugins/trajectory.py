@@ -194,6 +194,20 @@ def on_run_start(run):
          + (f"; probing {len(probe.words)} words" if probe else ""))  # fmt: skip
 
 
+#: Above this many multiply-adds the table's neighbour search is announced: about a minute on 2 CPU cores.
+TABLE_COST_SAID = 2e12
+
+
+def _say_table_cost(rows) -> None:
+    """Say before a long search what it costs and how to skip it: at P1's size it is minutes of CPU at a run's end."""
+    new, base = len(rows.new_ids), rows.num_base
+    cost = 2 * new * base * rows.dim
+    if cost >= TABLE_COST_SAID:
+        _log(f"per-token table: the nearest base tokens of {new:,} new words at start and end, against {base:,} "
+             f"base rows ({cost:.1e} multiply-adds: seconds on a GPU, minutes on a CPU); "
+             "trajectory.table_neighbours=false leaves those two columns out")  # fmt: skip
+
+
 @wakelab.hookimpl
 def on_step_end(state):
     """Capture a frame on every ``trajectory.every``-th step."""
@@ -223,6 +237,8 @@ def on_run_end(run, status):
     if watch.builder.steps[-1] < step:
         _frame(watch, step)
     after = wakelab.meaning_probe(run.model, watch.probe) if watch.probe is not None else None
+    if cfg.table_neighbours:
+        _say_table_cost(run.rows)
     with wakelab.write_point(  # a full disk: one line; the folder is whole (the one before) or absent
         "trajectory", run.output_dir / "trajectory", what="the trajectory",
         intact=lambda: f"the trained rows in {run.output_dir / 'final'} and every checkpoint are intact",
