@@ -44,3 +44,17 @@ def test_resume_of_a_folder_without_sweep_file_says_why(tmp_path):
     assert result.exit_code == 2
     assert "sw/sweep.json not found; only sweeps started by this wakelab version can be resumed" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_the_sweep_file_keeps_evaluate_so_resume_evaluates_the_rest(tmp_path, evaluate):
+    from types import SimpleNamespace
+
+    from wakelab.config import build_config
+    from wakelab.sweep_resume import load_sweep, save_sweep_file
+
+    plan = SimpleNamespace(over=["init=spherical,mean"], constituents_path=None, top_k=7, evaluate=evaluate,
+                           base=build_config("demo", None, {}), root=tmp_path / "sweep")  # fmt: skip
+    save_sweep_file(plan, "parent123", "1")
+    saved = load_sweep(str(tmp_path / "sweep"))
+    assert saved.evaluate is evaluate and saved.top_k == 7 and saved.parent_run_id == "parent123"

@@ -135,7 +135,7 @@ def sweep(
         base = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
         plan = plan_sweep(base, list(over), constituents=constituents, top_k=top_k, overwrite=overwrite, log=log)
         log(f"sweep over {plan.canonical}: {len(plan.children)} children in {plan.root}")
-    plan.evaluate = evaluate
+    plan.evaluate = evaluate or (saved is not None and saved.evaluate)  # --resume keeps what the sweep was asked
     result = run_sweep(plan, overwrite=overwrite, progress=not no_progress, log=log, resume=saved)
 
     click.echo(f"sweep {result.parent_run_id} over {plan.canonical} (experiment {result.experiment_id})")

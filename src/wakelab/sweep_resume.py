@@ -28,6 +28,7 @@ def save_sweep_file(plan, parent_id: str, experiment_id: str) -> Path:
         "over": list(plan.over),
         "constituents": str(plan.constituents_path) if plan.constituents_path else None,
         "top_k": plan.top_k,
+        "evaluate": plan.evaluate,
         "base": plan.base.model_dump(mode="json"),
     }
     plan.root.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,7 @@ class SavedSweep:
     top_k: int
     parent_run_id: str
     experiment_id: str
+    evaluate: bool = False  # --evaluate: each finished child is evaluated, the resumed ones too
 
 
 def load_sweep(parent: str) -> SavedSweep:
@@ -86,6 +88,7 @@ def load_sweep(parent: str) -> SavedSweep:
         int(record.get("top_k", 10)),
         record["parent_run_id"],
         record["experiment_id"],
+        bool(record.get("evaluate", False)),
     )
 
 
