@@ -261,3 +261,17 @@ def test_init_method_through_a_run_logs_what_it_did(tiny_model, texts, method, k
     assert params["init.result.method"] == method
     assert key in params
     assert params["plugins.active"].split(",") == [method]
+
+
+def test_word_pieces_reads_the_added_tokens_once_whatever_the_number_of_words(tiny_model, monkeypatch):
+    """transformers builds ``added_tokens_decoder`` afresh on each access: once per word was quadratic, hours at
+    P1's 44,195 words (the run-start alias distance and the subword/distill inits all spell every word)."""
+    from wakelab.subwords import word_pieces
+
+    tokenizer, num_base, words, _ = expanded(tiny_model, "word")
+    reads = []
+    cls = type(tokenizer)
+    real = cls.added_tokens_decoder
+    monkeypatch.setattr(cls, "added_tokens_decoder", property(lambda self: reads.append(1) or real.fget(self)))
+    pieces = word_pieces(tokenizer, num_base, range(num_base, len(tokenizer)), words)
+    assert len(reads) == 1 and len(pieces) == len(words) >= 2 and all(pieces)

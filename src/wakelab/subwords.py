@@ -48,10 +48,16 @@ def base_encoder(tokenizer, base_tokenizer=None) -> Callable[[str], list[int]]:
     return encode
 
 
-def surface_form(tokenizer, token_id: int, word: str) -> str:
+def added_tokens(tokenizer) -> dict:
+    """The tokenizer's added tokens by id. Read it once per pass: transformers builds the whole dict on every
+    access, so asking it once per word was quadratic (hours for P1's 44,195 words)."""
+    return dict(getattr(tokenizer, "added_tokens_decoder", {}))
+
+
+def surface_form(tokenizer, token_id: int, word: str, added: dict | None = None) -> str:
     """The text the word stands for in running text: `` word`` when added with its space (or with lstrip), else
-    ``word``."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}).get(int(token_id))
+    ``word``. ``added``: :func:`added_tokens` of ``tokenizer``, when the caller asks for many words."""
+    added = (added if added is not None else added_tokens(tokenizer)).get(int(token_id))
     if added is not None and str(getattr(added, "content", "")) == " " + word:
         return " " + word
     return " " + word if getattr(added, "lstrip", False) else word
@@ -67,8 +73,9 @@ def word_pieces(tokenizer, num_base: int, new_ids, new_words: list[str], base_to
     text; an empty list when it has none that are usable. ``tokenizer`` is the expanded one."""
     encode = base_encoder(tokenizer, base_tokenizer)
     unk_id = getattr(base_tokenizer if base_tokenizer is not None else tokenizer, "unk_token_id", None)
+    added = added_tokens(tokenizer)
     return [
-        usable_ids(encode(surface_form(tokenizer, token_id, word)), num_base, unk_id)
+        usable_ids(encode(surface_form(tokenizer, token_id, word, added)), num_base, unk_id)
         for token_id, word in zip(torch.as_tensor(new_ids).tolist(), new_words, strict=True)
     ]
 
@@ -98,8 +105,9 @@ def subword_rows(ctx) -> SubwordRows:
     pieces = word_pieces(ctx.tokenizer, ctx.num_base, ctx.new_ids, ctx.new_words, ctx.base_tokenizer)
     result = SubwordRows(torch.empty(len(ctx.new_ids), weight.shape[1], dtype=torch.float32), pieces)
     result.scale = float(ctx.options.get("scale", 1.0))
+    added = added_tokens(ctx.tokenizer)
     for position, (token_id, word, ids) in enumerate(zip(ctx.new_ids.tolist(), ctx.new_words, pieces, strict=True)):
-        form = surface_form(ctx.tokenizer, token_id, word)
+        form = surface_form(ctx.tokenizer, token_id, word, added)
         result.forms.add("' word'" if form.startswith(" ") else "'word'")
         if not ids:
             result.fallback.append(position)
