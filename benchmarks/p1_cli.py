@@ -211,6 +211,18 @@ def import_baseline(env: dict[str, str]) -> float:
     return peak_kib / 1024
 
 
+def materialize(bench: Bench, overrides: dict) -> None:
+    """Build (and save) the random-weights model these overrides load, before any row, so no row's peak includes
+    building it: stored in the run's dtype, so one folder per dtype."""
+    started = time.monotonic()
+    cmd = [sys.executable, __file__, "--materialize-worker", json.dumps(overrides)]
+    rc, output, _, _ = measure(cmd, env=bench.env)
+    if rc != 0:
+        sys.stderr.write(output[-3000:])
+        raise SystemExit("building the random-weights model failed")
+    print(f"model: {output.strip().splitlines()[-1]} ({time.monotonic() - started:.0f} s, counted in no row)")
+
+
 def p1(args) -> int:
     folder = args.folder or tempfile.mkdtemp(prefix="wakelab-p1cli-")
     os.makedirs(folder, exist_ok=True)
@@ -240,13 +252,6 @@ def p1(args) -> int:
             floor = floor_bytes(arch, NUM_BASE, NUM_NEW, weight_bytes, args.loss_chunk)
         if args.no_eval:
             base["train.eval_perplexity"] = "false"
-        # The random-weights model is built (and saved) once, here, so no row's peak includes building it.
-        started = time.monotonic()
-        rc, output, _, _ = measure([sys.executable, __file__, "--materialize-worker", json.dumps(base)], env=bench.env)
-        if rc != 0:
-            sys.stderr.write(output[-3000:])
-            raise SystemExit("building the random-weights model failed")
-        print(f"model: {output.strip().splitlines()[-1]} ({time.monotonic() - started:.0f} s, counted in no row)")
         for dtype in dtypes:
             precision = {
                 "float32": {"model.dtype": "float32"},
@@ -254,6 +259,7 @@ def p1(args) -> int:
                 "nf4": {"model.load_in_4bit": "true", "model.compute_dtype": "bfloat16"},
             }[dtype]
             common = {**base, **precision}
+            materialize(bench, common)
             tag = "" if len(dtypes) == 1 else f" [{dtype}]"
             out_off, out_traj, out_rec = (os.path.join(folder, f"{n}-{dtype}") for n in ("off", "traj", "rec"))
             if wanted("run-off"):
