@@ -211,7 +211,7 @@ def import_baseline(env: dict[str, str]) -> float:
     return peak_kib / 1024
 
 
-def materialize(bench: Bench, overrides: dict) -> None:
+def materialize(bench: Bench, overrides: dict) -> str:
     """Build (and save) the random-weights model these overrides load, before any row, so no row's peak includes
     building it: stored in the run's dtype, so one folder per dtype."""
     started = time.monotonic()
@@ -220,7 +220,9 @@ def materialize(bench: Bench, overrides: dict) -> None:
     if rc != 0:
         sys.stderr.write(output[-3000:])
         raise SystemExit("building the random-weights model failed")
-    print(f"model: {output.strip().splitlines()[-1]} ({time.monotonic() - started:.0f} s, counted in no row)")
+    folder = output.strip().splitlines()[-1]
+    print(f"model: {folder} ({time.monotonic() - started:.0f} s, counted in no row)")
+    return folder
 
 
 def p1(args) -> int:
@@ -258,8 +260,15 @@ def p1(args) -> int:
                 "bf16": {"model.dtype": "bfloat16"},
                 "nf4": {"model.load_in_4bit": "true", "model.compute_dtype": "bfloat16"},
             }[dtype]
-            common = {**base, **precision}
-            materialize(bench, common)
+            if dtype == "nf4":
+                # 4-bit loads pretrained weights only: the bf16 random weights, saved, loaded from their folder as a
+                # pretrained checkpoint is (P1 quantizes Llama-3.2-1B's bf16 checkpoint the same way).
+                folder_bf16 = materialize(bench, {**base, "model.dtype": "bfloat16"})
+                common = {k: v for k, v in base.items() if k != "model.architecture"}
+                common.update(precision, **{"model.name_or_path": folder_bf16})
+            else:
+                common = {**base, **precision}
+                materialize(bench, common)
             tag = "" if len(dtypes) == 1 else f" [{dtype}]"
             out_off, out_traj, out_rec = (os.path.join(folder, f"{n}-{dtype}") for n in ("off", "traj", "rec"))
             if wanted("run-off"):

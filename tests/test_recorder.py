@@ -425,3 +425,26 @@ def test_full_disk_stops_the_run_with_one_clear_line(tiny_model, texts, tmp_path
 
 def test_recording_errors_are_wakelab_errors():
     assert issubclass(recording.RecordingError, WakelabError)
+
+
+def test_writer_depth_fits_the_buffer_and_never_drops_below_one_step():
+    from wakelab import FieldSpec
+    from wakelab.plugins.recorder import step_bytes, writer_depth
+
+    p1_new_rows = {"embeddings": FieldSpec((44_195, 2048), torch.float32)}  # 345 MiB a step
+    assert round(step_bytes(p1_new_rows) / 2**20) == 345
+    assert writer_depth(p1_new_rows, 10, 1024) == (1, 1)  # 3 steps held: the least a writer can hold
+    assert writer_depth(p1_new_rows, 10, 4096) == (9, 1)  # 11 x 345 MiB <= 4 GiB
+    small = {"embeddings": FieldSpec((8, 64), torch.bfloat16)}
+    assert writer_depth(small, 10, 1024) == (10, 4)  # the defaults when steps are small
+    for budget in (1024, 2048, 4096, 8192):
+        shard, queue = writer_depth(p1_new_rows, 10, budget)
+        assert (queue + shard + 1) * step_bytes(p1_new_rows) <= max(budget * 2**20, 3 * step_bytes(p1_new_rows))
+
+
+def test_a_small_buffer_gives_one_step_shards_and_says_so(tiny_model, texts, tmp_path):
+    result = CliRunner().invoke(main, cli_args(tiny_model, texts, **{"recorder.buffer_mb": 0.001}))
+    assert result.exit_code == 0, result.output
+    assert "1 step(s) per shard and 1 queued keep the writer within recorder.buffer_mb=0.001" in result.stderr
+    with recording.open(tmp_path / "out" / "recording") as rec:
+        assert rec.complete and rec.steps.tolist() == list(range(0, 7)) and len(rec.shards) == 7

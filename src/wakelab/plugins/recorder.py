@@ -84,7 +84,18 @@ class RecorderConfig(wakelab.PluginConfig):
     logits: Literal["last", "none"] = Field(
         "last", description="Logits kept per step: `last` (last position of the first sequence) or `none`."
     )
-    steps_per_shard: int = Field(10, ge=1, description="Recorded steps per safetensors shard.")
+    steps_per_shard: int = Field(
+        10, ge=1, description="Recorded steps per safetensors shard (fewer when `buffer_mb` holds fewer steps)."
+    )
+    buffer_mb: float = Field(
+        1024.0,
+        gt=0,
+        description=(
+            "Most memory (MiB) the writer holds for recorded steps not yet on disk: the steps of the shard being "
+            "built, the queue and the step being copied. Large steps get fewer steps per shard and a shorter "
+            "queue (at least one each): at P1's 44,195 float32 new rows a step is 345 MiB."
+        ),
+    )
     path: str | None = Field(None, description="Recording directory; None: <output_dir>/recording.")
     log_shards: Literal["auto", "always", "never"] = Field(
         "auto", description="Log the shards as MLflow artifacts: auto = when the recording is under log_shards_max_mb."
@@ -327,6 +338,26 @@ def active() -> Recorder | None:
     return _active
 
 
+#: The writer's queue when memory allows (RecordingWriter's default).
+QUEUE_SIZE = 4
+
+
+def step_bytes(specs: dict[str, FieldSpec]) -> int:
+    """Bytes of one recorded step: every field's per-step shape in its storage dtype."""
+    return sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())
+
+
+def writer_depth(specs: dict[str, FieldSpec], steps_per_shard: int, buffer_mb: float) -> tuple[int, int]:
+    """Steps per shard and queue size whose held steps (queue + shard + the one being copied) fit ``buffer_mb``.
+
+    The writer holds up to ``queue + steps_per_shard + 1`` steps; at the defaults (4 + 10 + 1) and P1's new rows in
+    float32 that was 5.2 GiB beside a 4 GiB run. At least one of each, so a step larger than the budget still
+    records (three steps held)."""
+    fit = int(buffer_mb * 2**20 // max(step_bytes(specs), 1))
+    shard = max(1, min(steps_per_shard, fit - 2))
+    return shard, max(1, min(QUEUE_SIZE, fit - shard - 1))
+
+
 def _log(message: str) -> None:
     wakelab.log(f"recorder: {message}")
 
@@ -436,12 +467,18 @@ def on_run_start(run):
     started = time.perf_counter()
     # `param`: the dtype the rows are gathered in (the holding tensor's; fp32 when fp32 base rows are mixed in).
     row_dtype = storage or (rows.values(ids).dtype if len(ids) and rec.row_fields() else rows.dtype)
+    specs = rec.specs(row_dtype)
+    steps_per_shard, queue_size = writer_depth(specs, cfg.steps_per_shard, cfg.buffer_mb)
+    if steps_per_shard < cfg.steps_per_shard:
+        _log(f"a recorded step is {step_bytes(specs) / 2**20:,.0f} MiB: {steps_per_shard} step(s) per shard and "
+             f"{queue_size} queued keep the writer within recorder.buffer_mb={cfg.buffer_mb:g}")  # fmt: skip
     rec.writer = RecordingWriter(
         path,
-        rec.specs(row_dtype),
+        specs,
         token_ids=ids.tolist(),
         meta=_meta(run, rec),
-        steps_per_shard=cfg.steps_per_shard,
+        steps_per_shard=steps_per_shard,
+        queue_size=queue_size,
         overwrite=replace,
     )
     rec.append(
