@@ -171,7 +171,7 @@ def test_an_untied_heads_new_rows_start_the_same_in_every_run(tiny_model, texts,
     heads = []
     for noise in (1, 2):
         torch.manual_seed(noise)  # whatever the process drew before the run
-        model, _, num_base = expand_for_config(config)
+        model, _, num_base, _ = expand_for_config(config)
         heads.append(model.lm_head.weight[num_base:].detach().clone())
     assert heads[0].shape[0] > 0 and heads[0].abs().sum() > 0
     assert torch.equal(heads[0], heads[1])

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pluggy
 import torch
@@ -188,19 +188,31 @@ def load_initial_rows(model, path: Path) -> None:
     log(f"new rows as init left them, from {path}")
 
 
-def expand_for_config(config: RunConfig, cwd: Path | None = None, initial_rows: Path | None = None):
+class Expanded(NamedTuple):
+    """A run's starting state: the model with the grown vocabulary, its tokenizer, the base size, and the base rows
+    as loaded (for ``rows.setup_trainable_rows``, so the ``tokens`` split does not copy them)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    num_base: int
+    base_rows: BaseRows | None
+
+
+def expand_for_config(config: RunConfig, cwd: Path | None = None, initial_rows: Path | None = None) -> Expanded:
     """The base model with the run's vocabulary expansion and init applied: the state a run starts from (the rows
     from ``initial_rows`` when given, else the init run again)."""
     prepared = prepare(config, cwd, check_seq_len=False)
     if initial_rows is not None:
-        return build_model(config, prepared, initial_rows=initial_rows), prepared.tokenizer, prepared.num_base
+        model = build_model(config, prepared, initial_rows=initial_rows)
+        return Expanded(model, prepared.tokenizer, prepared.num_base, prepared.base_rows)
 
     def corpus_ids():  # an init that learns from the corpus reads it as the run did (only then is it read)
         from .corpus_span import training_ids
 
         return training_ids(config, prepared.tokenizer)
 
-    return build_model(config, prepared, corpus_ids=corpus_ids), prepared.tokenizer, prepared.num_base
+    model = build_model(config, prepared, corpus_ids=corpus_ids)
+    return Expanded(model, prepared.tokenizer, prepared.num_base, prepared.base_rows)
 
 
 def init_new_rows(pm, config, weight, num_base, new_ids, new_words, tokenizer, **more) -> dict[str, Any]:

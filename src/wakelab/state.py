@@ -132,10 +132,12 @@ def load_trained(target: str | Path, *, initial: bool = False) -> TrainedState:
     config = validate(yaml.safe_load(config_path.read_text()), strict=False)
     source_path = Path(target) if Path(target).exists() else run_dir
     saved_initial = run_dir / INITIAL_ROWS
-    model, tokenizer, num_base = expand_for_config(
+    model, tokenizer, num_base, base_rows = expand_for_config(
         config, initial_rows=saved_initial if saved_initial.exists() else None
     )
-    rows = setup_trainable_rows(model, num_base, _reading_strategy(config, model), config.train.rows_dtype)
+    strategy = _reading_strategy(config, model)
+    rows = setup_trainable_rows(model, num_base, strategy, config.train.rows_dtype, base_rows)
+    del base_rows  # the split holds what it needs
     step = 0
     if not initial:
         path, step = rows_file(source_path)
