@@ -278,11 +278,16 @@ class RowAccess:
 
 
 def _whole(pick):
-    """``pick`` that gathers a sharded (FSDP2 DTensor) tensor whole: a collective, so every process must read it."""
+    """``pick`` that refuses a sharded (FSDP2 DTensor) tensor: only the main process reads the base rows whole."""
 
     def whole(param):
         value = pick(param)
-        return value.full_tensor() if hasattr(value, "full_tensor") else value
+        if hasattr(value, "full_tensor"):
+            raise RuntimeError(
+                "the base rows are sharded over the processes (train.distributed=fsdp): read them on the main "
+                "process (is_main_process), which holds them whole"
+            )
+        return value
 
     return whole
 

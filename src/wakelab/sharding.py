@@ -92,13 +92,17 @@ def shard(model: nn.Module, rows: RowAccess) -> RowAccess:
     keep_whole = set(rows.parameters())  # the new rows, and an untied head's new rows
     head = model.get_output_embeddings()
     keep_whole |= {p for p in (head.parameters() if head is not None else ()) if p.requires_grad}
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, NewRowsEmbedding):
+        raise ConfigError("train.distributed=fsdp needs the split embedding of train.trainable=tokens")
+    # The main process reads the frozen base rows from a private memory map (plugins: the trajectory's basis, a
+    # recorder's base rows): no collective, and no page in memory until a plugin reads it.
+    base_rows = _mapped_copy(embedding.base_weight) if _rank() == 0 else None
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=keep_whole)
-    embedding = model.get_input_embeddings()
-    assert isinstance(embedding, NewRowsEmbedding)
     segments = [
-        _Segment(0, rows.num_base, embedding.base_weight),
+        _Segment(0, rows.num_base, base_rows if base_rows is not None else embedding.base_weight),
         _Segment(rows.num_base, rows.num_total, embedding.new_weight),
     ]
     sharded = sum(p.numel() for p in model.parameters() if p not in keep_whole)
@@ -107,6 +111,27 @@ def shard(model: nn.Module, rows: RowAccess) -> RowAccess:
         f"processes ({sharded:,} base parameters, 1/{world_size()} each); the new rows stay whole on every process"
     )
     return RowAccess(rows.strategy, rows.num_base, rows.num_total, segments)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _mapped_copy(weight: torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
+    """``weight`` written to a temporary file (removed at once; the mapping keeps it) and mapped back read-only."""
+    import tempfile
+
+    weight = weight.detach()
+    fd, name = tempfile.mkstemp(prefix="wakelab-base-rows-", suffix=".bin")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for start in range(0, weight.shape[0], chunk_rows):  # a chunk at a time: never a second whole copy
+                chunk = weight[start : start + chunk_rows].contiguous().cpu()
+                handle.write(chunk.view(torch.uint8).numpy().tobytes())
+        mapped = torch.from_file(name, shared=False, size=weight.numel(), dtype=weight.dtype)
+    finally:
+        os.unlink(name)
+    return mapped.view(weight.shape)
 
 
 def hand_to_trainer(trainer) -> None:
