@@ -215,3 +215,36 @@ def test_two_nodes_on_loopback(tiny_model, texts, tmp_path, reference):
     assert run.info.status == "FINISHED"
     assert_same_losses(losses_of(run.info.run_id), reference["losses"])
     assert_same_rows(tmp_path / "out", reference["out"])
+
+
+def test_fsdp_with_a_4bit_base(tiny_model, texts, tmp_path):
+    """A 4-bit nf4 base (bitsandbytes' CPU path) sharded the same way: each rank holds half the packed weights.
+
+    The new rows are bf16 here (the 4-bit base's compute dtype): tolerance one bf16 step for them, 1e-4 relative for
+    the loss."""
+    from wakelab import engine
+    from wakelab.config import build_config
+
+    pytest.importorskip("bitsandbytes")
+    common = {"model.load_in_4bit": True, "train.max_steps": 4, "train.logging_steps": 1, "plugins": ["spherical"]}
+    single = engine.run(
+        build_config(None, None, tiny_overrides(tiny_model, texts, **common, **{"train.batch_size": 4,
+                                                                                "output_dir": "single"})),
+        progress=False,
+    )  # fmt: skip
+    values = tiny_overrides(tiny_model, texts, **common, **{"train.batch_size": 2, "train.distributed": "fsdp"})
+    write_config_file(tmp_path / "fsdp.yaml", values)
+    proc, seconds = torchrun(tmp_path, ["run", "--config", "fsdp.yaml", "--no-progress"])
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    assert "FSDP2: 2 decoder layers" in proc.stderr
+    sharded = next(r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                   if r.info.run_id != single.run_id)  # fmt: skip
+    want = losses_of(single.run_id)
+    got = losses_of(sharded.info.run_id)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got[step], want[step])
+    rows = [load_file(str(tmp_path / d / "final" / "new_rows.safetensors"))["rows"] for d in ("out", "single")]
+    assert rows[0].dtype == torch.bfloat16
+    torch.testing.assert_close(rows[0].float(), rows[1].float(), rtol=8e-3, atol=1e-3)
+    print(f"2-rank FSDP, 4-bit base: {seconds:.0f} s")

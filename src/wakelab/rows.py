@@ -72,10 +72,10 @@ class NewRowsHead(nn.Module):
     ):
         super().__init__()
         # Tied heads share the embedding's Parameters: plain attributes keep the module tree from listing them twice.
-        self._own = (base_weight, new_weight)
         # A tied head reads them from the embedding at each use: FSDP2 swaps the module's Parameters (sharded at
-        # rest, gathered in the forward), so a reference kept here would go stale.
+        # rest, gathered in the forward), so a reference kept here would go stale and keep the whole base alive.
         self._tied = (tied_to,) if tied_to is not None else ()
+        self._own = () if tied_to is not None else (base_weight, new_weight)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @property
