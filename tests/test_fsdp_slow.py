@@ -248,3 +248,26 @@ def test_fsdp_with_a_4bit_base(tiny_model, texts, tmp_path):
     assert rows[0].dtype == torch.bfloat16
     torch.testing.assert_close(rows[0].float(), rows[1].float(), rtol=8e-3, atol=1e-3)
     print(f"2-rank FSDP, 4-bit base: {seconds:.0f} s")
+
+
+RANK1_FAILS = """
+import os
+if os.environ.get("RANK") == "1":
+    raise RuntimeError("the dataset disk is not mounted on this node")
+import wakelab
+"""
+
+
+def test_fsdp_rank_failing_at_start_up_is_every_ranks_line(tiny_model, texts, tmp_path):
+    (tmp_path / "rank_plugin.py").write_text(RANK1_FAILS)
+    values = tiny_overrides(tiny_model, texts, **FSDP, plugins=[str(tmp_path / "rank_plugin.py")])
+    write_config_file(tmp_path / "fsdp.yaml", values)
+    proc, seconds = torchrun(tmp_path, ["run", "--config", "fsdp.yaml", "--no-progress"])
+    assert proc.returncode != 0
+    line = (
+        f"wakelab: error: plugin file {tmp_path / 'rank_plugin.py'} failed to import: RuntimeError: the dataset "
+        "disk is not mounted on this node"
+    )
+    assert proc.stderr.count(line) == 2, proc.stderr[-4000:]
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert seconds < 120, seconds

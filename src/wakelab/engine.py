@@ -342,6 +342,7 @@ class _Run:
             self.progress and self.rank == 0,
             self.checkpoint_info,
             fresh_schedule=self.starts_from_other_run and config.train.resume_schedule == "fresh",
+            sharded=sharded,
         )
         if sharded:
             sharding.hand_to_trainer(trainer)
@@ -511,8 +512,12 @@ def _build_trainer(
     progress,
     checkpoint_info,
     fresh_schedule=False,
+    sharded=False,
 ):
     from transformers import TrainingArguments
+
+    if sharded:
+        TrainingArguments = sharding.training_arguments()  # noqa: N806 - the same class, but for device placement
 
     from .trainer import HookBridge, WakelabTrainer
 

@@ -14,10 +14,13 @@ CPU with gloo those settings would silently train DDP; and transformers' own loa
 (``from_pretrained(distributed_config=...)``) shards before wakelab resizes the vocabulary and fills the new rows, and
 refuses checkpoints that keep the optimizer state. Resize and init come first, sharding last, here.
 
-What Trainer needs to know it reads from ``Trainer.is_distributed_loading_by_transformers``, the attribute by which
-transformers marks a model that already places and reduces its own parameters (:func:`hand_to_trainer`): Trainer
-then neither moves the model nor wraps it in DDP (whose wrap refuses DTensor parameters), broadcasts the replicated
-trainable tensors from rank 0 once and averages their gradients after each step's backward.
+What Trainer needs to know it reads from two public places: ``TrainingArguments.place_model_on_device`` (False:
+:func:`training_arguments`), so it does not move the shards, and ``Trainer.is_distributed_loading_by_transformers``,
+the attribute by which transformers marks a model that already reduces its own parameters (:func:`hand_to_trainer`),
+so it does not wrap the model in DDP (whose wrap refuses DTensor parameters), broadcasts the replicated trainable
+tensors from rank 0 once and averages their gradients after each step's backward. ``tests/test_sharding.py`` fails
+by name if transformers stops reading the latter. Tested on CPU with gloo; the CUDA path (nccl, the mesh on the GPU,
+the whole rows moved there) is the same code, not yet run on a GPU.
 
 ``mask`` is refused (config validation): its ``mask_grads`` hook needs the whole embedding gradient, which FSDP
 shards. ``full`` is refused too: every parameter would be a sharded trainable DTensor, and Trainer's checkpoint of
@@ -101,6 +104,9 @@ def shard(model: nn.Module, rows: RowAccess) -> RowAccess:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=keep_whole)
+    with torch.no_grad():  # fully_shard moved what it shards to the mesh's device; the rows it left out go too
+        for param in keep_whole:
+            param.data = param.data.to(mesh.device_type)
     segments = [
         _Segment(0, rows.num_base, base_rows if base_rows is not None else embedding.base_weight),
         _Segment(rows.num_base, rows.num_total, embedding.new_weight),
@@ -134,6 +140,19 @@ def _mapped_copy(weight: torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
     return mapped.view(weight.shape)
 
 
+def training_arguments():
+    """``TrainingArguments`` whose ``place_model_on_device`` (the property transformers leaves for integrations to
+    override) is False: FSDP2 put the shards on the device, and ``.to()`` on them raises."""
+    from transformers import TrainingArguments
+
+    class ShardedArguments(TrainingArguments):
+        @property
+        def place_model_on_device(self) -> bool:
+            return False
+
+    return ShardedArguments
+
+
 def hand_to_trainer(trainer) -> None:
-    """Tell Trainer the model places and reduces its own parameters (see the module's docstring)."""
+    """Tell Trainer the model reduces its own parameters (see the module's docstring)."""
     trainer.is_distributed_loading_by_transformers = True
