@@ -172,24 +172,42 @@ def on_step_end(state):
 """
 
 
-def test_fsdp_resume_after_sigterm_continues_the_same_run(tiny_model, texts, tmp_path, reference):
+@pytest.mark.parametrize("trainable", ["tokens", "full"])
+def test_fsdp_resume_after_sigterm_continues_the_same_run(tiny_model, texts, tmp_path, reference, trainable):
+    """``tokens``: the new rows and Adam's state whole in the checkpoint; ``full``: the sharded layers and their Adam
+    state gathered whole into it, and scattered back on resume."""
+    from wakelab import engine
+    from wakelab.config import build_config
+
+    want = reference
+    if trainable == "full":  # its own single-process reference: every weight trains
+        values = tiny_overrides(tiny_model, texts, **SINGLE, **{"train.trainable": "full", "output_dir": "single"})
+        single = engine.run(build_config(None, None, {**values, "plugins": ["spherical"]}), progress=False)
+        want = {"out": tmp_path / "single", "losses": losses_of(single.run_id)}
     (tmp_path / "stop.py").write_text(SIGTERM_RANK1_AT_3)
     values = tiny_overrides(tiny_model, texts, **FSDP, plugins=["spherical", str(tmp_path / "stop.py")])
-    write_config_file(tmp_path / "fsdp.yaml", values)
+    write_config_file(tmp_path / "fsdp.yaml", {**values, "train.trainable": trainable})
     proc, _ = torchrun(tmp_path, ["run", "--config", "fsdp.yaml", "--no-progress"])
     assert proc.returncode != 0
     assert proc.stderr.count("wakelab: stopped by SIGTERM after step 3") == 2, proc.stderr[-4000:]
-    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (run,) = [r for r in runs if r.info.status != "FINISHED"]  # the single-process reference is FINISHED
     assert run.info.status == "KILLED"
 
     (tmp_path / "resumed").write_text("")
     proc, seconds = torchrun(tmp_path, ["resume", "out", "--no-progress"])
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
-    (again,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert_same_losses(losses_of(run.info.run_id), reference["losses"])  # steps 1-3, then 4-6 after the resume
-    assert_same_rows(tmp_path / "out", reference["out"])
-    print(f"2-rank FSDP resume: {seconds:.0f} s")
+    again = mlflow.MlflowClient().get_run(run.info.run_id)
+    assert again.info.status == "FINISHED"
+    assert_same_losses(losses_of(run.info.run_id), want["losses"])  # steps 1-3, then 4-6 after the resume
+    assert_same_rows(tmp_path / "out", want["out"])
+    if trainable == "full":  # the whole model, layers included, as the single process trained it
+        folders = (tmp_path / "out", want["out"])
+        got, expected = (load_file(str(f / "checkpoint-6" / "model.safetensors")) for f in folders)
+        assert sorted(got) == sorted(expected)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+    print(f"2-rank FSDP resume ({trainable}): {seconds:.0f} s")
 
 
 def free_port() -> int:

@@ -253,8 +253,8 @@ class TrainConfig(_Section):
         "ddp",
         description=(
             "Under torchrun (several processes): `ddp`, a whole model on every process; `fsdp`, the frozen base "
-            "sharded across the processes with FSDP2 (every decoder layer, then the rest), the new rows whole on "
-            "each (`tokens` only; docs/scale.md). A single process: no effect."
+            "sharded across the processes with FSDP2 (every decoder layer, then the rest), the rows that train whole "
+            "on each (`tokens`, `full`; docs/scale.md). A single process: no effect."
         ),
     )
     eval_perplexity: bool = Field(True, description="Measure held-out perplexity before and after training.")
@@ -345,16 +345,10 @@ class RunConfig(_Section):
             problem = trained_dtype_problem(self)
             if problem:
                 raise ValueError(problem)
-        if self.train.distributed == "fsdp" and self.train.trainable != "tokens":
+        if self.train.distributed == "fsdp" and self.train.trainable == "mask":
             raise ValueError(
-                f"train.distributed=fsdp shards the frozen base, so train.trainable={self.train.trainable} is not "
-                "supported ("
-                + (
-                    "its mask_grads hook needs the whole embedding gradient, which FSDP shards"
-                    if self.train.trainable == "mask"
-                    else "every parameter would be a sharded trainable tensor"
-                )
-                + "); use train.trainable=tokens, or train.distributed=ddp"
+                "train.distributed=fsdp does not support train.trainable=mask (its mask_grads hook needs the whole "
+                "embedding gradient, which FSDP shards); use train.trainable=tokens, or train.distributed=ddp"
             )
         if self.model.load_in_4bit and self.train.trainable == "full":
             raise ValueError("train.trainable: a 4-bit base cannot be trained in full; use tokens or mask")

@@ -22,9 +22,14 @@ tensors from rank 0 once and averages their gradients after each step's backward
 by name if transformers stops reading the latter. Tested on CPU with gloo; the CUDA path (nccl, the mesh on the GPU,
 the whole rows moved there) is the same code, not yet run on a GPU.
 
+``full``: the decoder layers and the final norm are sharded *and* train (FSDP2 reduce-scatters their gradients,
+Adam's state is sharded with them); the embedding and the head stay whole, as the new rows do under ``tokens``, so
+RowAccess and the plugins read them as under DDP. A checkpoint gathers the weights (``model.safetensors``) and
+Adam's state (``optimizer.pt``, by parameter name) whole, so it loads into any number of processes, or one
+(:func:`save_whole_model`, :func:`save_whole_optimizer` and their ``load_`` pairs, called from ``WakelabTrainer``).
+
 ``mask`` is refused (config validation): its ``mask_grads`` hook needs the whole embedding gradient, which FSDP
-shards. ``full`` is refused too: every parameter would be a sharded trainable DTensor, and Trainer's checkpoint of
-such an optimizer needs FSDP's distributed-checkpoint path, which this manual sharding does not take.
+shards.
 """
 
 from __future__ import annotations
@@ -88,34 +93,38 @@ def shard(model: nn.Module, rows: RowAccess) -> RowAccess:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if rows.strategy != "tokens":
-        raise ConfigError(f"train.distributed=fsdp supports train.trainable=tokens, not {rows.strategy}")
+    if rows.strategy == "mask":  # refused by the config already; a caller that skipped it gets the same answer
+        raise ConfigError("train.distributed=fsdp does not support train.trainable=mask; use train.trainable=tokens")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device, (world_size(),))
-    keep_whole = set(rows.parameters())  # the new rows, and an untied head's new rows
+    # ``tokens``: the new rows (and an untied head's); ``full``: the whole embedding and head, which RowAccess reads.
+    keep_whole = set(rows.parameters())
     head = model.get_output_embeddings()
     keep_whole |= {p for p in (head.parameters() if head is not None else ()) if p.requires_grad}
     embedding = model.get_input_embeddings()
-    if not isinstance(embedding, NewRowsEmbedding):
-        raise ConfigError("train.distributed=fsdp needs the split embedding of train.trainable=tokens")
     # The main process reads the frozen base rows from a private memory map (plugins: the trajectory's basis, a
     # recorder's base rows): no collective, and no page in memory until a plugin reads it.
-    base_rows = _mapped_copy(embedding.base_weight) if _rank() == 0 else None
+    split = isinstance(embedding, NewRowsEmbedding)
+    base_rows = _mapped_copy(embedding.base_weight) if split and _rank() == 0 else None
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=keep_whole)
     with torch.no_grad():  # fully_shard moved what it shards to the mesh's device; the rows it left out go too
         for param in keep_whole:
             param.data = param.data.to(mesh.device_type)
+    sharded = sum(p.numel() for p in model.parameters() if p not in keep_whole)
+    log(
+        f"FSDP2: {len(decoder_layers(model))} decoder layers and the rest of the base sharded over {world_size()} "
+        f"processes ({sharded:,} parameters, 1/{world_size()} each); "
+        + ("the new rows" if split else "the embedding and the head")
+        + " stay whole on every process"
+    )
+    if not split:
+        return rows  # ``full``: the one segment is the whole embedding, left out of the sharding
     segments = [
         _Segment(0, rows.num_base, base_rows if base_rows is not None else embedding.base_weight),
         _Segment(rows.num_base, rows.num_total, embedding.new_weight),
     ]
-    sharded = sum(p.numel() for p in model.parameters() if p not in keep_whole)
-    log(
-        f"FSDP2: {len(decoder_layers(model))} decoder layers and the rest of the base sharded over {world_size()} "
-        f"processes ({sharded:,} base parameters, 1/{world_size()} each); the new rows stay whole on every process"
-    )
     return RowAccess(rows.strategy, rows.num_base, rows.num_total, segments)
 
 
@@ -151,6 +160,67 @@ def training_arguments():
             return False
 
     return ShardedArguments
+
+
+def save_whole_model(trainer, output_dir: str | None) -> None:
+    """``full``: the model's shards gathered (every process takes part), written whole by the main process."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not trainer.args.should_save:
+        return
+    out = Path(output_dir or trainer.args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(out, state_dict=state)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(out)
+
+
+def load_whole_model(trainer, checkpoint: str) -> None:
+    """``full``: a checkpoint's whole weights into the shards (every process reads the file and keeps its part)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = load_file(str(Path(checkpoint) / "model.safetensors"))
+    # A tied head is saved once, under the embedding's name: strict=False lets it follow the embedding.
+    set_model_state_dict(trainer.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _torch_optimizer(trainer):
+    optimizer = trainer.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer  # accelerate's wrapper
+    return optimizer
+
+
+def save_whole_optimizer(trainer, output_dir: str) -> None:
+    """``full``: Adam's state gathered whole (every process takes part) over the main process's own shards, which
+    Trainer has just written into ``optimizer.pt``: the file any number of processes resume from."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_optimizer_state_dict(trainer.model, _torch_optimizer(trainer), options=options)
+    if trainer.args.should_save:
+        torch.save(state, Path(output_dir) / "optimizer.pt")
+
+
+def load_whole_optimizer(trainer, checkpoint: str) -> None:
+    """``full``: ``optimizer.pt`` (whole, by parameter name) into this process's shards of Adam's state."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(Path(checkpoint) / "optimizer.pt", map_location="cpu", weights_only=True)
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(trainer.model, _torch_optimizer(trainer), state, options=options)
+    schedule = torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True)
+    trainer.lr_scheduler.load_state_dict(schedule)
 
 
 def hand_to_trainer(trainer) -> None:
