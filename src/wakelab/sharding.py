@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .logs import log, warn
+from .logs import is_main_process, log, warn
 from .rows import NewRowsEmbedding, RowAccess, _Segment
 
 
@@ -105,7 +105,7 @@ def shard(model: nn.Module, rows: RowAccess) -> RowAccess:
     # The main process reads the frozen base rows from a private memory map (plugins: the trajectory's basis, a
     # recorder's base rows): no collective, and no page in memory until a plugin reads it.
     split = isinstance(embedding, NewRowsEmbedding)
-    base_rows = _mapped_copy(embedding.base_weight) if split and _rank() == 0 else None
+    base_rows = _mapped_copy(embedding.base_weight) if split and is_main_process() else None
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=keep_whole)
@@ -126,10 +126,6 @@ def shard(model: nn.Module, rows: RowAccess) -> RowAccess:
         _Segment(rows.num_base, rows.num_total, embedding.new_weight),
     ]
     return RowAccess(rows.strategy, rows.num_base, rows.num_total, segments)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def _mapped_copy(weight: torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
