@@ -104,6 +104,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=2048, help="2048 (P1); smaller: a quick smoke test")
     parser.add_argument("--corpus-bytes", type=int, default=20_000)
+    parser.add_argument("--keep", action="store_true", help="keep the runs' folder")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/wakelab-bench"), help="WAKELAB_CACHE")
     args = parser.parse_args()
     os.environ["WAKELAB_CACHE"] = args.cache
@@ -126,7 +127,13 @@ def main() -> int:
         "plugins": f"[{probe}]", "train.eval_perplexity": "false", "tracking.system_metrics": "false",
         "tracking.log_datasets": "false", "train.logging_steps": 1,
     })  # fmt: skip
-    figures = {mode: run(args, folder, mode, overrides) for mode in ("ddp", "fsdp")}
+    try:
+        figures = {mode: run(args, folder, mode, overrides) for mode in ("ddp", "fsdp")}
+    finally:
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
 
     print(f"\n{NUM_BASE:,} + {NUM_NEW:,} rows, d={args.hidden}, {args.layers} layers, 2 ranks, seq {args.seq} x 1\n")
     print("| mode | rank | setup peak (MiB) | RSS at start (MiB) | train peak (MiB) | base held (MiB) |")
