@@ -33,6 +33,12 @@ def test_fsdp_with_mask_is_refused_naming_tokens(tiny_model, texts, tmp_path):
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
+def test_fsdp_with_gradient_accumulation_is_refused_in_one_line(tiny_model, texts, tmp_path):
+    line = one_error_line(invoke(tiny_model, texts, **{"train.distributed": "fsdp", "train.grad_accum": 2}))
+    assert "train.distributed=fsdp takes train.grad_accum=1" in line and "raise train.batch_size" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_fsdp_in_one_process_warns_once_and_trains_as_before(tiny_model, texts, tmp_path):
     fsdp = invoke(tiny_model, texts, **{"train.distributed": "fsdp", "output_dir": "fsdp"})
     assert fsdp.exit_code == 0, fsdp.output

@@ -350,6 +350,11 @@ class RunConfig(_Section):
                 "train.distributed=fsdp does not support train.trainable=mask (its mask_grads hook needs the whole "
                 "embedding gradient, which FSDP shards); use train.trainable=tokens, or train.distributed=ddp"
             )
+        if self.train.distributed == "fsdp" and self.train.grad_accum > 1:
+            raise ValueError(
+                "train.distributed=fsdp takes train.grad_accum=1 (Trainer defers FSDP's gradient reduction only for "
+                "models transformers sharded itself); raise train.batch_size or the number of processes instead"
+            )
         if self.model.load_in_4bit and self.train.trainable == "full":
             raise ValueError("train.trainable: a 4-bit base cannot be trained in full; use tokens or mask")
         return self
