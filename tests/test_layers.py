@@ -22,7 +22,8 @@ LAYERS = {
     },
     "storage": {"checkpoints", "recording"},
     "tracking": {"tracking", "datasets", "sync"},
-    "run": {"engine", "build", "trainer", "evaluation", "state", "stopping", "ranks", "merge", "logged_model"},
+    "run": {"engine", "build", "trainer", "evaluation", "state", "stopping", "ranks", "merge", "logged_model",
+            "sharding"},
     "apps": {
         "cli", "cli_config", "__main__", "analyze_cli", "recording_cli", "sweep", "sweep_cli", "ui", "analysis",
         "precision_report", "sweep_resume", "export", "export_cli", "gguf_export", "generate", "sync_cli",

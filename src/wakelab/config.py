@@ -249,6 +249,14 @@ class TrainConfig(_Section):
             "chunk x vocab fp32); None: transformers' own loss over full logits."
         ),
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description=(
+            "Under torchrun (several processes): `ddp`, a whole model on every process; `fsdp`, the frozen base "
+            "sharded across the processes with FSDP2 (every decoder layer, then the rest), the rows that train whole "
+            "on each (`tokens`, `full`; docs/scale.md). A single process: no effect."
+        ),
+    )
     eval_perplexity: bool = Field(True, description="Measure held-out perplexity before and after training.")
     eval_max_blocks: int = Field(32, ge=1, description="Held-out blocks used for perplexity.")
 
@@ -337,6 +345,16 @@ class RunConfig(_Section):
             problem = trained_dtype_problem(self)
             if problem:
                 raise ValueError(problem)
+        if self.train.distributed == "fsdp" and self.train.trainable == "mask":
+            raise ValueError(
+                "train.distributed=fsdp does not support train.trainable=mask (its mask_grads hook needs the whole "
+                "embedding gradient, which FSDP shards); use train.trainable=tokens, or train.distributed=ddp"
+            )
+        if self.train.distributed == "fsdp" and self.train.grad_accum > 1:
+            raise ValueError(
+                "train.distributed=fsdp takes train.grad_accum=1 (Trainer defers FSDP's gradient reduction only for "
+                "models transformers sharded itself); raise train.batch_size or the number of processes instead"
+            )
         if self.model.load_in_4bit and self.train.trainable == "full":
             raise ValueError("train.trainable: a 4-bit base cannot be trained in full; use tokens or mask")
         return self

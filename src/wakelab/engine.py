@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from . import build, checkpoints, logged_model, merge, ranks, stopping, tracking
+from . import build, checkpoints, logged_model, merge, ranks, sharding, stopping, tracking
 from . import data as data_mod
 from .aliasing import heldout_alias_distance
 from .config import RunConfig
@@ -328,6 +328,12 @@ class _Run:
         config, tracked, resume_from = self.config, self.tracked, self.resume_from
         if self.rank == 0:  # a resumed run's earlier finish mark no longer describes final/ until finish() writes it
             (self.output_dir / "final" / merge.FINISHED_FILE).unlink(missing_ok=True)
+        sharded = sharding.wanted(config)  # train.distributed=fsdp under torchrun: resize and init are done, shard now
+        if sharded:
+            log(sharding.describe_batch(config))
+            self.rows = sharding.shard(self.model, self.rows)
+            # A sharded forward is a collective: every process measures the held-out perplexity after, rank 0 logs it.
+            self.eval_ppl = config.train.eval_perplexity and self.corpus.heldout is not None
         self.run_ctx = run_ctx = RunContext(
             config=config,
             output_dir=self.output_dir,
@@ -357,7 +363,10 @@ class _Run:
             self.progress and self.rank == 0,
             self.checkpoint_info,
             fresh_schedule=self.starts_from_other_run and config.train.resume_schedule == "fresh",
+            sharded=sharded,
         )
+        if sharded:
+            sharding.hand_to_trainer(trainer)
         if resume_from is not None and self.resume_step >= config.train.max_steps:
             # Nothing left to train (a crash after the last checkpoint): finish the run from that checkpoint's rows.
             # Trainer would otherwise take one step past max_steps.
@@ -524,8 +533,12 @@ def _build_trainer(
     progress,
     checkpoint_info,
     fresh_schedule=False,
+    sharded=False,
 ):
     from transformers import TrainingArguments
+
+    if sharded:
+        TrainingArguments = sharding.training_arguments()  # noqa: N806 - the same class, but for device placement
 
     from .trainer import HookBridge, WakelabTrainer
 

@@ -68,11 +68,26 @@ class NewRowsEmbedding(nn.Module):
 class NewRowsHead(nn.Module):
     """The output head over base and new rows: logits = [h @ base.T, h @ new.T], no full-matrix rebuild."""
 
-    def __init__(self, base_weight: nn.Parameter, new_weight: nn.Parameter, bias: torch.Tensor | None = None):
+    def __init__(
+        self,
+        base_weight: nn.Parameter,
+        new_weight: nn.Parameter,
+        bias: torch.Tensor | None = None,
+        tied_to: NewRowsEmbedding | None = None,
+    ):
         super().__init__()
         # Tied heads share the embedding's Parameters: plain attributes keep the module tree from listing them twice.
-        self._weights = (base_weight, new_weight)
+        # A tied head reads them from the embedding at each use: FSDP2 swaps the module's Parameters (sharded at
+        # rest, gathered in the forward), so a reference kept here would go stale and keep the whole base alive.
+        self._tied = (tied_to,) if tied_to is not None else ()
+        self._own = () if tied_to is not None else (base_weight, new_weight)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tied:
+            return self._tied[0].base_weight, self._tied[0].new_weight
+        return self._own
 
     @property
     def weight(self) -> torch.Tensor:
@@ -212,6 +227,7 @@ class RowAccess:
 
     def _gather(self, ids: range | torch.Tensor | None, pick, share: bool = False) -> torch.Tensor:
         ids = range(self.num_total) if ids is None else ids
+        pick = _whole(pick)
         if not isinstance(ids, range):
             ids = torch.as_tensor(ids, dtype=torch.long).cpu()
         run = self._run_of(ids) if share else None
@@ -307,6 +323,21 @@ class RowAccess:
                     seg.param[target.to(seg.param.device)] = rows[inside].to(seg.param.device, seg.param.dtype)
 
 
+def _whole(pick):
+    """``pick`` that refuses a sharded (FSDP2 DTensor) tensor: only the main process reads the base rows whole."""
+
+    def whole(param):
+        value = pick(param)
+        if hasattr(value, "full_tensor"):
+            raise RuntimeError(
+                "the base rows are sharded over the processes (train.distributed=fsdp): read them on the main "
+                "process (is_main_process), which holds them whole"
+            )
+        return value
+
+    return whole
+
+
 def _resolve_dtype(name: str, fallback: torch.dtype) -> torch.dtype:
     return fallback if name == "auto" else getattr(torch, name)
 
@@ -346,6 +377,7 @@ def setup_trainable_rows(
     )
     model.set_input_embeddings(new_embedding)
     if head is not None:
+        tied_to = new_embedding if tied else None
         if tied:
             base_w, new_w = new_embedding.base_weight, new_embedding.new_weight
             new_embedding.sparse_new_grad = True
@@ -354,7 +386,7 @@ def setup_trainable_rows(
             base_w = _frozen_base(head_weight[:num_base], base_rows and base_rows.head)
             base_w = nn.Parameter(base_w, requires_grad=False)
             new_w = nn.Parameter(head_weight[num_base:].clone().to(dtype), requires_grad=True)
-        new_head = NewRowsHead(base_w, new_w, getattr(head, "bias", None))
+        new_head = NewRowsHead(base_w, new_w, getattr(head, "bias", None), tied_to)
         if not tied:
             new_head.register_parameter("new_weight", new_w)
         model.set_output_embeddings(new_head)

@@ -42,6 +42,9 @@ PRIVATE_TRAINER_API: dict[str, tuple[str, ...]] = {
     "_save_checkpoint": ("model", "trial"),
     "_get_output_dir": ("trial",),
     "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    # train.distributed=fsdp with train.trainable=full: Adam's state gathered whole into optimizer.pt, and back.
+    "_save_optimizer_and_scheduler": ("output_dir",),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
 }
 #: The model attribute transformers' quantization check reads to accept a quantized base that carries an adapter.
 PEFT_LOADED_FLAG = "_hf_peft_config_loaded"
@@ -215,6 +218,10 @@ class WakelabTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The trained rows (and the tokenizer), unless the whole model trains: then Trainer's own save."""
         if self.rows.strategy == "full":
+            if self._sharded_full():  # train.distributed=fsdp: the shards gathered first
+                from .sharding import save_whole_model
+
+                return save_whole_model(self, output_dir)
             return super().save_model(output_dir, _internal_call)
         if not self.args.should_save:
             return  # several processes: the rows are the same on every rank; rank 0 writes them
@@ -234,12 +241,34 @@ class WakelabTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
 
+    def _sharded_full(self) -> bool:
+        """train.distributed=fsdp with train.trainable=full: sharded trainable weights and Adam state."""
+        return self.rows.strategy == "full" and self.is_distributed_loading_by_transformers
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._sharded_full():
+            from .sharding import save_whole_optimizer
+
+            save_whole_optimizer(self, output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._sharded_full():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from .sharding import load_whole_optimizer
+
+        load_whole_optimizer(self, checkpoint)
+
     def load_checkpoint(self, checkpoint: str | Path) -> None:
         """A checkpoint's trained rows (or, under ``full``, its weights) into the model, without training."""
         self._load_from_checkpoint(str(checkpoint))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = Path(resume_from_checkpoint) / ROWS_FILE
+        if self._sharded_full():
+            from .sharding import load_whole_model
+
+            return load_whole_model(self, resume_from_checkpoint)
         if self.rows.strategy == "full" or not path.exists():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
