@@ -58,3 +58,21 @@ def test_the_sweep_file_keeps_evaluate_so_resume_evaluates_the_rest(tmp_path, ev
     save_sweep_file(plan, "parent123", "1")
     saved = load_sweep(str(tmp_path / "sweep"))
     assert saved.evaluate is evaluate and saved.top_k == 7 and saved.parent_run_id == "parent123"
+
+
+def test_stacked_rows_read_as_the_concatenated_matrix_would():
+    import torch
+
+    from wakelab.analysis.embeddings import nearest_neighbours
+    from wakelab.sweep import StackedRows
+
+    generator = torch.Generator().manual_seed(0)
+    base, new = torch.randn(40, 8, generator=generator).bfloat16(), torch.randn(9, 8, generator=generator)
+    whole = torch.cat([base.float(), new])
+    stacked = StackedRows(base, new)
+    assert stacked.shape == tuple(whole.shape)
+    for part in (slice(0, 40), slice(40, 49), slice(35, 45), slice(0, 49), slice(44, None)):
+        assert torch.equal(stacked[part], whole[part]), part
+    ids = torch.tensor([3, 41, 0, 48, 39, 40])
+    assert torch.equal(stacked[ids], whole[ids])
+    assert nearest_neighbours(stacked, [41, 47], range(40), k=5) == nearest_neighbours(whole, [41, 47], range(40), k=5)
