@@ -33,7 +33,8 @@ test-slow: setup
 docs: setup
 	$(BIN)/wakelab config-keys --markdown > docs/configuration.md
 	$(BIN)/wakelab plugins --contexts-markdown > docs/hooks.md
-	$(BIN)/python -c 'from wakelab.cli import help_markdown; print(help_markdown(), end="")' > docs/cli.md
+	$(BIN)/python tests/test_layers.py --write
+	$(BIN)/python -c 'from wakelab.cli.main import help_markdown; print(help_markdown(), end="")' > docs/cli.md
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts

@@ -1,13 +1,13 @@
 """Streaming dynamics analysis of a Wordybird-size recording vs loading it whole. Prints figures; asserts nothing.
 
-Builds a synthetic recording with ``wakelab.recording.RecordingWriter``: 101 steps (0..100) x 50,257 rows x 64, bf16,
-fields embeddings, grads, exp_avg, exp_avg_sq, logits [50257], loss, lr (~2.6 GB), 10 steps a shard, plus a
+Builds a synthetic recording with ``wakelab.storage.recording.RecordingWriter``: 101 steps (0..100) x 50,257 rows x 64,
+bf16, fields embeddings, grads, exp_avg, exp_avg_sq, logits [50257], loss, lr (~2.6 GB), 10 steps a shard, plus a
 ``masks.safetensors`` (the first 30,000 rows trained). The values follow AdamW (float32 master weights stored as
 bf16, cosine lr from 1e-3), so rows freeze, hop the bf16 lattice and have updates rounded away as in a real run.
 
 Then, each in a fresh subprocess, wall time and peak RSS (``VmHWM``) of
 
-  (a) ``wakelab.analysis.recording_dynamics.analyse_recording`` (displacement first->last, freeze verdict, freeze
+  (a) ``wakelab.analysis.dynamics.from_recording.analyse_recording`` (displacement first->last, freeze verdict, freeze
       onset, bf16 lattice hops, centroid track; one streaming pass), then writing its tables and plots locally
       (``dynamics_outputs``, no MLflow) — the target is under 2 GB of RSS;
   (b) the notebook's way: ``safetensors.torch.load_file`` on every shard, then ``torch.cat`` per field;
@@ -42,7 +42,7 @@ def build(path: Path, steps: int, rows: int, dim: int, steps_per_shard: int) -> 
     import torch
     from safetensors.torch import save_file
 
-    from wakelab.recording import FieldSpec, RecordingWriter
+    from wakelab.storage.recording import FieldSpec, RecordingWriter
 
     bf16 = torch.bfloat16
     fields = {
@@ -117,10 +117,10 @@ def child(kind: str, path: Path, out: Path) -> None:
     import torch  # noqa: F401 - both sides pay for it
     from safetensors.torch import load_file
 
-    from wakelab.analysis.recording_dynamics import analyse_recording
+    from wakelab.analysis.dynamics.from_recording import analyse_recording
     from wakelab.analysis.report import dynamics_lines, dynamics_outputs
     from wakelab.analysis.sink import AnalysisSink
-    from wakelab.recording import open as open_recording
+    from wakelab.storage.recording import open as open_recording
 
     result: dict = {"kind": kind, "rss_after_imports_mib": _peak_rss_mib()}
     started = time.perf_counter()

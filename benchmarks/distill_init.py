@@ -41,8 +41,8 @@ def one(shape: dict, words: int, snippets: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from wakelab import registry
-    from wakelab.context import InitContext
+    from wakelab.hooks import registry
+    from wakelab.hooks.context import InitContext
     from wakelab.plugins.distill import DistillConfig
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 Both sides train the same tiny Llama (hidden 128, 4 layers, tied), the same expanded tokenizer, corpus blocks and
 ``TrainingArguments``, in one process; the difference is the Trainer:
 
-- **wakelab**: a real ``wakelab.engine.run(config)`` (MLflow run in a temporary SQLite store, ``train.trainable=
+- **wakelab**: a real ``wakelab.run.engine.run(config)`` (MLflow run in a temporary SQLite store, ``train.trainable=
   tokens``, progress bar on), whose ``WakelabTrainer`` + ``HookBridge`` come from the engine's own
   ``_build_trainer``. The only plugin active is the one a default run activates, ``spherical`` for the init; it
   has no training-time hook, so every training hook call finds no plugin (all plugins idle).
@@ -120,10 +120,10 @@ def one_pair(first: str, base_overrides: dict, run_index: int, progress: bool, c
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from wakelab import config as config_mod
-    from wakelab import data as data_mod
-    from wakelab import engine
     from wakelab import model as model_mod
+    from wakelab.data import corpus as data_mod
     from wakelab.rows import setup_trainable_rows
+    from wakelab.run import engine
 
     gc_log: list[tuple[str, float]] = []
     gc_start: dict[int, float] = {}

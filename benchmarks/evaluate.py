@@ -60,7 +60,7 @@ def p1_scoring(args) -> dict:
     """One way of scoring (``--way chunked|direct``) in this process: peak RSS above the loaded model, seconds."""
     import torch
 
-    from wakelab.analysis.token_classes import class_split, score_positions
+    from wakelab.analysis.evaluate.token_classes import class_split, score_positions
 
     model = _p1_model(args.hidden, args.layers)
     ids, _ = random_blocks(args.blocks, args.seq_len, 0.10)
@@ -87,7 +87,7 @@ def p1_sampling(args) -> dict:
     """Seconds per generated token with the KV cache and with the whole sequence recomputed each token."""
     import torch
 
-    from wakelab.analysis.sampling import Sampling, sample
+    from wakelab.analysis.evaluate.sampling import Sampling, sample
 
     model = _p1_model(args.hidden, args.layers)
     prompt = torch.randint(0, NUM_BASE, (args.prompt_len,), generator=torch.Generator().manual_seed(3)).tolist()

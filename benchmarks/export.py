@@ -1,6 +1,6 @@
 """What taking a run out costs: wall time and size of `export --format hf`, `--format peft` and the logged delta.
 
-Two shapes, each a real `wakelab.engine.run` of one training step on a model built from a config (random weights,
+Two shapes, each a real `wakelab.run.engine.run` of one training step on a model built from a config (random weights,
 nothing downloaded), then the three ways out, timed side by side in this one process:
 
 - demo-like: SmolLM2-135M's shape (49,152 base tokens, d = 576, 30 layers, tied) + 223 new words (the demo's count);
@@ -8,9 +8,9 @@ nothing downloaded), then the three ways out, timed side by side in this one pro
 
 The base tokenizer is a byte-level one with the base's exact size (built offline); the lexicon is coined words.
 
-- hf: `wakelab.export.export(run, DIR, "hf")`: load base, check, resize, write rows, `save_pretrained`;
+- hf: `wakelab.export.formats.export(run, DIR, "hf")`: load base, check, resize, write rows, `save_pretrained`;
 - peft: the same with `"peft"`: a TrainableTokens adapter (deltas only) + tokenizer;
-- delta: `wakelab.logged_model.log_delta_model` (what every finished run logs): rows + tokenizer + base record.
+- delta: `wakelab.run.logged_model.log_delta_model` (what every finished run logs): rows + tokenizer + base record.
 
 Printed per shape: seconds and MiB of each, the ratios to hf (size and time), and each size over the raw bytes of
 the new rows (num_new x d x 4). Targets: the delta holds nothing of the base (<= 1.1x the raw rows); the adapter
@@ -80,11 +80,11 @@ def coined(count: int) -> list[str]:
 
 
 def bench(name: str, shape: dict, root: Path) -> dict:
-    from wakelab import engine
     from wakelab.config import build_config
-    from wakelab.export import export, find_source
-    from wakelab.logged_model import log_delta_model
-    from wakelab.merge import BASE_INFO_FILE
+    from wakelab.export.formats import export, find_source
+    from wakelab.run import engine
+    from wakelab.run.logged_model import log_delta_model
+    from wakelab.run.merge import BASE_INFO_FILE
 
     work = root / name
     work.mkdir()
@@ -121,8 +121,8 @@ def bench(name: str, shape: dict, root: Path) -> dict:
         figures[f"{fmt}_s"] = time.perf_counter() - t0
         figures[f"{fmt}_mib"] = folder_mib(work / fmt)
     source = find_source(str(result.output_dir))
-    from wakelab.export import expanded_tokenizer
-    from wakelab.merge import base_source
+    from wakelab.export.formats import expanded_tokenizer
+    from wakelab.run.merge import base_source
 
     tokenizer = expanded_tokenizer(source, base_source(source.config))
     t0 = time.perf_counter()

@@ -67,7 +67,7 @@ def worker(variant: str, args, scratch: str) -> dict:
     from transformers.trainer_callback import PrinterCallback
 
     from wakelab.config import TrainConfig
-    from wakelab.data import collate
+    from wakelab.data.corpus import collate
 
     config = LlamaConfig(
         vocab_size=NUM_BASE + NUM_NEW,
@@ -126,9 +126,9 @@ def worker(variant: str, args, scratch: str) -> dict:
         )
         trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[timer])
     else:
-        from wakelab.registry import build_manager
+        from wakelab.hooks.registry import build_manager
         from wakelab.rows import setup_trainable_rows
-        from wakelab.trainer import WakelabTrainer
+        from wakelab.run.trainer import WakelabTrainer
 
         strategy = "mask" if variant == "mask" else "tokens"
         rows = setup_trainable_rows(model, num_base=NUM_BASE, strategy=strategy)

@@ -80,7 +80,7 @@ def p1_worker(variant: str, precision: str, args) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from wakelab.data import collate
+    from wakelab.data.corpus import collate
 
     s = sizes(args.tiny)
     cuda = torch.cuda.is_available() and not args.tiny
@@ -140,9 +140,9 @@ def p1_worker(variant: str, precision: str, args) -> dict:
     else:
         from p1_shape import quiet_bridge
 
-        from wakelab.registry import build_manager
+        from wakelab.hooks.registry import build_manager
         from wakelab.rows import setup_trainable_rows
-        from wakelab.trainer import WakelabTrainer
+        from wakelab.run.trainer import WakelabTrainer
 
         rows = setup_trainable_rows(model, num_base=s["base"], strategy=variant)
         bridge = quiet_bridge(lambda: trainer, targs.output_dir)

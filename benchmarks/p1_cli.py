@@ -131,7 +131,7 @@ def p1_tokenizer(num_base: int) -> str:
     """The offline BPE trained toward ``num_base`` tokens (the standard library's text gives about 66,500) and padded
     with never-produced reserved tokens up to exactly ``num_base``, as Llama-3's vocabulary reserves some: a
     ``num_base``-token tokenizer, so the base has ``num_base`` rows. Built once under the cache."""
-    from wakelab import bpe
+    from wakelab.data import bpe
     from wakelab.paths import cache_root
 
     trained = bpe.build_offline_bpe(num_base)
@@ -204,7 +204,7 @@ def print_table(bench: Bench, reference: float | None, floor: dict[str, int] | N
 def import_baseline(env: dict[str, str]) -> float:
     """Peak RSS (MiB) of a process that imports the training path's libraries and does nothing else: what no
     configuration of a run can take away, so the floor's tensors are compared with what the run adds to it."""
-    code = "import torch, transformers, mlflow, wakelab.engine, wakelab.trainer, wakelab.cli"
+    code = "import torch, transformers, mlflow, wakelab.engine, wakelab.run.trainer, wakelab.cli.main"
     rc, output, peak_kib, _ = measure([sys.executable, "-c", code], env=env)
     if rc != 0:
         raise SystemExit(f"the import baseline failed: {output[-2000:]}")

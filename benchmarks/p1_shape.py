@@ -35,7 +35,7 @@ def random_blocks(count: int, seq_len: int, new_share: float, seed: int = 1):
     import numpy as np
     import torch
 
-    from wakelab.data import BlockDataset
+    from wakelab.data.corpus import BlockDataset
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, NUM_BASE, (count, seq_len), generator=gen)
@@ -46,7 +46,7 @@ def random_blocks(count: int, seq_len: int, new_share: float, seed: int = 1):
 
 def quiet_bridge(trainer_ref, output_dir: str):
     """The engine's ``HookBridge`` with nothing logged: the hooks run as in ``wakelab run``, without MLflow."""
-    from wakelab.trainer import HookBridge
+    from wakelab.run.trainer import HookBridge
 
     return HookBridge(
         trainer_ref=trainer_ref,
@@ -89,7 +89,7 @@ def wide_inputs(folder: str, count: int = NUM_NEW, corpus_bytes: int | None = No
     import os
     import random
 
-    from wakelab.demo import ensure_demo_texts
+    from wakelab.data.demo import ensure_demo_texts
 
     words = coined_words(count)
     lexicon = os.path.join(folder, "lexicon.txt")

@@ -75,13 +75,13 @@ def train_once(workdir: Path, *, steps: int, batch: int, record: bool, samples_a
     """Train ``steps`` steps; return per-step end times, the recorder's stats and memory samples."""
     from transformers import TrainerCallback, TrainingArguments
 
-    from wakelab import registry
     from wakelab.config import build_config
-    from wakelab.context import RunContext
-    from wakelab.data import collate
+    from wakelab.data.corpus import collate
+    from wakelab.hooks import registry
+    from wakelab.hooks.context import RunContext
     from wakelab.plugins import recorder as recorder_plugin
     from wakelab.rows import setup_trainable_rows
-    from wakelab.trainer import HookBridge, WakelabTrainer
+    from wakelab.run.trainer import HookBridge, WakelabTrainer
 
     rec_path = workdir / f"rec-{time.monotonic_ns()}"
     config = build_config(
@@ -228,7 +228,7 @@ def rss_run(workdir: Path, steps: int, batch: int, record: bool = True) -> dict:
 
 
 def writer_throughput(workdir: Path, steps: int) -> dict:
-    from wakelab.recording import FieldSpec, RecordingWriter
+    from wakelab.storage.recording import FieldSpec, RecordingWriter
 
     bf = torch.bfloat16
     fields = {name: FieldSpec((VOCAB, N_EMBD), bf) for name in ("embeddings", "grads", "exp_avg", "exp_avg_sq")}
@@ -257,8 +257,8 @@ def simulated_step_share(workdir: Path, steps: int, step_s: float, lend: bool) -
     copies every field itself, as it once did.
     """
     from wakelab.plugins.recorder import RECORDABLE_FIELDS, Recorder
-    from wakelab.recording import RecordingWriter
     from wakelab.rows import RowAccess, _Segment
+    from wakelab.storage.recording import RecordingWriter
 
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(VOCAB, N_EMBD).to(torch.bfloat16))

@@ -54,10 +54,10 @@ def worker(strategy: str, args, scratch: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from wakelab.data import collate
-    from wakelab.registry import build_manager
+    from wakelab.data.corpus import collate
+    from wakelab.hooks.registry import build_manager
     from wakelab.rows import setup_trainable_rows
-    from wakelab.trainer import WakelabTrainer
+    from wakelab.run.trainer import WakelabTrainer
 
     rss_start = proc_status_kib("VmRSS")
     config = LlamaConfig(

@@ -48,8 +48,8 @@ def demo_shaped_model():
 def live_cost(rounds: int) -> dict[str, float]:
     import mlflow
 
-    from wakelab.analysis.trajectory_frames import frame_image
-    from wakelab.analysis.watch import log_frame, start_watch
+    from wakelab.analysis.trajectory.stills import frame_image
+    from wakelab.analysis.trajectory.watch import log_frame, start_watch
 
     model = demo_shaped_model()
     weight = model.get_input_embeddings().weight
@@ -101,9 +101,9 @@ def live_cost(rounds: int) -> dict[str, float]:
 
 
 def page(tokens: int = 1000, frames: int = 100) -> dict[str, float]:
-    from wakelab.analysis.projection import Projection
-    from wakelab.analysis.trajectory import Trajectory, View, label_order
-    from wakelab.analysis.trajectory_page import write_html
+    from wakelab.analysis.trajectory.frames import Trajectory, View, label_order
+    from wakelab.analysis.trajectory.page import write_html
+    from wakelab.analysis.trajectory.projection import Projection
 
     rng = np.random.default_rng(0)
     xy = np.cumsum(rng.normal(size=(frames, tokens, 2)).astype(np.float32) * 0.05, axis=0)
@@ -132,9 +132,9 @@ def scale(frames: int = 5, base: int = 128256, new: int = 44195, dim: int = 576)
     """P1's row counts (128,256 base + 44,195 new rows; hidden 576 to fit a shared machine): 40 tracked words with
     meaning words, the other 44,155 as density. Times the setup (both projections fitted, the focus one through a
     chunked top-k), one frame, and the page's size: only the tracked set is drawn, so it stays small."""
-    from wakelab.analysis.meaning import Meanings
-    from wakelab.analysis.trajectory import TrajectoryBuilder
-    from wakelab.analysis.trajectory_page import write_html
+    from wakelab.analysis.trajectory.frames import TrajectoryBuilder
+    from wakelab.analysis.trajectory.meaning import Meanings
+    from wakelab.analysis.trajectory.page import write_html
 
     gen = torch.Generator().manual_seed(0)
     base_rows = torch.randn(base, dim, generator=gen)

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from wakelab.demo_text import read_constituents, write_demo_texts
+from wakelab.data.demo_texts import read_constituents, write_demo_texts
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"

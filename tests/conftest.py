@@ -69,8 +69,8 @@ def run_store(root: Path, empty_db: Path, specs: dict[str, dict]) -> dict:
 
     import mlflow
 
-    from wakelab import engine
     from wakelab.config import build_config
+    from wakelab.run import engine
 
     shutil.copy(empty_db, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"

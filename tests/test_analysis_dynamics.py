@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from wakelab.analysis.dynamics import (
+from wakelab.analysis.dynamics.steps import (
     adam_update,
     bf16_ulp,
     centroid_track,

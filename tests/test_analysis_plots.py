@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from wakelab.analysis import plots  # noqa: E402
-from wakelab.analysis.dynamics import centroid_track, freeze_onset  # noqa: E402
+from wakelab.analysis.dynamics.steps import centroid_track, freeze_onset  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from conftest import run_store, tiny_overrides
 from safetensors.torch import save_file
 
-from wakelab import recording
-from wakelab.analysis.recording_dynamics import analyse_recording
+from wakelab.analysis.dynamics.from_recording import analyse_recording
 from wakelab.analysis.report import AnalyzeOptions, compare_runs
-from wakelab.cli import main
+from wakelab.cli.main import main
+from wakelab.storage import recording
 
 STEPS = 4
 STATIC_FILES = {"norms.json", "norms.csv", "norm_histogram.png", "isotropy.json", "isotropy.csv", "isotropy.png",
@@ -303,7 +303,7 @@ def test_masks_split_trained_from_untrained_rows(store, tmp_path):
 
 def test_dynamics_functions_accept_zero_rows():
     """A mask that selects no rows (e.g. no untrained token among the tracked ones) is not an error."""
-    from wakelab.analysis.dynamics import displacement, freeze_onset, lattice_hops
+    from wakelab.analysis.dynamics.steps import displacement, freeze_onset, lattice_hops
 
     empty = torch.zeros(0, 4, dtype=torch.bfloat16)
     assert displacement(empty, empty).shape == (0,)

@@ -8,7 +8,7 @@ import mlflow
 from click.testing import CliRunner
 from conftest import tiny_overrides
 
-from wakelab.cli import main
+from wakelab.cli.main import main
 
 
 def invoke(tiny_model, texts, *extra_args, **overrides):

@@ -10,11 +10,11 @@ from conftest import TINY_HIDDEN, raising_plugin, tiny_overrides
 from optional import require
 from safetensors.torch import load_file, save_file
 
-from wakelab import engine
-from wakelab.checkpoints import CheckpointError, list_checkpoints, verify
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config
 from wakelab.errors import ConfigError
+from wakelab.run import engine
+from wakelab.storage.checkpoints import CheckpointError, list_checkpoints, verify
 
 
 def run(tiny_model, texts, resume_from=None, **extra):
@@ -259,7 +259,7 @@ def test_phase_restore_refuses_wrong_shape_and_pickles(tiny_model, texts, tmp_pa
 
 
 def test_load_trained_gives_back_the_final_rows(tiny_model, texts):
-    from wakelab.state import load_trained
+    from wakelab.run.state import load_trained
 
     result = run(tiny_model, texts, **{"train.max_steps": 4})
     final = load_file(result.output_dir / "final" / "new_rows.safetensors")
@@ -293,13 +293,13 @@ def test_resume_from_the_last_checkpoint_trains_nothing_more(tiny_model, texts, 
 PUBLISH = """
 import sys
 from pathlib import Path
-from wakelab.checkpoints import publish_dir
+from wakelab.storage.checkpoints import publish_dir
 publish_dir(Path(sys.argv[1]), Path(sys.argv[2]))
 """
 
 
 def checkpoint_folder(path, step: int, payload: bytes):
-    from wakelab.checkpoints import write_manifest
+    from wakelab.storage.checkpoints import write_manifest
 
     path.mkdir(parents=True)
     (path / "trained_rows.safetensors").write_bytes(payload)
@@ -313,7 +313,7 @@ def test_kill_between_publish_renames_puts_the_old_folder_back(tmp_path):
     import subprocess
     import sys
 
-    from wakelab.checkpoints import rotate
+    from wakelab.storage.checkpoints import rotate
 
     run_dir = tmp_path / "run"
     for step in (2, 3):
@@ -336,7 +336,7 @@ def test_kill_between_publish_renames_puts_the_old_folder_back(tmp_path):
 def test_recover_interrupted_finishes_deletions_and_spares_live_writers(tmp_path):
     import os
 
-    from wakelab.checkpoints import latest_checkpoint, recover_interrupted
+    from wakelab.storage.checkpoints import latest_checkpoint, recover_interrupted
 
     run_dir = tmp_path / "run"
     checkpoint_folder(run_dir / "checkpoint-6", 6, b"six")

@@ -113,7 +113,7 @@ def test_reference_documents_what_configs_really_use():
     documented = _documented_defaults(text)
     assert "demo" in preset_names()
     # Every key a packaged preset sets (the presets are written by hand) is documented.
-    for preset in files("wakelab").joinpath("presets").iterdir():
+    for preset in files("wakelab.config").joinpath("presets").iterdir():
         if not preset.name.endswith(".yaml"):
             continue
         for key, value in yaml.safe_load(preset.read_text()).items():

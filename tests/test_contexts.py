@@ -1,8 +1,8 @@
 """The hook contexts: documented once (on the dataclasses), the guide generated from them, and the main-process answer.
 
-``docs/hooks.md`` is generated from ``wakelab.context`` and ``wakelab.hookspecs``; the test here fails when it is out
-of date (``make docs``). Every context says whether this process is the one that writes (``is_main_process``), so no
-plugin reads ``RANK`` itself.
+``docs/hooks.md`` is generated from ``wakelab.hooks.context`` and ``wakelab.hooks.specs``; the test here fails when it
+is out of date (``make docs``). Every context says whether this process is the one that writes (``is_main_process``), so
+no plugin reads ``RANK`` itself.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from conftest import loaded_plugin, tiny_overrides
 
 import wakelab
-from wakelab import engine
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config
-from wakelab.context import CONTEXTS, StepState
-from wakelab.hookdocs import hook_names, reference_markdown
+from wakelab.hooks.context import CONTEXTS, StepState
+from wakelab.hooks.docs import hook_names, reference_markdown
+from wakelab.run import engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_every_context_field_is_documented_and_in_the_reference():
 def test_hookspecs_refer_to_the_contexts_instead_of_listing_fields():
     import inspect
 
-    from wakelab import hookspecs
+    from wakelab.hooks import specs as hookspecs
 
     for name in hook_names():
         function = getattr(hookspecs, name)

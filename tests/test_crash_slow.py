@@ -16,14 +16,14 @@ pytestmark = pytest.mark.slow
 
 # One driver process imports wakelab once and forks a child per run: the driver itself runs no torch op, so forking
 # is safe, and each run costs a fork instead of a fresh interpreter. A killed child stops at a named crash point
-# (wakelab.crashpoint): it leaves a marker saying where it is and waits; the driver kills it there with SIGKILL.
+# (wakelab.storage.crashpoint): it leaves a marker saying where it is and waits; the driver kills it there with SIGKILL.
 DRIVER = textwrap.dedent('''
     import json, os, shutil, signal, sys, time
     from pathlib import Path
-    from wakelab import engine
-    from wakelab.checkpoints import latest_checkpoint, list_checkpoints, verify
+    from wakelab.run import engine
+    from wakelab.storage.checkpoints import latest_checkpoint, list_checkpoints, verify
     from wakelab.config import build_config
-    from wakelab.crashpoint import ENV_AT, ENV_MARKER
+    from wakelab.storage.crashpoint import ENV_AT, ENV_MARKER
 
     overrides, plan, template_db = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 
@@ -111,8 +111,8 @@ DRIVER = textwrap.dedent('''
     print(json.dumps(report))
 ''')
 
-# Where a checkpoint can die (wakelab.crashpoint): mid-write (rows on disk, optimizer not yet), every file but the
-# manifest, complete but staged, published but not yet rotated, and an old checkpoint renamed aside for deletion.
+# Where a checkpoint can die (wakelab.storage.crashpoint): mid-write (rows on disk, optimizer not yet), every file but
+# the manifest, complete but staged, published but not yet rotated, and an old checkpoint renamed aside for deletion.
 POINTS = ["rows-written", "manifest-tmp", "staged", "published", "remove-aside"]
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from wakelab import data
 from wakelab.config import DataConfig
+from wakelab.data import corpus as data
 from wakelab.errors import DataError
 from wakelab.vocab import corpus_stats, expand_vocabulary, read_lexicon
 

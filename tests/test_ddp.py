@@ -52,7 +52,7 @@ def on_run_end(run, status):
 def test_torchrun_two_processes_one_run_same_rows(tiny_model, texts, tmp_path):
     from safetensors.torch import load_file
 
-    from wakelab.checkpoints import MANIFEST, verify
+    from wakelab.storage.checkpoints import MANIFEST, verify
 
     plugin = tmp_path / "rows_dump.py"
     plugin.write_text(ROWS_PLUGIN)

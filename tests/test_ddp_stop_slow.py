@@ -34,7 +34,7 @@ def test_preflight_failure_on_rank_1_only_is_every_ranks_error(tiny_model, texts
         "disk is not mounted on this node"
     )
     assert proc.stderr.count(line) == 2, proc.stderr[-4000:]  # rank 1's own error, and rank 0 with the same line
-    assert "wakelab/engine.py" not in proc.stderr  # no worker traceback (torchrun's own summary has one)
+    assert "wakelab/run/engine.py" not in proc.stderr  # no worker traceback (torchrun's own summary has one)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []  # no run, so none RUNNING
     assert seconds < 120, seconds  # not the process group's timeout (30 min)
     print(f"rank-1 pre-flight failure: both ranks out in {seconds:.0f} s")
@@ -52,7 +52,7 @@ def on_step_end(state):
 
 
 def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tiny_model, texts, tmp_path):
-    from wakelab.checkpoints import verify
+    from wakelab.storage.checkpoints import verify
 
     proc, _ = torchrun(tmp_path, tiny_model, texts, SIGTERM_RANK1_AT_3, **{"train.max_steps": 6})
     assert proc.returncode != 0  # torchrun reports its workers' 143

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wakelab.demo_text import DEMO_SEED, DemoTexts, read_constituents, write_demo_texts
+from wakelab.data.demo_texts import DEMO_SEED, DemoTexts, read_constituents, write_demo_texts
 from wakelab.errors import DataError
 
 FILES = ("lexicon", "corpus", "heldout", "constituents")

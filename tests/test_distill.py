@@ -16,10 +16,11 @@ import torch
 from conftest import COINED, make_text, tiny_overrides
 
 import wakelab
-from wakelab import engine, registry
 from wakelab.config import build_config
-from wakelab.context import InitContext
 from wakelab.errors import ConfigError, DataError
+from wakelab.hooks import registry
+from wakelab.hooks.context import InitContext
+from wakelab.run import engine
 from wakelab.vocab import expand_vocabulary
 
 
@@ -127,7 +128,7 @@ def test_planted_alias_is_read_as_spelled_out(tmp_path):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from wakelab.aliasing import heldout_alias_distance
+    from wakelab.inits.aliasing import heldout_alias_distance
     from wakelab.testing import build_tiny_llama
 
     folder = build_tiny_llama(tmp_path / "tiny")
@@ -201,7 +202,7 @@ def test_a_run_with_distill_reports_fallbacks_and_logs_its_stage(tiny_model, tex
     # Analysis reads the rows init left (initial_rows.safetensors) instead of distilling again.
     from safetensors.torch import load_file
 
-    from wakelab.state import load_trained
+    from wakelab.run.state import load_trained
 
     saved = load_file(str(result.output_dir / "initial_rows.safetensors"))
     state = load_trained(result.output_dir, initial=True)

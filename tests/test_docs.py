@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import tiny_overrides
 
-from wakelab import engine
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config, reference_markdown
+from wakelab.run import engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_configuration_reference_is_current():
 
 
 def test_command_reference_is_current():
-    from wakelab.cli import help_markdown
+    from wakelab.cli.main import help_markdown
 
     committed = (ROOT / "docs" / "cli.md").read_text()
     assert committed == help_markdown(), "run `make docs` to regenerate docs/cli.md"
@@ -155,7 +155,7 @@ def test_every_code_block_is_checked(page, tmp_path, monkeypatch):
                     assert getattr(config, section) == keys, (page, section)
         elif language == "text":
             # The demo's closing lines, as the CLI prints them.
-            source = (ROOT / "src" / "wakelab" / "cli.py").read_text()
+            source = (ROOT / "src" / "wakelab" / "cli" / "run.py").read_text()
             assert "look at it in the MLflow UI:" in body and "look at it in the MLflow UI:" in source, page
             assert "FINISHED" in body and "heldout_perplexity_after" in body, page
         else:

@@ -14,11 +14,11 @@ import yaml
 from click.testing import CliRunner
 from conftest import run_store, tiny_overrides
 
-from wakelab.analysis import stylometry as sty
-from wakelab.analysis.evaluate import default_prompts, mark_coined, without_coined
-from wakelab.analysis.sampling import Sampling, choose, sample
-from wakelab.analysis.token_classes import class_split, reference_cost, score_positions
-from wakelab.cli import main
+from wakelab.analysis.evaluate import stylometry as sty
+from wakelab.analysis.evaluate.report import default_prompts, mark_coined, without_coined
+from wakelab.analysis.evaluate.sampling import Sampling, choose, sample
+from wakelab.analysis.evaluate.token_classes import class_split, reference_cost, score_positions
+from wakelab.cli.main import main
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Stylometry: known answers

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import tiny_overrides
 
-from wakelab.cli import main
+from wakelab.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "wakelab-norm-watch"

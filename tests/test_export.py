@@ -18,12 +18,12 @@ import yaml
 from click.testing import CliRunner
 from conftest import make_text, raising_plugin, run_store, tiny_overrides
 
-from wakelab import engine
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config
 from wakelab.errors import ModelError, WakelabError
-from wakelab.export import ExportError, export
-from wakelab.state import load_trained
+from wakelab.export.formats import ExportError, export
+from wakelab.run import engine
+from wakelab.run.state import load_trained
 
 PROMPT = "The riverrun ran past the moonbrook and the smirtle hill"
 
@@ -165,7 +165,7 @@ def untied_copy(tiny_model, folder):
 
 
 def test_an_untied_heads_new_rows_start_the_same_in_every_run(tiny_model, texts, tmp_path):
-    from wakelab.build import expand_for_config
+    from wakelab.run.build import expand_for_config
 
     config = build_config(None, None, tiny_overrides(untied_copy(tiny_model, tmp_path / "untied"), texts))
     heads = []

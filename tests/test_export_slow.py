@@ -23,7 +23,7 @@ def demo_cache(tmp_path_factory):
 @pytest.mark.parametrize("add_as", ["word", "plain"])
 def test_demo_texts_round_trip_through_the_expanded_demo_tokenizer(demo_cache, monkeypatch, add_as):
     monkeypatch.setenv("WAKELAB_CACHE", demo_cache)
-    from wakelab.demo import ensure_demo_model, ensure_demo_texts
+    from wakelab.data.demo import ensure_demo_model, ensure_demo_texts
     from wakelab.model import load_tokenizer
     from wakelab.vocab import expand_vocabulary, read_lexicon
 

@@ -107,8 +107,8 @@ def assert_same_rows(folder: Path, reference_folder: Path) -> None:
 
 
 def test_fsdp_two_ranks_train_as_one_process(tiny_model, texts, tmp_path, reference):
-    from wakelab import recording
-    from wakelab.checkpoints import MANIFEST, verify
+    from wakelab.storage import recording
+    from wakelab.storage.checkpoints import MANIFEST, verify
 
     write_config_file(tmp_path / "fsdp.yaml", tiny_overrides(tiny_model, texts, **FSDP, **extras(tmp_path)))
     proc, seconds = torchrun(tmp_path, ["run", "--config", "fsdp.yaml", "--no-progress"])
@@ -176,8 +176,8 @@ def on_step_end(state):
 def test_fsdp_resume_after_sigterm_continues_the_same_run(tiny_model, texts, tmp_path, reference, trainable):
     """``tokens``: the new rows and Adam's state whole in the checkpoint; ``full``: the sharded layers and their Adam
     state gathered whole into it, and scattered back on resume."""
-    from wakelab import engine
     from wakelab.config import build_config
+    from wakelab.run import engine
 
     want = reference
     if trainable == "full":  # its own single-process reference: every weight trains
@@ -240,8 +240,8 @@ def test_fsdp_with_a_4bit_base(tiny_model, texts, tmp_path):
 
     The new rows are bf16 here (the 4-bit base's compute dtype): tolerance one bf16 step for them, 1e-4 relative for
     the loss."""
-    from wakelab import engine
     from wakelab.config import build_config
+    from wakelab.run import engine
 
     pytest.importorskip("bitsandbytes")
     common = {"model.load_in_4bit": True, "train.max_steps": 4, "train.logging_steps": 1, "plugins": ["spherical"]}

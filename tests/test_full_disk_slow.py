@@ -20,7 +20,7 @@ import torch
 from conftest import tiny_overrides, write_config_file
 from safetensors.torch import load_file
 
-from wakelab.checkpoints import STAGING, list_checkpoints, verify
+from wakelab.storage.checkpoints import STAGING, list_checkpoints, verify
 
 pytestmark = pytest.mark.slow
 

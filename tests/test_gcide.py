@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 from optional import need
 
-from wakelab import gcide
-from wakelab.bpe import build_gcide_bpe
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config
-from wakelab.data import read_text, resolve_data_paths, tokenize
+from wakelab.data import gcide
+from wakelab.data.bpe import build_gcide_bpe
+from wakelab.data.corpus import read_text, resolve_data_paths, tokenize
 from wakelab.errors import DataError
 from wakelab.model import load_tokenizer, tokenizer_source
 
@@ -78,7 +78,7 @@ def test_gcide_names_a_cached_corpus_slice_and_tokenizer(tmp_path, monkeypatch):
 def test_a_tokenizer_another_process_saved_first_is_kept(tmp_path):
     """Ranks of one torchrun may build the same tokenizer at once: each saves to its own folder, the first rename
     wins, and the others discard theirs."""
-    from wakelab.bpe import _train
+    from wakelab.data.bpe import _train
 
     texts = [f"{w} {v} and the {w}s" for w in WORDS for v in WORDS]
     first = _train(iter(texts), 300, tmp_path / "cache" / "tok")

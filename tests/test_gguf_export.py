@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from conftest import run_store, tiny_overrides
 
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.testing import COINED
 
 
@@ -136,7 +136,7 @@ def test_an_untied_head_is_written_as_output(tiny_model, texts, tmp_path, empty_
     from gguf import GGUFReader
     from test_export import untied_copy
 
-    from wakelab.merge import TrainedRows
+    from wakelab.run.merge import TrainedRows
 
     base = untied_copy(tiny_model, tmp_path / "untied")
     overrides = tiny_overrides(base, texts, **{"train.max_steps": 2, "train.eval_perplexity": False})
@@ -157,7 +157,7 @@ def test_gpt2_is_written_with_its_conv1d_weights_transposed(tmp_path):
     from gguf import GGUFReader
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from wakelab.gguf_export import write_gguf
+    from wakelab.export.gguf import write_gguf
     from wakelab.testing import build_tokenizer
 
     tokenizer = build_tokenizer(tmp_path / "tok")
@@ -180,7 +180,7 @@ def test_gpt2_is_written_with_its_conv1d_weights_transposed(tmp_path):
 def test_an_architecture_it_does_not_write_is_one_line_naming_the_ones_it_does(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    from wakelab.gguf_export import GgufExportError, write_gguf
+    from wakelab.export.gguf import GgufExportError, write_gguf
     from wakelab.testing import build_tokenizer
 
     tokenizer = build_tokenizer(tmp_path / "tok")
@@ -229,7 +229,7 @@ def test_a_run_whose_base_is_gone_is_one_line_and_writes_nothing(run, tmp_path):
 def test_added_tokens_gguf_cannot_describe_are_named_in_a_note(tmp_path):
     from tokenizers import AddedToken
 
-    from wakelab.gguf_export import unmatched_flags
+    from wakelab.export.gguf import unmatched_flags
     from wakelab.testing import build_tokenizer
 
     tokenizer = build_tokenizer(tmp_path / "tok")

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from conftest import run_store, tiny_overrides
 from optional import require
 
-from wakelab.cli import main
+from wakelab.cli.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +109,7 @@ def hf(demo):
 def test_the_demo_gguf_keeps_its_base_files_metadata(demo):
     from gguf import GGUFReader
 
-    from wakelab.demo import gguf_path
+    from wakelab.data.demo import gguf_path
 
     ours, base = GGUFReader(demo["files"]["f16"]), GGUFReader(gguf_path())
     for key in ("tokenizer.ggml.pre", "tokenizer.chat_template", "llama.rope.freq_base", "general.name"):

@@ -14,10 +14,11 @@ import torch
 from click.testing import CliRunner
 from conftest import loaded_plugin, tiny_overrides
 
-from wakelab import engine, registry
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config
 from wakelab.errors import ConfigError, PluginError
+from wakelab.hooks import registry
+from wakelab.run import engine
 
 
 def plugin_file(tmp_path, name, body):
@@ -385,7 +386,7 @@ def test_failing_on_save_warns_while_training_and_mirroring_go_on(tiny_model, te
     assert loaded_plugin(plugin).SEEN == [2, 4]
     assert mlflow.get_run(result.run_id).info.status == "FINISHED"
     assert max(m.step for m in mlflow.MlflowClient().get_metric_history(result.run_id, "loss")) == 4
-    from wakelab.checkpoints import list_checkpoints
+    from wakelab.storage.checkpoints import list_checkpoints
 
     mirrors = list_checkpoints(tmp_path / "mirror" / result.run_id)
     assert [m.name for m in mirrors] == ["checkpoint-2", "checkpoint-4"], "the Sentry mirror ran after the failure"

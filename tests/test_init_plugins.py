@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import COINED, tiny_overrides
 
-from wakelab import engine, registry
 from wakelab.config import build_config
-from wakelab.context import InitContext
+from wakelab.hooks import registry
+from wakelab.hooks.context import InitContext
 from wakelab.plugins.mean import base_moments, sampling_factor
+from wakelab.run import engine
 from wakelab.vocab import expand_vocabulary
 
 NUM_BASE, NUM_NEW, DIM = 400, 12, 8
@@ -266,7 +267,7 @@ def test_init_method_through_a_run_logs_what_it_did(tiny_model, texts, method, k
 def test_word_pieces_reads_the_added_tokens_once_whatever_the_number_of_words(tiny_model, monkeypatch):
     """transformers builds ``added_tokens_decoder`` afresh on each access: once per word was quadratic, hours at
     P1's 44,195 words (the run-start alias distance and the subword/distill inits all spell every word)."""
-    from wakelab.subwords import word_pieces
+    from wakelab.inits.subwords import word_pieces
 
     tokenizer, num_base, words, _ = expanded(tiny_model, "word")
     reads = []

@@ -17,9 +17,11 @@ import torch
 from click.testing import CliRunner
 from packaging.requirements import Requirement
 
-from wakelab import cli_config, demo, engine
-from wakelab.cli import main
+from wakelab.cli import options as cli_config
+from wakelab.cli.main import main
+from wakelab.data import demo
 from wakelab.errors import ModelError, WakelabError
+from wakelab.run import engine
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

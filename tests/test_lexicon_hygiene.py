@@ -13,11 +13,12 @@ import pytest
 from conftest import tiny_overrides
 from transformers import AutoTokenizer
 
-from wakelab import engine, hub
+from wakelab import hub
 from wakelab.config import build_config
-from wakelab.data import read_text
+from wakelab.data.corpus import read_text
 from wakelab.errors import ConfigError, ModelError
 from wakelab.model import load_model_config
+from wakelab.run import engine
 from wakelab.vocab import expand_vocabulary, read_lexicon
 
 BOM = "\ufeff"
@@ -108,7 +109,7 @@ def test_run_uses_the_vocab_options_and_reports_reasons(tiny_model, texts, tmp_p
 @pytest.mark.parametrize(("normalize", "meetings"), [("nfc", 20), ("none", 0)])
 def test_a_decomposed_word_in_the_corpus_meets_its_token_under_nfc(tokenizer, tmp_path, normalize, meetings):
     from wakelab.config import DataConfig
-    from wakelab.data import build_datasets
+    from wakelab.data.corpus import build_datasets
     from wakelab.vocab import word_token_id
 
     expand_vocabulary(tokenizer, [NFC], "word", "lex.txt", normalize=normalize)

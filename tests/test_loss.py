@@ -11,7 +11,7 @@ from optional import require
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wakelab import loss as loss_mod
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config
 from wakelab.errors import ConfigError
 from wakelab.loss import ChunkedLoss, unsupported_reason
@@ -211,8 +211,8 @@ def test_labels_outside_the_vocabulary_are_refused_like_the_standard_loss():
 
 
 def test_perplexity_is_the_same_either_way():
-    from wakelab.data import BlockDataset
-    from wakelab.evaluation import perplexity
+    from wakelab.data.corpus import BlockDataset
+    from wakelab.run.evaluation import perplexity
 
     model = tiny_llama(tied=True)
     setup_trainable_rows(model, NUM_BASE, "tokens")
@@ -225,9 +225,9 @@ def test_perplexity_is_the_same_either_way():
 def test_trainer_trains_the_same_rows_with_either_loss(tmp_path):
     from transformers import TrainingArguments
 
-    from wakelab.data import collate
-    from wakelab.registry import build_manager
-    from wakelab.trainer import WakelabTrainer
+    from wakelab.data.corpus import collate
+    from wakelab.hooks.registry import build_manager
+    from wakelab.run.trainer import WakelabTrainer
 
     ids = torch.randint(0, NUM_BASE + NUM_NEW, (12, 16), generator=torch.Generator().manual_seed(5))
     dataset = [{"input_ids": row, "labels": row} for row in ids]
@@ -292,8 +292,8 @@ def test_bad_chunk_sizes_are_one_line_errors(value, message):
 def test_chunk_size_null_means_the_standard_loss(tmp_path):
     from transformers import TrainingArguments
 
-    from wakelab.registry import build_manager
-    from wakelab.trainer import WakelabTrainer
+    from wakelab.hooks.registry import build_manager
+    from wakelab.run.trainer import WakelabTrainer
 
     assert build_config("demo").train.loss_chunk_tokens == loss_mod.DEFAULT_CHUNK_TOKENS
     chunk = build_config("demo", overrides=["train.loss_chunk_tokens=null"]).train.loss_chunk_tokens

@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 from test_bad_input import assert_refused, invoke
 
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config, reference_markdown
 from wakelab.errors import ConfigError, PluginError
 

@@ -9,11 +9,11 @@ import torch
 from conftest import raising_plugin, tiny_overrides
 from safetensors.torch import load_file
 
-from wakelab import engine
 from wakelab.config import build_config
-from wakelab.data import BlockDataset
+from wakelab.data.corpus import BlockDataset
 from wakelab.errors import ConfigError
 from wakelab.precision import RoundingAdamW, build_optimizer, check_parameters, round_stochastic, state_bytes
+from wakelab.run import engine
 
 LR = 1e-4  # far below half a bf16 grid step at 1.0 (2**-8): round-to-nearest drops every update
 
@@ -204,7 +204,7 @@ def test_wordybird_presets_have_the_notebooks_effective_schedule():
 def test_mask_strategy_keeps_base_rows_bit_identical_under_each_setting(tiny_model, texts, setting):
     from transformers import AutoModelForCausalLM
 
-    from wakelab.state import load_trained
+    from wakelab.run.state import load_trained
 
     values = {
         "train.trainable": "mask",

@@ -9,13 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from wakelab import engine
-from wakelab.analysis.group_motion import freeze_onset_step, split_displacement
-from wakelab.cli import main
+from wakelab.analysis.dynamics.groups import freeze_onset_step, split_displacement
+from wakelab.analysis.precision import verdict
+from wakelab.cli.main import main
 from wakelab.config import build_config
 from wakelab.errors import ConfigError
-from wakelab.precision_report import verdict
-from wakelab.sweep import plan_sweep
+from wakelab.run import engine
+from wakelab.sweep.plan import plan_sweep
 
 TINY_GPT2 = "{model_type: gpt2, vocab_size: 400, n_embd: 16, n_layer: 1, n_head: 2, n_positions: 32}"
 
@@ -132,8 +132,8 @@ def test_a_key_swept_twice_is_a_one_line_error():
 
 
 def test_the_recorder_keeps_fp32_masters_and_the_analysis_reads_them(tiny_model, texts):
-    from wakelab.analysis.group_motion import group_motion
-    from wakelab.recording import open as open_recording
+    from wakelab.analysis.dynamics.groups import group_motion
+    from wakelab.storage.recording import open as open_recording
 
     values = {
         **_tiny(tiny_model, texts),

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wakelab import engine
 from wakelab.config import build_config
 from wakelab.errors import ConfigError
-from wakelab.recording import open as open_recording
+from wakelab.run import engine
+from wakelab.storage.recording import open as open_recording
 
 TINY_GPT2 = "{model_type: gpt2, vocab_size: 400, n_embd: 16, n_layer: 1, n_head: 2, n_positions: 32}"
 

@@ -59,7 +59,7 @@ def test_plugins_import_only_the_public_api(path):
 
 
 def test_attribute_access_stays_public_too():
-    """``wakelab.checkpoints.verify`` in a plugin reaches past the API as surely as an import does."""
+    """``wakelab.storage.checkpoints.verify`` in a plugin reaches past the API as surely as an import does."""
     bad = []
     for path in PLUGIN_FILES:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

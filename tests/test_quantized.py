@@ -8,12 +8,12 @@ import torch
 from conftest import build_tiny_llama, tiny_overrides
 from optional import require
 
-from wakelab import engine
 from wakelab import model as model_mod
 from wakelab.config import ModelConfig, build_config
-from wakelab.data import collate
-from wakelab.evaluation import perplexity
+from wakelab.data.corpus import collate
 from wakelab.quantized import PACKING_SWITCH
+from wakelab.run import engine
+from wakelab.run.evaluation import perplexity
 
 
 def load_4bit(folder):

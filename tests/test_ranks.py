@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from wakelab import ranks
 from wakelab.errors import ConfigError
+from wakelab.run import ranks
 
 
 def test_a_user_error_travels_as_its_own_line_and_exit_status():

@@ -18,12 +18,13 @@ from click.testing import CliRunner
 from conftest import COINED, TINY_HIDDEN, loaded_plugin, tiny_overrides
 from optional import require
 
-from wakelab import engine, recording
-from wakelab.analysis.dynamics import adam_update
-from wakelab.cli import main
+from wakelab.analysis.dynamics.steps import adam_update
+from wakelab.cli.main import main
 from wakelab.config import build_config
 from wakelab.errors import ConfigError, WakelabError
 from wakelab.plugins.recorder import MISSING_FLAG, PATH_TAG, resolve_rows
+from wakelab.run import engine
+from wakelab.storage import recording
 
 FAST = {"train.eval_perplexity": False, "tracking.log_tokenizer": False}
 
@@ -292,7 +293,7 @@ def test_base_rows_identical_and_grads_are_masked_and_clipped(tiny_model, texts,
 
 
 def test_every_n_steps_and_a_resume_records_beside_with_its_optimizer_state(tiny_model, texts, tmp_path):
-    from wakelab.checkpoints import latest_checkpoint
+    from wakelab.storage.checkpoints import latest_checkpoint
 
     extra = {"train.max_steps": 4, "train.save_steps": 2, "recorder.every": 3, "recorder.dtype": "param"}
     first, rec = recorded_run(tiny_model, texts, **extra)
@@ -404,7 +405,7 @@ def test_full_disk_stops_the_run_with_one_clear_line(tiny_model, texts, tmp_path
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_save(path, blocks, metadata)
 
-    monkeypatch.setattr(recording, "_save_shard", save_then_fill_up)
+    monkeypatch.setattr("wakelab.storage.recording.writer._save_shard", save_then_fill_up)
     result = CliRunner().invoke(
         main, cli_args(tiny_model, texts, **{"recorder.steps_per_shard": 2, "train.max_steps": 40})
     )

@@ -1,4 +1,4 @@
-"""Tests for the sharded recording writer/reader (``wakelab.recording``)."""
+"""Tests for the sharded recording writer/reader (``wakelab.storage.recording``)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from optional import require
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wakelab import recording
 from wakelab.errors import WakelabError
-from wakelab.recording import FieldSpec, RecordingError, RecordingWriter
+from wakelab.storage import recording
+from wakelab.storage.recording import FieldSpec, RecordingError, RecordingWriter
 
 ROWS, DIM, VOCAB = 6, 8, 40
 N_STEPS, K = 23, 5
@@ -169,7 +169,7 @@ _CRASH_SCRIPT = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     import torch
-    from wakelab.recording import FieldSpec, RecordingWriter
+    from wakelab.storage.recording import FieldSpec, RecordingWriter
 
     path = Path(sys.argv[1])
     w = RecordingWriter(path, {"x": FieldSpec((3, 4), torch.float32), "loss": FieldSpec((), torch.float32)},
@@ -231,7 +231,7 @@ def test_disk_full_surfaces_one_line_and_keeps_finished_shards(tmp_path: Path, m
             raise OSError(errno.ENOSPC, "No space left on device", str(file))
         real_save(file, blocks, metadata)
 
-    monkeypatch.setattr(recording, "_save_shard", save_until_full)
+    monkeypatch.setattr("wakelab.storage.recording.writer._save_shard", save_until_full)
     w = RecordingWriter(path, _fields(), token_ids=None, meta={}, steps_per_shard=K)
     with pytest.raises(RecordingError, match="recording stopped: disk full") as info:
         for i in range(N_STEPS):
@@ -371,7 +371,7 @@ def test_writer_memory_stays_flat_with_back_pressure(tmp_path: Path, monkeypatch
         gate.wait(timeout=60)  # the disk "stalls" on the first shard until the test has seen append block
         real_save(file, blocks, metadata)
 
-    monkeypatch.setattr(recording, "_save_shard", gated_save)
+    monkeypatch.setattr("wakelab.storage.recording.writer._save_shard", gated_save)
     proc = psutil.Process()
     rss_before = proc.memory_info().rss
     w = RecordingWriter(tmp_path / "mem", {"x": FieldSpec((2000, 64), torch.float32)}, token_ids=None, meta={},

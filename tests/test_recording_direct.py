@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wakelab import recording
-from wakelab.recording import FieldSpec, RecordingWriter
+from wakelab.storage import recording
+from wakelab.storage.recording import FieldSpec, RecordingWriter
 
 
 def write(path: Path, steps: int = 7) -> dict[str, torch.Tensor]:
@@ -51,11 +51,11 @@ def test_direct_and_buffered_shards_are_byte_identical_and_read_back(tmp_path, m
         calls["direct"] += done
         return done
 
-    monkeypatch.setattr(recording, "_write_safetensors_direct", counted)
+    monkeypatch.setattr("wakelab.storage.recording.direct._write_safetensors_direct", counted)
     expected = write(tmp_path / "direct")
     if calls["direct"] == 0:
         pytest.skip("this file system does not do O_DIRECT; the buffered path wrote the shards")
-    monkeypatch.setattr(recording, "_write_safetensors_direct", lambda *args: False)
+    monkeypatch.setattr("wakelab.storage.recording.direct._write_safetensors_direct", lambda *args: False)
     write(tmp_path / "buffered")
     direct, buffered = shard_bytes(tmp_path / "direct"), shard_bytes(tmp_path / "buffered")
     assert list(direct) == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]

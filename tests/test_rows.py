@@ -8,9 +8,9 @@ from conftest import loaded_plugin, tiny_overrides
 from optional import require
 from safetensors.torch import load_file
 
-from wakelab import engine
 from wakelab.config import build_config
 from wakelab.rows import NewRowsEmbedding, NewRowsHead, setup_trainable_rows
+from wakelab.run import engine
 
 
 def base_rows_before(tiny_model) -> torch.Tensor:
@@ -104,9 +104,9 @@ def test_trainer_masks_every_step_without_the_hook_bridge(tiny_model, tmp_path):
     """WakelabTrainer on its own (no HookBridge) still masks base rows at every optimizer step."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from wakelab.data import collate
-    from wakelab.registry import build_manager
-    from wakelab.trainer import WakelabTrainer
+    from wakelab.data.corpus import collate
+    from wakelab.hooks.registry import build_manager
+    from wakelab.run.trainer import WakelabTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     num_base = model.get_input_embeddings().weight.shape[0]

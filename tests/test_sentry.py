@@ -14,10 +14,10 @@ import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file, save_file
 
-from wakelab import engine
-from wakelab.checkpoints import list_checkpoints, verify, write_manifest
 from wakelab.config import build_config
 from wakelab.errors import ConfigError
+from wakelab.run import engine
+from wakelab.storage.checkpoints import list_checkpoints, verify, write_manifest
 
 
 def sentry_run(tiny_model, texts, target, resume_from=None, **extra):

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-from wakelab.cli import main
+from wakelab.cli.main import main
 
 
 def invoke(tiny_model, texts, **overrides):

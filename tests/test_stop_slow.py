@@ -27,10 +27,10 @@ DRIVER = textwrap.dedent("""
     import numpy as np
     import mlflow
     from safetensors.numpy import load_file
-    from wakelab import engine
-    from wakelab.checkpoints import list_checkpoints, verify
+    from wakelab.run import engine
+    from wakelab.storage.checkpoints import list_checkpoints, verify
     from wakelab.config import build_config
-    from wakelab.stopping import Stopped
+    from wakelab.run.stopping import Stopped
 
     overrides, trials, seed = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     mlflow.MlflowClient("sqlite:///template.db").search_experiments()  # the schema, made once

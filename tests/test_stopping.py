@@ -14,10 +14,10 @@ import pytest
 from conftest import tiny_overrides
 from safetensors.numpy import load_file
 
-from wakelab import engine, stopping
-from wakelab.checkpoints import list_checkpoints, verify
 from wakelab.config import build_config
-from wakelab.stopping import GracefulStop, Stopped
+from wakelab.run import engine, stopping
+from wakelab.run.stopping import GracefulStop, Stopped
+from wakelab.storage.checkpoints import list_checkpoints, verify
 
 
 def deliver(signum: int) -> None:

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import tiny_overrides
 
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config
 from wakelab.errors import ConfigError
-from wakelab.sweep import parse_over, plan_sweep, split_values
+from wakelab.sweep.plan import parse_over, plan_sweep, split_values
 
 ARTIFACTS = {
     "comparison.csv",

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import tiny_overrides
 
-from wakelab.cli import main
+from wakelab.cli.main import main
 from wakelab.config import build_config
-from wakelab.sweep import plan_sweep
+from wakelab.sweep.plan import plan_sweep
 
 
 def sweep_args(tiny_model, texts, *extra: str) -> list[str]:

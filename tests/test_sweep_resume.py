@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from wakelab.cli import main
+from wakelab.cli.main import main
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_the_sweep_file_keeps_evaluate_so_resume_evaluates_the_rest(tmp_path, ev
     from types import SimpleNamespace
 
     from wakelab.config import build_config
-    from wakelab.sweep_resume import load_sweep, save_sweep_file
+    from wakelab.sweep.resume import load_sweep, save_sweep_file
 
     plan = SimpleNamespace(over=["init=spherical,mean"], constituents_path=None, top_k=7, evaluate=evaluate,
                            base=build_config("demo", None, {}), root=tmp_path / "sweep")  # fmt: skip
@@ -64,7 +64,7 @@ def test_stacked_rows_read_as_the_concatenated_matrix_would():
     import torch
 
     from wakelab.analysis.embeddings import nearest_neighbours
-    from wakelab.sweep import StackedRows
+    from wakelab.sweep.runner import StackedRows
 
     generator = torch.Generator().manual_seed(0)
     base, new = torch.randn(40, 8, generator=generator).bfloat16(), torch.randn(9, 8, generator=generator)

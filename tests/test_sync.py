@@ -12,9 +12,9 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from wakelab import sync as sync_mod
-from wakelab.cli import main
-from wakelab.tracking import UNLOGGED_FILE
+from wakelab.cli.main import main
+from wakelab.tracking import sync as sync_mod
+from wakelab.tracking.runs import UNLOGGED_FILE
 
 
 def kept_run(tmp_path, values: int = 2500) -> tuple[str, object]:

@@ -275,8 +275,8 @@ def test_two_concurrent_runs_into_one_experiment_lose_nothing(team, tiny_model, 
 def test_unreachable_server_fails_fast_naming_the_uri(tiny_model, texts, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from wakelab import tracking
-    from wakelab.cli import main
+    from wakelab.cli.main import main
+    from wakelab.tracking import runs as tracking
 
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)

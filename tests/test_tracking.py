@@ -6,9 +6,9 @@ import mlflow
 import pytest
 from conftest import raising_plugin, tiny_overrides
 
-from wakelab import engine
 from wakelab.config import build_config
-from wakelab.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, TrackingError
+from wakelab.run import engine
+from wakelab.tracking.runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, TrackingError
 
 
 def test_finished_run_has_params_metrics_artifacts(tiny_model, texts):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
-from wakelab.trainer import PEFT_LOADED_FLAG, PRIVATE_TRAINER_API, _row_adapter_accepted
+from wakelab.run.trainer import PEFT_LOADED_FLAG, PRIVATE_TRAINER_API, _row_adapter_accepted
 
 TRANSFORMERS = version("transformers")
 
@@ -47,11 +47,11 @@ def test_private_trainer_methods_still_exist(name):
     missing = _missing_parameters(Trainer, name, PRIVATE_TRAINER_API[name])
     assert missing is not None, (
         f"transformers {TRANSFORMERS} has no Trainer.{name}, which WakelabTrainer overrides "
-        "(src/wakelab/trainer.py): find the public seam that replaced it"
+        "(src/wakelab/run/trainer.py): find the public seam that replaced it"
     )
     assert not missing, (
         f"transformers {TRANSFORMERS} changed Trainer.{name}: it no longer takes {missing}, which WakelabTrainer "
-        "passes (src/wakelab/trainer.py)"
+        "passes (src/wakelab/run/trainer.py)"
     )
 
 
@@ -88,6 +88,6 @@ def test_quantized_base_is_accepted_only_through_the_peft_flag():
         except ValueError as exc:
             pytest.fail(
                 f"transformers {TRANSFORMERS} no longer accepts a quantized base on {PEFT_LOADED_FLAG} "
-                f"(src/wakelab/trainer.py, _row_adapter_accepted): {exc}"
+                f"(src/wakelab/run/trainer.py, _row_adapter_accepted): {exc}"
             )
     assert not hasattr(model, PEFT_LOADED_FLAG)  # set only while Trainer checks

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from wakelab.analysis.trajectory import TrajectoryBuilder, cap_frames, fit_projection, select_tokens
-from wakelab.analysis.trajectory_frames import frame_image, write_gif
-from wakelab.analysis.trajectory_page import write_html
+from wakelab.analysis.trajectory.frames import TrajectoryBuilder, cap_frames, fit_projection, select_tokens
+from wakelab.analysis.trajectory.page import write_html
+from wakelab.analysis.trajectory.stills import frame_image, write_gif
 from wakelab.errors import WakelabError
 
 

@@ -10,10 +10,7 @@ import pytest
 import torch
 
 from wakelab.analysis.embeddings import top_k_cosine
-from wakelab.analysis.meaning import closer_and_away, resolve_meanings
-from wakelab.analysis.projection import fit_focus_projection, fit_projection
-from wakelab.analysis.sweep_page import ChildTrajectory, comparison_page, side_by_side
-from wakelab.analysis.trajectory import (
+from wakelab.analysis.trajectory.frames import (
     TrajectoryBuilder,
     describe,
     label_order,
@@ -21,7 +18,10 @@ from wakelab.analysis.trajectory import (
     save_trajectory,
     subset,
 )
-from wakelab.analysis.trajectory_page import page_data
+from wakelab.analysis.trajectory.meaning import closer_and_away, resolve_meanings
+from wakelab.analysis.trajectory.page import page_data
+from wakelab.analysis.trajectory.projection import fit_focus_projection, fit_projection
+from wakelab.sweep.page import ChildTrajectory, comparison_page, side_by_side
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def _moving(tokenizer=None, frames: int = 6):
     gen = torch.Generator().manual_seed(2)
     base = _base(300)
     new = torch.randn(5, 16, generator=gen) * 3
-    from wakelab.analysis.meaning import Meanings
+    from wakelab.analysis.trajectory.meaning import Meanings
 
     targets = base[[10, 20, 30, 40, 50]]
     meanings = Meanings(["ten", "twenty", "thirty", "forty", ""], targets.clone(), [[10], [20], [30], [40], []])

@@ -16,9 +16,9 @@ import pytest
 import torch
 from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, _need_browser
 
-from wakelab.analysis.meaning import Meanings
-from wakelab.analysis.trajectory import TrajectoryBuilder
-from wakelab.analysis.trajectory_page import write_compare_html, write_html
+from wakelab.analysis.trajectory.frames import TrajectoryBuilder
+from wakelab.analysis.trajectory.meaning import Meanings
+from wakelab.analysis.trajectory.page import write_compare_html, write_html
 
 WORDS = ("riverrun moonbrook smirtle glimmerous thundersome wendelight crumbledown mistwhorl brightwater stonehallow "
          "duskmere fernwhistle hollowmoor quillstream ravenfold saltmarrow thornwick umberglade vesperlane "

@@ -114,7 +114,7 @@ def screenshots(tmp_path) -> Path:
 def test_port_in_use_is_one_error_line_before_starting_anything(tmp_path):
     from click.testing import CliRunner
 
-    from wakelab.cli import main
+    from wakelab.cli.main import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -130,7 +130,7 @@ def test_port_in_use_is_one_error_line_before_starting_anything(tmp_path):
 def test_a_server_uri_needs_no_local_ui(monkeypatch):
     from click.testing import CliRunner
 
-    from wakelab.cli import main
+    from wakelab.cli.main import main
 
     server = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
@@ -145,9 +145,9 @@ def test_ui_shows_params_loss_chart_vocab_report_and_plots(tiny_model, texts, tm
     from click.testing import CliRunner
     from playwright.sync_api import expect, sync_playwright
 
-    from wakelab import engine
-    from wakelab.cli import main
+    from wakelab.cli.main import main
     from wakelab.config import build_config
+    from wakelab.run import engine
 
     timings = {}
     started = time.monotonic()
@@ -252,8 +252,8 @@ def test_ui_shows_the_trajectory_page_and_scrubs_its_frames(tiny_model, texts, t
     _need_browser()
     from playwright.sync_api import expect, sync_playwright
 
-    from wakelab import engine
     from wakelab.config import build_config
+    from wakelab.run import engine
 
     overrides = tiny_overrides(tiny_model, texts, **{"train.max_steps": 6, "plugins": ["trajectory"],
                                                      "trajectory.every": 2})  # fmt: skip

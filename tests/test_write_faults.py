@@ -2,8 +2,8 @@
 to continue; exit 4; no traceback; nothing half-written published; the MLflow run FAILED with the line as its tag;
 and `wakelab resume` continues bit for bit, clearing what the failure left in staging.
 
-The error is injected with ``WAKELAB_FAULT_AT`` at the named moments (wakelab.writepoint), or by patching a writer
-so it writes half a file first. test_full_disk_slow.py does the same on a real, small file system.
+The error is injected with ``WAKELAB_FAULT_AT`` at the named moments (wakelab.storage.writepoint), or by patching a
+writer so it writes half a file first. test_full_disk_slow.py does the same on a real, small file system.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from click.testing import CliRunner
 from conftest import run_store, tiny_overrides, write_config_file
 from safetensors.torch import load_file
 
-from wakelab import crashpoint, writepoint
-from wakelab.checkpoints import STAGING, list_checkpoints, verify
-from wakelab.cli import main
+from wakelab.cli.main import main
+from wakelab.storage import crashpoint, writepoint
+from wakelab.storage.checkpoints import STAGING, list_checkpoints, verify
 
 SHOWN = Path("out")  # the output directory as the config gives it, and so as the line names it
 BASE = {"train.save_steps": 2, "train.logging_steps": 1, "train.max_steps": 6}
@@ -138,7 +138,7 @@ def test_half_written_checkpoint_file_names_the_file(tiny_model, texts, tmp_path
     """The writer itself fails half-way (safetensors' Rust error carries only 'os error 28' in its text)."""
     from safetensors import SafetensorError
 
-    import wakelab.trainer as trainer_mod
+    import wakelab.run.trainer as trainer_mod
 
     real = trainer_mod.WakelabTrainer.save_model
     calls = []
@@ -183,7 +183,7 @@ def test_final_write_fails_in_one_line_and_resume_finishes_it(
 
 
 def test_logged_model_write_fails_in_one_line(tiny_model, texts, tmp_path, monkeypatch, reference):
-    import wakelab.logged_model as logged_model
+    import wakelab.run.logged_model as logged_model
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/wakelab-delta-x/tokenizer/tokenizer.json")
@@ -256,7 +256,7 @@ def test_analysis_on_a_full_disk_fails_in_one_line(tiny_model, texts, tmp_path, 
 
 def test_export_on_a_full_disk_fails_in_one_line(tiny_model, texts, tmp_path, monkeypatch):
     assert run_cli(tiny_model, texts, tmp_path, monkeypatch).exit_code == 0
-    import wakelab.export as export_mod
+    import wakelab.export.formats as export_mod
 
     def half_then_full(model, tokenizer, folder, info):
         (folder / "model.safetensors").write_bytes(b"\0" * 1000)
@@ -291,7 +291,7 @@ def test_generate_to_a_full_disk_fails_in_one_line(tiny_model, texts, tmp_path, 
 
 
 def test_disk_errors_are_found_along_the_chain_and_others_pass_through(tmp_path):
-    from wakelab.writepoint import WriteFailed, disk_errno, write_point
+    from wakelab.storage.writepoint import WriteFailed, disk_errno, write_point
 
     try:
         try:
@@ -318,7 +318,7 @@ def test_disk_errors_are_found_along_the_chain_and_others_pass_through(tmp_path)
 
 
 def test_published_file_is_whole_or_absent(tmp_path, monkeypatch):
-    from wakelab.writepoint import published_file
+    from wakelab.storage.writepoint import published_file
 
     tmp_path = tmp_path / "folder"
     tmp_path.mkdir()

@@ -1,5 +1,5 @@
 """``python -m wakelab``: the CLI, also the form ``torchrun -m wakelab run ...`` launches."""
 
-from .cli import main
+from .cli.main import main
 
 main()

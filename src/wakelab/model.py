@@ -17,7 +17,7 @@ from .paths import cache_root, publishing
 def resolve_source(cfg: ModelConfig) -> str:
     """A local folder or hub id; `demo` is the embedded base, converted once from the GGUF file a package ships."""
     if cfg.name_or_path == "demo":
-        from .demo import ensure_demo_model
+        from .data.demo import ensure_demo_model
 
         return str(ensure_demo_model())
     return cfg.name_or_path
@@ -39,7 +39,7 @@ def load_tokenizer(source: str, revision: str | None = None):
 def tokenizer_source(cfg: ModelConfig) -> str | None:
     """Where the tokenizer loads from when it is not the model's own."""
     if cfg.tokenizer in ("offline-bpe", "gcide-bpe"):
-        from . import bpe
+        from .data import bpe
 
         build = bpe.build_gcide_bpe if cfg.tokenizer == "gcide-bpe" else bpe.build_offline_bpe
         return str(build(cfg.tokenizer_vocab_size))

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..writepoint import published_file
+from ..storage.writepoint import published_file
 from .plots import save_figure
 
 ARTIFACT_ROOT = "analysis"
@@ -111,7 +111,7 @@ class AnalysisSink:
             return
         from mlflow.entities import Metric, RunTag
 
-        from ..tracking import tag_value
+        from ..tracking.runs import tag_value
 
         stamp = int(time.time() * 1000)
         metrics = [Metric(name, value, stamp, step) for name, value, step in self._metrics]

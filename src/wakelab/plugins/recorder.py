@@ -26,11 +26,11 @@ logits). Then every step whose number is a multiple of ``recorder.every``, and a
 
 Storage (``recorder.dtype``): ``bfloat16`` by default; ``param`` keeps the parameters' own dtype, so the values
 are exact and AdamW's update can be reproduced from the recorded state. The recording is streamed through
-:class:`wakelab.recording.RecordingWriter` in shards of ``recorder.steps_per_shard`` steps into
+:class:`wakelab.storage.recording.RecordingWriter` in shards of ``recorder.steps_per_shard`` steps into
 ``recorder.path`` (default ``<output_dir>/recording``; ``recording-from-step-N`` on a resume): memory stays flat,
 a killed run leaves its finished shards readable, and a full disk stops the run with one clear message. On run end
 ``index.json`` and ``summary.txt`` become MLflow artifacts (shards too, per ``recorder.log_shards``) and the tag
-``wakelab.recording.path`` says where the recording is. Read it with ``wakelab.recording.open`` or
+``wakelab.recording.path`` says where the recording is. Read it with ``wakelab.storage.recording.open`` or
 ``wakelab recording info PATH``.
 """
 

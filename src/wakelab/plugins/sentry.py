@@ -71,8 +71,8 @@ def on_save(ctx):
         return
     root = Path(target) / (ctx.run_id or "run") if target != "mlflow" else None
     try:
-        # A full disk or an I/O error is one line and stops the run (wakelab.writepoint): the checkpoint itself is
-        # complete, and a mirror that can never be written again would otherwise fail quietly at every save.
+        # A full disk or an I/O error is one line and stops the run (wakelab.storage.writepoint): the checkpoint itself
+        # is complete, and a mirror that can never be written again would otherwise fail quietly at every save.
         with wakelab.write_point(
             "sentry-mirror",
             root or target,

@@ -1,0 +1,2 @@
+"""A trained vocabulary out of wakelab: a transformers folder, a PEFT adapter, an MLflow model, a GGUF file. App
+layer."""
