@@ -8,13 +8,19 @@ name. docs/hooks.md is generated from both (``wakelab plugins --contexts-markdow
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+if TYPE_CHECKING:  # the types are for type checkers and readers; importing them here would pull in torch
+    from ..config import PluginConfig, RunConfig
+    from .context import GradContext, InitContext, RunContext, SaveContext, StepState
 
 hookspec = pluggy.HookspecMarker("wakelab")
 
 
 @hookspec(firstresult=True)
-def init_embeddings(ctx):
+def init_embeddings(ctx: InitContext) -> dict[str, Any] | None:
     """Fill the new tokens' embedding rows, once, after the vocabulary is expanded and before training.
 
     ``ctx`` is an ``InitContext``. Answer only when ``ctx.method`` is your name: write the rows
@@ -25,7 +31,7 @@ def init_embeddings(ctx):
 
 
 @hookspec
-def mask_grads(ctx):
+def mask_grads(ctx: GradContext) -> None:
     """Change gradients after backward and before gradient clipping and the optimizer step.
 
     ``ctx`` is a ``GradContext``. Edit gradients in place; the clipping, the logged grad norm and the optimizer
@@ -34,7 +40,7 @@ def mask_grads(ctx):
 
 
 @hookspec
-def on_step_end(state):
+def on_step_end(state: StepState) -> None:
     """Observe the run after each optimizer step (and the learning-rate scheduler) has happened.
 
     ``state`` is a ``StepState``. Read only: do not modify the model or the optimizer here. Runs in every process;
@@ -43,7 +49,7 @@ def on_step_end(state):
 
 
 @hookspec
-def on_save(ctx):
+def on_save(ctx: SaveContext) -> None:
     """React to a checkpoint that is complete on disk.
 
     ``ctx`` is a ``SaveContext``. Copy or read the checkpoint; never modify it. A failure here is a warning on stderr;
@@ -54,7 +60,7 @@ def on_save(ctx):
 
 
 @hookspec
-def on_run_start(run):
+def on_run_start(run: RunContext) -> None:
     """Prepare for a run, after the model, vocabulary and trainable rows are set up, before the first step.
 
     ``run`` is a ``RunContext``: keep it to read the run (and log to MLflow) from later hooks. Runs in every
@@ -63,7 +69,7 @@ def on_run_start(run):
 
 
 @hookspec
-def on_run_end(run, status):
+def on_run_end(run: RunContext, status: str) -> None:
     """Finish up after training ended, normally (``status == "FINISHED"``) or not (``"FAILED"``; ``"KILLED"``
     after Ctrl-C or a stop signal: further signals are ignored while this runs).
 
@@ -73,7 +79,7 @@ def on_run_end(run, status):
 
 
 @hookspec
-def config_section():
+def config_section() -> tuple[str, type[PluginConfig]] | None:
     """Declare this plugin's own config section: return ``(name, Model)``, ``Model`` a ``wakelab.PluginConfig``.
 
     Asked when a run's config is resolved, before anything is written. The section is then set like a core one
@@ -85,7 +91,7 @@ def config_section():
 
 
 @hookspec
-def check_config(config):
+def check_config(config: RunConfig) -> None:
     """Refuse a resolved config this plugin cannot run with, before anything is written.
 
     ``config`` is the validated ``RunConfig`` (core sections plus the active plugins' own). Raise
