@@ -49,8 +49,16 @@ def test_plugin_logs_frames_page_gif_and_table(tmp_path, monkeypatch):
 
 
 def test_plugin_can_be_switched_off(tmp_path):
+    from mlflow import MlflowClient
+
     result = run_with_plugins(["trajectory", "recorder"], tmp_path, {"trajectory.enabled": False})
     assert not (result.output_dir / "trajectory").exists()
+    client = MlflowClient()
+    files = _artifacts(client, result.run_id)
+    assert files and not [f for f in files if f.startswith(("trajectory/", "images/trajectory"))], files
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics and not [m for m in metrics if m.startswith(("trajectory", "analysis/probe"))], sorted(metrics)
+    assert any(f.startswith("recording") for f in files) or (result.output_dir / "recording").is_dir()  # the run ran
 
 
 def _planted_texts(folder, seed=0, sentences=400):
