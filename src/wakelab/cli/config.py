@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import config_options as _config_options
-from .options import resolve_cli_config
+from .options import ConfigOptions, config_options
 
 
 @click.command("config-keys")
@@ -34,8 +33,8 @@ def config_keys(markdown):
 
 
 @click.command("show-config")
-@_config_options
-def show_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name):
+@config_options
+def show_config(options: ConfigOptions):
     """Print the resolved config (preset + file + overrides) as YAML, without running.
 
     \b
@@ -44,7 +43,7 @@ def show_config(preset, config_file, overrides, plugins, max_steps, output_dir, 
     """
     import yaml
 
-    config = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
+    config = options.resolve()
     click.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), nl=False)
 
 

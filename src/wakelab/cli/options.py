@@ -1,55 +1,101 @@
 """The command-line options that build a RunConfig, shared by ``wakelab run``, ``show-config`` and ``sweep``.
 
-Their own module so that command modules (``sweep_cli``) use them without importing ``cli``, which imports them.
+``@config_options`` adds the eight options to a command and hands them to it as one :class:`ConfigOptions`
+(``options``), so a command passes one object on instead of eight values in an order every caller must repeat.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import click
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigOptions:
+    """What the user gave to build a run's config: a preset, a file, ``--set`` pairs, plugins and the shortcuts."""
+
+    preset: str | None = None
+    config_file: str | None = None
+    overrides: tuple[str, ...] = ()
+    plugins: tuple[str, ...] = ()
+    max_steps: int | None = None
+    output_dir: str | None = None
+    experiment: str | None = None
+    run_name: str | None = None
+
+    def given(self) -> list[str]:
+        """The options the user set, spelled as on the command line (``--set``, ``--max-steps``, ...)."""
+        return [FLAGS[f.name] for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+    def resolve(self) -> Any:
+        """The validated RunConfig: the preset (the demo's when neither a preset nor a file is given), the file,
+        then ``--set`` and the shortcuts."""
+        from ..config import build_config
+
+        pairs = list(self.overrides)
+        for value, key in (
+            (self.max_steps, "train.max_steps"),
+            (self.output_dir, "output_dir"),
+            (self.experiment, "tracking.experiment"),
+            (self.run_name, "tracking.run_name"),
+        ):
+            if value is not None:
+                pairs.append(f"{key}={value}")
+        preset = self.preset or (None if self.config_file else "demo")
+        return build_config(preset, self.config_file, pairs, plugins=self.plugins)
+
+
+#: Each field's option as the user types it.
+FLAGS = {
+    "preset": "--preset",
+    "config_file": "--config",
+    "overrides": "--set",
+    "plugins": "--plugin",
+    "max_steps": "--max-steps",
+    "output_dir": "--output-dir",
+    "experiment": "--experiment",
+    "run_name": "--run-name",
+}
+
+
 def config_options(fn):
-    """The options every config-taking command shares: preset, file, --set, --plugin and the shortcuts."""
-    fn = click.option("--preset", default=None, help="Packaged preset to start from (default: demo).")(fn)
-    fn = click.option(
-        "--config", "config_file", type=click.Path(dir_okay=False), help="YAML file layered on the preset."
-    )(fn)
-    fn = click.option(
-        "--set",
-        "overrides",
-        multiple=True,
-        metavar="KEY=VALUE",
-        help="Override one key, e.g. train.lr=1e-3 (repeatable).",
-    )(fn)
-    fn = click.option(
-        "--plugin",
-        "plugins",
-        multiple=True,
-        metavar="NAME|PATH",
-        help="Activate a plugin by name or .py path (repeatable).",
-    )(fn)
-    fn = click.option("--max-steps", type=int, default=None, help="Shortcut for --set train.max_steps=N.")(fn)
-    fn = click.option("--output-dir", default=None, help="Shortcut for --set output_dir=DIR.")(fn)
-    fn = click.option("--experiment", default=None, help="Shortcut for --set tracking.experiment=NAME.")(fn)
-    fn = click.option("--run-name", default=None, help="Shortcut for --set tracking.run_name=NAME.")(fn)
-    return fn
+    """Add the shared options to a command; it receives them as one ``options: ConfigOptions`` argument."""
 
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name in FLAGS}
+        values["overrides"], values["plugins"] = tuple(values["overrides"]), tuple(values["plugins"])
+        return fn(*args, options=ConfigOptions(**values), **kwargs)
 
-def resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name):
-    from ..config import build_config
-
-    pairs = list(overrides)
-    if max_steps is not None:
-        pairs.append(f"train.max_steps={max_steps}")
-    if output_dir is not None:
-        pairs.append(f"output_dir={output_dir}")
-    if experiment is not None:
-        pairs.append(f"tracking.experiment={experiment}")
-    if run_name is not None:
-        pairs.append(f"tracking.run_name={run_name}")
-    if not preset and not config_file:
-        preset = "demo"
-    return build_config(preset, config_file, pairs, plugins=plugins)
+    for option in (  # applied first to last, as always (--help lists them last to first)
+        click.option("--preset", default=None, help="Packaged preset to start from (default: demo)."),
+        click.option(
+            "--config", "config_file", type=click.Path(dir_okay=False), help="YAML file layered on the preset."
+        ),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override one key, e.g. train.lr=1e-3 (repeatable).",
+        ),
+        click.option(
+            "--plugin",
+            "plugins",
+            multiple=True,
+            metavar="NAME|PATH",
+            help="Activate a plugin by name or .py path (repeatable).",
+        ),
+        click.option("--max-steps", type=int, default=None, help="Shortcut for --set train.max_steps=N."),
+        click.option("--output-dir", default=None, help="Shortcut for --set output_dir=DIR."),
+        click.option("--experiment", default=None, help="Shortcut for --set tracking.experiment=NAME."),
+        click.option("--run-name", default=None, help="Shortcut for --set tracking.run_name=NAME."),
+    ):
+        command = option(command)
+    return command
 
 
 #: The libraries whose installed version ``check_installed_versions`` holds to wakelab's declared range.

@@ -7,18 +7,15 @@ from pathlib import Path
 import click
 
 from ..errors import WakelabError
-from .options import check_installed_versions, resolve_cli_config
-from .options import config_options as _config_options
+from .options import ConfigOptions, check_installed_versions, config_options
 
 
 @click.command()
-@_config_options
+@config_options
 @click.option("--overwrite", is_flag=True, help="Reuse an output directory that holds another run's checkpoints.")
 @click.option("--resume", "resume", is_flag=True, help="Continue from the output directory's latest checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
-def run(
-    preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name, overwrite, resume, no_progress
-):
+def run(options: ConfigOptions, overwrite, resume, no_progress):
     """Run an experiment: expand the vocabulary, train the new rows, track it all in MLflow.
 
     \b
@@ -34,9 +31,7 @@ def run(
     @ranks.one_error_for_all  # torchrun: a config that fails on one rank (a plugin's import, say) fails them all
     def resolve_and_run():
         ranks.join()
-        config = resolve_cli_config(
-            preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name
-        )
+        config = options.resolve()
         resume_from = None
         if resume:
             from ..storage.checkpoints import latest_checkpoint

@@ -10,7 +10,7 @@ import sys
 import click
 
 from ..logs import log
-from .options import config_options, resolve_cli_config
+from .options import ConfigOptions, config_options
 
 
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,23 +55,7 @@ from .options import config_options, resolve_cli_config
     help="Finish a stopped sweep: its parent run id or folder. Finished children are kept, a stopped one "
     "continues from its checkpoint, the rest run.",
 )
-def sweep(
-    over,
-    preset,
-    config_file,
-    overrides,
-    plugins,
-    max_steps,
-    output_dir,
-    experiment,
-    run_name,
-    constituents,
-    top_k,
-    evaluate,
-    overwrite,
-    no_progress,
-    resume_parent,
-):
+def sweep(over, options: ConfigOptions, constituents, top_k, evaluate, overwrite, no_progress, resume_parent):
     """Run one experiment under several values of one config key, each value a child MLflow run nested under one
     parent run, and log a side-by-side comparison to the parent.
 
@@ -98,52 +82,55 @@ def sweep(
       wakelab sweep --resume 3f2c9a...                          # after a SIGTERM: finish the stopped sweep
       wakelab sweep --over recorder.every=1,5 --plugin recorder      # a plugin's own config key
     """
-    from ..errors import ConfigError
-    from ..sweep.plan import plan_sweep
     from ..sweep.runner import run_sweep
 
-    saved = None
     if resume_parent is not None:
-        from ..sweep.resume import load_sweep
-
-        given = [
-            name
-            for name, value in (
-                ("--over", over),
-                ("--preset", preset),
-                ("--config", config_file),
-                ("--set", overrides),
-                ("--plugin", plugins),
-                ("--max-steps", max_steps),
-                ("--output-dir", output_dir),
-                ("--experiment", experiment),
-                ("--run-name", run_name),
-                ("--constituents", constituents),
-                ("--overwrite", overwrite),
-            )
-            if value
-        ]
-        if given:
-            raise ConfigError(f"--resume continues the sweep as it was planned; drop {', '.join(given)}")
-        saved = load_sweep(resume_parent)
-        plan = plan_sweep(
-            saved.base, saved.over, constituents=saved.constituents, top_k=saved.top_k, overwrite=True, log=log
-        )
-        log(f"resuming the sweep over {plan.canonical} (parent run {saved.parent_run_id}) in {plan.root}")
-    elif not over:
-        raise ConfigError("give --over KEY=V1,V2,... (or --resume PARENT to finish a stopped sweep)")
+        plan, saved = _resumed_plan(resume_parent, over, options, constituents, overwrite)
     else:
-        base = resolve_cli_config(preset, config_file, overrides, plugins, max_steps, output_dir, experiment, run_name)
-        plan = plan_sweep(base, list(over), constituents=constituents, top_k=top_k, overwrite=overwrite, log=log)
-        log(f"sweep over {plan.canonical}: {len(plan.children)} children in {plan.root}")
+        plan, saved = _new_plan(over, options, constituents, top_k, overwrite), None
     plan.evaluate = evaluate or (saved is not None and saved.evaluate)  # --resume keeps what the sweep was asked
     result = run_sweep(plan, overwrite=overwrite, progress=not no_progress, log=log, resume=saved)
+    _report(result, plan)
+
+
+def _resumed_plan(resume_parent, over, options: ConfigOptions, constituents, overwrite):
+    """``--resume PARENT``: the sweep as it was planned (any other planning option is an error), and its record."""
+    from ..errors import ConfigError
+    from ..sweep.plan import plan_sweep
+    from ..sweep.resume import load_sweep
+
+    given = (["--over"] if over else []) + options.given()
+    given += [flag for flag, value in (("--constituents", constituents), ("--overwrite", overwrite)) if value]
+    if given:
+        raise ConfigError(f"--resume continues the sweep as it was planned; drop {', '.join(given)}")
+    saved = load_sweep(resume_parent)
+    plan = plan_sweep(
+        saved.base, saved.over, constituents=saved.constituents, top_k=saved.top_k, overwrite=True, log=log
+    )
+    log(f"resuming the sweep over {plan.canonical} (parent run {saved.parent_run_id}) in {plan.root}")
+    return plan, saved
+
+
+def _new_plan(over, options: ConfigOptions, constituents, top_k, overwrite):
+    """A new sweep: the base config from the shared options, every child planned and checked."""
+    from ..errors import ConfigError
+    from ..sweep.plan import plan_sweep
+
+    if not over:
+        raise ConfigError("give --over KEY=V1,V2,... (or --resume PARENT to finish a stopped sweep)")
+    base = options.resolve()
+    plan = plan_sweep(base, list(over), constituents=constituents, top_k=top_k, overwrite=overwrite, log=log)
+    log(f"sweep over {plan.canonical}: {len(plan.children)} children in {plan.root}")
+    return plan
+
+
+def _report(result, plan) -> None:
+    """The comparison table, where to look in MLflow, and exit 1 naming the children that failed."""
+    from ..tracking.runs import where_to_look
 
     click.echo(f"sweep {result.parent_run_id} over {plan.canonical} (experiment {result.experiment_id})")
     click.echo(result.table, nl=False)
     click.echo(f"  comparison: {result.comparison_dir}")
-    from ..tracking.runs import where_to_look
-
     click.echo("look at it in the MLflow UI (the comparison is under the parent's artifacts, comparison/):")
     for line in where_to_look(result.tracking_uri, result.experiment_id, result.parent_run_id):
         click.echo(line)
