@@ -349,3 +349,28 @@ def test_help_has_an_example():
     result = CliRunner().invoke(main, ["analyze", "--help"])
     assert result.exit_code == 0
     assert "Example" in result.output and "wakelab analyze" in result.output.split("Example", 1)[1]
+
+
+def test_every_analyze_option_is_a_field_of_analyze_options_and_back():
+    """The command hands its options on by name: a new option without a field (or a field without an option)
+    fails here instead of being dropped on the way."""
+    import dataclasses
+
+    from wakelab.cli.analyze import NEGATED, analyze
+
+    options = {NEGATED.get(p.name, p.name) for p in analyze.params} - {"runs"}
+    assert options == {f.name for f in dataclasses.fields(AnalyzeOptions)}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give a run to analyse"),
+        (["runs/x", "--initial", "--checkpoint", "3"], "--initial and --checkpoint choose different states"),
+        (["runs/x", "--from-step", "3"], "--from-step/--to-step choose steps of a recording; add --recording"),
+    ],
+)
+def test_analyze_refuses_contradictory_options_in_one_line(args, message):
+    result = CliRunner().invoke(main, ["analyze", *args])
+    assert result.exit_code == 2 and message in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1

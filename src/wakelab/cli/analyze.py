@@ -105,29 +105,7 @@ from ..logs import warn
     show_default=True,
     help="Text samples: greedy continuations of held-out prompts that hold new words (0: none).",
 )
-def analyze(
-    runs,
-    checkpoint,
-    initial,
-    sample_size,
-    seed,
-    probes,
-    num_probes,
-    top_k,
-    no_eval,
-    eval_max_blocks,
-    no_static,
-    recording,
-    from_step,
-    to_step,
-    freeze_threshold,
-    trajectory_tokens,
-    no_trajectory,
-    nested,
-    no_mlflow,
-    out,
-    samples,
-):
+def analyze(runs, recording, **given):
     """Analyse a run: embedding norms, isotropy, nearest neighbours, loss, held-out perplexity, and with
     --recording the training dynamics (displacement, freeze verdict and onset, bf16 lattice hops, centroid).
 
@@ -162,51 +140,47 @@ def analyze(
       wakelab analyze runs/wordybird --recording runs/wordybird/recording --from-step 10 --to-step 100
       wakelab analyze runs/lr-1e-3 runs/lr-1e-4 --recording
     """
-    from ..analysis.report import AnalyzeOptions, analyze_run, compare_runs
+    from ..analysis.report import analyze_run, compare_runs
 
-    runs = list(runs)
+    runs, recording = _targets(list(runs), recording, given)
+    opts = _options(recording, given)
+    from ..storage.writepoint import write_point
+
+    again = "wakelab analyze " + " ".join(runs) + " (with the same options)"
+    with write_point("analysis", opts.out or runs[0], intact="the run and its files are untouched", then=again):
+        report = analyze_run(runs[0], opts, warn) if len(runs) == 1 else compare_runs(runs, opts, warn)
+    click.echo(report.text)
+
+
+#: Flags that say "no": ``--no-eval`` is ``AnalyzeOptions.evaluate=False``, and so on.
+NEGATED = {"no_eval": "evaluate", "no_static": "static", "no_trajectory": "trajectory", "no_mlflow": "mlflow"}
+
+
+def _options(recording, given: dict):
+    """The command's options as AnalyzeOptions: every other option has the field's own name."""
+    from ..analysis.report import AnalyzeOptions
+
+    values = {NEGATED.get(name, name): (not value if name in NEGATED else value) for name, value in given.items()}
+    return AnalyzeOptions(recording=recording, **(values | {"probes": tuple(values["probes"])}))
+
+
+def _targets(runs: list, recording, given: dict) -> tuple[list, str | None]:
+    """The runs to analyse (``analyze --recording RUN`` read as RUN), after the checks that need no run."""
     if not runs and recording and _is_run_dir(Path(recording)):
         runs, recording = [recording], ""  # `analyze --recording RUN`: the flag took the run as its PATH
     if not runs:
         raise WakelabError("give a run to analyse: an MLflow run id, a run's output directory or a checkpoint")
-    if initial and checkpoint:
+    if given["initial"] and given["checkpoint"]:
         raise WakelabError("--initial and --checkpoint choose different states; give one of them")
-    if recording is None and (from_step is not None or to_step is not None):
+    if recording is None and (given["from_step"] is not None or given["to_step"] is not None):
         raise WakelabError("--from-step/--to-step choose steps of a recording; add --recording")
     if len(runs) > 1:
-        ignored = [name for name, given in (("--checkpoint", checkpoint), ("--initial", initial), ("--probe", probes),
-                                            ("--from-step", from_step), ("--to-step", to_step), ("--nested", nested))
-                   if given not in (None, False, ())]  # fmt: skip
+        flags = {"--checkpoint": "checkpoint", "--initial": "initial", "--probe": "probes", "--from-step": "from_step",
+                 "--to-step": "to_step", "--nested": "nested"}  # fmt: skip
+        ignored = [flag for flag, name in flags.items() if given[name] not in (None, False, ())]
         if ignored:
             warn(f"{', '.join(ignored)} apply to one run's analysis and are ignored when comparing runs")
-    opts = AnalyzeOptions(
-        checkpoint=checkpoint,
-        initial=initial,
-        sample_size=sample_size,
-        seed=seed,
-        probes=tuple(probes),
-        num_probes=num_probes,
-        top_k=top_k,
-        evaluate=not no_eval,
-        eval_max_blocks=eval_max_blocks,
-        static=not no_static,
-        recording=recording,
-        from_step=from_step,
-        to_step=to_step,
-        freeze_threshold=freeze_threshold,
-        trajectory=not no_trajectory,
-        trajectory_tokens=trajectory_tokens,
-        nested=nested,
-        mlflow=not no_mlflow,
-        out=out,
-        samples=samples,
-    )
-    from ..storage.writepoint import write_point
-
-    again = "wakelab analyze " + " ".join(runs) + " (with the same options)"
-    with write_point("analysis", out or runs[0], intact="the run and its files are untouched", then=again):
-        report = analyze_run(runs[0], opts, warn) if len(runs) == 1 else compare_runs(runs, opts, warn)
-    click.echo(report.text)
+    return runs, recording
 
 
 def _is_run_dir(path: Path) -> bool:
