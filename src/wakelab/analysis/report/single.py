@@ -64,80 +64,23 @@ def _analyze_into(
     report: AnalysisReport,
     warn: Warn,
 ) -> None:
+    """The report's sections in order: the state (static geometry, samples, perplexity), the loss, the dynamics
+    and trajectory of the recording, then the summary."""
     lines = report.summary
     history = loss_history(run.run_id, run.run_dir, run.client)
-    final_step = history[0][-1] if history else None
-
-    state_lines: list[str] = []
-    label = None
+    label, tokenizer, state_lines = None, None, []
     if opts.static:
-        from ...run.state import load_trained
-
-        state = load_trained(state_target, initial=opts.initial)
-        label = _state_label(state, opts.initial)
-        if final_step is None:
-            final_step = state.config.train.max_steps
-        step = 0 if opts.initial else (state.step if state.step is not None else final_step)
-        if (
-            label.startswith("checkpoint")
-            and opts.checkpoint is None
-            and not Path(run.target, "manifest.json").exists()
-        ):
-            warn(f"{run.run_dir} has no final rows; analysed its latest checkpoint ({label})")
-        static = static_analysis(state, opts, sink, label, step, warn)
-        report.results["static"] = static
-        report.results["state"] = {"label": label, "step": step}
-        state_lines += _static_lines(static, state.rows.num_base, state.rows.num_total)
-        samples = _samples(state, opts, sink, label, warn) if opts.samples else []  # before perplexity frees the model
-        ppl = _perplexity(run, state, state_target, opts, sink, label, step, warn)
-        report.results["perplexity"] = ppl
-        state_lines += ppl.pop("lines") + samples
-        tokenizer = state.tokenizer
-        del state
+        label, tokenizer, state_lines = _state_section(run, opts, state_target, history, sink, report, warn)
     else:
         tokenizer = _saved_tokenizer(run.run_dir)
-
     head = f"analysis of {run.label} ({run.run_dir})"
     if label is not None:
         head += f", state {label} (step {report.results['state']['step']})"
     lines.append(head)
     lines += state_lines
-
-    if history:
-        steps, losses, source = history
-        sink.table("loss/loss_curve", [{"step": s, "loss": v} for s, v in zip(steps, losses, strict=True)])
-        fig = plots.loss_curve(steps, losses, label=run.label)
-        sink.figure("loss/loss_curve", fig)
-        report.figures["loss_curve"] = fig
-        report.results["loss"] = {"steps": steps, "losses": losses, "source": source}
-        lines.append(f"loss       {len(steps)} points, step {steps[0]}: {losses[0]:.4g} -> step {steps[-1]}: "
-                     f"{losses[-1]:.4g} (from {source})")  # fmt: skip
-    else:
-        lines.append(
-            "loss       no loss history (MLflow has no `loss` metric and no checkpoint has trainer_state.json)"
-        )
-
+    lines.append(_loss_section(run, history, sink, report))
     if recording_path is not None:
-        result = analyse_recording(recording_path, from_step=opts.from_step, to_step=opts.to_step,
-                                   freeze_threshold=opts.freeze_threshold)  # fmt: skip
-        prefix = "dynamics" if recording_path.name == "recording" else f"dynamics-{recording_path.name}"
-        dynamics_outputs(result, sink, prefix, tokenizer)
-        report.results["dynamics"] = result
-        lines += dynamics_lines(result)
-        if not result.complete:
-            warn(f"recording {recording_path} was cut short (its writer did not finish); analysed its "
-                 f"{len(result.steps)} complete steps")  # fmt: skip
-        if opts.trajectory:
-            from ..trajectory.from_recording import recording_trajectory
-
-            traj_prefix = prefix.replace("dynamics", "trajectory", 1)
-            drawn = recording_trajectory(recording_path, run.target, sink, traj_prefix, tokens=opts.trajectory_tokens,
-                                         seed=opts.seed, from_step=opts.from_step, to_step=opts.to_step,
-                                         warn=warn)  # fmt: skip
-            report.results["trajectory"] = drawn
-            lines.append(f"trajectory {drawn['tracked']} of {drawn['new_rows']} new rows over {drawn['frames']} "
-                         f"frames: {drawn['folder']}/trajectory.html, .gif, tokens.csv")  # fmt: skip
-
+        lines += _recording_section(run, opts, recording_path, tokenizer, sink, report, warn)
     for message in report.warnings:
         lines.append(f"warning    {message}")
     where = f"MLflow run {sink.run_id} under analysis/" if sink.run_id else "no MLflow run (--no-mlflow)"
@@ -145,3 +88,68 @@ def _analyze_into(
     sink.text("summary.txt", report.text)
     sink.tags({"wakelab.analysis.last": time.strftime("%Y-%m-%dT%H:%M:%S")})
     report.metric_names = sink.metric_names
+
+
+def _state_section(run: _Run, opts: AnalyzeOptions, state_target: str | None, history, sink: AnalysisSink,
+                   report: AnalysisReport, warn: Warn) -> tuple[str, object, list[str]]:  # fmt: skip
+    """The trained state: static geometry, text samples and held-out perplexity; (label, tokenizer, lines)."""
+    from ...run.state import load_trained
+
+    final_step = history[0][-1] if history else None
+    state = load_trained(state_target, initial=opts.initial)
+    label = _state_label(state, opts.initial)
+    if final_step is None:
+        final_step = state.config.train.max_steps
+    step = 0 if opts.initial else (state.step if state.step is not None else final_step)
+    if label.startswith("checkpoint") and opts.checkpoint is None and not Path(run.target, "manifest.json").exists():
+        warn(f"{run.run_dir} has no final rows; analysed its latest checkpoint ({label})")
+    static = static_analysis(state, opts, sink, label, step, warn)
+    report.results["static"] = static
+    report.results["state"] = {"label": label, "step": step}
+    lines = _static_lines(static, state.rows.num_base, state.rows.num_total)
+    samples = _samples(state, opts, sink, label, warn) if opts.samples else []  # before perplexity frees the model
+    ppl = _perplexity(run, state, state_target, opts, sink, label, step, warn)
+    report.results["perplexity"] = ppl
+    lines += ppl.pop("lines") + samples
+    return label, state.tokenizer, lines
+
+
+def _loss_section(run: _Run, history, sink: AnalysisSink, report: AnalysisReport) -> str:
+    """The loss curve (from MLflow, else the checkpoints' trainer state); its summary line."""
+    if not history:
+        return "loss       no loss history (MLflow has no `loss` metric and no checkpoint has trainer_state.json)"
+    steps, losses, source = history
+    sink.table("loss/loss_curve", [{"step": s, "loss": v} for s, v in zip(steps, losses, strict=True)])
+    fig = plots.loss_curve(steps, losses, label=run.label)
+    sink.figure("loss/loss_curve", fig)
+    report.figures["loss_curve"] = fig
+    report.results["loss"] = {"steps": steps, "losses": losses, "source": source}
+    return (
+        f"loss       {len(steps)} points, step {steps[0]}: {losses[0]:.4g} -> step {steps[-1]}: {losses[-1]:.4g} "
+        f"(from {source})"
+    )
+
+
+def _recording_section(run: _Run, opts: AnalyzeOptions, recording_path: Path, tokenizer, sink: AnalysisSink,
+                       report: AnalysisReport, warn: Warn) -> list[str]:  # fmt: skip
+    """The recording's dynamics (and its trajectory unless --no-trajectory); their summary lines."""
+    result = analyse_recording(recording_path, from_step=opts.from_step, to_step=opts.to_step,
+                               freeze_threshold=opts.freeze_threshold)  # fmt: skip
+    prefix = "dynamics" if recording_path.name == "recording" else f"dynamics-{recording_path.name}"
+    dynamics_outputs(result, sink, prefix, tokenizer)
+    report.results["dynamics"] = result
+    lines = dynamics_lines(result)
+    if not result.complete:
+        warn(f"recording {recording_path} was cut short (its writer did not finish); analysed its "
+             f"{len(result.steps)} complete steps")  # fmt: skip
+    if opts.trajectory:
+        from ..trajectory.from_recording import recording_trajectory
+
+        traj_prefix = prefix.replace("dynamics", "trajectory", 1)
+        drawn = recording_trajectory(recording_path, run.target, sink, traj_prefix, tokens=opts.trajectory_tokens,
+                                     seed=opts.seed, from_step=opts.from_step, to_step=opts.to_step,
+                                     warn=warn)  # fmt: skip
+        report.results["trajectory"] = drawn
+        lines.append(f"trajectory {drawn['tracked']} of {drawn['new_rows']} new rows over {drawn['frames']} "
+                     f"frames: {drawn['folder']}/trajectory.html, .gif, tokens.csv")  # fmt: skip
+    return lines
