@@ -189,106 +189,20 @@ def analyse_recording(
 
 
 def _analyse(rec: Recording, from_step, to_step, freeze_threshold, masks) -> DynamicsResult:
+    """One pass over the recording's steps, between checks up front and the verdicts at the end."""
     notes: list[str] = []
-    if "embeddings" not in rec.fields:
-        raise WakelabError(
-            f"recording {rec.path} has no embeddings field (it has {', '.join(rec.fields) or 'none'}); record it "
-            "with wakelab run --plugin recorder --set recorder.fields=embeddings,grads,exp_avg,exp_avg_sq,lr,loss"
-        )
-    spec = rec.fields["embeddings"]
-    if len(spec.shape) != 2:
-        raise WakelabError(f"recording {rec.path}: embeddings have per-step shape {spec.shape}, expected [rows, d]")
-    steps = rec.steps
-    if steps.size == 0:
-        raise WakelabError(
-            f"recording {rec.path} holds no complete step yet"
-            + ("" if rec.complete else " (its writer stopped before finishing the first shard)")
-        )
-    if not rec.complete:
-        notes.append(
-            f"recording cut short: the writer did not finish (crash or kill); analysed the {steps.size} complete "
-            f"steps {int(steps[0])}..{int(steps[-1])}"
-        )
-    num_rows = spec.shape[0]
-    first = _step_position(steps, from_step, 0, "--from-step")
-    last = _step_position(steps, to_step, steps.size - 1, "--to-step")
-    if first >= last and steps.size > 1:
-        raise WakelabError(f"--from-step {int(steps[first])} must come before --to-step {int(steps[last])}")
-
+    steps, num_rows, first, last = _check_steps(rec, from_step, to_step, notes)
     if masks == "auto":
         masks = read_masks(rec, num_rows)
-    if masks is not None:
+    group, tracked = _tracked_group(masks, num_rows, notes)
+    do_hops = _can_count_hops(rec, notes)
+    walk = _walk(rec, steps, first, last, masks, tracked, do_hops)
+    if walk.gaps:
         notes.append(
-            f"masks from {masks.source}: {int(masks.trained.sum())} trained, "
-            f"{int(masks.untrained.sum())} untrained rows"
-        )
-    group = "untrained" if masks is not None else "all tracked rows"
-    tracked = masks.untrained if masks is not None else torch.ones(num_rows, dtype=torch.bool)
-    if masks is not None and not tracked.any():
-        notes.append("none of the tracked rows is untrained: the freeze verdict and centroid use all tracked rows")
-        group, tracked = "all tracked rows", torch.ones(num_rows, dtype=torch.bool)
-    tracked_rows = torch.nonzero(tracked).reshape(-1)
-    trained_rows = torch.nonzero(masks.trained).reshape(-1) if masks is not None else None
-    untrained_rows = torch.nonzero(masks.untrained).reshape(-1) if masks is not None else None
-
-    missing = [f for f in HOP_FIELDS if f not in rec.fields]
-    do_hops = not missing
-    if missing:
-        notes.append(
-            f"lattice hops skipped: the recording lacks {', '.join(missing)} (it needs {', '.join(HOP_FIELDS)})"
-        )
-    else:
-        param_dtype = str(rec.meta.get("param_dtype", ""))
-        if param_dtype and param_dtype != "bfloat16":
-            notes.append(
-                f"the parameters were {param_dtype}: updates below half a bf16 ULP were not lost in training; "
-                "the rounded-away counts say what bf16 parameters would have lost"
-            )
-    adam = _adam_settings(rec.meta)
-    lrs = rec["lr"][:].to(torch.float64).tolist() if "lr" in rec.fields else None
-
-    names = ["embeddings", "exp_avg", "exp_avg_sq"] if do_hops else ["embeddings"]
-    onset: list[dict] = []
-    hops: list[dict] = []
-    centroid: list[dict] = []
-    gaps = 0
-    prev: torch.Tensor | None = None
-    prev_step = None
-    start_values: torch.Tensor | None = None
-    disp: torch.Tensor | None = None
-    for position, (step, values) in zip(range(steps.size), rec.iter_step_fields(names), strict=True):
-        cur = values["embeddings"]
-        if position == first:
-            start_values = cur
-        if position == last and start_values is not None:
-            disp = displacement(start_values, cur)
-        if prev is not None:
-            record = freeze_onset([(prev_step, prev), (step, cur)])[0]
-            record["previous_step"] = prev_step
-            if masks is not None:
-                for name, rows in (("trained", trained_rows), ("untrained", untrained_rows)):
-                    sub = _subset_onset(prev, cur, rows, step, prev_step) if rows.numel() else {}
-                    record[f"{name}_unchanged_share"] = sub.get("unchanged_share")
-                    record[f"{name}_mean_displacement"] = sub.get("mean_displacement")
-            onset.append(record)
-            if do_hops:
-                if step == prev_step + 1 and not math.isnan(lrs[position]):
-                    state = (values["exp_avg"], values["exp_avg_sq"])
-                    hops.extend(
-                        lattice_hops(
-                            [prev, cur], [state[0]] * 2, [state[1]] * 2, lrs[position], [prev_step, step], **adam
-                        )
-                    )
-                else:
-                    gaps += 1
-        centroid.extend(centroid_track([(step, cur)], tracked_rows))
-        prev, prev_step = cur, step
-        del values
-    if gaps:
-        notes.append(
-            f"lattice hops left out for {gaps} step pair(s) that are not consecutive optimizer steps "
+            f"lattice hops left out for {walk.gaps} step pair(s) that are not consecutive optimizer steps "
             "(recorder.every > 1) or have no learning rate"
         )
+    disp = walk.displacement
     if steps.size == 1:
         notes.append("only one step is recorded: no displacement, freeze onset or lattice hops")
         disp = torch.zeros(num_rows)
@@ -309,14 +223,128 @@ def _analyse(rec: Recording, from_step, to_step, freeze_threshold, masks) -> Dyn
         displacement=disp,
         displacement_summary=summary,
         freeze=verdict,
-        freeze_onset=onset,
-        lattice_hops=hops if do_hops else None,
-        centroid=centroid,
+        freeze_onset=walk.onset,
+        lattice_hops=walk.hops if do_hops else None,
+        centroid=walk.centroid,
         centroid_group=group,
         masks=masks,
         meta={k: v for k, v in rec.meta.items() if isinstance(v, (str, int, float, bool))},
         notes=notes,
     )
+
+
+def _check_steps(rec: Recording, from_step, to_step, notes: list[str]) -> tuple[np.ndarray, int, int, int]:
+    """The recorded steps, the number of rows, and the positions of the first and last step to analyse."""
+    if "embeddings" not in rec.fields:
+        raise WakelabError(
+            f"recording {rec.path} has no embeddings field (it has {', '.join(rec.fields) or 'none'}); record it "
+            "with wakelab run --plugin recorder --set recorder.fields=embeddings,grads,exp_avg,exp_avg_sq,lr,loss"
+        )
+    spec = rec.fields["embeddings"]
+    if len(spec.shape) != 2:
+        raise WakelabError(f"recording {rec.path}: embeddings have per-step shape {spec.shape}, expected [rows, d]")
+    steps = rec.steps
+    if steps.size == 0:
+        raise WakelabError(
+            f"recording {rec.path} holds no complete step yet"
+            + ("" if rec.complete else " (its writer stopped before finishing the first shard)")
+        )
+    if not rec.complete:
+        notes.append(
+            f"recording cut short: the writer did not finish (crash or kill); analysed the {steps.size} complete "
+            f"steps {int(steps[0])}..{int(steps[-1])}"
+        )
+    first = _step_position(steps, from_step, 0, "--from-step")
+    last = _step_position(steps, to_step, steps.size - 1, "--to-step")
+    if first >= last and steps.size > 1:
+        raise WakelabError(f"--from-step {int(steps[first])} must come before --to-step {int(steps[last])}")
+    return steps, spec.shape[0], first, last
+
+
+def _tracked_group(masks: Masks | None, num_rows: int, notes: list[str]) -> tuple[str, torch.Tensor]:
+    """The rows the freeze verdict and centroid follow: the untrained ones when masks say which, else all."""
+    if masks is None:
+        return "all tracked rows", torch.ones(num_rows, dtype=torch.bool)
+    notes.append(
+        f"masks from {masks.source}: {int(masks.trained.sum())} trained, {int(masks.untrained.sum())} untrained rows"
+    )
+    if not masks.untrained.any():
+        notes.append("none of the tracked rows is untrained: the freeze verdict and centroid use all tracked rows")
+        return "all tracked rows", torch.ones(num_rows, dtype=torch.bool)
+    return "untrained", masks.untrained
+
+
+def _can_count_hops(rec: Recording, notes: list[str]) -> bool:
+    """Lattice hops need the values and Adam's two moments at every step."""
+    missing = [f for f in HOP_FIELDS if f not in rec.fields]
+    if missing:
+        notes.append(
+            f"lattice hops skipped: the recording lacks {', '.join(missing)} (it needs {', '.join(HOP_FIELDS)})"
+        )
+        return False
+    param_dtype = str(rec.meta.get("param_dtype", ""))
+    if param_dtype and param_dtype != "bfloat16":
+        notes.append(
+            f"the parameters were {param_dtype}: updates below half a bf16 ULP were not lost in training; "
+            "the rounded-away counts say what bf16 parameters would have lost"
+        )
+    return True
+
+
+@dataclass
+class _Walk:
+    """What one pass over the steps collects."""
+
+    onset: list[dict] = field(default_factory=list)
+    hops: list[dict] = field(default_factory=list)
+    centroid: list[dict] = field(default_factory=list)
+    gaps: int = 0
+    displacement: torch.Tensor | None = None
+
+
+def _walk(rec: Recording, steps: np.ndarray, first: int, last: int, masks: Masks | None, tracked: torch.Tensor,
+          do_hops: bool) -> _Walk:  # fmt: skip
+    """Each step pair once: freeze onset (per group with masks), lattice hops, the centroid, and the displacement
+    from the first analysed step to the last."""
+    adam = _adam_settings(rec.meta)
+    lrs = rec["lr"][:].to(torch.float64).tolist() if "lr" in rec.fields else None
+    names = ["embeddings", "exp_avg", "exp_avg_sq"] if do_hops else ["embeddings"]
+    tracked_rows = torch.nonzero(tracked).reshape(-1)
+    groups = () if masks is None else (
+        ("trained", torch.nonzero(masks.trained).reshape(-1)), ("untrained", torch.nonzero(masks.untrained).reshape(-1))
+    )  # fmt: skip
+    walk = _Walk()
+    prev: torch.Tensor | None = None
+    prev_step = None
+    start_values: torch.Tensor | None = None
+    for position, (step, values) in zip(range(steps.size), rec.iter_step_fields(names), strict=True):
+        cur = values["embeddings"]
+        if position == first:
+            start_values = cur
+        if position == last and start_values is not None:
+            walk.displacement = displacement(start_values, cur)
+        if prev is not None:
+            record = freeze_onset([(prev_step, prev), (step, cur)])[0]
+            record["previous_step"] = prev_step
+            for name, rows in groups:
+                sub = _subset_onset(prev, cur, rows, step, prev_step) if rows.numel() else {}
+                record[f"{name}_unchanged_share"] = sub.get("unchanged_share")
+                record[f"{name}_mean_displacement"] = sub.get("mean_displacement")
+            walk.onset.append(record)
+            if do_hops:
+                if step == prev_step + 1 and not math.isnan(lrs[position]):
+                    state = (values["exp_avg"], values["exp_avg_sq"])
+                    walk.hops.extend(
+                        lattice_hops(
+                            [prev, cur], [state[0]] * 2, [state[1]] * 2, lrs[position], [prev_step, step], **adam
+                        )
+                    )
+                else:
+                    walk.gaps += 1
+        walk.centroid.extend(centroid_track([(step, cur)], tracked_rows))
+        prev, prev_step = cur, step
+        del values
+    return walk
 
 
 def describe(result: DynamicsResult) -> dict[str, Any]:
