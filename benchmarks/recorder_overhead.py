@@ -159,7 +159,7 @@ def train_once(workdir: Path, *, steps: int, batch: int, record: bool, samples_a
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.train()
-    active = recorder_plugin.active() if record else None
+    active = pm.get_plugin("recorder").recorder if record else None  # the run's recording, on the plugin instance
     stats = dict(active.stats) if active is not None else {}
     if active is not None:
         stats["writer"] = dict(active.writer.stats)

@@ -117,7 +117,8 @@ def test_every_hook_context_says_main_process_in_a_single_process(tiny_model, te
 def test_recorder_records_nothing_outside_the_main_process(tmp_path):
     from wakelab.plugins import recorder
 
-    recorder._active = object()  # whatever an earlier run left
+    plugin = recorder.Plugin()
+    plugin.recorder = object()  # whatever an earlier run left
     run = wakelab.RunContext(
         config=None,
         output_dir=tmp_path / "run",
@@ -127,8 +128,8 @@ def test_recorder_records_nothing_outside_the_main_process(tmp_path):
         rows=None,
         is_main_process=False,
     )
-    recorder.on_run_start(run)
-    assert recorder._active is None
+    plugin.on_run_start(run)
+    assert plugin.recorder is None
     assert not (tmp_path / "run").exists()
 
 

@@ -440,3 +440,65 @@ def test_ctrl_c_reaches_on_run_end_as_killed(tiny_model, texts, tmp_path):
     assert (tmp_path / "status").read_text() == "KILLED"
     runs = mlflow.search_runs(search_all_experiments=True)
     assert list(runs["status"]) == ["KILLED"]
+
+
+def test_a_plugin_class_holds_each_runs_state_on_its_own_instance(tiny_model, texts, tmp_path):
+    """A module's ``Plugin`` class is made anew for every run: two runs in one process never share its state."""
+    (tmp_path / "plugins").mkdir()
+    plugin = plugin_file(
+        tmp_path / "plugins",  # found by name too, so `wakelab plugins` lists it below
+        "counting",
+        """
+        class Plugin:
+            def __init__(self):
+                self.steps = 0
+
+            @wakelab.hookimpl
+            def on_step_end(self, state):
+                self.steps += 1
+
+            @wakelab.hookimpl
+            def on_run_end(self, run, status):
+                SEEN.append((id(self), self.steps, status))
+    """,
+    )
+    run_with(tmp_path, tiny_model, texts, plugin, **{"train.max_steps": 3})
+    _, module = run_with(
+        tmp_path, tiny_model, texts, plugin, **{"train.max_steps": 2, "output_dir": str(tmp_path / "2")}
+    )
+    (first, steps_1, status_1), (second, steps_2, status_2) = module.SEEN
+    assert first != second and (steps_1, steps_2) == (3, 2) and status_1 == status_2 == "FINISHED"
+    row = {r["name"]: r for r in registry.describe(tmp_path)}  # what `wakelab plugins` lists: the class's hooks
+    assert row["counting"]["error"] is None and row["counting"]["hooks"] == ["on_run_end", "on_step_end"]
+
+
+def test_a_plugin_class_only_counts_where_it_is_defined(tmp_path):
+    """An imported class that happens to be called ``Plugin`` is not the plugin: the module is registered."""
+    plugin = plugin_file(
+        tmp_path,
+        "borrowing",
+        """
+        from dataclasses import dataclass as Plugin
+
+        @wakelab.hookimpl
+        def on_save(ctx):
+            pass
+    """,
+    )
+    pm = registry.build_manager([str(plugin)])
+    assert pm.get_plugin("borrowing") is loaded_plugin(plugin)
+
+
+@pytest.mark.parametrize("name", ["recorder", "sentry"])
+def test_built_in_plugins_keep_per_run_state_on_an_instance_not_in_module_globals(name):
+    import ast
+    import importlib
+
+    module = importlib.import_module(f"wakelab.plugins.{name}")
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)], f"{name}: a `global` statement"
+    first, second = registry.build_manager([name]), registry.build_manager([name])
+    assert isinstance(first.get_plugin(name), module.Plugin)
+    assert first.get_plugin(name) is not second.get_plugin(name)
+    rows = {row["name"]: row for row in registry.describe()}
+    assert rows[name]["doc"] == module.__doc__.strip().splitlines()[0]  # `wakelab plugins` shows the module's line

@@ -122,10 +122,25 @@ def build_manager(specs: Iterable[str], cwd: Path | None = None, optional: Itera
     return pm
 
 
+def instance_of(plugin: object) -> object:
+    """What a manager registers for a loaded plugin module: a new instance of its ``Plugin`` class, or the module.
+
+    A plugin that keeps state for the run in progress (the recorder's open recording, the trajectory's frames, the
+    Sentry target) holds it on a ``Plugin`` instance whose methods are its hooks. Each manager (one per run, and one
+    per config check) gets its own instance, so nothing one run leaves behind is seen by the next, and two managers
+    in one process never share it. A module without a ``Plugin`` class of its own is registered as it is.
+    """
+    cls = getattr(plugin, "Plugin", None) if isinstance(plugin, ModuleType) else None
+    if isinstance(cls, type) and cls.__module__ == plugin.__name__:
+        return cls()
+    return plugin
+
+
 def register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
     """Register and check at once: a misspelt hook implementation is an error, not silence."""
     if pm.get_plugin(name) is not None:
         return
+    plugin = instance_of(plugin)
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
@@ -164,9 +179,10 @@ def describe(cwd: Path | None = None) -> list[dict]:
                "hooks": [], "config_keys": [], "error": None}  # fmt: skip
         try:
             pm = make_manager()
-            register(pm, source.load(), name)
+            module = source.load()
+            register(pm, module, name)
             row["hooks"] = sorted(impl for impl in _hookimpl_names(pm.get_plugin(name)))
-            row["doc"] = ((pm.get_plugin(name).__doc__ or "").strip().splitlines() or [""])[0]
+            row["doc"] = ((module.__doc__ or "").strip().splitlines() or [""])[0]
             for impl in pm.hook.config_section.get_hookimpls():
                 section, model = impl.function() or (None, None)
                 if section is not None:

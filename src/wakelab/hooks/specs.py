@@ -3,7 +3,9 @@
 Every hook takes one small context object so a hook's signature never has to change when the engine learns to pass
 more. The contexts' fields are documented once, on the dataclasses in ``wakelab.hooks.context``; these docstrings say
 when each hook runs and what it may do. A plugin implements a hook with ``@wakelab.hookimpl`` on a function of the same
-name. docs/hooks.md is generated from both (``wakelab plugins --contexts-markdown``).
+name, or on a method of the same name of its module's ``Plugin`` class, made new for every run
+(:func:`wakelab.hooks.registry.instance_of`). docs/hooks.md is generated from both (``wakelab plugins
+--contexts-markdown``).
 """
 
 from __future__ import annotations

@@ -113,11 +113,6 @@ class RecorderConfig(wakelab.PluginConfig):
         return tuple(value)
 
 
-@wakelab.hookimpl
-def config_section():
-    return "recorder", RecorderConfig
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Which rows
 
@@ -330,14 +325,6 @@ class Recorder:
         self.stats["last_step"] = step
 
 
-_active: Recorder | None = None
-
-
-def active() -> Recorder | None:
-    """The recorder of the run in progress in this process (None when none records); benchmarks read its stats."""
-    return _active
-
-
 #: The writer's queue when memory allows (RecordingWriter's default).
 QUEUE_SIZE = 4
 
@@ -432,138 +419,145 @@ def write_token_masks(path: Path, corpus_ids, vocab_size: int) -> None:
     )
 
 
-@wakelab.hookimpl
-def on_run_start(run):
-    """Check the rows against the vocabulary, open the recording and record the starting state."""
-    global _active
-    _active = None
-    if not run.is_main_process:  # torchrun: one recording, from the first process
-        return
-    cfg = run.config.recorder
-    fields = tuple(f for f in cfg.fields if not (f == "logits" and cfg.logits == "none"))
-    if cfg.logits not in ("last", "none"):
-        raise ConfigError(f"recorder.logits: got '{cfg.logits}'; use last or none")
-    if not fields:
-        raise ConfigError("recorder.fields: nothing to record; name at least one field")
-    rows = run.rows
-    ids = resolve_rows(cfg.rows, rows.num_total, rows.num_base, cfg.sample_seed)
-    if any(f in ROW_FIELDS for f in fields) and len(ids) == 0:
-        raise ConfigError(
-            f"recorder.rows={cfg.rows} selects no rows (this run adds no tokens); use all, base, sample:K or a list"
-        )
-    path, replace = _recording_path(run)
-    storage = None if cfg.dtype == "param" else _STORAGE_DTYPES[cfg.dtype]
-    rec = Recorder(
-        run=run,
-        path=path,
-        ids=ids,
-        fields=fields,
-        every=cfg.every,
-        last_step=int(run.config.train.max_steps),
-        storage=storage,
-        logits_width=_logits_width(run) if "logits" in fields else None,
-    )
-    _active = rec
-    started = time.perf_counter()
-    # `param`: the dtype the rows are gathered in (the holding tensor's; fp32 when fp32 base rows are mixed in).
-    row_dtype = storage or (rows.values(ids).dtype if len(ids) and rec.row_fields() else rows.dtype)
-    specs = rec.specs(row_dtype)
-    steps_per_shard, queue_size = writer_depth(specs, cfg.steps_per_shard, cfg.buffer_mb)
-    if steps_per_shard < cfg.steps_per_shard:
-        _log(f"a recorded step is {step_bytes(specs) / 2**20:,.0f} MiB: {steps_per_shard} step(s) per shard and "
-             f"{queue_size} queued keep the writer within recorder.buffer_mb={cfg.buffer_mb:g}")  # fmt: skip
-    rec.writer = RecordingWriter(
-        path,
-        specs,
-        token_ids=ids.tolist(),
-        meta=_meta(run, rec),
-        steps_per_shard=steps_per_shard,
-        queue_size=queue_size,
-        overwrite=replace,
-    )
-    rec.append(
-        int(run.start_step),
-        rows=rows,
-        optimizer=run.optimizer,
-        loss=math.nan,
-        lr=math.nan,
-        logits=None,
-        initial=True,
-    )
-    if run.corpus_ids is not None:
-        write_token_masks(path / MASKS_FILE, run.corpus_ids, rows.num_total)
-    where = f"{len(ids)} rows ({cfg.rows if isinstance(cfg.rows, str) else 'list'})" if rec.row_fields() else "no rows"
-    _log(f"recording {', '.join(fields)} of {where} every {cfg.every} step(s) as {cfg.dtype} into {path}")
-    spent = time.perf_counter() - started
-    rec.stats["hook_seconds"] += spent
-    rec.stats["start_seconds"] = spent
+class Plugin:
+    """The recorder plugin, one instance per run's plugin manager: it holds that run's recording."""
 
+    def __init__(self) -> None:
+        self.recorder: Recorder | None = None  # the run's recording; None when this process records nothing
 
-@wakelab.hookimpl
-def mask_grads(ctx):
-    """Before the optimizer step changes anything: wait until the writer has copied the last recorded step.
+    @wakelab.hookimpl
+    def config_section(self):
+        return "recorder", RecorderConfig
 
-    The recorder changes no gradient; ``mask_grads`` is simply the first hook of every optimizer step, ahead of
-    clipping, ``mask``'s decay and the step. The copy has had the whole forward and backward pass to run, so this
-    wait is normally nothing; it is counted in the recorder's hook time all the same.
-    """
-    rec = _active
-    if rec is None or rec.writer is None:
-        return
-    started = time.perf_counter()
-    rec.writer.wait_lent()
-    spent = time.perf_counter() - started
-    rec.stats["hook_seconds"] += spent
-    rec.stats["wait_seconds"] = rec.stats.get("wait_seconds", 0.0) + spent
-
-
-@wakelab.hookimpl
-def on_step_end(state):
-    """Record this step when it is one of the chosen steps."""
-    rec = _active
-    if rec is None or rec.writer is None:
-        return
-    started = time.perf_counter()
-    try:
-        if rec.wants(state.step):
-            rec.append(
-                int(state.step),
-                rows=state.rows,
-                optimizer=state.optimizer,
-                loss=state.loss,
-                lr=state.lr,
-                logits=state.logits,
-                initial=False,
+    @wakelab.hookimpl
+    def on_run_start(self, run):
+        """Check the rows against the vocabulary, open the recording and record the starting state."""
+        self.recorder = None
+        if not run.is_main_process:  # torchrun: one recording, from the first process
+            return
+        cfg = run.config.recorder
+        fields = tuple(f for f in cfg.fields if not (f == "logits" and cfg.logits == "none"))
+        if cfg.logits not in ("last", "none"):
+            raise ConfigError(f"recorder.logits: got '{cfg.logits}'; use last or none")
+        if not fields:
+            raise ConfigError("recorder.fields: nothing to record; name at least one field")
+        rows = run.rows
+        ids = resolve_rows(cfg.rows, rows.num_total, rows.num_base, cfg.sample_seed)
+        if any(f in ROW_FIELDS for f in fields) and len(ids) == 0:
+            raise ConfigError(
+                f"recorder.rows={cfg.rows} selects no rows (this run adds no tokens); use all, base, sample:K or a list"
             )
-    finally:
+        path, replace = _recording_path(run)
+        storage = None if cfg.dtype == "param" else _STORAGE_DTYPES[cfg.dtype]
+        rec = Recorder(
+            run=run,
+            path=path,
+            ids=ids,
+            fields=fields,
+            every=cfg.every,
+            last_step=int(run.config.train.max_steps),
+            storage=storage,
+            logits_width=_logits_width(run) if "logits" in fields else None,
+        )
+        self.recorder = rec
+        started = time.perf_counter()
+        # `param`: the dtype the rows are gathered in (the holding tensor's; fp32 when fp32 base rows are mixed in).
+        row_dtype = storage or (rows.values(ids).dtype if len(ids) and rec.row_fields() else rows.dtype)
+        specs = rec.specs(row_dtype)
+        steps_per_shard, queue_size = writer_depth(specs, cfg.steps_per_shard, cfg.buffer_mb)
+        if steps_per_shard < cfg.steps_per_shard:
+            _log(f"a recorded step is {step_bytes(specs) / 2**20:,.0f} MiB: {steps_per_shard} step(s) per shard and "
+                 f"{queue_size} queued keep the writer within recorder.buffer_mb={cfg.buffer_mb:g}")  # fmt: skip
+        rec.writer = RecordingWriter(
+            path,
+            specs,
+            token_ids=ids.tolist(),
+            meta=_meta(run, rec),
+            steps_per_shard=steps_per_shard,
+            queue_size=queue_size,
+            overwrite=replace,
+        )
+        rec.append(
+            int(run.start_step),
+            rows=rows,
+            optimizer=run.optimizer,
+            loss=math.nan,
+            lr=math.nan,
+            logits=None,
+            initial=True,
+        )
+        if run.corpus_ids is not None:
+            write_token_masks(path / MASKS_FILE, run.corpus_ids, rows.num_total)
+        where = (
+            f"{len(ids)} rows ({cfg.rows if isinstance(cfg.rows, str) else 'list'})" if rec.row_fields() else "no rows"
+        )
+        _log(f"recording {', '.join(fields)} of {where} every {cfg.every} step(s) as {cfg.dtype} into {path}")
         spent = time.perf_counter() - started
         rec.stats["hook_seconds"] += spent
-        rec.stats["hook_calls"] += 1
-        rec.stats["max_hook_seconds"] = max(rec.stats["max_hook_seconds"], spent)
+        rec.stats["start_seconds"] = spent
 
+    @wakelab.hookimpl
+    def mask_grads(self, ctx):
+        """Before the optimizer step changes anything: wait until the writer has copied the last recorded step.
 
-@wakelab.hookimpl
-def on_run_end(run, status):
-    """Finish the recording (complete only for a finished run) and log it to MLflow."""
-    global _active
-    rec = _active
-    if rec is None or rec.run is not run:
-        return
-    _active = None
-    if rec.writer is None:
-        return
-    close_error: RecordingError | None = None
-    try:
-        rec.writer.close(complete=status == "FINISHED")
-    except RecordingError as exc:
-        close_error = exc
-    try:
-        _log_to_mlflow(run, rec)
-    finally:
-        if close_error is not None and status == "FINISHED":
-            raise close_error
-    if close_error is not None:
-        _log(str(close_error))
+        The recorder changes no gradient; ``mask_grads`` is simply the first hook of every optimizer step, ahead of
+        clipping, ``mask``'s decay and the step. The copy has had the whole forward and backward pass to run, so this
+        wait is normally nothing; it is counted in the recorder's hook time all the same.
+        """
+        rec = self.recorder
+        if rec is None or rec.writer is None:
+            return
+        started = time.perf_counter()
+        rec.writer.wait_lent()
+        spent = time.perf_counter() - started
+        rec.stats["hook_seconds"] += spent
+        rec.stats["wait_seconds"] = rec.stats.get("wait_seconds", 0.0) + spent
+
+    @wakelab.hookimpl
+    def on_step_end(self, state):
+        """Record this step when it is one of the chosen steps."""
+        rec = self.recorder
+        if rec is None or rec.writer is None:
+            return
+        started = time.perf_counter()
+        try:
+            if rec.wants(state.step):
+                rec.append(
+                    int(state.step),
+                    rows=state.rows,
+                    optimizer=state.optimizer,
+                    loss=state.loss,
+                    lr=state.lr,
+                    logits=state.logits,
+                    initial=False,
+                )
+        finally:
+            spent = time.perf_counter() - started
+            rec.stats["hook_seconds"] += spent
+            rec.stats["hook_calls"] += 1
+            rec.stats["max_hook_seconds"] = max(rec.stats["max_hook_seconds"], spent)
+
+    @wakelab.hookimpl
+    def on_run_end(self, run, status):
+        """Finish the recording (complete only for a finished run) and log it to MLflow."""
+        rec = self.recorder
+        if rec is None or rec.run is not run:
+            return
+        self.recorder = None
+        if rec.writer is None:
+            return
+        close_error: RecordingError | None = None
+        try:
+            rec.writer.close(complete=status == "FINISHED")
+        except RecordingError as exc:
+            close_error = exc
+        try:
+            _log_to_mlflow(run, rec)
+        finally:
+            if close_error is not None and status == "FINISHED":
+                raise close_error
+        if close_error is not None:
+            _log(str(close_error))
 
 
 def _log_to_mlflow(run, rec: Recorder) -> None:

@@ -29,8 +29,6 @@ from wakelab import (
     verify_checkpoint,
 )
 
-_settings: dict = {}
-
 
 class SentryConfig(wakelab.PluginConfig):
     """The `sentry` plugin: after each checkpoint, mirror the latest complete one to a backup location."""
@@ -41,64 +39,69 @@ class SentryConfig(wakelab.PluginConfig):
     keep: int = Field(2, ge=1, description="Mirrors kept at the target; older ones are deleted.")
 
 
-@wakelab.hookimpl
-def config_section():
-    return "sentry", SentryConfig
+class Plugin:
+    """The sentry plugin, one instance per run's plugin manager: it holds where that run's checkpoints are mirrored."""
 
+    def __init__(self) -> None:
+        self.settings: dict = {}  # target, keep, run_id and set_tags of the run in progress
 
-@wakelab.hookimpl
-def check_config(config):
-    if not config.sentry.target:
-        raise wakelab.ConfigError("sentry.target: the sentry plugin needs a backup location (a directory, or `mlflow`)")
-    if not config.train.save_steps:
-        raise wakelab.ConfigError(
-            "train.save_steps: the sentry plugin mirrors checkpoints, so set train.save_steps > 0"
+    @wakelab.hookimpl
+    def config_section(self):
+        return "sentry", SentryConfig
+
+    @wakelab.hookimpl
+    def check_config(self, config):
+        if not config.sentry.target:
+            raise wakelab.ConfigError(
+                "sentry.target: the sentry plugin needs a backup location (a directory, or `mlflow`)"
+            )
+        if not config.train.save_steps:
+            raise wakelab.ConfigError(
+                "train.save_steps: the sentry plugin mirrors checkpoints, so set train.save_steps > 0"
+            )
+
+    @wakelab.hookimpl
+    def on_run_start(self, run):
+        self.settings.clear()
+        self.settings.update(
+            target=run.config.sentry.target, keep=run.config.sentry.keep, run_id=run.run_id, set_tags=run.set_tags
         )
 
-
-@wakelab.hookimpl
-def on_run_start(run):
-    _settings.clear()
-    _settings.update(
-        target=run.config.sentry.target, keep=run.config.sentry.keep, run_id=run.run_id, set_tags=run.set_tags
-    )
-
-
-@wakelab.hookimpl
-def on_save(ctx):
-    target = _settings.get("target")
-    if not target:
-        return
-    root = Path(target) / (ctx.run_id or "run") if target != "mlflow" else None
-    try:
-        # A full disk or an I/O error is one line and stops the run (wakelab.storage.writepoint): the checkpoint itself
-        # is complete, and a mirror that can never be written again would otherwise fail quietly at every save.
-        with wakelab.write_point(
-            "sentry-mirror",
-            root or target,
-            what=f"the Sentry mirror of {ctx.checkpoint_dir.name}",
-            intact=lambda: f"{ctx.checkpoint_dir} is complete and the mirrors before it are intact",
-            then=f"wakelab resume {ctx.checkpoint_dir.parent}",
-        ):
-            if root is None:
-                where = mirror_to_mlflow(ctx.checkpoint_dir, ctx.run_id, _settings["keep"])
-            else:
-                where = mirror_to_directory(ctx.checkpoint_dir, root, _settings["keep"])
-    except wakelab.WriteFailed:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any other failure of a backup must not stop training
-        message = (
-            f"sentry: mirror of {ctx.checkpoint_dir.name} to {target} FAILED ({type(exc).__name__}: {exc}); "
-            "training goes on, the next checkpoint will be tried again"
-        )
-        wakelab.warn(message)
-        _tag({"wakelab.sentry.last_error": message[:5000]})
-        return
-    _tag({"wakelab.sentry.latest": str(where), "wakelab.sentry.last_error": ""})
+    @wakelab.hookimpl
+    def on_save(self, ctx):
+        target = self.settings.get("target")
+        if not target:
+            return
+        root = Path(target) / (ctx.run_id or "run") if target != "mlflow" else None
+        try:
+            # A full disk or an I/O error is one line and stops the run (wakelab.storage.writepoint): the checkpoint
+            # itself is complete, and a mirror that can never be written again would otherwise fail quietly at every
+            # save.
+            with wakelab.write_point(
+                "sentry-mirror",
+                root or target,
+                what=f"the Sentry mirror of {ctx.checkpoint_dir.name}",
+                intact=lambda: f"{ctx.checkpoint_dir} is complete and the mirrors before it are intact",
+                then=f"wakelab resume {ctx.checkpoint_dir.parent}",
+            ):
+                if root is None:
+                    where = mirror_to_mlflow(ctx.checkpoint_dir, ctx.run_id, self.settings["keep"])
+                else:
+                    where = mirror_to_directory(ctx.checkpoint_dir, root, self.settings["keep"])
+        except wakelab.WriteFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any other failure of a backup must not stop training
+            message = (
+                f"sentry: mirror of {ctx.checkpoint_dir.name} to {target} FAILED ({type(exc).__name__}: {exc}); "
+                "training goes on, the next checkpoint will be tried again"
+            )
+            wakelab.warn(message)
+            _tag(self.settings.get("set_tags"), {"wakelab.sentry.last_error": message[:5000]})
+            return
+        _tag(self.settings.get("set_tags"), {"wakelab.sentry.latest": str(where), "wakelab.sentry.last_error": ""})
 
 
-def _tag(tags: dict) -> None:
-    set_tags = _settings.get("set_tags")
+def _tag(set_tags, tags: dict) -> None:
     if set_tags is not None:
         try:
             set_tags(tags)

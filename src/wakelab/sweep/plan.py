@@ -170,7 +170,9 @@ def _implements_init(source) -> bool:
         module = source.load()
     except WakelabError:
         return False
-    return callable(getattr(module, "init_embeddings", None))
+    from ..hooks.registry import instance_of
+
+    return callable(getattr(instance_of(module), "init_embeddings", None))
 
 
 def check_output_dirs(children: list[Child], overwrite: bool) -> None:
