@@ -489,7 +489,7 @@ def test_a_plugin_class_only_counts_where_it_is_defined(tmp_path):
     assert pm.get_plugin("borrowing") is loaded_plugin(plugin)
 
 
-@pytest.mark.parametrize("name", ["recorder", "sentry"])
+@pytest.mark.parametrize("name", ["recorder", "sentry", "trajectory"])
 def test_built_in_plugins_keep_per_run_state_on_an_instance_not_in_module_globals(name):
     import ast
     import importlib

@@ -73,33 +73,6 @@ class TrajectoryConfig(wakelab.PluginConfig):
                             "they would overlap).")  # fmt: skip
 
 
-@wakelab.hookimpl
-def config_section():
-    return "trajectory", TrajectoryConfig
-
-
-@wakelab.hookimpl
-def check_config(config):
-    """Refuse a token choice the plugin cannot draw, before anything is written."""
-    spec = str(config.trajectory.tokens).strip()
-    if not config.trajectory.enabled or spec in ("auto", "all"):
-        return
-    kind, _, count = spec.partition(":")
-    if kind == "top":
-        raise wakelab.ConfigError(
-            f"trajectory.tokens={spec}: the top movers are known only once training is over; use sample:K or a words "
-            "file live, or top:K with `wakelab analyze RUN --recording --tokens top:K`"
-        )
-    if kind == "sample":
-        if not count.isdigit() or int(count) < 1:
-            raise wakelab.ConfigError(f"trajectory.tokens={spec}: K must be a whole number >= 1 (e.g. sample:20)")
-        return
-    if not os.path.isfile(os.path.expanduser(spec)):
-        raise wakelab.ConfigError(
-            f"trajectory.tokens={spec}: not auto, all, sample:K or an existing words file (one word a line)"
-        )
-
-
 def _log(message: str) -> None:
     wakelab.log(f"trajectory: {message}")
 
@@ -118,14 +91,6 @@ class _Watch:
         self.client = None
         self.frame_errors = 0
         self.stats: dict[str, float] = {"hook_seconds": 0.0, "frames": 0, "start_seconds": 0.0, "end_seconds": 0.0}
-
-
-_active: _Watch | None = None
-
-
-def active() -> _Watch | None:
-    """The watch of the run in progress (None when none): benchmarks read its stats."""
-    return _active
 
 
 def _new_rows(rows) -> torch.Tensor:
@@ -153,45 +118,134 @@ def _frame(watch: _Watch, step: int, add: bool = True) -> None:
         wakelab.warn(f"trajectory: frame at step {step} not logged: {exc}")
 
 
-@wakelab.hookimpl
-def on_run_start(run):
-    """Fit the projection on the base rows, pick the tokens, probe the untrained rows and log the first frame."""
-    global _active
-    _active = None
-    cfg = run.config.trajectory
-    if not cfg.enabled or not run.is_main_process:
-        return
-    started = time.perf_counter()
-    rows = run.rows
-    if len(rows.new_ids) == 0:
-        _log("this run adds no new tokens; nothing to draw")
-        return
-    base_rows = rows.values(range(rows.num_base), share=True)  # a view of the weights: no copy of the base rows
-    builder = wakelab.start_watch(
-        base_rows, run.tokenizer, rows.new_ids.tolist(), _new_rows(rows), int(run.start_step), tokens=cfg.tokens,
-        max_tokens=cfg.max_tokens, backdrop=cfg.backdrop, neighbours=cfg.neighbours, seed=cfg.seed,
-        warn=_warn, constituents=wakelab.trajectory_constituents(run.config), projection=cfg.projection,
-        labels=cfg.labels,
-    )  # fmt: skip
-    probe, before = None, None
-    if cfg.probe:
-        probe = wakelab.probe_setup(
-            run.config,
-            run.tokenizer,
-            rows.num_base,
-            contexts=cfg.probe_contexts,
-            max_words=cfg.probe_words,
-            seed=cfg.seed,
-            warn=_warn,
-        )
-        if probe is not None:
-            before = wakelab.meaning_probe(run.model, probe)
-    watch = _Watch(run, builder, _new_rows(rows).detach().float().clone(), probe, before)
-    _active = watch
-    _frame(watch, int(run.start_step), add=False)  # start_watch captured it
-    watch.stats["start_seconds"] = time.perf_counter() - started
-    _log(f"drawing {len(builder.tracked)} of {len(rows.new_ids)} new tokens every {cfg.every} step(s)"
-         + (f"; probing {len(probe.words)} words" if probe else ""))  # fmt: skip
+class Plugin:
+    """The trajectory plugin, one instance per run's plugin manager: it holds that run's watch (frames, probe)."""
+
+    def __init__(self) -> None:
+        self.watch: _Watch | None = None  # the run's watch; None when this run draws nothing
+
+    @wakelab.hookimpl
+    def config_section(self):
+        return "trajectory", TrajectoryConfig
+
+    @wakelab.hookimpl
+    def check_config(self, config):
+        """Refuse a token choice the plugin cannot draw, before anything is written."""
+        spec = str(config.trajectory.tokens).strip()
+        if not config.trajectory.enabled or spec in ("auto", "all"):
+            return
+        kind, _, count = spec.partition(":")
+        if kind == "top":
+            raise wakelab.ConfigError(
+                f"trajectory.tokens={spec}: the top movers are known only once training is over; use sample:K or a words "
+                "file live, or top:K with `wakelab analyze RUN --recording --tokens top:K`"
+            )
+        if kind == "sample":
+            if not count.isdigit() or int(count) < 1:
+                raise wakelab.ConfigError(f"trajectory.tokens={spec}: K must be a whole number >= 1 (e.g. sample:20)")
+            return
+        if not os.path.isfile(os.path.expanduser(spec)):
+            raise wakelab.ConfigError(
+                f"trajectory.tokens={spec}: not auto, all, sample:K or an existing words file (one word a line)"
+            )
+
+    @wakelab.hookimpl
+    def on_run_start(self, run):
+        """Fit the projection on the base rows, pick the tokens, probe the untrained rows and log the first frame."""
+        self.watch = None
+        cfg = run.config.trajectory
+        if not cfg.enabled or not run.is_main_process:
+            return
+        started = time.perf_counter()
+        rows = run.rows
+        if len(rows.new_ids) == 0:
+            _log("this run adds no new tokens; nothing to draw")
+            return
+        base_rows = rows.values(range(rows.num_base), share=True)  # a view of the weights: no copy of the base rows
+        builder = wakelab.start_watch(
+            base_rows, run.tokenizer, rows.new_ids.tolist(), _new_rows(rows), int(run.start_step), tokens=cfg.tokens,
+            max_tokens=cfg.max_tokens, backdrop=cfg.backdrop, neighbours=cfg.neighbours, seed=cfg.seed,
+            warn=_warn, constituents=wakelab.trajectory_constituents(run.config), projection=cfg.projection,
+            labels=cfg.labels,
+        )  # fmt: skip
+        probe, before = None, None
+        if cfg.probe:
+            probe = wakelab.probe_setup(
+                run.config,
+                run.tokenizer,
+                rows.num_base,
+                contexts=cfg.probe_contexts,
+                max_words=cfg.probe_words,
+                seed=cfg.seed,
+                warn=_warn,
+            )
+            if probe is not None:
+                before = wakelab.meaning_probe(run.model, probe)
+        watch = _Watch(run, builder, _new_rows(rows).detach().float().clone(), probe, before)
+        self.watch = watch
+        _frame(watch, int(run.start_step), add=False)  # start_watch captured it
+        watch.stats["start_seconds"] = time.perf_counter() - started
+        _log(f"drawing {len(builder.tracked)} of {len(rows.new_ids)} new tokens every {cfg.every} step(s)"
+             + (f"; probing {len(probe.words)} words" if probe else ""))  # fmt: skip
+
+    @wakelab.hookimpl
+    def on_step_end(self, state):
+        """Capture a frame on every ``trajectory.every``-th step."""
+        watch = self.watch
+        if watch is None or state.step % watch.run.config.trajectory.every:
+            return
+        started = time.perf_counter()
+        try:
+            _frame(watch, int(state.step))
+        finally:
+            watch.stats["hook_seconds"] += time.perf_counter() - started
+
+    @wakelab.hookimpl
+    def on_run_end(self, run, status):
+        """Write and log the page, the GIF, the per-token table and the probe's scores (finished runs only)."""
+        watch = self.watch
+        if watch is None or watch.run is not run:
+            return
+        self.watch = None
+        if status != "FINISHED":
+            return
+        started = time.perf_counter()
+        cfg = run.config.trajectory
+        step = max(watch.builder.steps[-1], int(run.config.train.max_steps))
+        if watch.builder.steps[-1] < step:
+            _frame(watch, step)
+        after = wakelab.meaning_probe(run.model, watch.probe) if watch.probe is not None else None
+        if cfg.table_neighbours:
+            _say_table_cost(run.rows)
+        with wakelab.write_point(  # a full disk: one line; the folder is whole (the one before) or absent
+            "trajectory", run.output_dir / "trajectory", what="the trajectory",
+            intact=lambda: f"the trained rows in {run.output_dir / 'final'} and every checkpoint are intact",
+            then=f"wakelab analyze {run.output_dir} --recording (draws the trajectory again from a recording)",
+        ):  # fmt: skip
+            out = wakelab.finish_watch(
+                watch.builder, run.output_dir / "trajectory", start_rows=watch.start_rows,
+                end_rows=_new_rows(run.rows), corpus_ids=run.corpus_ids, probe_before=watch.probe_before,
+                probe_after=after, html=cfg.html, gif=cfg.gif, max_frames=cfg.max_frames,
+                fewer_frames_hint="raise trajectory.every or lower trajectory.max_frames",
+                label_max=cfg.max_labels, table_neighbours=cfg.table_neighbours,
+            )  # fmt: skip
+        for message in out.messages:
+            _log(message)
+        for path in out.files:
+            run.log_artifact(path, "trajectory")
+        watch.stats["end_seconds"] = time.perf_counter() - started
+        metrics: dict[str, Any] = dict(out.metrics)
+        metrics["trajectory_ms_per_step"] = 1000.0 * watch.stats["hook_seconds"] / max(step - int(run.start_step), 1)
+        run.log_metrics(metrics, step)
+        if run.run_id is not None:
+            try:
+                from mlflow import MlflowClient
+
+                client = watch.client or MlflowClient()
+                wakelab.log_token_table(client, run.run_id, out.table, "trajectory/tokens_table.json")
+            except Exception as exc:  # noqa: BLE001 - the CSV is logged; the UI table is a convenience
+                _warn(f"the per-token table was not logged as an MLflow table: {exc}")
+        _log(f"wrote {', '.join(p.name for p in out.files)} to {out.folder}")
 
 
 #: Above this many multiply-adds the table's neighbour search is announced: about a minute on 2 CPU cores.
@@ -206,64 +260,3 @@ def _say_table_cost(rows) -> None:
         _log(f"per-token table: the nearest base tokens of {new:,} new words at start and end, against {base:,} "
              f"base rows ({cost:.1e} multiply-adds: seconds on a GPU, minutes on a CPU); "
              "trajectory.table_neighbours=false leaves those two columns out")  # fmt: skip
-
-
-@wakelab.hookimpl
-def on_step_end(state):
-    """Capture a frame on every ``trajectory.every``-th step."""
-    watch = _active
-    if watch is None or state.step % watch.run.config.trajectory.every:
-        return
-    started = time.perf_counter()
-    try:
-        _frame(watch, int(state.step))
-    finally:
-        watch.stats["hook_seconds"] += time.perf_counter() - started
-
-
-@wakelab.hookimpl
-def on_run_end(run, status):
-    """Write and log the page, the GIF, the per-token table and the probe's scores (finished runs only)."""
-    global _active
-    watch = _active
-    if watch is None or watch.run is not run:
-        return
-    _active = None
-    if status != "FINISHED":
-        return
-    started = time.perf_counter()
-    cfg = run.config.trajectory
-    step = max(watch.builder.steps[-1], int(run.config.train.max_steps))
-    if watch.builder.steps[-1] < step:
-        _frame(watch, step)
-    after = wakelab.meaning_probe(run.model, watch.probe) if watch.probe is not None else None
-    if cfg.table_neighbours:
-        _say_table_cost(run.rows)
-    with wakelab.write_point(  # a full disk: one line; the folder is whole (the one before) or absent
-        "trajectory", run.output_dir / "trajectory", what="the trajectory",
-        intact=lambda: f"the trained rows in {run.output_dir / 'final'} and every checkpoint are intact",
-        then=f"wakelab analyze {run.output_dir} --recording (draws the trajectory again from a recording)",
-    ):  # fmt: skip
-        out = wakelab.finish_watch(
-            watch.builder, run.output_dir / "trajectory", start_rows=watch.start_rows, end_rows=_new_rows(run.rows),
-            corpus_ids=run.corpus_ids, probe_before=watch.probe_before, probe_after=after, html=cfg.html, gif=cfg.gif,
-            max_frames=cfg.max_frames, fewer_frames_hint="raise trajectory.every or lower trajectory.max_frames",
-            label_max=cfg.max_labels, table_neighbours=cfg.table_neighbours,
-        )  # fmt: skip
-    for message in out.messages:
-        _log(message)
-    for path in out.files:
-        run.log_artifact(path, "trajectory")
-    watch.stats["end_seconds"] = time.perf_counter() - started
-    metrics: dict[str, Any] = dict(out.metrics)
-    metrics["trajectory_ms_per_step"] = 1000.0 * watch.stats["hook_seconds"] / max(step - int(run.start_step), 1)
-    run.log_metrics(metrics, step)
-    if run.run_id is not None:
-        try:
-            from mlflow import MlflowClient
-
-            client = watch.client or MlflowClient()
-            wakelab.log_token_table(client, run.run_id, out.table, "trajectory/tokens_table.json")
-        except Exception as exc:  # noqa: BLE001 - the CSV is logged; the UI table is a convenience
-            _warn(f"the per-token table was not logged as an MLflow table: {exc}")
-    _log(f"wrote {', '.join(p.name for p in out.files)} to {out.folder}")
