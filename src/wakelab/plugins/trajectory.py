@@ -137,8 +137,8 @@ class Plugin:
         kind, _, count = spec.partition(":")
         if kind == "top":
             raise wakelab.ConfigError(
-                f"trajectory.tokens={spec}: the top movers are known only once training is over; use sample:K or a words "
-                "file live, or top:K with `wakelab analyze RUN --recording --tokens top:K`"
+                f"trajectory.tokens={spec}: the top movers are known only once training is over; use sample:K or a "
+                "words file live, or top:K with `wakelab analyze RUN --recording --tokens top:K`"
             )
         if kind == "sample":
             if not count.isdigit() or int(count) < 1:
