@@ -204,7 +204,7 @@ def print_table(bench: Bench, reference: float | None, floor: dict[str, int] | N
 def import_baseline(env: dict[str, str]) -> float:
     """Peak RSS (MiB) of a process that imports the training path's libraries and does nothing else: what no
     configuration of a run can take away, so the floor's tensors are compared with what the run adds to it."""
-    code = "import torch, transformers, mlflow, wakelab.engine, wakelab.run.trainer, wakelab.cli.main"
+    code = "import torch, transformers, mlflow, wakelab.run.engine, wakelab.run.trainer, wakelab.cli.main"
     rc, output, peak_kib, _ = measure([sys.executable, "-c", code], env=env)
     if rc != 0:
         raise SystemExit(f"the import baseline failed: {output[-2000:]}")

@@ -87,7 +87,7 @@ def test_every_exported_name_resolves():
 def test_import_wakelab_is_cheap():
     code = (
         "import sys, wakelab\n"
-        "heavy = [m for m in ('torch', 'mlflow', 'transformers', 'wakelab.engine') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'mlflow', 'transformers', 'wakelab.run.engine') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

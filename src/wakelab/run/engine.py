@@ -8,6 +8,7 @@ no plugin by name: it calls the hooks and lets the active plugins answer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -351,22 +352,7 @@ class _Run:
             is_main_process=self.rank == 0,
         )
         self.checkpoint_info.update(run_id=tracked.run_id, wakelab_version=tracking.library_versions().get("wakelab"))
-        self.trainer = trainer = _build_trainer(
-            config,
-            self.model,
-            self.prepared.tokenizer,
-            self.rows,
-            self.prepared.pm,
-            self.corpus,
-            self.output_dir,
-            tracked,
-            run_ctx,
-            self.initial_new,
-            self.progress and self.rank == 0,
-            self.checkpoint_info,
-            fresh_schedule=self.starts_from_other_run and config.train.resume_schedule == "fresh",
-            sharded=sharded,
-        )
+        self.trainer = trainer = _build_trainer(self, tracked, run_ctx, sharded=sharded)
         if sharded:
             sharding.hand_to_trainer(trainer)
         if resume_from is not None and self.resume_step >= config.train.max_steps:
@@ -521,32 +507,69 @@ def _note_failure(tracked: tracking.TrackedRun, error: WakelabError) -> None:
         pass
 
 
-def _build_trainer(
-    config,
-    model,
-    tokenizer,
-    rows,
-    pm,
-    corpus,
-    output_dir,
-    tracked,
-    run_ctx,
-    initial_new,
-    progress,
-    checkpoint_info,
-    fresh_schedule=False,
-    sharded=False,
-):
+def _build_trainer(run: _Run, tracked, run_ctx: RunContext, *, sharded: bool = False):
+    """The run's Trainer: its arguments, the hook bridge that feeds the plugins and MLflow, the stop callback."""
+    from .trainer import HookBridge, WakelabTrainer
+
+    config, t = run.config, run.config.train
+    slot = _TrainerSlot()
+    bridge = HookBridge(
+        trainer_ref=slot,
+        on_start=functools.partial(_start_plugins, slot, run_ctx, run.prepared.pm),
+        log_metrics=tracked.log_metrics,
+        extra_metrics=functools.partial(new_row_metrics, run.rows, run.initial_new),
+        output_dir=run.output_dir,
+        run_id=tracked.run_id,
+        progress=_progress_bar(t.max_steps) if run.progress and run.rank == 0 else None,
+    )
+    slot.trainer = WakelabTrainer(
+        model=run.model,
+        args=_training_arguments(t, run.output_dir, sharded),
+        train_dataset=run.corpus.train,
+        data_collator=data_mod.collate,
+        processing_class=run.prepared.tokenizer,
+        callbacks=[bridge, stopping.StopCallback(stopping.current(), run.output_dir)],
+        rows=run.rows,
+        pm=run.prepared.pm,
+        checkpoint_info=run.checkpoint_info,
+        config_yaml=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        precision=t.precision,
+        schedule_start=run.checkpoint_info.get("schedule_start", 0),
+        fresh_schedule=run.starts_from_other_run and t.resume_schedule == "fresh",
+        loss_chunk_tokens=t.loss_chunk_tokens,
+    )
+    # Our progress bar and MLflow carry the logs; Trainer's printer would repeat them as raw dicts.
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    slot.trainer.remove_callback(PrinterCallback)
+    slot.trainer.remove_callback(ProgressCallback)
+    return slot.trainer
+
+
+class _TrainerSlot:
+    """The Trainer, once built. The hook bridge is made first (Trainer takes its callbacks when it is made) and asks
+    the slot for the Trainer only once training starts."""
+
+    trainer = None
+
+    def __call__(self):
+        return self.trainer
+
+
+def _start_plugins(slot: _TrainerSlot, run_ctx: RunContext, pm, optimizer) -> None:
+    """Training begins: the plugins' ``on_run_start`` sees the optimizer and the step the run starts from."""
+    run_ctx.optimizer = optimizer
+    run_ctx.start_step = slot.trainer.state.global_step
+    pm.hook.on_run_start(run=run_ctx)
+
+
+def _training_arguments(t, output_dir: Path, sharded: bool):
+    """Trainer's arguments from ``train.*``: wakelab logs, saves and shows progress itself."""
     from transformers import TrainingArguments
 
     if sharded:
         TrainingArguments = sharding.training_arguments()  # noqa: N806 - the same class, but for device placement
-
-    from .trainer import HookBridge, WakelabTrainer
-
-    t = config.train
-    use_cpu = training_device() == "cpu"
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
@@ -569,7 +592,7 @@ def _build_trainer(
         seed=t.seed,
         data_seed=t.seed,
         bf16=t.bf16_autocast,
-        use_cpu=use_cpu,
+        use_cpu=training_device() == "cpu",
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -577,49 +600,12 @@ def _build_trainer(
         eval_strategy="no",
         ddp_find_unused_parameters=False,  # every trainable tensor takes part in each forward
     )
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=t.max_steps, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def on_start(optimizer):
-        run_ctx.optimizer = optimizer
-        run_ctx.start_step = trainer.state.global_step
-        pm.hook.on_run_start(run=run_ctx)
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
 
-    trainer: WakelabTrainer
-    bridge = HookBridge(
-        trainer_ref=lambda: trainer,
-        on_start=on_start,
-        log_metrics=tracked.log_metrics,
-        extra_metrics=lambda: new_row_metrics(rows, initial_new),
-        output_dir=output_dir,
-        run_id=tracked.run_id,
-        progress=bar,
-    )
-    trainer = WakelabTrainer(
-        model=model,
-        args=args,
-        train_dataset=corpus.train,
-        data_collator=data_mod.collate,
-        processing_class=tokenizer,
-        callbacks=[bridge, stopping.StopCallback(stopping.current(), output_dir)],
-        rows=rows,
-        pm=pm,
-        checkpoint_info=checkpoint_info,
-        config_yaml=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
-        precision=t.precision,
-        schedule_start=checkpoint_info.get("schedule_start", 0),
-        fresh_schedule=fresh_schedule,
-        loss_chunk_tokens=t.loss_chunk_tokens,
-    )
-    # Our progress bar and MLflow carry the logs; Trainer's printer would repeat them as raw dicts.
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    return trainer
+    return tqdm(total=total, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 def training_device() -> str:

@@ -30,8 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .. import logs
 from ..logs import warn
 from ..run import stopping
@@ -240,31 +238,3 @@ def _end_parent(client, run_id: str, status: str, failure: BaseException | None,
             client.set_terminated(run_id, status)
     except Exception as exc:  # noqa: BLE001
         warn(f"could not close the sweep's parent run {run_id}: {exc}")
-
-
-class StackedRows:
-    """Base rows and new rows read as one ``[vocab, d]`` float32 matrix without building it: a copy of the whole
-    matrix for each end of each child was 2 x 1.35 GiB at P1 (the sweep peaked at 1.8x its children's run). Slices
-    and index tensors, which is how the neighbour search and the norms read it."""
-
-    def __init__(self, base: torch.Tensor, new: torch.Tensor):
-        self.base, self.new = base, new
-        self.shape = (base.shape[0] + new.shape[0], base.shape[1])
-
-    def __getitem__(self, index) -> torch.Tensor:
-        n = self.base.shape[0]
-        if isinstance(index, slice):
-            start, stop, step = index.indices(self.shape[0])
-            if step != 1:
-                raise IndexError("StackedRows takes contiguous slices only")
-            if stop <= n:
-                return self.base[start:stop].float()
-            if start >= n:
-                return self.new[start - n : stop - n]
-            return torch.cat([self.base[start:n].float(), self.new[: stop - n]])
-        index = torch.as_tensor(index)
-        out = torch.empty(*index.shape, self.shape[1])
-        is_new = index >= n
-        out[~is_new] = self.base[index[~is_new]].float()
-        out[is_new] = self.new[index[is_new] - n]
-        return out
