@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
 from click.testing import CliRunner
 from conftest import tiny_overrides
 from safetensors.torch import load_file
@@ -59,6 +60,14 @@ def test_trainer_still_reads_the_flag_that_hands_it_a_sharded_model():
 
     from transformers import Trainer
 
+    from wakelab.errors import ConfigError
+    from wakelab.run import sharding
+
+    if not hasattr(Trainer, "_sync_replicated_trainable_parameters"):  # an older transformers (the oldest we take)
+        with pytest.raises(ConfigError, match="train.distributed=fsdp needs a transformers whose Trainer takes"):
+            sharding.require_trainer_support()
+        return
+    sharding.require_trainer_support()
     train = inspect.getsource(Trainer)  # the training loop's preparation reads it (transformers 5.23)
     assert "self.is_distributed_loading_by_transformers" in train
     assert "_sync_replicated_trainable_parameters" in train

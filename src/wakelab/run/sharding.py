@@ -59,7 +59,23 @@ def wanted(config) -> bool:
             "launch with torchrun --nproc_per_node N to shard it"
         )
         return False
+    require_trainer_support()
     return True
+
+
+def require_trainer_support() -> None:
+    """Trainer takes a model its caller sharded only since it syncs replicated trainable tensors itself
+    (``Trainer._sync_replicated_trainable_parameters``, read through ``is_distributed_loading_by_transformers``); an
+    older one would wrap the shards in DDP. One line naming the version, before any rank trains."""
+    import transformers
+    from transformers import Trainer
+
+    if not hasattr(Trainer, "_sync_replicated_trainable_parameters"):
+        raise ConfigError(
+            f"train.distributed=fsdp needs a transformers whose Trainer takes a model sharded by its caller "
+            f"(Trainer._sync_replicated_trainable_parameters); this one is {transformers.__version__}: upgrade "
+            "transformers, or use train.distributed=ddp"
+        )
 
 
 def describe_batch(config) -> str:

@@ -243,7 +243,7 @@ class WakelabTrainer(Trainer):
 
     def _sharded_full(self) -> bool:
         """train.distributed=fsdp with train.trainable=full: sharded trainable weights and Adam state."""
-        return self.rows.strategy == "full" and self.is_distributed_loading_by_transformers
+        return self.rows.strategy == "full" and getattr(self, "is_distributed_loading_by_transformers", False)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
