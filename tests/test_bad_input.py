@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import mlflow
+import pytest
 from click.testing import CliRunner
 from conftest import tiny_overrides
 
@@ -149,6 +150,14 @@ def test_lexicon_with_duplicates_works_and_is_reported(tiny_model, texts, tmp_pa
 
 def test_contradictory_architecture_is_one_line_naming_the_values(tiny_model, texts, tmp_path):
     """transformers' strict config dataclasses raise their own error type (not ValueError): still one line."""
+    from transformers import LlamaConfig
+
+    try:
+        LlamaConfig(hidden_size=64, num_attention_heads=5)
+    except Exception:  # noqa: BLE001 - this transformers checks configs: the case this test is about
+        pass
+    else:
+        pytest.skip("this transformers (older than strict configs) does not check hidden size against heads")
     arch = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5, "num_hidden_layers": 1,
             "intermediate_size": 32}  # fmt: skip
     values = tiny_overrides(tiny_model, texts)
