@@ -311,6 +311,35 @@ def test_chunk_size_null_means_the_standard_loss(tmp_path):
     torch.testing.assert_close(loss, model(**inputs).loss)  # transformers' own loss
 
 
+def test_a_batch_with_small_logits_takes_the_standard_loss_and_a_bigger_one_is_chunked(tmp_path):
+    """Below min_logits (positions x vocabulary) chunking saves no memory: the run takes transformers' loss there."""
+    from transformers import TrainingArguments
+
+    from wakelab.hooks.registry import build_manager
+    from wakelab.run.trainer import WakelabTrainer
+
+    model = tiny_llama(tied=True)
+    rows = setup_trainable_rows(model, NUM_BASE, "tokens")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", remove_unused_columns=False
+    )
+    small = batch()  # 3 x 20 positions x 300 rows = 18,000 logits
+    threshold = small["labels"].numel() * (NUM_BASE + NUM_NEW) + 1
+    trainer = WakelabTrainer(
+        model=model, args=args, rows=rows, pm=build_manager([]), loss_chunk_tokens=8, loss_min_logits=threshold
+    )
+    model.train()
+    loss, outputs = trainer.compute_loss(model, small, return_outputs=True)
+    assert outputs["logits"].shape[:2] == small["input_ids"].shape  # the standard loss: every position's logits
+    torch.testing.assert_close(loss, model(**small).loss)
+
+    big = {key: torch.cat([value, value[:1]]) for key, value in small.items()}  # 4 x 20 positions: over the threshold
+    assert big["labels"].numel() * (NUM_BASE + NUM_NEW) >= threshold
+    loss, outputs = trainer.compute_loss(model, big, return_outputs=True)
+    assert outputs["logits"].shape[1] == 1  # chunked: the last position's logits only
+    torch.testing.assert_close(loss, model(**big).loss, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("strategy", ["tokens", "mask"])
 def test_4bit_base_matches_the_standard_loss(strategy, tmp_path):
     require("bitsandbytes")

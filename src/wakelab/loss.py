@@ -35,6 +35,10 @@ from .rows import NewRowsHead
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 256
+# A batch whose whole logits hold fewer values than this (64 MiB in fp32) takes the standard loss in training runs:
+# its logits are smaller than one chunk at P1's vocabulary (256 x 172,451), so chunking saves no memory worth its
+# fixed per-step cost (about 8% of a step on a 4-layer, 400-token model: benchmarks/engine_overhead.py).
+SMALL_LOGITS = 1 << 24
 _WARNED: set[str] = set()
 
 # Config attributes of transformers models that change the logits after the head.
@@ -95,13 +99,16 @@ def unsupported_reason(model: nn.Module) -> str | None:
 class ChunkedLoss:
     """The chunked loss for one model: call it where Trainer would call the model; None means use the standard loss.
 
-    It remembers a fallback: once a model is found unsupported, every later call returns None at once.
+    It remembers a fallback: once a model is found unsupported, every later call returns None at once. With
+    ``min_logits``, a batch whose positions x vocabulary fall below it returns None too (the standard loss is cheaper
+    there and no bigger than a chunk); the default, 0, chunks every batch.
     """
 
-    def __init__(self, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, warn=None):
+    def __init__(self, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, warn=None, min_logits: int = 0):
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
         self.chunk_tokens = chunk_tokens
+        self.min_logits = min_logits
         self.reason: str | None = None
         self._probed = False
         self._warn = warn or logs.warn
@@ -133,6 +140,11 @@ class ChunkedLoss:
         if labels is None and shift_labels is None:
             return None
         head = inner.get_output_embeddings()
+        if (
+            self.min_logits
+            and self._logits_values(labels if labels is not None else shift_labels, head) < self.min_logits
+        ):
+            return None
         captured: list[torch.Tensor] = []
         handle = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
         try:
@@ -168,6 +180,13 @@ class ChunkedLoss:
                 num_items_in_batch = num_items_in_batch.to(total.device)
             loss = total / num_items_in_batch
         return loss, outputs
+
+    @staticmethod
+    def _logits_values(labels: torch.Tensor, head: nn.Module) -> int:
+        """How many values the standard loss's logits would hold for this batch."""
+        parts = head_parts(head)
+        vocab = sum(p.shape[0] for p in parts) if isinstance(parts, list) else 0
+        return labels.numel() * vocab
 
 
 def chunked_cross_entropy(

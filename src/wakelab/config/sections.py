@@ -236,7 +236,8 @@ class TrainConfig(_Section):
         ge=1,
         description=(
             "Tokens per chunk of the loss, which never holds the whole batch's vocabulary-sized logits (memory: "
-            "chunk x vocab fp32); None: transformers' own loss over full logits."
+            "chunk x vocab fp32); None: transformers' own loss over full logits. A training batch whose whole "
+            "logits hold under 2**24 values (64 MiB fp32) takes transformers' loss: there chunking saves no memory."
         ),
     )
     distributed: Literal["ddp", "fsdp"] = Field(

@@ -30,6 +30,7 @@ from ..hooks.context import RunContext
 from ..inits.aliasing import heldout_alias_distance
 from ..inits.subwords import word_pieces
 from ..logs import log, warn
+from ..loss import SMALL_LOGITS
 from ..rows import RowAccess, setup_trainable_rows
 from ..storage import checkpoints
 from ..storage.writepoint import WriteFailed, published_dir, published_file, write_point
@@ -537,6 +538,7 @@ def _build_trainer(run: _Run, tracked, run_ctx: RunContext, *, sharded: bool = F
         schedule_start=run.checkpoint_info.get("schedule_start", 0),
         fresh_schedule=run.starts_from_other_run and t.resume_schedule == "fresh",
         loss_chunk_tokens=t.loss_chunk_tokens,
+        loss_min_logits=SMALL_LOGITS,
     )
     # Our progress bar and MLflow carry the logs; Trainer's printer would repeat them as raw dicts.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

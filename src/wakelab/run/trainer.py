@@ -64,14 +64,18 @@ class WakelabTrainer(Trainer):
         schedule_start: int = 0,
         fresh_schedule: bool = False,
         loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+        loss_min_logits: int = 0,
         **kwargs,
     ):
         self.rows = rows
         self.precision = precision
         self.schedule_start = schedule_start  # the schedule spans steps schedule_start..max_steps (a fresh one)
         self.fresh_schedule = fresh_schedule  # loading a checkpoint keeps this run's new schedule, not the saved one
-        # None: transformers' own loss over the full-vocabulary logits.
-        self.chunked_loss = ChunkedLoss(loss_chunk_tokens) if loss_chunk_tokens is not None else None
+        # None: transformers' own loss over the full-vocabulary logits; so is a batch whose logits are under
+        # loss_min_logits values (the engine passes loss.SMALL_LOGITS).
+        self.chunked_loss = (
+            ChunkedLoss(loss_chunk_tokens, min_logits=loss_min_logits) if loss_chunk_tokens is not None else None
+        )
         self.pm = pm
         self.checkpoint_info = checkpoint_info or {}
         self.config_yaml = config_yaml
