@@ -274,7 +274,8 @@ def p1(args) -> int:
             if wanted("run-off"):
                 peak, _ = bench.wakelab(
                     f"run, every plugin off{tag}",
-                    ["run", "--no-progress", *sets({**common, "output_dir": out_off}), "--set", "plugins=[]"],
+                    ["run", "--no-progress", *sets({**common, "output_dir": out_off}), "--set", "plugins=[]"]
+                    + [arg for path in args.probe for arg in ("--plugin", path)],
                 )
                 if dtype == dtypes[0]:
                     reference = peak
@@ -464,6 +465,13 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=2048, help="2048 (Llama-3.2-1B); smaller: a quick smoke test")
     parser.add_argument("--wide", action="store_true", help="the issue's 50,257 + 44,195, d=256 run instead")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folder")
+    parser.add_argument(
+        "--probe",
+        action="append",
+        default=[],
+        metavar="PLUGIN",
+        help="a plugin file added to the plugins-off run (a memory probe: it shows what the peak is made of)",
+    )
     parser.add_argument("--folder", default=None, help="runs' folder, kept; again: later rows reuse the runs in it")
     parser.add_argument("--no-eval", action="store_true", help="train.eval_perplexity=false (no held-out passes)")
     parser.add_argument("--full-table", action="store_true", help="the trajectory run lists every word's neighbours")

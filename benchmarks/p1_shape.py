@@ -109,13 +109,70 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None =
     """Run ``cmd`` as a subprocess: (exit status, its output, its peak RSS in KiB from ``wait4``, wall seconds).
 
     ``ru_maxrss`` from ``wait4`` covers the process and the children it waited for (a sweep's), each counted alone:
-    the largest single process, which is what has to fit in memory."""
+    the largest single process, which is what has to fit in memory.
+
+    With ``P1_RSS_PROFILE`` set in the environment, the process's own ``/proc/<pid>/status`` is read every 50 ms
+    and, after it ends, one line says what its largest sample held: anonymous memory (what no reclaim can take
+    back) against mapped file pages, and the last line the command printed before it (which phase it was in)."""
     import os
     import subprocess
+    import threading
     import time
 
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
-    output = proc.stdout.read()
+    lines: list[tuple[float, str]] = []
+    samples: list[tuple[float, dict[str, int]]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            fields = _status_fields(proc.pid)
+            if fields:
+                samples.append((time.monotonic(), fields))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True) if os.environ.get("P1_RSS_PROFILE") else None
+    if sampler:
+        sampler.start()
+    for line in proc.stdout:
+        lines.append((time.monotonic(), line))
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    output = "".join(line for _, line in lines)
+    if sampler and samples:
+        sampler.join()
+        at, top = max(samples, key=lambda s: s[1].get("VmRSS", 0))
+        before = [line.strip() for t, line in lines if t <= at and line.strip()]
+        import sys
+
+        command = " ".join(os.path.basename(part) for part in cmd[:3])
+        sys.stderr.write(
+            f"[rss profile] {command}: largest sample {top.get('VmRSS', 0) // 1024:,} MiB at {at - started:.1f} s: "
+            f"anonymous {top.get('RssAnon', 0) // 1024:,} MiB, file pages {top.get('RssFile', 0) // 1024:,} MiB, "
+            f"shared memory {top.get('RssShmem', 0) // 1024:,} MiB; last line before it: "
+            f"{before[-1][:160] if before else '(none)'}\n"
+        )
+        # Each printed line's phase (until the next line): its largest sample, for the phases that came near the peak.
+        marks = [started] + [t for t, _ in lines] + [float("inf")]
+        texts = ["(start)"] + [line.strip()[:120] for _, line in lines]
+        for i, text in enumerate(texts):
+            inside = [f["VmRSS"] for t, f in samples if marks[i] <= t < marks[i + 1] and "VmRSS" in f]
+            if inside and max(inside) >= 0.8 * top.get("VmRSS", 0):
+                sys.stderr.write(f"[rss profile]    {max(inside) // 1024:,} MiB after: {text}\n")
     return os.waitstatus_to_exitcode(status), output, usage.ru_maxrss, time.monotonic() - started
+
+
+def _status_fields(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/<pid>/status (VmRSS, RssAnon, RssFile, RssShmem), or {} once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            fields[key] = int(value.split()[0])
+    return fields

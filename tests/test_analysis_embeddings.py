@@ -210,3 +210,51 @@ def test_top_k_skips_the_query_itself_and_takes_any_row_dtype():
     assert values.dtype == torch.float32 and torch.isfinite(values).all()
     with pytest.raises(ValueError, match="k must be"):
         top_k_cosine(weight[:1], weight, 0)
+
+
+# ---------------------------------------------------------------------------------------------------- read in place
+
+
+@pytest.mark.parametrize("strategy", ["tokens", "mask"])
+def test_analyses_of_the_rows_read_in_place_equal_those_of_the_whole_matrix(strategy):
+    """analyze reads ``RowAccess.stacked()`` (no copy of the matrix): every figure is the one the copy gave."""
+    from torch import nn
+
+    from wakelab.analysis.embeddings import row_norms
+    from wakelab.rows import StackedRows, setup_trainable_rows
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(300, 16)
+            self.head = nn.Linear(16, 300, bias=False)
+            self.head.weight = self.embed.weight
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def set_input_embeddings(self, module):
+            self.embed = module
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def set_output_embeddings(self, module):
+            self.head = module
+
+    torch.manual_seed(3)
+    model = Tiny()
+    with torch.no_grad():
+        model.embed.weight[250:] *= 3.0  # new rows with their own norms
+    rows = setup_trainable_rows(model, 250, strategy)
+    whole = rows.values().float()
+    stacked = rows.stacked()
+    assert isinstance(stacked, StackedRows) and stacked.shape == tuple(whole.shape)
+    assert stacked.base.data_ptr() == rows.values(range(250), share=True).data_ptr()  # a view, not a copy
+    assert torch.equal(row_norms(stacked), whole.norm(dim=1))
+    assert norm_stats(stacked, 250) == norm_stats(whole, 250)
+    assert isotropy(stacked, range(250, 300), 30, seed=1) == isotropy(whole, range(250, 300), 30, seed=1)
+    queries = [251, 260, 299, 5]
+    for pool in (range(250), range(250, 300), [7, 3, 290, 120]):
+        got = nearest_neighbours(stacked, queries, pool, k=6, chunk_size=37)
+        assert got == nearest_neighbours(whole, queries, pool, k=6, chunk_size=37)

@@ -64,7 +64,7 @@ def test_stacked_rows_read_as_the_concatenated_matrix_would():
     import torch
 
     from wakelab.analysis.embeddings import nearest_neighbours
-    from wakelab.sweep.compare import StackedRows
+    from wakelab.rows import StackedRows
 
     generator = torch.Generator().manual_seed(0)
     base, new = torch.randn(40, 8, generator=generator).bfloat16(), torch.randn(9, 8, generator=generator)

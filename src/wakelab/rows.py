@@ -133,6 +133,41 @@ class BaseRows:
         )
 
 
+class StackedRows:
+    """Base rows and new rows read as one ``[vocab, d]`` float32 matrix without building it.
+
+    A copy of the whole matrix is 1.35 GiB at P1 (172,451 x 2048 float32): ``analyze`` held one for its norms,
+    isotropy and neighbours, the sweep comparison two per child. Slices and index tensors, which is how the
+    neighbour search, the isotropy sample and the norms read it, come back as float32 tensors of just those rows.
+    """
+
+    def __init__(self, base: torch.Tensor, new: torch.Tensor):
+        self.base, self.new = base, new
+        self.shape = (base.shape[0] + new.shape[0], base.shape[1])
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, index) -> torch.Tensor:
+        n = self.base.shape[0]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("StackedRows takes contiguous slices only")
+            stop = max(start, stop)
+            if stop <= n:
+                return self.base[start:stop].float()
+            if start >= n:
+                return self.new[start - n : stop - n].float()
+            return torch.cat([self.base[start:n].float(), self.new[: stop - n].float()])
+        index = torch.as_tensor(index)
+        out = torch.empty(*index.shape, self.shape[1])
+        is_new = index >= n
+        out[~is_new] = self.base[index[~is_new]].float()
+        out[is_new] = self.new[index[is_new] - n].float()
+        return out
+
+
 def _frozen_base(part: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
     """``held`` (the base rows as loaded) when it stands for ``part`` (same shape, dtype, device), else a copy."""
     part = part.detach()
@@ -266,6 +301,15 @@ class RowAccess:
         changes with the next optimizer step; copy it before then.
         """
         return self._gather(ids, lambda p: p, share)
+
+    def stacked(self) -> StackedRows:
+        """Every row, base then new, as one float32 matrix to read from (views of the tensors that hold them).
+
+        For reading between optimizer steps (analyses): nothing is copied, so it changes when the rows do.
+        """
+        return StackedRows(
+            self.values(range(self.num_base), share=True), self.values(range(self.num_base, self.num_total), share=True)
+        )
 
     def grads(self, ids=None, *, share: bool = False) -> torch.Tensor:
         """The gradients the last optimizer step used (after masking and clipping); zeros for rows that do not learn."""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_ROWS", "isotropy", "nearest_neighbours", "norm_stats", "summarise", "top_k_cosine"]
+__all__ = ["CHUNK_ROWS", "isotropy", "nearest_neighbours", "norm_stats", "row_norms", "summarise", "top_k_cosine"]
 
 _QUANTILES = {"q05": 0.05, "q25": 0.25, "q50": 0.50, "q75": 0.75, "q95": 0.95}
 
@@ -61,12 +61,23 @@ def norm_stats(weight: Tensor, num_base: int) -> dict:
         raise ValueError(f"weight must be [rows, d], got shape {tuple(weight.shape)}")
     if not 0 <= num_base <= weight.shape[0]:
         raise ValueError(f"num_base={num_base} is outside [0, {weight.shape[0]}]")
-    norms = weight.detach().to(torch.float32).norm(dim=1)
+    norms = row_norms(weight)
     return {
         "all": summarise(norms),
         "base": summarise(norms[:num_base]),
         "new": summarise(norms[num_base:]),
     }
+
+
+def row_norms(weight) -> Tensor:
+    """Each row's L2 norm in float32. A tensor is read whole; anything else that slices into rows (a
+    ``wakelab.rows.StackedRows``) is read ``CHUNK_ROWS`` rows at a time, so no float32 copy of it is made."""
+    if isinstance(weight, Tensor):
+        return weight.detach().to(torch.float32).norm(dim=1)
+    count = int(weight.shape[0])
+    return torch.cat(
+        [weight[start : start + CHUNK_ROWS].norm(dim=1) for start in range(0, count, CHUNK_ROWS)] or [torch.empty(0)]
+    )
 
 
 def _unit_rows(rows: Tensor) -> Tensor:
@@ -143,9 +154,24 @@ class _Gathered:
         return self.weight[self.ids[part]]
 
 
-def _candidates(weight: Tensor, ids: Tensor):
+class _Window:
+    """Rows ``[first, first + count)`` of something that slices into float32 rows (``StackedRows``), read a chunk at
+    a time: slicing it whole would copy every row (a bf16 base read as float32 is 1 GiB at P1)."""
+
+    def __init__(self, weight, first: int, count: int):
+        self.weight, self.first = weight, first
+        self.shape = (count, weight.shape[1])
+
+    def __getitem__(self, part: slice) -> Tensor:
+        start, stop, _ = part.indices(self.shape[0])
+        return self.weight[self.first + start : self.first + max(start, stop)]
+
+
+def _candidates(weight, ids: Tensor):
     """``weight[ids]`` as a view when the ids are one ascending run (no copy), else read a chunk at a time."""
     if ids.numel() and torch.equal(ids, torch.arange(int(ids[0]), int(ids[0]) + ids.numel())):
+        if not isinstance(weight, Tensor):
+            return _Window(weight, int(ids[0]), ids.numel())
         return weight[int(ids[0]) : int(ids[0]) + ids.numel()]
     return _Gathered(weight, ids)
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..logs import warn
+from ..rows import StackedRows
 from ..storage.writepoint import published_dir, write_point
 from ..vocab import word_token_id
 from .plan import Child, SweepPlan
@@ -72,36 +73,12 @@ def hit_rates(weight: torch.Tensor, tokenizer, num_base: int, constituents: dict
     }
 
 
-class StackedRows:
-    """Base rows and new rows read as one ``[vocab, d]`` float32 matrix without building it: a copy of the whole
-    matrix for each end of each child was 2 x 1.35 GiB at P1 (the sweep peaked at 1.8x its children's run). Slices
-    and index tensors, which is how the neighbour search and the norms read it."""
-
-    def __init__(self, base: torch.Tensor, new: torch.Tensor):
-        self.base, self.new = base, new
-        self.shape = (base.shape[0] + new.shape[0], base.shape[1])
-
-    def __getitem__(self, index) -> torch.Tensor:
-        n = self.base.shape[0]
-        if isinstance(index, slice):
-            start, stop, step = index.indices(self.shape[0])
-            if step != 1:
-                raise IndexError("StackedRows takes contiguous slices only")
-            if stop <= n:
-                return self.base[start:stop].float()
-            if start >= n:
-                return self.new[start - n : stop - n]
-            return torch.cat([self.base[start:n].float(), self.new[: stop - n]])
-        index = torch.as_tensor(index)
-        out = torch.empty(*index.shape, self.shape[1])
-        is_new = index >= n
-        out[~is_new] = self.base[index[~is_new]].float()
-        out[is_new] = self.new[index[is_new] - n]
-        return out
-
-
 def child_states(child: Child) -> tuple[StackedRows, StackedRows, Any, int]:
-    """The child's embedding rows right after init and at the end (float32), its tokenizer and base size."""
+    """The child's embedding rows right after init and at the end (float32), its tokenizer and base size.
+
+    Both ends share the base rows in place. The final new rows are the saved file's when it holds exactly the new
+    rows in order (``tokens`` and ``mask`` runs), and the initial ones stay in the loaded matrix: no copy of either.
+    """
     from safetensors.torch import load_file
 
     from ..run.state import load_trained, rows_file
@@ -111,13 +88,18 @@ def child_states(child: Child) -> tuple[StackedRows, StackedRows, Any, int]:
     num_base = rows.num_base
     base = rows.values(range(num_base), share=True)  # frozen: the same at both ends, so read in place
     new_ids = range(num_base, rows.num_total)
-    initial = StackedRows(base, rows.values(new_ids).float().clone())
     path, _ = rows_file(child.output_dir)
     saved = load_file(str(path))
-    rows.load_rows(saved["token_ids"], saved["rows"])
-    final = StackedRows(base, rows.values(new_ids).float().clone())
+    ids = saved["token_ids"].long()
+    if "head_rows" not in saved and torch.equal(ids, torch.arange(num_base, rows.num_total)):
+        initial = StackedRows(base, rows.values(new_ids, share=True))
+        final = StackedRows(base, saved["rows"].float())
+    else:  # other rows trained too, or an untied head's own: the model's rows after loading them
+        initial = StackedRows(base, rows.values(new_ids, share=True).float().clone())
+        rows.load_rows(ids, saved["rows"])
+        final = StackedRows(base, rows.values(new_ids, share=True).float().clone())
     tokenizer = state.tokenizer
-    del state, rows
+    del state, rows, saved
     gc.collect()
     return initial, final, tokenizer, num_base
 
