@@ -29,7 +29,8 @@ from .options import ConfigOptions, config_options
     default=None,
     metavar="PATH|demo",
     help="Constituents file (word<TAB>meaning<TAB>parts) for the neighbour hit rates; default: "
-    "init.constituents, or the demo's with the demo lexicon.",
+    "init.constituents, or the demo's with the demo lexicon. It becomes each child's init.constituents too "
+    "(meaning words on its trajectory page, its probe) unless the config names its own.",
 )
 @click.option(
     "--top-k",
