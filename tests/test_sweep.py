@@ -255,16 +255,27 @@ def test_constituents_reach_every_child_unless_its_config_names_its_own(tiny_mod
 
 
 def test_resume_plans_the_children_with_the_sweep_flag_constituents(tiny_model, texts, tmp_path):
-    from wakelab.sweep.resume import load_sweep, save_sweep_file
+    from wakelab.cli.options import ConfigOptions
+    from wakelab.cli.sweep import _resumed_plan
+    from wakelab.sweep.resume import save_sweep_file
 
     given = constituents_file(tmp_path)
     base = build_config(None, None, tiny_overrides(tiny_model, texts, output_dir=str(tmp_path / "sw")))
     plan = plan_sweep(base, "init=mean,subword", constituents=given)
     save_sweep_file(plan, "parent123", "1")
-    saved = load_sweep(str(tmp_path / "sw"))
-    again = plan_sweep(saved.base, saved.over, constituents=saved.constituents, overwrite=True)
+    again, saved = _resumed_plan(str(tmp_path / "sw"), (), ConfigOptions(), None, False)  # sweep --resume sw
+    assert saved.parent_run_id == "parent123" and len(again.constituents) == 3
     assert [c.config.init.constituents for c in again.children] == [c.config.init.constituents for c in plan.children]
     assert again.children[0].config.init.constituents == str((tmp_path / "constituents.tsv").resolve())
+
+    # The demo's file, found through the demo lexicon (no --constituents): resumed, the children's config is unchanged.
+    demo = build_config("demo", None, {"output_dir": str(tmp_path / "sw2")})
+    plan = plan_sweep(demo, "init=mean,subword")
+    assert plan.constituents_path is not None and [c.config.init.constituents for c in plan.children] == [None, None]
+    save_sweep_file(plan, "parent456", "1")
+    again, _ = _resumed_plan(str(tmp_path / "sw2"), (), ConfigOptions(), None, False)
+    assert again.constituents == plan.constituents
+    assert [c.config.init.constituents for c in again.children] == [None, None]
 
 
 def test_parse_over():

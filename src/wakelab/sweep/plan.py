@@ -272,10 +272,13 @@ def plan_sweep(
     overwrite: bool = False,
     cwd: Path | None = None,
     log: Log = logs.log,
+    constituents_to_children: bool = True,
 ) -> SweepPlan:
     """Resolve and check the whole sweep; raises a one-line ``WakelabError`` before anything runs.
 
-    Several ``over`` specs cross their values: one child per combination."""
+    Several ``over`` specs cross their values: one child per combination. ``constituents`` becomes the children's
+    ``init.constituents`` (:func:`carry_constituents`) unless ``constituents_to_children`` is False: a resumed sweep's
+    base, read from ``sweep.json``, holds already what its first plan carried."""
     axes = []
     for spec in [over] if isinstance(over, str) else list(over):
         key, texts = parse_over(spec)
@@ -292,7 +295,7 @@ def plan_sweep(
         raise ConfigError("--over: give a key and its values, e.g. --over init=spherical,mean,subword")
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: give at least 1")
-    base = carry_constituents(base, constituents)
+    base = carry_constituents(base, constituents) if constituents_to_children else base
     root = base.resolved_output_dir
     if len(axes) == 1:
         key, canonical, texts = axes[0]
@@ -308,5 +311,5 @@ def plan_sweep(
     plan.constituents_path = resolve_constituents(base, constituents)
     if plan.constituents_path is not None:
         plan.constituents, plan.not_in_lexicon = load_constituents(plan.constituents_path, children, log)
-    _note_own_constituents(children, constituents, log)
+    _note_own_constituents(children, constituents if constituents_to_children else None, log)
     return plan
