@@ -22,8 +22,10 @@ nothing.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -33,6 +35,13 @@ import numpy as np
 import torch
 
 NEW, VOCAB, HIDDEN, EVERY = 223, 49152, 576, 10
+
+
+def _scratch() -> Path:
+    """A temporary folder (MLflow store, page), deleted when the script ends."""
+    folder = Path(tempfile.mkdtemp(prefix="wakelab-bench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def demo_shaped_model():
@@ -72,7 +81,7 @@ def live_cost(rounds: int) -> dict[str, float]:
         def decode(self, ids):
             return f"t{ids[0]}"
 
-    folder = Path(tempfile.mkdtemp(prefix="wakelab-bench-"))
+    folder = _scratch()
     client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("bench")).info.run_id
     started = time.perf_counter()
@@ -116,7 +125,7 @@ def page(tokens: int = 1000, frames: int = 100) -> dict[str, float]:
     movement = np.abs(xy[-1] - xy[0]).sum(1).tolist()
     traj = Trajectory(list(range(0, frames * 10, 10)), words, list(range(tokens)), [view], neighbours,
                       base_words[:2000], movement=movement, label_order=label_order(movement, []))  # fmt: skip
-    folder = Path(tempfile.mkdtemp(prefix="wakelab-bench-"))
+    folder = _scratch()
     t0 = time.perf_counter()
     path = write_html(traj, folder / "t.html")
     written = time.perf_counter() - t0
@@ -152,7 +161,7 @@ def scale(frames: int = 5, base: int = 128256, new: int = 44195, dim: int = 576)
         t0 = time.perf_counter()
         builder.add(k * 10, rows)
         times.append(time.perf_counter() - t0)
-    folder = Path(tempfile.mkdtemp(prefix="wakelab-bench-"))
+    folder = _scratch()
     path = write_html(builder.result(), folder / "t.html")
     return {"setup_s": setup, "frame_s": statistics.median(times), "mib": path.stat().st_size / 2**20}
 

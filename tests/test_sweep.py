@@ -71,12 +71,8 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
             "--no-progress",
             "--plugin",
             "trajectory",
-            *set_args(
-                tiny_model,
-                texts,
-                **{"trajectory.gif": False, "trajectory.log_frames": False, "init.constituents": constituents},
-            ),  # the page's meaning words
-        ]
+            *set_args(tiny_model, texts, **{"trajectory.gif": False, "trajectory.log_frames": False}),
+        ]  # no init.constituents: --constituents alone reaches the children's pages
     )
     assert result.exit_code == 0, result.output
     assert "not in the lexicon" in result.output and "notaword" in result.output
@@ -138,7 +134,12 @@ def test_two_value_sweep_logs_children_under_a_parent_with_a_comparison(tiny_mod
     runs = json.loads(re.search(r'<script id="runs" type="application/json">(.*?)</script>', page, re.S).group(1))
     assert [r["label"] for r in runs] == ["init=spherical", "init=subword"]
     assert len({r["data"]["views"][0]["fingerprint"] for r in runs}) == 1, "one shared projection"
-    assert runs[0]["data"]["meaning"] and runs[0]["data"]["dist"], "the constituents' meaning words are drawn"
+    for run in runs:
+        assert run["data"]["meaning"] and run["data"]["dist"], f"{run['label']}: the meaning words are drawn"
+    for method in ("spherical", "subword"):  # each child's own page too, and its config names the file
+        child_page = (tmp_path / "out" / f"init={method}" / "trajectory" / "trajectory.html").read_text()
+        assert "closer" in child_page
+    assert {c.data.params["init.constituents"] for c in children} == {str((tmp_path / "constituents.tsv").resolve())}
 
 
 def test_a_failing_child_is_recorded_and_the_others_go_on(tiny_model, texts, tmp_path):
@@ -228,6 +229,53 @@ def test_plan_validates_every_child_and_keeps_the_rest_of_the_config(tiny_model,
     assert all(c.config.train.lr == 0.02 for c in plan.children)
     assert [c.config.tracking.run_name for c in plan.children] == ["init=mean", "init=subword"]
     assert plan.constituents == {}  # not the demo lexicon, no file given
+
+
+def test_constituents_reach_every_child_unless_its_config_names_its_own(tiny_model, texts, tmp_path):
+    given = constituents_file(tmp_path)
+    own = tmp_path / "own.tsv"
+    own.write_text("riverrun\triver\triver run\n")
+    base = build_config(None, None, tiny_overrides(tiny_model, texts))
+    plan = plan_sweep(base, "init=mean,subword", constituents=given)
+    assert {c.config.init.constituents for c in plan.children} == {str((tmp_path / "constituents.tsv").resolve())}
+    assert plan.base.init.constituents == plan.children[0].config.init.constituents  # sweep.json records it
+
+    lines: list[str] = []
+    kept = build_config(None, None, tiny_overrides(tiny_model, texts, **{"init.constituents": str(own)}))
+    plan = plan_sweep(kept, "init=mean,subword", constituents=given, log=lines.append)
+    assert {c.config.init.constituents for c in plan.children} == {str(own)}
+    assert plan.constituents_path.name == "constituents.tsv" and len(plan.constituents) == 3  # the hit rates' file
+    (note,) = [line for line in lines if line.startswith("note:")]
+    assert "2 of 2 children keep their own init.constituents" in note and "own.tsv" in note
+
+    lines.clear()
+    swept = plan_sweep(base, [f"init.constituents={own},{given}"], constituents=given, log=lines.append)
+    assert [c.config.init.constituents for c in swept.children] == [str(own), given]  # the swept key wins
+    assert any("1 of 2 children keep their own" in line for line in lines)
+
+
+def test_resume_plans_the_children_with_the_sweep_flag_constituents(tiny_model, texts, tmp_path):
+    from wakelab.cli.options import ConfigOptions
+    from wakelab.cli.sweep import _resumed_plan
+    from wakelab.sweep.resume import save_sweep_file
+
+    given = constituents_file(tmp_path)
+    base = build_config(None, None, tiny_overrides(tiny_model, texts, output_dir=str(tmp_path / "sw")))
+    plan = plan_sweep(base, "init=mean,subword", constituents=given)
+    save_sweep_file(plan, "parent123", "1")
+    again, saved = _resumed_plan(str(tmp_path / "sw"), (), ConfigOptions(), None, False)  # sweep --resume sw
+    assert saved.parent_run_id == "parent123" and len(again.constituents) == 3
+    assert [c.config.init.constituents for c in again.children] == [c.config.init.constituents for c in plan.children]
+    assert again.children[0].config.init.constituents == str((tmp_path / "constituents.tsv").resolve())
+
+    # The demo's file, found through the demo lexicon (no --constituents): resumed, the children's config is unchanged.
+    demo = build_config("demo", None, {"output_dir": str(tmp_path / "sw2")})
+    plan = plan_sweep(demo, "init=mean,subword")
+    assert plan.constituents_path is not None and [c.config.init.constituents for c in plan.children] == [None, None]
+    save_sweep_file(plan, "parent456", "1")
+    again, _ = _resumed_plan(str(tmp_path / "sw2"), (), ConfigOptions(), None, False)
+    assert again.constituents == plan.constituents
+    assert [c.config.init.constituents for c in again.children] == [None, None]
 
 
 def test_parse_over():

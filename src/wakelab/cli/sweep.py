@@ -29,7 +29,8 @@ from .options import ConfigOptions, config_options
     default=None,
     metavar="PATH|demo",
     help="Constituents file (word<TAB>meaning<TAB>parts) for the neighbour hit rates; default: "
-    "init.constituents, or the demo's with the demo lexicon.",
+    "init.constituents, or the demo's with the demo lexicon. It becomes each child's init.constituents too "
+    "(meaning words on its trajectory page, its probe) unless the config names its own.",
 )
 @click.option(
     "--top-k",
@@ -105,7 +106,13 @@ def _resumed_plan(resume_parent, over, options: ConfigOptions, constituents, ove
         raise ConfigError(f"--resume continues the sweep as it was planned; drop {', '.join(given)}")
     saved = load_sweep(resume_parent)
     plan = plan_sweep(
-        saved.base, saved.over, constituents=saved.constituents, top_k=saved.top_k, overwrite=True, log=log
+        saved.base,
+        saved.over,
+        constituents=saved.constituents,  # the hit rates' file; the children's is in the saved base already
+        top_k=saved.top_k,
+        overwrite=True,
+        log=log,
+        constituents_to_children=False,
     )
     log(f"resuming the sweep over {plan.canonical} (parent run {saved.parent_run_id}) in {plan.root}")
     return plan, saved

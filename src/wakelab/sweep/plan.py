@@ -203,6 +203,40 @@ def resolve_constituents(base: RunConfig, given: str | None) -> Path | None:
     return path
 
 
+def _constituents_value(given: str) -> str:
+    """``--constituents`` as a child's ``init.constituents``: ``demo``, or the file's absolute path (a child's run is
+    read again later, by ``wakelab analyze`` or a resumed sweep, from wherever that is started)."""
+    return given if given == "demo" else str(Path(given).expanduser().resolve())
+
+
+def carry_constituents(base: RunConfig, given: str | None) -> RunConfig:
+    """The base config with ``--constituents`` as its ``init.constituents``, so every child's own run reads the file
+    the hit rates read: its trajectory page draws the meaning words and its probe runs on them.
+
+    A config that names its own file (``--set init.constituents=...``, ``--config``, or the swept key) keeps it: the
+    config is the record of what the child ran with; :func:`_note_own_constituents` says so in one line. The base
+    holds the file, so ``sweep.json`` records it and ``--resume`` plans the same children."""
+    if given is None or base.init.constituents is not None:
+        return base
+    tree = base.model_dump(mode="json")
+    tree["init"]["constituents"] = _constituents_value(given)
+    return validate(tree)
+
+
+def _note_own_constituents(children: list[Child], given: str | None, log: Log) -> None:
+    if given is None:
+        return
+    value = _constituents_value(given)
+    own = [c for c in children if c.config.init.constituents not in (None, value)]
+    own = [c for c in own if _constituents_value(c.config.init.constituents) != value]  # the same file, spelt apart
+    if own:
+        first = f"{own[0].label}: {own[0].config.init.constituents}"
+        log(
+            f"note: --constituents {given} gives the hit rates; {len(own)} of {len(children)} children keep their own "
+            f"init.constituents for their trajectory pages and probes ({first})"
+        )
+
+
 def load_constituents(path: Path, children: list[Child], log: Log) -> tuple[dict[str, list[str]], list[str]]:
     """The constituents of lexicon words, and the words of the file that no child's lexicon holds (reported)."""
     from ..data.corpus import resolve_lexicon
@@ -238,10 +272,13 @@ def plan_sweep(
     overwrite: bool = False,
     cwd: Path | None = None,
     log: Log = logs.log,
+    constituents_to_children: bool = True,
 ) -> SweepPlan:
     """Resolve and check the whole sweep; raises a one-line ``WakelabError`` before anything runs.
 
-    Several ``over`` specs cross their values: one child per combination."""
+    Several ``over`` specs cross their values: one child per combination. ``constituents`` becomes the children's
+    ``init.constituents`` (:func:`carry_constituents`) unless ``constituents_to_children`` is False: a resumed sweep's
+    base, read from ``sweep.json``, holds already what its first plan carried."""
     axes = []
     for spec in [over] if isinstance(over, str) else list(over):
         key, texts = parse_over(spec)
@@ -258,6 +295,7 @@ def plan_sweep(
         raise ConfigError("--over: give a key and its values, e.g. --over init=spherical,mean,subword")
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: give at least 1")
+    base = carry_constituents(base, constituents) if constituents_to_children else base
     root = base.resolved_output_dir
     if len(axes) == 1:
         key, canonical, texts = axes[0]
@@ -273,4 +311,5 @@ def plan_sweep(
     plan.constituents_path = resolve_constituents(base, constituents)
     if plan.constituents_path is not None:
         plan.constituents, plan.not_in_lexicon = load_constituents(plan.constituents_path, children, log)
+    _note_own_constituents(children, constituents if constituents_to_children else None, log)
     return plan
