@@ -175,6 +175,17 @@ def test_bad_target_layer_and_snippet_length_name_the_range(tiny):
         distill(tiny, ids=np.arange(50, dtype=np.int64))
 
 
+def test_nothing_to_distil_names_why():
+    from wakelab.plugins.distill import nothing_to_distil
+
+    assert nothing_to_distil([0, 3], [True, True], 1) is None
+    assert "none of the 2 new words occurs" in nothing_to_distil([0, 0], [True, True], 1)
+    assert "(the most: 3)" in nothing_to_distil([0, 3], [True, True], 4)
+    assert "none of the 1 new words the corpus uses enough has base sub-tokens" in nothing_to_distil(
+        [0, 3], [True, False], 1
+    )
+
+
 def test_a_run_with_distill_reports_fallbacks_and_logs_its_stage(tiny_model, texts, tmp_path):
     config = build_config(
         overrides=tiny_overrides(

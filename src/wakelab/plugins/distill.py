@@ -88,21 +88,70 @@ def check_config(config):
         )
 
 
-def check_model(model, cfg: DistillConfig) -> int:
-    """The target layer as an index into the hidden states; a layer or snippet the model lacks is a ConfigError."""
-    layers = wakelab.layer_count(model)
+def check_model(model_config, cfg: DistillConfig) -> int:
+    """The target layer as an index into the hidden states; a layer or snippet the model lacks is a ConfigError.
+
+    ``model_config`` is the base model's transformers config: the run asks before loading any weight
+    (``check_inputs``), the init again on the model it is given."""
+    layers = wakelab.layer_count(model_config)
     if not (1 <= cfg.target_layer <= layers or -layers <= cfg.target_layer <= -1):
         raise wakelab.ConfigError(
             f"distill.target_layer={cfg.target_layer} is outside the model: it has {layers} layers; give 1..{layers}, "
             f"or -{layers}..-1 counted from the last (-1 = the last)"
         )
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(model_config, "max_position_embeddings", None)
     if context and cfg.snippet_length > context:
         raise wakelab.ConfigError(
             f"distill.snippet_length={cfg.snippet_length} is longer than the model's context of {context} tokens; "
             f"give at most {context}"
         )
     return cfg.target_layer
+
+
+def nothing_to_distil(counts: list[int], usable: list[bool], min_occurrences: int) -> str | None:
+    """Why no word can be distilled (one line naming the fix), or None when one can. ``counts[i]``: word i's
+    occurrences in the corpus; ``usable[i]``: whether it has base sub-tokens to be read spelled out."""
+    enough = [count >= min_occurrences for count in counts]
+    if any(e and u for e, u in zip(enough, usable, strict=True)):
+        return None
+    most = max(counts, default=0)
+    if most == 0:
+        return (
+            f"init.method=distill: none of the {len(counts)} new words occurs in the corpus, so there is nothing to "
+            "distil from; give a corpus that uses them (data.corpus), or use init.method=subword"
+        )
+    if not any(enough):
+        return (
+            f"init.method=distill: no new word occurs at least distill.min_occurrences={min_occurrences} times in "
+            f"the corpus (the most: {most}); lower distill.min_occurrences, or use init.method=subword"
+        )
+    return (
+        f"init.method=distill: none of the {sum(enough)} new words the corpus uses enough has base sub-tokens to be "
+        "read spelled out, so there is nothing to distil towards; use init.method=subword"
+    )
+
+
+@wakelab.hookimpl
+def check_inputs(ctx):
+    """A target layer or snippet the base model lacks, or a corpus that never uses the new words, refused before
+    the run's directory or MLflow run is made (the init itself would find them only after both)."""
+    if ctx.config.init.method != "distill":
+        return
+    cfg = ctx.config.distill
+    check_model(ctx.model_config, cfg)
+    if len(ctx.new_ids) == 0 or ctx.corpus_ids is None:
+        return
+    ids = np.asarray(ctx.corpus_ids)
+    counts = np.bincount(ids[ids >= ctx.num_base] - ctx.num_base, minlength=len(ctx.new_ids)).tolist()
+    counts = counts[: len(ctx.new_ids)]
+    seen = [i for i, count in enumerate(counts) if count >= cfg.min_occurrences]
+    usable = [False] * len(counts)
+    spelled = wakelab.word_pieces(ctx.tokenizer, ctx.num_base, ctx.new_ids[seen], [ctx.new_words[i] for i in seen])
+    for i, pieces in zip(seen, spelled, strict=True):
+        usable[i] = bool(pieces)
+    reason = nothing_to_distil(counts, usable, cfg.min_occurrences)
+    if reason is not None:
+        raise wakelab.DataError(reason)
 
 
 def occurrences(ids: np.ndarray, num_base: int) -> dict[int, np.ndarray]:
@@ -130,16 +179,9 @@ def plan_snippets(ctx, cfg, pieces, found, generator):
         else:
             eligible.append((slot, token_id))
     if not eligible:
-        most = max(found.items(), key=lambda kv: len(kv[1]), default=None)
-        if most is None:
-            raise wakelab.DataError(
-                f"init.method=distill: none of the {len(ctx.new_ids)} new words occurs in the corpus, so there is "
-                "nothing to distil from; give a corpus that uses them (data.corpus), or use init.method=subword"
-            )
-        raise wakelab.DataError(
-            f"init.method=distill: no new word occurs at least distill.min_occurrences={cfg.min_occurrences} times "
-            f"in the corpus (the most: {len(most[1])}); lower distill.min_occurrences, or use init.method=subword"
-        )
+        counts = [len(found.get(token_id, ())) for token_id in ctx.new_ids.tolist()]
+        usable = [token_id in pieces for token_id in ctx.new_ids.tolist()]
+        raise wakelab.DataError(nothing_to_distil(counts, usable, cfg.min_occurrences))
     per_word = cfg.snippets_per_word
     left = None if cfg.token_budget is None else cfg.token_budget // cfg.snippet_length
     if left is not None:
@@ -253,7 +295,7 @@ def init_embeddings(ctx):
             + ("no model" if ctx.model is None else "no corpus")
         )
     model = ctx.model
-    layer = check_model(model, cfg)
+    layer = check_model(model.config, cfg)
     made = wakelab.subword_rows(ctx)
     rows = made.rows
     new_ids = ctx.new_ids.tolist()
