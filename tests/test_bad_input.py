@@ -168,3 +168,29 @@ def test_contradictory_architecture_is_one_line_naming_the_values(tiny_model, te
     result = CliRunner().invoke(main, args)
     assert_refused(result, "model.architecture: ", tmp_path)
     assert "hidden size (64) is not a multiple of the number of attention heads (5)" in result.stderr
+
+
+def plain_corpus(tmp_path):
+    """A corpus long enough for training blocks that never uses a coined word."""
+    corpus = tmp_path / "plain.txt"
+    corpus.write_text("The river ran down the hill, and the hill looked back at the river. " * 60)
+    return str(corpus)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"distill.target_layer": 5}, "distill.target_layer=5 is outside the model: it has 2 layers; give 1..2"),
+        ({"distill.target_layer": -3}, "give 1..2, or -2..-1 counted from the last"),
+        ({"distill.snippet_length": 200}, "distill.snippet_length=200 is longer than the model's context of 128"),
+        ({"data.corpus": plain_corpus}, "none of the 8 new words occurs in the corpus"),
+        ({"distill.min_occurrences": 100000}, "no new word occurs at least distill.min_occurrences=100000 times"),
+        ({"distill.token_budget": 0}, "'distill.token_budget': got 0; Input should be greater than 0"),
+    ],
+    ids=["layer-beyond", "layer-before", "snippet-beyond-context", "no-occurrence", "too-few", "budget-0"],
+)
+def test_distill_input_the_model_or_corpus_cannot_serve(tiny_model, texts, tmp_path, setting, message):
+    """Found once the base model's config and the corpus are read (the check_inputs hook), before the run's
+    directory or MLflow run exists: the init itself would find them only after both were made."""
+    setting = {k: v(tmp_path) if callable(v) else v for k, v in setting.items()}
+    assert_refused(invoke(tiny_model, texts, **{"init.method": "distill", **setting}), message, tmp_path)

@@ -92,6 +92,12 @@ def test_every_hook_context_says_main_process_in_a_single_process(tiny_model, te
             note("init", ctx)  # asked first, answers None: spherical fills the rows
 
         @wakelab.hookimpl
+        def check_inputs(ctx):
+            note("inputs", ctx)
+            assert ctx.model_config.num_hidden_layers == 2 and len(ctx.new_ids) == len(ctx.new_words) > 0
+            assert len(ctx.corpus_ids) > 0 and ctx.corpus_ids.max() >= ctx.num_base
+
+        @wakelab.hookimpl
         def mask_grads(ctx):
             note("grad", ctx)
 
@@ -111,7 +117,7 @@ def test_every_hook_context_says_main_process_in_a_single_process(tiny_model, te
     overrides = tiny_overrides(tiny_model, texts, **{"train.max_steps": 2, "train.save_steps": 2})
     overrides["plugins"] = [str(plugin)]
     engine.run(build_config(None, None, overrides), progress=False)
-    assert loaded_plugin(plugin).SEEN == {kind: {True} for kind in ("init", "grad", "step", "save", "run")}
+    assert loaded_plugin(plugin).SEEN == {kind: {True} for kind in ("inputs", "init", "grad", "step", "save", "run")}
 
 
 def test_recorder_records_nothing_outside_the_main_process(tmp_path):

@@ -41,14 +41,34 @@ def tiny(tmp_path_factory):
     return model, tokenizer, num_base, words, ids
 
 
-def distill(tiny, seed=0, ids=None, method="distill", **section):
-    """Run the init on a copy of the tiny model; returns (embedding matrix after, summary, report, metrics)."""
+@pytest.fixture(scope="module")
+def untied(tiny, tmp_path_factory):
+    """The tiny model with a head of its own (not tied to the input embedding), grown like ``tiny``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from wakelab.testing import build_tiny_llama
+
+    model, tokenizer, num_base, words, ids = tiny
+    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny-untied"))
+    torch.manual_seed(0)  # the head's rows are drawn (the checkpoint has none)
+    config = AutoConfig.from_pretrained(folder, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    return model, tokenizer, num_base, words, ids
+
+
+def distill(tiny, seed=0, ids=None, method="distill", models=None, logs=None, **section):
+    """Run the init on a copy of the tiny model; returns (embedding matrix after, summary, report, metrics). The
+    copy is appended to ``models`` and the log lines to ``logs`` when given."""
     import copy
 
     from wakelab.plugins.distill import DistillConfig
 
     model, tokenizer, num_base, words, corpus = tiny
     model = copy.deepcopy(model)
+    if models is not None:
+        models.append(model)
     weight = model.get_input_embeddings().weight
     metrics: list[tuple[dict, int]] = []
 
@@ -66,7 +86,7 @@ def distill(tiny, seed=0, ids=None, method="distill", **section):
         tokenizer=tokenizer,
         options={"scale": 1.0, "seed": seed},
         generator=torch.Generator().manual_seed(seed),
-        log=lambda line: None,
+        log=lambda line: None if logs is None else logs.append(line),
         model=model,
         corpus_ids=lambda: corpus if ids is None else ids,
         config=Config(),
@@ -111,6 +131,81 @@ def test_fallback_words_get_exactly_the_subword_rows(tiny):
     assert "1 occurrence(s)" in report["fallback_words"][0]["reason"]
     assert torch.equal(after[num_base : num_base + 3], subword[num_base : num_base + 3])
     assert not torch.equal(after[num_base + 3 :], subword[num_base + 3 :])
+
+
+def word_log_prob(model, tiny) -> float:
+    """Mean log-probability the model gives a new word where it is the next token of the corpus (16-token
+    windows, every new word read as itself)."""
+    _, _, num_base, _, ids = tiny
+    blocks = torch.tensor(ids[: len(ids) // 16 * 16]).reshape(-1, 16)
+    with torch.no_grad():
+        logp = model(blocks).logits[:, :-1].float().log_softmax(-1)
+    targets = blocks[:, 1:]
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(picked[targets >= num_base].mean())
+
+
+def test_next_token_learns_an_untied_heads_new_rows_only(untied):
+    """``output_rows=next_token``: the new head rows learn (their loss falls) from the subword mean, the head's base
+    rows and the input rows are exactly those of ``output_rows=subword``, and two runs agree bit for bit."""
+    _, _, num_base, _, _ = untied
+    head_before = untied[0].lm_head.weight.detach().clone()
+    learnt_models, subword_models, again_models = [], [], []
+    rows, summary, _, metrics = distill(untied, output_rows="next_token", models=learnt_models)
+    subword_rows, subword_summary, _, _ = distill(untied, output_rows="subword", models=subword_models)
+    again, _, _, _ = distill(untied, output_rows="next_token", models=again_models)
+    head = learnt_models[0].lm_head.weight.detach()
+    subword_head = subword_models[0].lm_head.weight.detach()
+    assert summary["head"] == "next_token" and subword_summary["head"] == "subword"
+    assert summary["head_loss_last"] < summary["head_loss_first"]
+    curve = [m["init/head_loss"] for m, _ in metrics if "init/head_loss" in m]
+    assert len(curve) > 3 and curve[-1] < curve[0]
+    # Most of that loss is the base tokens' (the new rows cannot change it); where a new word is the next token,
+    # the learnt rows give it far more of the probability than the subword mean does.
+    gain = word_log_prob(learnt_models[0], untied) - word_log_prob(subword_models[0], untied)
+    assert gain > 0.2
+    assert torch.equal(head[:num_base], head_before[:num_base])  # base head rows untouched
+    assert torch.equal(rows, subword_rows)  # the input rows do not depend on the head's rule
+    assert not torch.equal(head[num_base:], subword_head[num_base:])
+    assert torch.equal(subword_head[:num_base], head_before[:num_base])
+    assert torch.equal(head, again_models[0].lm_head.weight.detach()) and torch.equal(rows, again)
+
+
+def test_next_token_on_a_tied_head_says_the_output_rows_are_the_input_rows(tiny):
+    logs: list[str] = []
+    rows, summary, _, metrics = distill(tiny, output_rows="next_token", logs=logs)
+    subword_rule, _, _, _ = distill(tiny, output_rows="subword")
+    assert summary["head"] == "tied" and torch.equal(rows, subword_rule)
+    said = [line for line in logs if "tied to the input" in line]
+    assert len(said) == 1 and "its new rows are the learnt input rows" in said[0]
+    assert not [m for m, _ in metrics if "init/head_loss" in m]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_next_token_loss_is_the_cross_entropy_over_base_and_chunk_rows(bias):
+    """The chunked loss equals plain cross-entropy over [base rows; the chunk's rows], and only the chunk's rows
+    get gradients."""
+    from wakelab.plugins.distill import chunk_lookup, next_token_loss
+
+    torch.manual_seed(0)
+    num_base, d, n = 50, 8, 12
+    head = torch.nn.Linear(d, num_base + 3, bias=bias)
+    chunk_ids = torch.tensor([num_base + 1, num_base + 2])  # num_base + 0 belongs to another chunk
+    learnt = torch.nn.Parameter(torch.randn(2, d))
+    hidden = torch.randn(n, d)
+    targets = torch.tensor([3, num_base + 1, 7, num_base + 2, 0, 49, num_base + 1, 5, 6, 8, 9, 10])
+    loss = next_token_loss(hidden, targets, head, num_base, chunk_ids, learnt, chunk_lookup(chunk_ids.tolist(), "cpu"),
+                           rows_at_once=16)  # fmt: skip
+    weight = torch.cat([head.weight[:num_base].detach(), learnt])
+    logits = hidden @ weight.T
+    if bias:
+        logits = logits + torch.cat([head.bias[:num_base], head.bias[chunk_ids]]).detach()
+    index = torch.where(targets < num_base, targets, targets - num_base - 1 + num_base)
+    expected = torch.nn.functional.cross_entropy(logits, index)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    loss.backward()
+    assert learnt.grad is not None and learnt.grad.abs().sum() > 0
+    assert head.weight.grad is None
 
 
 def test_token_budget_caps_the_snippets(tiny):
@@ -173,6 +268,17 @@ def test_bad_target_layer_and_snippet_length_name_the_range(tiny):
         distill(tiny, snippet_length=200)
     with pytest.raises(DataError, match="none of the 8 new words occurs in the corpus"):
         distill(tiny, ids=np.arange(50, dtype=np.int64))
+
+
+def test_nothing_to_distil_names_why():
+    from wakelab.plugins.distill import nothing_to_distil
+
+    assert nothing_to_distil([0, 3], [True, True], 1) is None
+    assert "none of the 2 new words occurs" in nothing_to_distil([0, 0], [True, True], 1)
+    assert "(the most: 3)" in nothing_to_distil([0, 3], [True, True], 4)
+    assert "none of the 1 new words the corpus uses enough has base sub-tokens" in nothing_to_distil(
+        [0, 3], [True, False], 1
+    )
 
 
 def test_a_run_with_distill_reports_fallbacks_and_logs_its_stage(tiny_model, texts, tmp_path):

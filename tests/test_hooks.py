@@ -362,6 +362,31 @@ def test_hook_check_config(tiny_model, texts, tmp_path):
     assert build_config(None, None, {**overrides, "train.max_steps": 3}).train.max_steps == 3
 
 
+def test_hook_check_inputs(tiny_model, texts, tmp_path):
+    """Asked once the base model's config, the tokenizer and the corpus are read: what it refuses leaves no run
+    directory and no MLflow run behind."""
+    plugin = plugin_file(
+        tmp_path,
+        "deep_only",
+        """
+        @wakelab.hookimpl
+        def check_inputs(ctx):
+            SEEN.append((ctx.model_config.num_hidden_layers, ctx.num_base, len(ctx.new_words), len(ctx.corpus_ids)))
+            if ctx.model_config.num_hidden_layers < 3:
+                raise wakelab.ConfigError("deep_only needs 3 layers or more; the base has "
+                                          f"{ctx.model_config.num_hidden_layers}")
+    """,
+    )
+    overrides = tiny_overrides(tiny_model, texts, **{"output_dir": str(tmp_path / "out")})
+    overrides["plugins"] = [str(plugin)]
+    with pytest.raises(ConfigError, match="deep_only needs 3 layers or more; the base has 2"):
+        engine.run(build_config(None, None, overrides), progress=False)
+    layers, num_base, words, tokens = loaded_plugin(plugin).SEEN[0]
+    assert layers == 2 and words == len(texts["lexicon"].read_text().split()[3:]) and tokens > 0 and num_base > 0
+    assert not (tmp_path / "out").exists()
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
 def test_failing_on_save_warns_while_training_and_mirroring_go_on(tiny_model, texts, tmp_path, capfd):
     plugin = plugin_file(
         tmp_path,

@@ -23,6 +23,7 @@ hookimpl = pluggy.HookimplMarker("wakelab")
 #: Public name -> (internal module, attribute), resolved on first access.
 _LAZY: dict[str, tuple[str, str]] = {
     # What the hooks receive (documented field by field on each dataclass).
+    "InputsContext": ("hooks.context", "InputsContext"),
     "InitContext": ("hooks.context", "InitContext"),
     "GradContext": ("hooks.context", "GradContext"),
     "StepState": ("hooks.context", "StepState"),

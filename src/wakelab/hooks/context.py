@@ -42,6 +42,28 @@ def _documented(cls: type) -> type:
 
 @_documented
 @dataclasses.dataclass
+class InputsContext:
+    """A run's inputs, loaded and checked by wakelab, before its directory or MLflow run exists (``check_inputs``)."""
+
+    config: RunConfig = _field("The resolved config; a plugin reads its own section as `config.<section>`.")
+    model_config: Any = _field(
+        "The base model's transformers config (what `AutoConfig` loads, or what `model.architecture` builds): its "
+        "layers (`num_hidden_layers`), width (`hidden_size`) and context (`max_position_embeddings`). No weights "
+        "are loaded yet."
+    )
+    tokenizer: Any = _field("The expanded tokenizer (base vocabulary plus the new tokens).")
+    num_base: int = _field("Rows of the base vocabulary: ids below it are base tokens.")
+    new_ids: torch.Tensor = _field("Ids of the tokens the lexicon adds (1-D, long; empty without a lexicon).")
+    new_words: list[str] = _field("The added tokens' words, in the order of `new_ids`.")
+    corpus_ids: Any = _field(
+        "The run's training text as token ids of the expanded tokenizer (a 1-D numpy array: the span an init's "
+        "`corpus_ids()` returns), or None when there is no corpus."
+    )
+    is_main_process: bool = _main_field()
+
+
+@_documented
+@dataclasses.dataclass
 class InitContext:
     """What an ``init_embeddings`` plugin needs to fill the new rows."""
 
@@ -170,4 +192,4 @@ class RunContext:
 
 
 #: The contexts in the order the hooks meet them.
-CONTEXTS = (InitContext, GradContext, StepState, SaveContext, RunContext)
+CONTEXTS = (InputsContext, InitContext, GradContext, StepState, SaveContext, RunContext)

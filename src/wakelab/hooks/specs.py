@@ -16,7 +16,7 @@ import pluggy
 
 if TYPE_CHECKING:  # the types are for type checkers and readers; importing them here would pull in torch
     from ..config import PluginConfig, RunConfig
-    from .context import GradContext, InitContext, RunContext, SaveContext, StepState
+    from .context import GradContext, InitContext, InputsContext, RunContext, SaveContext, StepState
 
 hookspec = pluggy.HookspecMarker("wakelab")
 
@@ -99,4 +99,17 @@ def check_config(config: RunConfig) -> None:
     ``config`` is the validated ``RunConfig`` (core sections plus the active plugins' own). Raise
     ``wakelab.ConfigError`` with one line naming the key and the fix (e.g. "sentry.target: ... needs a backup
     location"); return nothing otherwise. Called only for active plugins.
+    """
+
+
+@hookspec
+def check_inputs(ctx: InputsContext) -> None:
+    """Refuse a run whose loaded inputs this plugin cannot serve, before anything is written.
+
+    ``ctx`` is an ``InputsContext``: the resolved config with what only loading tells (the base model's config,
+    the expanded tokenizer, the training corpus as token ids), before the base weights are loaded and before the
+    run's directory and MLflow run are made. Check here what ``check_config`` cannot see: a setting the model
+    cannot serve (a layer it lacks, a length beyond its context), data a plugin needs and the corpus lacks. Raise
+    ``wakelab.ConfigError`` (a setting) or ``wakelab.DataError`` (the data) with one line naming the key and the
+    fix; return nothing otherwise. Called only for active plugins, once per run, in every process.
     """

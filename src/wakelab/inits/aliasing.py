@@ -98,8 +98,8 @@ def alias_batch(pairs: Sequence[AliasPair], pad_id: int = 0) -> AliasBatch:
 
 
 def layer_count(model) -> int:
-    """Transformer blocks of ``model`` (hidden states 1..count; 0 is the embedding layer)."""
-    config = model.config
+    """Transformer blocks of ``model``, or of a model config (hidden states 1..count; 0 is the embedding layer)."""
+    config = getattr(model, "config", model)
     return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
 
 

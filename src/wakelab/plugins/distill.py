@@ -17,7 +17,9 @@ both readings, so each word learns from its own snippets only, and words can be 
   same device give bit-identical rows.
 * A stage of the run: a progress bar, the loss curve as ``init/loss`` (and ``init/seconds``) in MLflow.
 * Output rows: a head tied to the input embedding gets the learnt rows; an untied head's new rows are the mean of
-  the sub-tokens' head rows (``distill.output_rows=subword``) or left as the resize drew them (``keep``).
+  the sub-tokens' head rows (``distill.output_rows=subword``), left as the resize drew them (``keep``), or learnt
+  from that mean by next-token loss on the same snippets once the input rows are learnt (``next_token``: the
+  student's reading with its learnt input row predicts each next token; only the new head rows learn).
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ class DistillConfig(wakelab.PluginConfig):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the new rows (constant, no weight decay).")
     epochs: int = Field(1, ge=1, description="Passes over each word's snippets.")
     batch_size: int = Field(16, ge=1, description="Snippets per optimizer step.")
-    output_rows: Literal["subword", "keep"] = Field(
+    output_rows: Literal["subword", "keep", "next_token"] = Field(
         "subword",
-        description="An untied head's new rows: the mean of the sub-tokens' head rows, or as the resize drew them.",
+        description="An untied head's new rows: the mean of the sub-tokens' head rows, as the resize drew them, or "
+        "learnt from that mean by next-token loss on the same snippets (a tied head's are the input rows).",
     )
     min_occurrences: int = Field(
         1, ge=1, description="A word seen fewer times in the corpus keeps its subword row (listed in the report)."
@@ -88,21 +91,70 @@ def check_config(config):
         )
 
 
-def check_model(model, cfg: DistillConfig) -> int:
-    """The target layer as an index into the hidden states; a layer or snippet the model lacks is a ConfigError."""
-    layers = wakelab.layer_count(model)
+def check_model(model_config, cfg: DistillConfig) -> int:
+    """The target layer as an index into the hidden states; a layer or snippet the model lacks is a ConfigError.
+
+    ``model_config`` is the base model's transformers config: the run asks before loading any weight
+    (``check_inputs``), the init again on the model it is given."""
+    layers = wakelab.layer_count(model_config)
     if not (1 <= cfg.target_layer <= layers or -layers <= cfg.target_layer <= -1):
         raise wakelab.ConfigError(
             f"distill.target_layer={cfg.target_layer} is outside the model: it has {layers} layers; give 1..{layers}, "
             f"or -{layers}..-1 counted from the last (-1 = the last)"
         )
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(model_config, "max_position_embeddings", None)
     if context and cfg.snippet_length > context:
         raise wakelab.ConfigError(
             f"distill.snippet_length={cfg.snippet_length} is longer than the model's context of {context} tokens; "
             f"give at most {context}"
         )
     return cfg.target_layer
+
+
+def nothing_to_distil(counts: list[int], usable: list[bool], min_occurrences: int) -> str | None:
+    """Why no word can be distilled (one line naming the fix), or None when one can. ``counts[i]``: word i's
+    occurrences in the corpus; ``usable[i]``: whether it has base sub-tokens to be read spelled out."""
+    enough = [count >= min_occurrences for count in counts]
+    if any(e and u for e, u in zip(enough, usable, strict=True)):
+        return None
+    most = max(counts, default=0)
+    if most == 0:
+        return (
+            f"init.method=distill: none of the {len(counts)} new words occurs in the corpus, so there is nothing to "
+            "distil from; give a corpus that uses them (data.corpus), or use init.method=subword"
+        )
+    if not any(enough):
+        return (
+            f"init.method=distill: no new word occurs at least distill.min_occurrences={min_occurrences} times in "
+            f"the corpus (the most: {most}); lower distill.min_occurrences, or use init.method=subword"
+        )
+    return (
+        f"init.method=distill: none of the {sum(enough)} new words the corpus uses enough has base sub-tokens to be "
+        "read spelled out, so there is nothing to distil towards; use init.method=subword"
+    )
+
+
+@wakelab.hookimpl
+def check_inputs(ctx):
+    """A target layer or snippet the base model lacks, or a corpus that never uses the new words, refused before
+    the run's directory or MLflow run is made (the init itself would find them only after both)."""
+    if ctx.config.init.method != "distill":
+        return
+    cfg = ctx.config.distill
+    check_model(ctx.model_config, cfg)
+    if len(ctx.new_ids) == 0 or ctx.corpus_ids is None:
+        return
+    ids = np.asarray(ctx.corpus_ids)
+    counts = np.bincount(ids[ids >= ctx.num_base] - ctx.num_base, minlength=len(ctx.new_ids)).tolist()
+    counts = counts[: len(ctx.new_ids)]
+    seen = [i for i, count in enumerate(counts) if count >= cfg.min_occurrences]
+    usable = [False] * len(counts)
+    spelled = wakelab.word_pieces(ctx.tokenizer, ctx.num_base, ctx.new_ids[seen], [ctx.new_words[i] for i in seen])
+    for i, pieces in zip(seen, spelled, strict=True):
+        usable[i] = bool(pieces)
+    reason = nothing_to_distil(counts, usable, cfg.min_occurrences)
+    if reason is not None:
+        raise wakelab.DataError(reason)
 
 
 def occurrences(ids: np.ndarray, num_base: int) -> dict[int, np.ndarray]:
@@ -130,16 +182,9 @@ def plan_snippets(ctx, cfg, pieces, found, generator):
         else:
             eligible.append((slot, token_id))
     if not eligible:
-        most = max(found.items(), key=lambda kv: len(kv[1]), default=None)
-        if most is None:
-            raise wakelab.DataError(
-                f"init.method=distill: none of the {len(ctx.new_ids)} new words occurs in the corpus, so there is "
-                "nothing to distil from; give a corpus that uses them (data.corpus), or use init.method=subword"
-            )
-        raise wakelab.DataError(
-            f"init.method=distill: no new word occurs at least distill.min_occurrences={cfg.min_occurrences} times "
-            f"in the corpus (the most: {len(most[1])}); lower distill.min_occurrences, or use init.method=subword"
-        )
+        counts = [len(found.get(token_id, ())) for token_id in ctx.new_ids.tolist()]
+        usable = [token_id in pieces for token_id in ctx.new_ids.tolist()]
+        raise wakelab.DataError(nothing_to_distil(counts, usable, cfg.min_occurrences))
     per_word = cfg.snippets_per_word
     left = None if cfg.token_budget is None else cfg.token_budget // cfg.snippet_length
     if left is not None:
@@ -162,8 +207,8 @@ def plan_snippets(ctx, cfg, pieces, found, generator):
 class _Curve:
     """The loss curve, logged to MLflow as means over windows of steps (at most CURVE_POINTS points)."""
 
-    def __init__(self, ctx, total_steps: int):
-        self.ctx, self.every = ctx, max(1, -(-total_steps // CURVE_POINTS))
+    def __init__(self, ctx, total_steps: int, name: str = "init/loss"):
+        self.ctx, self.name, self.every = ctx, name, max(1, -(-total_steps // CURVE_POINTS))
         self.window: list[float] = []
         self.step = 0
         self.first: float | None = None
@@ -182,22 +227,17 @@ class _Curve:
         self.first = mean if self.first is None else self.first
         self.last = mean
         if self.ctx.is_main_process:
-            self.ctx.log_metrics({"init/loss": mean}, self.step)
+            self.ctx.log_metrics({self.name: mean}, self.step)
         self.window = []
 
 
-def distil_chunk(model, layer, cfg, ids, slots, plan, rows, pieces, token_of, generator, curve, bar) -> None:
-    """Learn ``rows[slots]`` from their words' snippets (in place)."""
+def snippet_batches(model, cfg, ids, slots, plan, pieces, token_of, generator):
+    """The chunk's snippets, ``cfg.epochs`` times in an order drawn from ``generator``, a batch at a time: the
+    ``AliasBatch`` (on the model's device) and its pairs, or None for a batch with nothing to compare."""
     device = next(model.parameters()).device
-    embed = model.get_input_embeddings()
     context = int(getattr(model.config, "max_position_embeddings", 0) or cfg.snippet_length * 16)
     lead = cfg.snippet_length // 4
-    learnt = torch.nn.Parameter(rows[slots].clone().to(device))
-    index_of = {token_of[slot]: i for i, slot in enumerate(slots)}
-    optimizer = torch.optim.AdamW([learnt], lr=cfg.lr, weight_decay=0.0)
     snippets = [(slot, int(p)) for slot in slots for p in plan[slot]]
-    lookup = torch.full((max(index_of) + 1,), -1, dtype=torch.long, device=device)
-    lookup[list(index_of)] = torch.arange(len(index_of), device=device)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(snippets), generator=generator).tolist()
         for start in range(0, len(order), cfg.batch_size):
@@ -209,36 +249,134 @@ def distil_chunk(model, layer, cfg, ids, slots, plan, rows, pieces, token_of, ge
                 pair = wakelab.alias_pair(window, pieces, (token_of[slot],), context)
                 if pair is not None:
                     pairs.append(pair)
-            bar.update(1)
-            if not pairs:
-                continue
-            batch = wakelab.alias_batch(pairs).to(device)
-            student = batch.student
-            slot_at = lookup[student.clamp(max=len(lookup) - 1)].where(student < len(lookup), -1)
-            base = embed(student).detach()
-            mine = learnt[slot_at.clamp(min=0)].to(base.dtype)
-            embeds = torch.where((slot_at >= 0).unsqueeze(-1), mine, base)
-            loss = wakelab.alias_distance(model, batch, layer, student_embeds=embeds)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            curve.add(float(loss.detach()))
+            yield (wakelab.alias_batch(pairs).to(device), pairs) if pairs else None
+
+
+def chunk_lookup(token_ids: list[int], device) -> torch.Tensor:
+    """Token id -> its index among ``token_ids`` (-1 for any other id below the largest)."""
+    lookup = torch.full((max(token_ids) + 1,), -1, dtype=torch.long, device=device)
+    lookup[token_ids] = torch.arange(len(token_ids), device=device)
+    return lookup
+
+
+def chunk_index(lookup: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each token's index in the chunk (``chunk_lookup``), -1 where it is not one of the chunk's."""
+    return lookup[tokens.clamp(max=len(lookup) - 1)].where(tokens < len(lookup), -1)
+
+
+def student_embeds(embed, student: torch.Tensor, lookup: torch.Tensor, chunk_rows: torch.Tensor) -> torch.Tensor:
+    """The student's input embeddings: the chunk's new tokens read as ``chunk_rows``, every other token as the
+    model's own row."""
+    at = chunk_index(lookup, student)
+    base = embed(student).detach()
+    mine = chunk_rows[at.clamp(min=0)].to(base.dtype)
+    return torch.where((at >= 0).unsqueeze(-1), mine, base)
+
+
+def distil_chunk(model, layer, cfg, ids, slots, plan, rows, pieces, token_of, generator, curve, bar) -> None:
+    """Learn ``rows[slots]`` from their words' snippets (in place)."""
+    device = next(model.parameters()).device
+    embed = model.get_input_embeddings()
+    learnt = torch.nn.Parameter(rows[slots].clone().to(device))
+    lookup = chunk_lookup([token_of[slot] for slot in slots], device)
+    optimizer = torch.optim.AdamW([learnt], lr=cfg.lr, weight_decay=0.0)
+    for item in snippet_batches(model, cfg, ids, slots, plan, pieces, token_of, generator):
+        bar.update(1)
+        if item is None:
+            continue
+        batch, _ = item
+        embeds = student_embeds(embed, batch.student, lookup, learnt)
+        loss = wakelab.alias_distance(model, batch, layer, student_embeds=embeds)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        curve.add(float(loss.detach()))
     rows[slots] = learnt.detach().to(rows.device, rows.dtype)
 
 
-def head_rows(ctx, cfg, pieces) -> str:
-    """Fill an untied head's new rows by ``distill.output_rows``; says what was done."""
-    head = ctx.model.get_output_embeddings()
-    if head is None or head.weight.data_ptr() == ctx.model.get_input_embeddings().weight.data_ptr():
+def next_token_loss(hidden, targets, head, num_base, chunk_ids, learnt, lookup, rows_at_once=8192) -> torch.Tensor:
+    """Mean cross-entropy of the next tokens ``targets`` ([n]) given the final hidden states ``hidden`` ([n, d], no
+    grad), over the base vocabulary and the chunk's new tokens (``chunk_ids``), whose head rows are ``learnt``.
+
+    Only ``learnt`` carries gradients: the base rows' log-sum-exp and the base targets' logits are made without
+    grad, ``rows_at_once`` head rows at a time, so no ``[n, vocab]`` logits are held (128,256 rows at P1).
+    """
+    h = hidden.float()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    with torch.no_grad():
+        parts = []
+        for start in range(0, num_base, rows_at_once):
+            end = min(start + rows_at_once, num_base)  # never the new rows, whatever they hold
+            logits = h @ weight[start:end].float().T
+            if bias is not None:
+                logits += bias[start:end].float()
+            parts.append(logits.logsumexp(-1))
+        base_lse = torch.stack(parts, -1).logsumexp(-1)
+        is_base = targets < num_base
+        safe = targets.where(is_base, 0)
+        base_target = (h * weight[safe].float()).sum(-1)
+        if bias is not None:
+            base_target += bias[safe].float()
+    new_logits = h @ learnt.float().T
+    if bias is not None:
+        new_logits = new_logits + bias[chunk_ids].float()
+    at = chunk_index(lookup, targets)
+    new_target = new_logits.gather(1, at.clamp(min=0).unsqueeze(1)).squeeze(1)
+    target = torch.where(at >= 0, new_target, base_target)
+    return (torch.logaddexp(base_lse, new_logits.logsumexp(-1)) - target).mean()
+
+
+def learn_head_chunk(model, cfg, ids, slots, plan, rows, head, pieces, token_of, generator, num_base, curve, bar):
+    """Learn an untied head's new rows ``head[slots]`` (in place) by next-token loss: the student reads each snippet
+    with the chunk's input rows as distillation left them (``rows``), and every position predicts the next token
+    (the word's own row is the target where it comes next, a competitor everywhere else)."""
+    device = next(model.parameters()).device
+    embed, out = model.get_input_embeddings(), model.get_output_embeddings()
+    chunk_ids = torch.tensor([token_of[slot] for slot in slots], device=device)
+    lookup = chunk_lookup(chunk_ids.tolist(), device)
+    inputs = rows[slots].to(device)
+    learnt = torch.nn.Parameter(head[slots].clone().to(device))
+    optimizer = torch.optim.AdamW([learnt], lr=cfg.lr, weight_decay=0.0)
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    for item in snippet_batches(model, cfg, ids, slots, plan, pieces, token_of, generator):
+        bar.update(1)
+        if item is None:
+            continue
+        batch, pairs = item
+        width = batch.student.shape[1]
+        at = torch.tensor([row * width + i for row, p in enumerate(pairs) for i in range(len(p.student) - 1)])
+        if len(at) == 0:
+            continue
+        with torch.no_grad():
+            embeds = student_embeds(embed, batch.student, lookup, inputs)
+            hidden = backbone(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])[at.to(device)]
+        targets = batch.student.reshape(-1)[(at + 1).to(device)]
+        loss = next_token_loss(hidden, targets, out, num_base, chunk_ids, learnt, lookup)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        curve.add(float(loss.detach()))
+    head[slots] = learnt.detach().to(head.device, head.dtype)
+
+
+def head_mode(model, cfg) -> str:
+    """``tied`` when the head is the input embedding (or there is none), else ``distill.output_rows``."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
         return "tied"
-    if cfg.output_rows == "keep":
-        return "keep"
-    weight = head.weight
-    for token_id, spelled in pieces.items():
-        weight.data[token_id] = (
-            weight.data[torch.tensor(spelled, device=weight.device)].float().mean(0).to(weight.dtype)
-        )
-    return "subword"
+    return cfg.output_rows
+
+
+def subword_head_rows(model, new_ids: list[int], pieces) -> torch.Tensor:
+    """An untied head's new rows (float32, in ``new_ids`` order): the mean of the sub-tokens' head rows, or the row
+    the resize drew for a word with no usable sub-tokens."""
+    weight = model.get_output_embeddings().weight.data
+    start = weight[torch.tensor(new_ids, device=weight.device)].float().cpu()
+    for i, token_id in enumerate(new_ids):
+        if token_id in pieces:
+            start[i] = weight[torch.tensor(pieces[token_id], device=weight.device)].float().mean(0).cpu()
+    return start
 
 
 @wakelab.hookimpl
@@ -253,7 +391,7 @@ def init_embeddings(ctx):
             + ("no model" if ctx.model is None else "no corpus")
         )
     model = ctx.model
-    layer = check_model(model, cfg)
+    layer = check_model(model.config, cfg)
     made = wakelab.subword_rows(ctx)
     rows = made.rows
     new_ids = ctx.new_ids.tolist()
@@ -264,30 +402,48 @@ def init_embeddings(ctx):
 
     slots = sorted(plan)
     token_of = dict(enumerate(new_ids))
-    steps = sum(-(-sum(len(plan[s]) for s in slots[c : c + WORDS_PER_CHUNK]) // cfg.batch_size)
-                for c in range(0, len(slots), WORDS_PER_CHUNK)) * cfg.epochs  # fmt: skip
+    chunks = [slots[c : c + WORDS_PER_CHUNK] for c in range(0, len(slots), WORDS_PER_CHUNK)]
+    steps = sum(-(-sum(len(plan[s]) for s in chunk) // cfg.batch_size) for chunk in chunks) * cfg.epochs
+    head = head_mode(model, cfg)
+    if cfg.output_rows == "next_token" and head == "tied":
+        ctx.log(
+            "distill init: the head is tied to the input embedding, so its new rows are the learnt input rows; "
+            "distill.output_rows=next_token has no rows of its own to learn"
+        )
+    head_rows = subword_head_rows(model, new_ids, pieces) if head in ("subword", "next_token") else None
     curve = _Curve(ctx, steps)
+    head_curve = _Curve(ctx, steps, "init/head_loss")
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, desc="distill init", unit="step", disable=not (ctx.progress and ctx.is_main_process))
+    total = steps * (2 if head == "next_token" else 1)
+    bar = tqdm(total=total, desc="distill init", unit="step", disable=not (ctx.progress and ctx.is_main_process))
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
         with torch.enable_grad():
-            for c in range(0, len(slots), WORDS_PER_CHUNK):
-                chunk = slots[c : c + WORDS_PER_CHUNK]
+            for chunk in chunks:
                 distil_chunk(model, layer, cfg, ids, chunk, plan, rows, pieces, token_of, generator, curve, bar)
+            # After every input row is learnt, with the generator where they left it: the input rows do not depend
+            # on distill.output_rows.
+            for chunk in chunks if head == "next_token" else ():
+                learn_head_chunk(
+                    model, cfg, ids, chunk, plan, rows, head_rows, pieces, token_of, generator, ctx.num_base,
+                    head_curve, bar,
+                )  # fmt: skip
         curve.flush()
+        head_curve.flush()
     finally:
         bar.close()
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
     ctx.weight[ctx.new_ids] = rows.to(ctx.weight.device, ctx.weight.dtype)
-    head = head_rows(ctx, cfg, pieces)
+    if head_rows is not None:
+        out = model.get_output_embeddings().weight
+        out.data[ctx.new_ids.to(out.device)] = head_rows.to(out.device, out.dtype)
 
     seconds = time.monotonic() - started
     snippets = sum(len(v) for v in plan.values())
@@ -302,6 +458,8 @@ def init_embeddings(ctx):
     if ctx.is_main_process:
         ctx.log_metrics({"init/words_distilled": len(plan), "init/words_fell_back": len(fallen)}, 0)
     loss_text = f"loss {curve.first:.4g} -> {curve.last:.4g}" if curve.first is not None else "no steps"
+    if head_curve.first is not None:
+        head += f" (next-token loss {head_curve.first:.4g} -> {head_curve.last:.4g})"
     ctx.log(
         f"distill init: {len(plan)} of {len(new_ids)} words distilled from {snippets:,} snippets of "
         f"{cfg.snippet_length} tokens at layer {layer} ({steps:,} steps, {loss_text}, {seconds:.1f} s); head: {head}"
@@ -321,7 +479,9 @@ def init_embeddings(ctx):
         "snippets": snippets,
         "steps": steps,
         "target_layer": layer,
-        "head": head,
+        "head": head_mode(model, cfg),
+        "head_loss_first": head_curve.first if head_curve.first is not None else float("nan"),
+        "head_loss_last": head_curve.last if head_curve.last is not None else float("nan"),
         "loss_first": curve.first if curve.first is not None else float("nan"),
         "loss_last": curve.last if curve.last is not None else float("nan"),
         "seconds": round(seconds, 3),

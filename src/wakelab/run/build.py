@@ -1,10 +1,11 @@
 """The first half of a run, shared by ``engine.run`` and everything that rebuilds a run's starting point.
 
 ``prepare`` finds everything that can be wrong with a config's inputs (plugins, base model, tokenizer, lexicon, an
-earlier phase's matrix) before anything is written; ``build_model`` then loads the base, grows its vocabulary, fills
-the new rows through the ``init_embeddings`` hook and restores an earlier phase. ``engine.run`` and
-``expand_for_config`` (a finished run's starting state, for analysis and sweeps) call the same two functions, so
-they cannot drift apart.
+earlier phase's matrix) before anything is written, and ``check_inputs`` lets the active plugins refuse them (the
+engine calls it once the corpus is read); ``build_model`` then loads the base, grows its vocabulary, fills the new
+rows through the ``init_embeddings`` hook and restores an earlier phase. ``engine.run`` and ``expand_for_config`` (a
+finished run's starting state, for analysis and sweeps) call the same ``prepare`` and ``build_model``, so they cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..config import RunConfig
 from ..data.corpus import resolve_lexicon
 from ..errors import ConfigError, PluginError
 from ..hooks import registry
-from ..hooks.context import InitContext
+from ..hooks.context import InitContext, InputsContext
 from ..logs import log
 from ..rows import BaseRows
 from ..vocab import VocabReport, expand_vocabulary, read_lexicon, word_token_id
@@ -75,6 +76,21 @@ def prepare(config: RunConfig, cwd: Path | None = None, *, check_seq_len: bool =
         shape = (len(tokenizer), prepared.hidden_size)
         prepared.phase = load_phase_matrix(config.init.from_embeddings, shape, tokenizer)
     return prepared
+
+
+def check_inputs(config: RunConfig, prepared: Prepared, corpus_ids: Any) -> None:
+    """Let the active plugins refuse the loaded inputs (the ``check_inputs`` hook): the base model's config, the
+    expanded tokenizer and the training ids (``corpus_ids``, or None) are known, nothing is written yet."""
+    ctx = InputsContext(
+        config=config,
+        model_config=prepared.model_config,
+        tokenizer=prepared.tokenizer,
+        num_base=prepared.num_base,
+        new_ids=torch.arange(prepared.num_base, prepared.num_base + len(prepared.new_words)),
+        new_words=list(prepared.new_words),
+        corpus_ids=corpus_ids,
+    )
+    prepared.pm.hook.check_inputs(ctx=ctx)
 
 
 def build_model(

@@ -203,6 +203,8 @@ class _Run:
             token_cache_dir(config.data),
             data_mod.text_form(config),
         )
+        # The plugins' own checks against the loaded inputs (a layer the model lacks, words the corpus never uses).
+        build.check_inputs(config, prepared, training_span(self.corpus, config.data))
         self.checkpoint_info = checkpoint_info = {
             "base_model": config.model.name_or_path,
             "num_base": prepared.num_base,
