@@ -140,6 +140,12 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None =
     _, status, usage = os.wait4(proc.pid, 0)
     done.set()
     output = "".join(line for _, line in lines)
+    keep = os.environ.get("P1_RSS_PROFILE", "")
+    if sampler and os.path.isdir(keep):  # a folder: each command's whole output is kept there too
+        with open(
+            os.path.join(keep, f"{proc.pid}-{os.path.basename(cmd[2] if len(cmd) > 2 else cmd[0])}.log"), "w"
+        ) as f:
+            f.write(output)
     if sampler and samples:
         sampler.join()
         at, top = max(samples, key=lambda s: s[1].get("VmRSS", 0))
