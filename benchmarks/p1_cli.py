@@ -470,7 +470,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="PLUGIN",
-        help="a plugin file added to the plugins-off run (a memory probe: it shows what the peak is made of)",
+        help="a plugin file added to the plugins-off run (benchmarks/memprobe_plugin.py: what the peak is made of)",
     )
     parser.add_argument("--folder", default=None, help="runs' folder, kept; again: later rows reuse the runs in it")
     parser.add_argument("--no-eval", action="store_true", help="train.eval_perplexity=false (no held-out passes)")
