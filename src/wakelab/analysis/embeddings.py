@@ -14,7 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_ROWS", "isotropy", "nearest_neighbours", "norm_stats", "row_norms", "summarise", "top_k_cosine"]
+__all__ = [
+    "CHUNK_ROWS",
+    "isotropy",
+    "nearest_neighbours",
+    "norm_stats",
+    "row_norms",
+    "summarise",
+    "summarise_norms",
+    "top_k_cosine",
+]
 
 _QUANTILES = {"q05": 0.05, "q25": 0.25, "q50": 0.50, "q75": 0.75, "q95": 0.95}
 
@@ -61,7 +70,11 @@ def norm_stats(weight: Tensor, num_base: int) -> dict:
         raise ValueError(f"weight must be [rows, d], got shape {tuple(weight.shape)}")
     if not 0 <= num_base <= weight.shape[0]:
         raise ValueError(f"num_base={num_base} is outside [0, {weight.shape[0]}]")
-    norms = row_norms(weight)
+    return summarise_norms(row_norms(weight), num_base)
+
+
+def summarise_norms(norms: Tensor, num_base: int) -> dict:
+    """:func:`norm_stats` from row norms already computed (one pass over a large matrix serves every use)."""
     return {
         "all": summarise(norms),
         "base": summarise(norms[:num_base]),

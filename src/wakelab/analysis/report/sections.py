@@ -11,7 +11,7 @@ import torch
 from ...errors import WakelabError
 from .. import plots
 from ..dynamics.from_recording import DynamicsResult, describe
-from ..embeddings import isotropy, nearest_neighbours, norm_stats, row_norms
+from ..embeddings import isotropy, nearest_neighbours, row_norms, summarise_norms
 from ..sink import AnalysisSink
 from .target import (
     CUT_SHORT_TAG,
@@ -100,9 +100,9 @@ def static_analysis(state, opts: AnalyzeOptions, sink: AnalysisSink, prefix: str
     num_base, num_total = rows.num_base, rows.num_total
     out: dict[str, Any] = {"notes": []}
 
-    norms = norm_stats(weight, num_base)
+    norms_of_rows = row_norms(weight)  # one pass over the matrix for the statistics and the histogram
+    norms = summarise_norms(norms_of_rows, num_base)
     sink.table(f"{prefix}/norms", [{"group": g, **s} for g, s in norms.items()])
-    norms_of_rows = row_norms(weight)
     sink.figure(f"{prefix}/norm_histogram", plots.norm_histogram(norms_of_rows[:num_base], norms_of_rows[num_base:]))
     sink.metrics({f"norms/{g}/{k}": s[k] for g, s in norms.items() for k in NORM_STATS if k != "count"}, step)
     out["norms"] = norms
