@@ -13,8 +13,12 @@ import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .config.sections import VocabConfig
 
 
 @dataclass
@@ -171,6 +175,18 @@ def expand_vocabulary(
         normalize=normalize,
     )
     return report, new_words
+
+
+def expand_from_lexicon(tokenizer, vocab: VocabConfig, lexicon: str | Path) -> tuple[VocabReport, list[str]]:
+    """The lexicon's words added as a run's ``vocab`` section says: training and export grow the tokenizer alike."""
+    return expand_vocabulary(
+        tokenizer,
+        read_lexicon(lexicon),
+        vocab.add_as,
+        str(lexicon),
+        normalize=vocab.normalize,
+        max_word_chars=vocab.max_word_chars,
+    )
 
 
 def word_token_id(vocab: dict[str, int], word: str) -> int | None:

@@ -27,7 +27,7 @@ from ..run.merge import BASE_INFO_FILE, TrainedRows, base_source, check_base, fi
 from ..run.state import resolve_run
 from ..storage.checkpoints import CheckpointError, latest_checkpoint, publish_dir, verify
 from ..storage.writepoint import write_point
-from ..vocab import expand_vocabulary, read_lexicon
+from ..vocab import expand_from_lexicon
 
 FORMATS = ("hf", "peft")
 #: Provenance written into every exported folder (which run, step and base it came from).
@@ -146,14 +146,7 @@ def expanded_tokenizer(source: ExportSource, base_path: str):
         tokenizer = model_mod.load_tokenizer(tok_source, config.model.revision)
         num_base = len(tokenizer)
         check_base(source.base, num_base, None, base_path)
-        expand_vocabulary(
-            tokenizer,
-            read_lexicon(lexicon),
-            config.vocab.add_as,
-            lexicon,
-            normalize=config.vocab.normalize,
-            max_word_chars=config.vocab.max_word_chars,
-        )
+        expand_from_lexicon(tokenizer, config.vocab, lexicon)
         return tokenizer
     if source.saved_tokenizer is not None:
         source.notes.append(

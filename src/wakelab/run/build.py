@@ -27,7 +27,7 @@ from ..hooks import registry
 from ..hooks.context import InitContext, InputsContext
 from ..logs import log
 from ..rows import BaseRows
-from ..vocab import VocabReport, expand_vocabulary, read_lexicon, word_token_id
+from ..vocab import VocabReport, expand_from_lexicon, word_token_id
 from .merge import embedding_checksum
 
 
@@ -64,14 +64,7 @@ def prepare(config: RunConfig, cwd: Path | None = None, *, check_seq_len: bool =
     prepared = Prepared(pm, source, model_config, tokenizer, len(tokenizer))
     lexicon_path = resolve_lexicon(config)
     if lexicon_path is not None:
-        prepared.report, prepared.new_words = expand_vocabulary(
-            tokenizer,
-            read_lexicon(lexicon_path),
-            config.vocab.add_as,
-            lexicon_path,
-            normalize=config.vocab.normalize,
-            max_word_chars=config.vocab.max_word_chars,
-        )
+        prepared.report, prepared.new_words = expand_from_lexicon(tokenizer, config.vocab, lexicon_path)
     if config.init.from_embeddings:
         shape = (len(tokenizer), prepared.hidden_size)
         prepared.phase = load_phase_matrix(config.init.from_embeddings, shape, tokenizer)
