@@ -8,7 +8,8 @@ Two parts (each a fresh subprocess, so peak RSS is its own):
   as the other P1 benchmarks build it), random held-out blocks with 10% new ids. Measured side by side:
   the class-split scorer (``score_positions``, ``chunk`` positions of logits at a time) against the direct
   ``log_softmax(model(ids).logits)`` over a whole block (peak RSS above the model, and seconds); and sampling with
-  the KV cache (``analysis.sampling.sample``) against recomputing the whole sequence each token (seconds per token).
+  the KV cache, all prompts together as evaluate runs them, against one prompt at a time and against recomputing the
+  whole sequence each token (seconds per token).
   No step forms a new x base matrix: the scorer's largest tensor is ``chunk x vocab``.
 
 P1-size runs hold ~1 GiB: run them under the shared lock, e.g.
@@ -84,31 +85,38 @@ def p1_scoring(args) -> dict:
 
 
 def p1_sampling(args) -> dict:
-    """Seconds per generated token with the KV cache and with the whole sequence recomputed each token."""
+    """Seconds per generated token: ``--prompts`` prompts sampled together (as evaluate does), one prompt at a time,
+    and one prompt with the whole sequence recomputed each token (no KV cache)."""
     import torch
 
     from wakelab.analysis.evaluate.sampling import Sampling, sample
 
     model = _p1_model(args.hidden, args.layers)
-    prompt = torch.randint(0, NUM_BASE, (args.prompt_len,), generator=torch.Generator().manual_seed(3)).tolist()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, NUM_BASE, (args.prompt_len + i,), generator=g).tolist() for i in range(args.prompts)]
     settings = Sampling(temperature=0.8, top_p=0.95, max_new_tokens=args.new_tokens, seed=0)
     started = time.perf_counter()
-    sample(model, prompt, args.samples, settings, 0)
-    cached = (time.perf_counter() - started) / args.new_tokens
-    ids = torch.tensor([prompt] * args.samples)
+    together = sample(model, prompts, args.samples, settings)
+    batched = (time.perf_counter() - started) / args.new_tokens
+    started = time.perf_counter()
+    alone = [sample(model, [p], args.samples, settings, streams=[i])[0] for i, p in enumerate(prompts)]
+    one_at_a_time = (time.perf_counter() - started) / args.new_tokens
+    ids = torch.tensor([prompts[0]] * args.samples)
     started = time.perf_counter()
     with torch.no_grad():
         for _ in range(args.new_tokens):
             logits = model(input_ids=ids, use_cache=False).logits[:, -1]
             ids = torch.cat([ids, logits.argmax(dim=1, keepdim=True)], dim=1)
     uncached = (time.perf_counter() - started) / args.new_tokens
-    return {"cached_s_per_token": cached, "uncached_s_per_token": uncached}
+    return {"batched_s_per_token": batched, "alone_s_per_token": one_at_a_time,
+            "alone_per_prompt_s_per_token": one_at_a_time / args.prompts, "uncached_s_per_token": uncached,
+            "same_samples": together == alone}  # fmt: skip
 
 
 def _child(args, **extra) -> dict:
     argv = [sys.executable, __file__, "p1-worker", *[f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]]
     argv += [f"--hidden={args.hidden}", f"--layers={args.layers}", f"--blocks={args.blocks}",
-             f"--seq-len={args.seq_len}"]  # fmt: skip
+             f"--seq-len={args.seq_len}", f"--prompts={args.prompts}", f"--samples={args.samples}"]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parent)
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
@@ -129,9 +137,14 @@ def p1(args) -> dict:
         "direct_peak_above_model_mib": round(direct["peak_above_model_mib"]),
         "memory_ratio_scorer_to_direct": round(chunked["peak_above_model_mib"] / direct["peak_above_model_mib"], 3),
         "same_loss": abs(chunked["loss"] - direct["loss"]) < 1e-4 * abs(direct["loss"]),
-        "sampling_cached_s_per_token": round(sampling["cached_s_per_token"], 4),
-        "sampling_uncached_s_per_token": round(sampling["uncached_s_per_token"], 4),
-        "kv_cache_speedup": round(sampling["uncached_s_per_token"] / sampling["cached_s_per_token"], 2),
+        "sampling_prompts": f"{args.prompts} prompts x {args.samples} samples, {args.new_tokens} tokens",
+        "sampling_together_s_per_token": round(sampling["batched_s_per_token"], 4),
+        "sampling_one_prompt_at_a_time_s_per_token": round(sampling["alone_s_per_token"], 4),
+        "batching_speedup": round(sampling["alone_s_per_token"] / sampling["batched_s_per_token"], 2),
+        "batched_same_samples": sampling["same_samples"],
+        "one_prompt_cached_s_per_token": round(sampling["alone_per_prompt_s_per_token"], 4),
+        "one_prompt_uncached_s_per_token": round(sampling["uncached_s_per_token"], 4),
+        "kv_cache_speedup": round(sampling["uncached_s_per_token"] / sampling["alone_per_prompt_s_per_token"], 2),
     }
 
 
@@ -147,6 +160,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=6)
     args = parser.parse_args()
     if args.part == "demo":
         result = demo(args.run)

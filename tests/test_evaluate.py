@@ -138,11 +138,11 @@ def test_base_and_grown_sampled_with_one_seed_write_the_same_when_new_rows_are_n
     base, model, num_base = grown
     settings = Sampling(temperature=1e-3, top_p=0.95, max_new_tokens=12, seed=5)
     prompt = [5, 17, 42, 9]
-    a, _ = sample(base, prompt, 3, settings, settings.stream_seed(0))
-    b, _ = sample(model, prompt, 3, settings, settings.stream_seed(0))
+    [(a, _)] = sample(base, [prompt], 3, settings)
+    [(b, _)] = sample(model, [prompt], 3, settings)
     assert a == b and all(t < num_base for row in b for t in row)
-    c, _ = sample(base, prompt, 3, Sampling(1.0, 1.0, 12, 5), 0)
-    d, _ = sample(base, prompt, 3, Sampling(1.0, 1.0, 12, 5), 0)
+    [(c, _)] = sample(base, [prompt], 3, Sampling(1.0, 1.0, 12, 5))
+    [(d, _)] = sample(base, [prompt], 3, Sampling(1.0, 1.0, 12, 5))
     assert c == d and len({tuple(r) for r in c}) > 1  # seeded, and the samples of a prompt differ
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..vocab import word_token_id
+from . import batched
 
 __all__ = ["ProbeWord", "Probe", "build_probe", "probe", "summarise"]
 
@@ -133,74 +134,65 @@ def _next_word(text: str, at: int) -> str:
     return match.group(0) if match else ""
 
 
-@torch.no_grad()
-def _last_logprobs(model, sequences: list[list[int]], positions: list[list[int]], batch_size: int,
-                   raw: bool = False) -> list[torch.Tensor]:  # fmt: skip
-    """For each sequence, log-softmax of the logits (``raw``: the logits) at each of its ``positions``."""
-    device = next(model.parameters()).device
-    out: list[torch.Tensor] = []
-    for start in range(0, len(sequences), batch_size):
-        batch = sequences[start : start + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, seq in enumerate(batch):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        for i, wanted in enumerate(positions[start : start + batch_size]):
-            out.append((logits[i, wanted] if raw else torch.log_softmax(logits[i, wanted], dim=-1)).cpu())
-    return out
-
-
 def probe(model, p: Probe, *, batch_size: int = 16, max_len: int = 96) -> dict[str, dict[str, float]]:
     """``{word: {"kl": nats, "substitution": nats, "auc": share, "rank": median, "contexts": n}}`` for every probe
-    word with a context."""
+    word with a context.
+
+    Each context's prefix runs once; the meaning word and the coined token both continue from its KV cache
+    (:mod:`wakelab.analysis.batched`), and the head runs only where a figure is read. Figures are reduced batch by
+    batch, so no more than one batch of vocabulary-wide logits exists at a time.
+    """
+    if not p.words:
+        return {}
     was_training = model.training
     model.eval()
+    token_ids = torch.tensor([w.token_id for w in p.words])
+    contexts = [(index, prefix[-(max_len - len(w.meaning_ids)) :])
+                for index, w in enumerate(p.words) for prefix in w.prefixes]  # fmt: skip
+    figures: dict[int, dict[str, list[float]]] = {}
     try:
-        elsewhere = [s[-max_len:] for s in p.elsewhere]
-        other = (
-            _last_logprobs(model, elsewhere, [[len(s) - 1] for s in elsewhere], batch_size, raw=True)
-            if elsewhere
-            else []
-        )
-        sequences: list[list[int]] = []
-        positions: list[list[int]] = []
-        owners: list[tuple[int, str]] = []
-        for index, w in enumerate(p.words):
-            for prefix in w.prefixes:
-                prefix = prefix[-(max_len - len(w.meaning_ids)) :]
-                sequences.append(prefix + w.meaning_ids)  # the slot (end of prefix) and after the meaning word
-                positions.append([len(prefix) - 1, len(prefix) + len(w.meaning_ids) - 1])
-                owners.append((index, "meaning"))
-                sequences.append(prefix + [w.token_id])
-                positions.append([len(prefix)])
-                owners.append((index, "coined"))
-        logits = _last_logprobs(model, sequences, positions, batch_size, raw=True) if sequences else []
+        away_logits, away_logprobs = _elsewhere(model, p.elsewhere, token_ids, batch_size, max_len)
+        for start in range(0, len(contexts), batch_size):
+            chunk = contexts[start : start + batch_size]
+            slot, batch = batched.start(model, [prefix for _, prefix in chunk])
+            continuations = []
+            for index, _ in chunk:
+                continuations += [p.words[index].meaning_ids, [p.words[index].token_id]]
+            after, _ = batched.extend(model, batched.repeat(batch, 2), continuations)
+            after_meaning, after_coined = torch.log_softmax(after[0::2], 1), torch.log_softmax(after[1::2], 1)
+            kls = (after_meaning.exp() * (after_meaning - after_coined)).sum(1)
+            coined = token_ids[[index for index, _ in chunk]][:, None]
+            slot_logits = slot.gather(1, coined).squeeze(1)
+            slot_logprobs = slot_logits - torch.logsumexp(slot, 1)
+            ranks = 1 + (slot > slot_logits[:, None]).sum(1)
+            for row, (index, _) in enumerate(chunk):
+                f = figures.setdefault(index, {"kl": [], "slot": [], "slot_logit": [], "rank": []})
+                for key, values in (("kl", kls), ("slot", slot_logprobs), ("slot_logit", slot_logits), ("rank", ranks)):
+                    f[key].append(float(values[row]))
     finally:
         model.train(was_training)
-    other_lp = [torch.log_softmax(x, dim=-1) for x in other]
     results: dict[str, dict[str, float]] = {}
-    for index, w in enumerate(p.words):
-        kls, slots, slot_logits, ranks = [], [], [], []
-        mine = [lp for lp, (owner, _) in zip(logits, owners, strict=True) if owner == index]
-        for meaning_raw, coined_raw in zip(mine[0::2], mine[1::2], strict=True):
-            meaning, coined = torch.log_softmax(meaning_raw, dim=-1), torch.log_softmax(coined_raw, dim=-1)
-            after_meaning, after_coined = meaning[1], coined[0]
-            kls.append(float((after_meaning.exp() * (after_meaning - after_coined)).sum()))
-            slots.append(float(meaning[0][w.token_id]))
-            slot_logits.append(float(meaning_raw[0][w.token_id]))
-            ranks.append(1 + int((meaning_raw[0] > meaning_raw[0][w.token_id]).sum()))
-        if not kls:
-            continue
-        away = [float(lp[0][w.token_id]) for lp in other_lp]
-        substitution = sum(slots) / len(slots) - (sum(away) / len(away) if away else math.nan)
-        away_logits = [float(x[0][w.token_id]) for x in other]
-        results[w.word] = {"kl": sum(kls) / len(kls), "substitution": substitution,
-                           "auc": _auc(slot_logits, away_logits), "rank": float(statistics.median(ranks)),
-                           "contexts": float(len(kls))}  # fmt: skip
+    for index, f in sorted(figures.items()):
+        w = p.words[index]
+        away = [float(x) for x in away_logprobs[:, index]]
+        substitution = sum(f["slot"]) / len(f["slot"]) - (sum(away) / len(away) if away else math.nan)
+        results[w.word] = {"kl": sum(f["kl"]) / len(f["kl"]), "substitution": substitution,
+                           "auc": _auc(f["slot_logit"], [float(x) for x in away_logits[:, index]]),
+                           "rank": float(statistics.median(f["rank"])),
+                           "contexts": float(len(f["kl"]))}  # fmt: skip
     return results
+
+
+def _elsewhere(model, seqs: list[list[int]], token_ids: torch.Tensor, batch_size: int,
+               max_len: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The probe words' logits and log-probabilities after each 'elsewhere' prefix: ``[prefixes, words]`` twice."""
+    logits, logprobs = [torch.zeros((0, len(token_ids)))], [torch.zeros((0, len(token_ids)))]
+    for start in range(0, len(seqs), batch_size):
+        after, _ = batched.start(model, [s[-max_len:] for s in seqs[start : start + batch_size]])
+        picked = after[:, token_ids]
+        logits.append(picked)
+        logprobs.append(picked - torch.logsumexp(after, 1, keepdim=True))
+    return torch.cat(logits), torch.cat(logprobs)
 
 
 def _auc(high: list[float], low: list[float]) -> float:

@@ -264,11 +264,12 @@ def _generate(model, tokenizer, prompts: list[str], opts: EvaluateOptions, coine
     """Every prompt's samples as table rows (coined words marked) and the plain texts."""
     rows, texts = [], []
     settings = opts.sampling
-    for index, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            continue
-        outs, cut = sample(model, ids, opts.samples, settings, settings.stream_seed(index), tokenizer.eos_token_id)
+    encoded = [(index, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"])
+               for index, prompt in enumerate(prompts)]  # fmt: skip
+    encoded = [(index, prompt, ids) for index, prompt, ids in encoded if ids]
+    drawn = sample(model, [ids for _, _, ids in encoded], opts.samples, settings, tokenizer.eos_token_id,
+                   streams=[index for index, _, _ in encoded])  # fmt: skip
+    for (index, prompt, _), (outs, cut) in zip(encoded, drawn, strict=True):
         for number, new in enumerate(outs):
             text = tokenizer.decode(new, skip_special_tokens=True)
             marked, found = mark_coined(text, coined)

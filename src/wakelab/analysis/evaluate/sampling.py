@@ -7,18 +7,18 @@ tokens pick the same token from the same uniform: differences between their samp
 the dice (common random numbers). ``model.generate`` draws from the global generator with ``multinomial``, whose
 choice for a given seed changes with the vocabulary's size; that is why this loop is its own.
 
-Generation uses the KV cache: the prompt is run once, then one token per step. Decoding is the tokenizer's own, as
-``wakelab generate`` does it, so new words keep the space before them.
+Generation uses the KV cache: the prompts run once, together, then one token per step for all of them. Decoding
+is the tokenizer's own, as ``wakelab generate`` does it, so new words keep the space before them.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ...model import max_positions
+from .. import batched
 
 __all__ = ["Sampling", "sample", "choose"]
 
@@ -56,44 +56,52 @@ def choose(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top
     return picked.clamp(max=probs.shape[1] - 1)
 
 
-def _forward(model, ids: torch.Tensor, past, keep_last: bool):
-    kwargs = {"input_ids": ids, "use_cache": True}
-    if past is not None:
-        kwargs["past_key_values"] = past
-    if keep_last and "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1  # the prompt's other positions need no logits
-    out = model(**kwargs)
-    return out.logits[:, -1], out.past_key_values
-
-
 @torch.no_grad()
-def sample(model, prompt_ids: list[int], count: int, settings: Sampling, stream_seed: int,
-           eos_token_id: int | None = None) -> tuple[list[list[int]], bool]:  # fmt: skip
-    """``count`` continuations of one prompt (token ids, cut at the end-of-sequence token), and whether the prompt
-    was cut to its last tokens to leave room in the model's context."""
+def sample(model, prompts: list[list[int]], count: int, settings: Sampling, eos_token_id: int | None = None, *,
+           streams: list[int] | None = None, batch_rows: int = 32) -> list[tuple[list[list[int]], bool]]:  # fmt: skip
+    """``count`` continuations of each prompt (token ids, cut at the end-of-sequence token), and whether the prompt
+    was cut to its last tokens to leave room in the model's context.
+
+    Prompt ``i`` draws from the stream ``settings.stream_seed(streams[i])`` (``streams`` defaults to 0, 1, ...),
+    whichever batch it runs in. Prompts run together, up to ``batch_rows`` rows at a time (left-padded,
+    :mod:`wakelab.analysis.batched`): one decoding step reads every weight once for all of them, where one prompt at
+    a time read them once per prompt.
+    """
     limit = max_positions(model.config)
-    cut = False
-    if limit is not None and len(prompt_ids) > limit - settings.max_new_tokens:
-        prompt_ids, cut = prompt_ids[-max(1, limit - settings.max_new_tokens) :], True
+    room = None if limit is None else max(1, limit - settings.max_new_tokens)
+    cut = [room is not None and len(ids) > room for ids in prompts]
+    prompts = [ids[-room:] if c else ids for ids, c in zip(prompts, cut, strict=True)]
+    streams = list(range(len(prompts))) if streams is None else streams
+    per_batch = max(1, batch_rows // max(1, count))
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(stream_seed)
+    out: list[tuple[list[list[int]], bool]] = []
     try:
-        ids = torch.tensor([prompt_ids] * count, dtype=torch.long, device=device)
-        logits, past = _forward(model, ids, None, keep_last=True)
-        steps: list[torch.Tensor] = []
-        for step in range(settings.max_new_tokens):
-            uniforms = torch.rand(count, generator=generator, dtype=torch.float64)
-            chosen = choose(logits.float().cpu(), uniforms, settings.temperature, settings.top_p)
-            steps.append(chosen)
-            if step + 1 < settings.max_new_tokens:
-                logits, past = _forward(model, chosen[:, None].to(device), past, keep_last=False)
+        for first in range(0, len(prompts), per_batch):
+            group = range(first, min(first + per_batch, len(prompts)))
+            rows = _sample_rows(model, [prompts[i] for i in group], count, settings, [streams[i] for i in group])
+            for i, chosen in zip(group, rows, strict=True):
+                out.append(([_until(row, eos_token_id) for row in chosen], cut[i]))
     finally:
         model.train(was_training)
-    out = []
-    for row in torch.stack(steps, dim=1).tolist():
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[: row.index(eos_token_id)]
-        out.append(row)
-    return out, cut
+    return out
+
+
+def _sample_rows(model, prompts: list[list[int]], count: int, settings: Sampling,
+                 streams: list[int]) -> list[list[list[int]]]:  # fmt: skip
+    generators = [torch.Generator().manual_seed(settings.stream_seed(i)) for i in streams]
+    logits, batch = batched.start(model, prompts)
+    logits, batch = logits.repeat_interleave(count, dim=0), batched.repeat(batch, count)  # one row per sample
+    steps: list[torch.Tensor] = []
+    for step in range(settings.max_new_tokens):
+        uniforms = torch.cat([torch.rand(count, generator=g, dtype=torch.float64) for g in generators])
+        chosen = choose(logits.cpu(), uniforms, settings.temperature, settings.top_p)
+        steps.append(chosen)
+        if step + 1 < settings.max_new_tokens:
+            logits, batch = batched.extend(model, batch, [[t] for t in chosen.tolist()])
+    table = torch.stack(steps, dim=1).tolist()
+    return [table[k * count : (k + 1) * count] for k in range(len(prompts))]
+
+
+def _until(row: list[int], eos_token_id: int | None) -> list[int]:
+    return row[: row.index(eos_token_id)] if eos_token_id is not None and eos_token_id in row else row
