@@ -309,3 +309,15 @@ def test_under_mlflow_run_the_parent_is_the_run_it_made(tiny_model, texts, monke
     children = [r for r in client.search_runs([experiment]) if r.data.tags.get("mlflow.parentRunId") == outer]
     assert [c.info.status for c in children] == ["FINISHED"]
     assert "comparison/comparison.json" in [a.path for a in client.list_artifacts(outer, "comparison")]
+
+
+def test_a_child_its_plugins_refuse_stops_the_sweep_before_any_child_runs(tiny_model, texts, tmp_path):
+    """The plugins' check_inputs runs for every child up front: the second child's layer is outside the model."""
+    args = ["--over", "distill.target_layer=-1,9", "--plugin", "distill", "--output-dir", str(tmp_path / "out")]
+    result = sweep([*args, "--no-progress", *set_args(tiny_model, texts, **{"init.method": "distill"})])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert "\n" not in line, line
+    assert line.startswith("wakelab: error: --over distill.target_layer=9: distill.target_layer=9 is outside"), line
+    assert "it has 2 layers" in line
+    assert runs_in_store() == [] and not (tmp_path / "out").exists()

@@ -68,8 +68,9 @@ def sweep(over, options: ConfigOptions, constituents, top_k, evaluate, overwrite
     words it should end up near; the demo ships one.
 
     Everything is checked before the first child starts (the key, every child's config, the init plugins, the
-    folders, the constituents file): bad input is one line and exit 2. A child that fails is marked FAILED, the
-    others go on, the comparison names it, and the exit code is 1.
+    folders, the constituents file, and what the active plugins check against each child's model and corpus, such
+    as distill's target layer): bad input is one line and exit 2. A child that fails is marked FAILED, the others go
+    on, the comparison names it, and the exit code is 1.
 
     \b
     Example:

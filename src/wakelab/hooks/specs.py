@@ -111,5 +111,6 @@ def check_inputs(ctx: InputsContext) -> None:
     run's directory and MLflow run are made. Check here what ``check_config`` cannot see: a setting the model
     cannot serve (a layer it lacks, a length beyond its context), data a plugin needs and the corpus lacks. Raise
     ``wakelab.ConfigError`` (a setting) or ``wakelab.DataError`` (the data) with one line naming the key and the
-    fix; return nothing otherwise. Called only for active plugins, once per run, in every process.
+    fix; return nothing otherwise. Called only for active plugins, once per run, in every process; ``wakelab
+    sweep`` also calls it for every child before the first one starts.
     """

@@ -86,6 +86,23 @@ def check_inputs(config: RunConfig, prepared: Prepared, corpus_ids: Any) -> None
     prepared.pm.hook.check_inputs(ctx=ctx)
 
 
+def check_planned_inputs(config: RunConfig, cwd: Path | None = None) -> None:
+    """The ``check_inputs`` hook for a config that has not started: a sweep asks it of every child before the first
+    one runs, so the third child's bad target layer stops the sweep at once, not after two children's training.
+    Loads the tokenizer and the corpus ids only when an active plugin implements the hook."""
+    pm = registry.build_manager(config.active_plugins, cwd, optional=[config.init.method])
+    if not pm.hook.check_inputs.get_hookimpls():
+        return
+    from ..data import corpus as data_mod
+    from ..data.span import training_span
+
+    prepared = prepare(config, cwd)
+    _, corpus_path, heldout_path = data_mod.resolve_data_paths(config)
+    corpus = data_mod.build_datasets(config.data, corpus_path, heldout_path, prepared.tokenizer,
+                                     data_mod.token_cache_dir(config.data), data_mod.text_form(config))  # fmt: skip
+    check_inputs(config, prepared, training_span(corpus, config.data))
+
+
 def build_model(
     config: RunConfig,
     prepared: Prepared,

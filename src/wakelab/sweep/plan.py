@@ -165,6 +165,18 @@ def check_init_methods(children: list[Child], cwd: Path | None) -> None:
         )
 
 
+def check_children_inputs(children: list[Child], cwd: Path | None) -> None:
+    """The active plugins' own checks of each child's loaded inputs (``check_inputs``: a distill target layer the
+    model lacks, a corpus that never uses the words), all before the first child starts."""
+    from ..run.build import check_planned_inputs
+
+    for child in children:
+        try:
+            check_planned_inputs(child.config, cwd)
+        except WakelabError as exc:
+            raise type(exc)(f"--over {child.label}: {exc}") from None
+
+
 def _implements_init(source) -> bool:
     try:
         module = source.load()
@@ -305,6 +317,7 @@ def plan_sweep(
         children = crossed_configs(base, axes, root)
     check_init_methods(children, cwd)
     check_output_dirs(children, overwrite)
+    check_children_inputs(children, cwd)
     plan = SweepPlan(
         key, canonical, base, root, children, top_k=top_k, over=tuple([over] if isinstance(over, str) else over)
     )
