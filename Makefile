@@ -22,13 +22,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=12
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -x
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=12
 
 docs: setup
 	$(BIN)/wakelab config-keys --markdown > docs/configuration.md

@@ -14,7 +14,7 @@ from conftest import COINED, tiny_overrides
 from wakelab.config import build_config
 from wakelab.hooks import registry
 from wakelab.hooks.context import InitContext
-from wakelab.plugins.mean import base_moments, sampling_factor
+from wakelab.plugins.mean import base_moments, gaussian_rows, sampling_factor
 from wakelab.run import engine
 from wakelab.vocab import expand_vocabulary
 
@@ -121,6 +121,16 @@ def test_chunked_moments_match_torch_cov():
     mean, cov = base_moments(weight, 1000, chunk_rows=96)
     assert torch.allclose(mean, rows.double().mean(0), atol=1e-6)
     assert torch.allclose(cov, torch.cov(rows.double().T, correction=0), atol=1e-5)
+
+
+@pytest.mark.parametrize(("count", "dim", "chunk"), [(1000, 64, 96), (33, 3, 16), (17, 5, 4), (5, 7, 16)])
+def test_rows_drawn_in_chunks_are_the_rows_drawn_whole(count, dim, chunk):
+    """Chunked sampling reads the generator as one randn(count, dim) does: the same rows for the same seed."""
+    mean = torch.randn(dim, dtype=torch.float64)
+    factor = torch.linalg.cholesky(torch.eye(dim, dtype=torch.float64) * 0.5 + 0.1)
+    chunked = gaussian_rows(count, mean, factor, torch.Generator().manual_seed(1), chunk_rows=chunk)
+    z = torch.randn(count, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(chunked, (mean + z @ factor.T).to(torch.float32))
 
 
 def test_rank_deficient_covariance_still_samples():
