@@ -48,6 +48,7 @@ def _probe_over_steps(state, rec, positions, new_ids, steps, sink: AnalysisSink,
     for index in chosen:
         step = steps[index]
         state.rows.load_rows(ids, view.at_step(step)[positions])
+        rec.release()  # the step's mapped pages leave the resident set; the rows are copied out
         results[step] = probe(state.model, prepared)
         values = list(results[step].values())
         if values:
@@ -105,6 +106,7 @@ def recording_trajectory(
             warn(message)
         view = rec["embeddings"]
         first, last = view.at_step(steps[0])[positions].float(), view.at_step(steps[-1])[positions].float()
+        rec.release()  # every read copies out of the shard maps: unmapped, their pages leave the resident set
         base_rows = state.rows.values(range(num_base), share=True)  # a view: no copy of the base rows
         builder = start_watch(base_rows, state.tokenizer, new_ids, first, steps[0], tokens=tokens,
                               max_tokens=max_tokens, seed=seed, movement=(last - first).norm(dim=1).tolist(),
@@ -112,6 +114,7 @@ def recording_trajectory(
                               labels=labels)  # fmt: skip
         for index in keep[1:]:
             builder.add(steps[index], view.at_step(steps[index])[positions])
+            rec.release()
         probe_before, probe_after = _probe_over_steps(state, rec, positions, new_ids, steps, sink, warn)
         try:
             corpus = resolve_data_paths(state.config)[1]
