@@ -40,9 +40,9 @@ def left_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _keeps_last(model) -> bool:
+def _accepts(model, name: str) -> bool:
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -51,11 +51,12 @@ def _forward(
     model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past
 ) -> tuple[torch.Tensor, object]:
     device = next(model.parameters()).device
-    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device),
-              "use_cache": True}  # fmt: skip
+    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": True}
+    if _accepts(model, "position_ids"):  # ALiBi models (BLOOM) take none: their positions come from the mask
+        kwargs["position_ids"] = positions.to(device)
     if past is not None:
         kwargs["past_key_values"] = past
-    if _keeps_last(model):
+    if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1  # only the last column's logits are read
     out = model(**kwargs)
     return out.logits[:, -1].float(), out.past_key_values
