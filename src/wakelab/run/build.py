@@ -93,14 +93,10 @@ def check_planned_inputs(config: RunConfig, cwd: Path | None = None) -> None:
     pm = registry.build_manager(config.active_plugins, cwd, optional=[config.init.method])
     if not pm.hook.check_inputs.get_hookimpls():
         return
-    from ..data import corpus as data_mod
-    from ..data.span import training_span
+    from ..data.span import training_ids
 
     prepared = prepare(config, cwd)
-    _, corpus_path, heldout_path = data_mod.resolve_data_paths(config)
-    corpus = data_mod.build_datasets(config.data, corpus_path, heldout_path, prepared.tokenizer,
-                                     data_mod.token_cache_dir(config.data), data_mod.text_form(config))  # fmt: skip
-    check_inputs(config, prepared, training_span(corpus, config.data))
+    check_inputs(config, prepared, training_ids(config, prepared.tokenizer))
 
 
 def build_model(
