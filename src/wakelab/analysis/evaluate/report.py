@@ -558,14 +558,18 @@ def figure(profiles: dict[str, dict], corpus_rate: float):
     """Two panels: coined words per 1,000 (the corpus's rate as a line) and Delta to the corpus, per model."""
     fig, (left, right) = plots.new_figure(ncols=2, width=5.5)
     names = list(profiles)
-    left.bar(names, [profiles[n]["coined_per_1k"] for n in names], color="tab:orange")
+    bars = left.bar(names, [profiles[n]["coined_per_1k"] for n in names], color="tab:orange")
+    left.bar_label(bars, fmt="%.1f")  # a model that writes none shows "0.0", not an empty slot
+    left.margins(y=0.12)
     left.axhline(corpus_rate, color="gray", linestyle="--", label=f"corpus ({corpus_rate:.1f})")
     left.set_title("Coined words per 1,000 words")
     left.set_xlabel("model")
     left.set_ylabel("coined words per 1,000 words")
     left.legend(loc="best")
     deltas = [profiles[n].get("delta_corpus") for n in names]
-    right.bar(names, [d if d is not None and math.isfinite(d) else 0.0 for d in deltas], color="tab:blue")
+    bars = right.bar(names, [d if d is not None and math.isfinite(d) else 0.0 for d in deltas], color="tab:blue")
+    right.bar_label(bars, fmt="%.3f")  # the gap between models is often in the second decimal
+    right.margins(y=0.12)
     right.set_title("Burrows' Delta to the corpus (lower is closer)")
     right.set_xlabel("model")
     right.set_ylabel("Delta (mean |z| difference)")
